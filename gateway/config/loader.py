@@ -1,0 +1,267 @@
+"""Read, interpolate and validate a config file, reporting every problem by key path.
+
+Checks run per connector, per route and per target, so one pass reports
+every broken entry, each as ``routes[1].to[0].topic: <what is wrong>``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from gateway.config.model import Config, FileSection, RouteConfig, RouteSection, TargetConfig
+from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
+from gateway.errors import ConfigError, ConfigIssue
+from gateway.patterns import SourcePattern
+from gateway.registry import plugins
+from gateway.templates import compile_template
+
+_INTERP = re.compile(r"\$\$\{|\$\{([^}]*)\}")
+_MSGSPEC_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def load_config(path: str | Path, *, environ: dict[str, str] | None = None) -> Config:
+    """Load and fully validate ``path``; raise :class:`ConfigError` listing every problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read {p}: {exc.strerror or exc}")]) from None
+    return parse_config(text, source=str(p), environ=environ, base_dir=p.parent)
+
+
+def parse_config(
+    text: str,
+    *,
+    source: str = "<string>",
+    environ: dict[str, str] | None = None,
+    base_dir: Path | None = None,
+) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigIssue("", f"{source}: YAML syntax error: {where}{problem}")]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([ConfigIssue("", f"{source}: expected a mapping with 'connectors' and 'routes'")])
+    issues: list[ConfigIssue] = []
+    env = os.environ if environ is None else environ
+    raw = _interpolate(raw, "", env, base_dir or Path.cwd(), issues)
+    top = _convert(raw, FileSection, "", issues)
+    if top is None:
+        raise ConfigError(issues)
+    connectors = _connectors(top.connectors, issues)
+    routes = _routes(top.routes, connectors, issues)
+    if issues:
+        raise ConfigError(issues)
+    return Config(
+        gateway=top.gateway,
+        connectors={name: cfg for name, (cfg, _) in connectors.items()},
+        routes=tuple(routes),
+        source=source,
+        digest=hashlib.sha256(text.encode()).hexdigest(),
+    )
+
+
+def _interpolate(node: Any, path: str, env: Any, base_dir: Path, issues: list[ConfigIssue]) -> Any:
+    """Replace ``${VAR}``, ``${VAR:-default}`` and ``${file:PATH}`` in every string value."""
+    if isinstance(node, dict):
+        return {k: _interpolate(v, _join(path, str(k)), env, base_dir, issues) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]", env, base_dir, issues) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "$" not in node:
+        return node
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$${":
+            return "${"
+        expr = m.group(1)
+        if expr.startswith("file:"):
+            fpath = Path(expr[5:]).expanduser()
+            if not fpath.is_absolute():
+                fpath = base_dir / fpath
+            try:
+                return fpath.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                issues.append(ConfigIssue(path, f"cannot read ${{file:{expr[5:]}}}: {exc.strerror or exc}"))
+                return ""
+        name, sep, default = expr.partition(":-")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            issues.append(ConfigIssue(path, f"invalid reference ${{{expr}}} (use ${{NAME}} or ${{file:PATH}})"))
+            return ""
+        value = env.get(name)
+        if value is None or (sep and value == ""):
+            if sep:
+                return default
+            issues.append(ConfigIssue(path, f"environment variable {name} is not set"))
+            return ""
+        return str(value)
+
+    return _INTERP.sub(sub, node)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _convert(obj: Any, typ: Any, path: str, issues: list[ConfigIssue]) -> Any:
+    """msgspec.convert with errors turned into key-path issues; returns None on failure."""
+    try:
+        return msgspec.convert(obj, typ)
+    except msgspec.ValidationError as exc:
+        issues.append(_issue(str(exc), path, typ))
+        return None
+
+
+def _issue(message: str, path: str, typ: Any) -> ConfigIssue:
+    m = _MSGSPEC_AT.match(message)
+    assert m is not None
+    msg, suffix = m.group("msg"), m.group("path") or ""
+    full = (path + suffix).lstrip(".")
+    if u := re.match(r"Object contains unknown field `(.+)`", msg):
+        key = u.group(1)
+        hint = _suggest(key, typ, suffix)
+        return ConfigIssue(_join(full, key), f"unknown key{hint}")
+    if r := re.match(r"Object missing required field `(.+)`", msg):
+        return ConfigIssue(_join(full, r.group(1)), "required key is missing")
+    msg = re.sub(r"`([^`]*)`", r"\1", msg)
+    return ConfigIssue(full, msg[0].lower() + msg[1:] if msg else msg)
+
+
+def _suggest(key: str, typ: Any, suffix: str) -> str:
+    if suffix or not (isinstance(typ, type) and issubclass(typ, msgspec.Struct)):
+        return ""
+    names = [f.encode_name for f in msgspec.structs.fields(typ)]
+    close = difflib.get_close_matches(key, names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(sorted(names))})"
+
+
+def _connectors(raw: dict[str, dict[str, Any]], issues: list[ConfigIssue]) -> dict[str, tuple[Any, ConnectorPlugin]]:
+    known = plugins()
+    out: dict[str, tuple[Any, ConnectorPlugin]] = {}
+    for name, body in raw.items():
+        path = f"connectors.{name}"
+        if not _NAME.match(name):
+            issues.append(ConfigIssue(path, "connector names use letters, digits, '_', '-' and '.'"))
+            continue
+        kind = body.get("type")
+        if kind is None:
+            issues.append(ConfigIssue(f"{path}.type", f"required key is missing (one of: {', '.join(sorted(known))})"))
+            continue
+        plugin = known.get(kind) if isinstance(kind, str) else None
+        if plugin is None:
+            issues.append(
+                ConfigIssue(f"{path}.type", f"unknown connector type {kind!r} (known: {', '.join(sorted(known))})")
+            )
+            continue
+        cfg = _convert(body, plugin.config, path, issues)
+        if cfg is not None:
+            out[name] = (cfg, plugin)
+    return out
+
+
+def _routes(
+    raw: list[dict[str, Any]],
+    connectors: dict[str, tuple[Any, ConnectorPlugin]],
+    issues: list[ConfigIssue],
+) -> list[RouteConfig]:
+    routes: list[RouteConfig] = []
+    names: dict[str, int] = {}
+    for i, body in enumerate(raw):
+        path = f"routes[{i}]"
+        section = _convert(body, RouteSection, path, issues)
+        if section is None:
+            continue
+        if section.name in names:
+            issues.append(
+                ConfigIssue(
+                    f"{path}.name", f"duplicate route name {section.name!r} (also routes[{names[section.name]}])"
+                )
+            )
+        names.setdefault(section.name, i)
+        source, patterns = _source(section.from_, connectors, f"{path}.from", issues)
+        to = section.to if isinstance(section.to, list) else [section.to]
+        if not to:
+            issues.append(ConfigIssue(f"{path}.to", "a route needs at least one target"))
+        targets: list[TargetConfig] = []
+        for j, tbody in enumerate(to):
+            tpath = f"{path}.to[{j}]" if isinstance(section.to, list) else f"{path}.to"
+            target = _target(tbody, patterns, connectors, tpath, issues)
+            if target is not None:
+                targets.append(target)
+        if source is not None and len(targets) == len(to):
+            routes.append(RouteConfig(section, source, tuple(patterns), tuple(targets)))
+    return routes
+
+
+def _endpoint(
+    body: dict[str, Any], connectors: dict[str, tuple[Any, ConnectorPlugin]], path: str, issues: list[ConfigIssue]
+) -> ConnectorPlugin | None:
+    name = body.get("connector")
+    if name is None:
+        issues.append(ConfigIssue(f"{path}.connector", "required key is missing"))
+        return None
+    entry = connectors.get(name) if isinstance(name, str) else None
+    if entry is None:
+        known = ", ".join(sorted(connectors)) or "none defined"
+        issues.append(ConfigIssue(f"{path}.connector", f"unknown connector {name!r} (connectors: {known})"))
+        return None
+    return entry[1]
+
+
+def _source(
+    body: dict[str, Any], connectors: dict[str, tuple[Any, ConnectorPlugin]], path: str, issues: list[ConfigIssue]
+) -> tuple[SourceSpec | None, list[SourcePattern]]:
+    plugin = _endpoint(body, connectors, path, issues)
+    if plugin is None:
+        return None, []
+    spec: SourceSpec | None = _convert(body, plugin.source, path, issues)
+    if spec is None:
+        return None, []
+    try:
+        compiled = spec.patterns(plugin.syntax)
+    except PatternError as exc:
+        issues.append(ConfigIssue(f"{path}.{exc.key}", exc.message))
+        return None, []
+    return spec, compiled
+
+
+def _target(
+    body: dict[str, Any],
+    patterns: list[SourcePattern],
+    connectors: dict[str, tuple[Any, ConnectorPlugin]],
+    path: str,
+    issues: list[ConfigIssue],
+) -> TargetConfig | None:
+    plugin = _endpoint(body, connectors, path, issues)
+    if plugin is None:
+        return None
+    spec: TargetSpec | None = _convert(body, plugin.target, path, issues)
+    if spec is None:
+        return None
+    address = key = None
+    key_text = spec.key_template()
+    for pattern in patterns:  # a Kafka `topics` list: the template must fit every one of them
+        try:
+            address = compile_template(spec.address(), pattern, plugin.syntax)
+        except ValueError as exc:
+            issues.append(ConfigIssue(f"{path}.{spec.address_key}", str(exc)))
+            return None
+        try:
+            key = compile_template(key_text, pattern, None) if key_text is not None else None
+        except ValueError as exc:
+            issues.append(ConfigIssue(f"{path}.key", str(exc)))
+            return None
+    if address is None:
+        return None
+    return TargetConfig(spec, address, key)

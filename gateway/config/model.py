@@ -1,0 +1,98 @@
+"""The config file's shape: frozen msgspec Structs that reject unknown keys.
+
+Connector entries and route endpoints (``from`` / ``to``) are typed by the
+connector packages (see :mod:`gateway.registry`); this module holds the parts
+that belong to the gateway itself.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import msgspec
+
+from gateway.backoff import Backoff
+from gateway.connector import SourceSpec, TargetSpec
+from gateway.patterns import SourcePattern
+from gateway.templates import Template
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The ``gateway:`` section: settings of the process itself."""
+
+    id: str = msgspec.field(default_factory=socket.gethostname)
+    """This gateway's name in logs and headers; defaults to the host name."""
+    shutdown_timeout: Seconds = 30.0
+    """Seconds to drain in-flight messages on SIGTERM before closing anyway."""
+    max_cached_topics: Positive = 10_000
+    """Distinct topics per source whose routing decision is cached (the oldest is evicted)."""
+    reconnect: Backoff = Backoff()
+    """Backoff between reconnect attempts, for every connector."""
+
+
+class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, rename={"from_": "from"}):
+    """One entry of ``routes:``. ``from`` and ``to`` are typed by their connector's kind."""
+
+    name: str
+    """Unique route name, used in logs and metrics."""
+    from_: dict[str, Any]
+    """Where messages come from: ``{connector: NAME, ...}`` plus that connector kind's keys."""
+    to: dict[str, Any] | list[dict[str, Any]]
+    """One target or a list of targets (fan-out): ``{connector: NAME, ...}``."""
+    max_in_flight: Positive = 4096
+    """Messages inside the route (received, not yet confirmed by every target) before the source is paused."""
+    max_in_flight_bytes: Positive = 16 * 1024 * 1024
+    """Payload bytes inside the route before the source is paused."""
+    description: str = ""
+
+
+class FileSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The top level of a config file."""
+
+    connectors: dict[str, dict[str, Any]]
+    routes: list[dict[str, Any]] = []
+    gateway: GatewaySection = msgspec.field(default_factory=GatewaySection)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetConfig:
+    spec: TargetSpec
+    address: Template
+    key: Template | None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """A validated route: typed endpoints with compiled patterns and templates."""
+
+    section: RouteSection
+    source: SourceSpec
+    patterns: tuple[SourcePattern, ...]
+    targets: tuple[TargetConfig, ...]
+
+    @property
+    def name(self) -> str:
+        return self.section.name
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A config file after every check passed."""
+
+    gateway: GatewaySection
+    connectors: dict[str, Any]
+    """Connector name → that kind's config Struct."""
+    routes: tuple[RouteConfig, ...]
+    source: str = ""
+    """Where it was read from."""
+    digest: str = field(default="")
+    """sha256 of the file's text, to tell versions apart."""
+
+    def kind(self, connector: str) -> str:
+        """The ``type`` of a connector (``mqtt``, ``nats``, ...)."""
+        return str(type(self.connectors[connector]).__struct_config__.tag)

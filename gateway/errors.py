@@ -1,0 +1,66 @@
+"""One error tree for the gateway.
+
+Connectors translate their broker library's exceptions into these at the edge
+(``raise SinkError(...) from exc``) so that the core decides retry / fail on
+``retriable`` alone and never imports a broker library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class GatewayError(Exception):
+    """Root of every error the gateway raises on purpose."""
+
+    retriable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem in a config file, located by its key path (``routes[1].to[0].topic``)."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(GatewayError):
+    """The config is invalid; ``issues`` holds one entry per problem found."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+class TemplateError(GatewayError):
+    """A target template could not be rendered for a message (e.g. a character the target forbids)."""
+
+
+class ConnectorError(GatewayError):
+    """A broker connection failed or was lost; the connector reconnects by itself."""
+
+    retriable = True
+
+
+class NotConnected(ConnectorError):
+    """The operation needs a live connection and there is none right now."""
+
+
+class SinkError(GatewayError):
+    """A sink could not deliver a message. ``retriable`` says whether trying again may succeed."""
+
+    def __init__(self, message: str, *, retriable: bool) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class PayloadTooLarge(SinkError):
+    """The message is larger than the target accepts; retrying cannot help."""
+
+    def __init__(self, size: int, limit: int, target: str) -> None:
+        super().__init__(f"payload of {size} bytes exceeds {target} limit of {limit} bytes", retriable=False)
+        self.size = size
+        self.limit = limit

@@ -1,0 +1,63 @@
+"""The sink side of a connector: a bounded hand-off from routes to one writer task.
+
+Routes call :meth:`Sink.submit` without awaiting; the sink's writer drains
+what accumulated as one batch (one flush, one produce batch, one window of
+pipelined publishes) and calls :meth:`Flight.done` per message once the broker
+confirmed. The queue needs no bound of its own: every item in it holds a slot
+of its route's budget (``max_in_flight`` / ``max_in_flight_bytes``), and a full
+route stops its source, so the queue is bounded by the budgets of the routes
+that target this sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections import deque
+
+from gateway.dispatch import Delivery, Flight
+
+Item = tuple[Flight, Delivery]
+
+
+class Sink(ABC):
+    """Publishes envelopes to one broker and reports each outcome to its flight."""
+
+    def __init__(self, *, max_batch: int = 1024) -> None:
+        self.max_batch = max_batch
+        self._queue: deque[Item] = deque()
+        self._wakeup = asyncio.Event()
+
+    @property
+    def depth(self) -> int:
+        """Messages waiting for the writer."""
+        return len(self._queue)
+
+    def submit(self, flight: Flight, delivery: Delivery) -> None:
+        """Queue one message for delivery. Never blocks; the route's budget bounds the queue."""
+        self._queue.append((flight, delivery))
+        self._wakeup.set()
+
+    def requeue(self, items: list[Item]) -> None:
+        """Put items back at the head of the queue, in order (after a lost connection)."""
+        self._queue.extendleft(reversed(items))
+        self._wakeup.set()
+
+    async def run_writer(self) -> None:
+        """Drain the queue in batches until cancelled. Owned by the connector's task group."""
+        queue = self._queue
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while queue:
+                n = min(len(queue), self.max_batch)
+                batch = [queue.popleft() for _ in range(n)]
+                await self.write_batch(batch)
+
+    @abstractmethod
+    async def write_batch(self, batch: list[Item]) -> None:
+        """Send ``batch``; every item must end in ``flight.done(...)`` or be requeued.
+
+        May return before the broker confirmed (pipelining), but must wait for
+        window space so that the sink never holds more than it may.
+        """

@@ -1,0 +1,120 @@
+"""Target templates: ``telemetry.{device}``, ``iot.{device}.telemetry.{#}``, ``{topic}``.
+
+A template is compiled once at load time against its route's source pattern
+(unknown captures are config errors) and rendered once per distinct source
+topic: the dispatcher caches the result, so rendering is off the per-message
+path.
+
+Placeholders:
+
+- ``{name}``: a named capture of the source pattern, converted to the target's syntax;
+- ``{#}`` / ``{>}``: the levels matched by the source's multi-level wildcard,
+  each converted and re-joined with the target's separator;
+- ``{topic}``: the whole source topic, converted to the target's syntax;
+- ``{{`` / ``}}``: literal braces.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gateway.patterns import SourcePattern, TopicSyntax
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """What a source pattern matched in one topic; values are neutral level names."""
+
+    topic: str
+    segments: tuple[str, ...]
+    captures: dict[str, str]
+    remainder: tuple[str, ...]
+
+
+_LIT, _CAP, _REST, _TOPIC = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A compiled template. ``syntax`` is the target's; ``None`` renders plain text (Kafka keys)."""
+
+    text: str
+    parts: tuple[tuple[int, str], ...]
+    syntax: TopicSyntax | None
+    source_separator: str
+
+    @property
+    def is_constant(self) -> bool:
+        return all(kind == _LIT for kind, _ in self.parts)
+
+    def render(self, match: Match) -> str:
+        """Render for one matched topic; raises TemplateError when the target cannot carry a value."""
+        syn = self.syntax
+        out: list[str] = []
+        for kind, value in self.parts:
+            if kind == _LIT:
+                out.append(value)
+            elif kind == _CAP:
+                v = match.captures[value]
+                out.append(syn.from_neutral(v) if syn else v)
+            elif kind == _REST:
+                out.append(self._join(match.remainder))
+            else:
+                out.append(self._join(match.segments) if syn else match.topic)
+        text = "".join(out)
+        if syn is not None:
+            syn.check_name(text)
+        return text
+
+    def _join(self, levels: tuple[str, ...]) -> str:
+        syn = self.syntax
+        if syn is None:
+            return self.source_separator.join(levels)
+        return syn.separator.join(syn.from_neutral(v) for v in levels)
+
+
+def compile_template(text: str, source: SourcePattern, target: TopicSyntax | None) -> Template:
+    """Compile ``text`` for a route whose source is ``source``; raises ValueError on a bad template."""
+    parts: list[tuple[int, str]] = []
+    pos = 0
+    captures = source.captures
+    for m in _PLACEHOLDER.finditer(text):
+        if m.start() > pos:
+            parts.append((_LIT, text[pos : m.start()]))
+        pos = m.end()
+        token = m.group(0)
+        if token in ("{{", "}}"):
+            parts.append((_LIT, token[0]))
+            continue
+        name = m.group(1)
+        if name is None:
+            raise ValueError(f"unbalanced {token!r} (write {token}{token} for a literal brace)")
+        if name in ("#", ">"):
+            if not source.has_remainder:
+                raise ValueError(f"{{{name}}} needs a multi-level wildcard at the end of the source pattern")
+            parts.append((_REST, ""))
+        elif name == "topic":
+            parts.append((_TOPIC, ""))
+        elif name in captures:
+            parts.append((_CAP, name))
+        else:
+            known = ", ".join(sorted(f"{{{c}}}" for c in captures)) or "none"
+            raise ValueError(f"{{{name}}} is not a capture of the source pattern {source.text!r} (captures: {known})")
+    if pos < len(text):
+        parts.append((_LIT, text[pos:]))
+    merged: list[tuple[int, str]] = []
+    for kind, value in parts:
+        if kind == _LIT and merged and merged[-1][0] == _LIT:
+            merged[-1] = (_LIT, merged[-1][1] + value)
+        else:
+            merged.append((kind, value))
+    tpl = Template(text, tuple(merged), target, source.syntax.separator)
+    if tpl.is_constant and target is not None:
+        try:
+            target.check_name(text)
+        except Exception as exc:
+            raise ValueError(str(exc)) from None
+    return tpl
