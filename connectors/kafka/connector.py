@@ -1,0 +1,157 @@
+"""The Kafka connector: per session, one producer (if a route writes here) and one consumer per group."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from connectors.kafka.config import KafkaConfig, KafkaSource
+from connectors.kafka.sink import KafkaSink
+from connectors.kafka.source import GroupSource
+from gateway.connector import Connector, ConnectorContext
+from gateway.dispatch import Dispatcher, Route
+from gateway.errors import ConnectorError
+from gateway.patterns import KAFKA
+from gateway.sink import Sink
+
+
+def group_of(route: Route) -> str:
+    spec: KafkaSource = route.spec
+    return spec.group or f"gateway.{route.name}"
+
+
+class KafkaConnector(Connector):
+    config: KafkaConfig
+
+    def __init__(self, name: str, config: KafkaConfig, context: ConnectorContext) -> None:
+        super().__init__(name, config, context)
+        self._dispatchers: dict[str, Dispatcher] = {}
+        self._sources: list[GroupSource] = []
+        self._producer: AIOKafkaProducer | None = None
+
+    @property
+    def client_id(self) -> str:
+        return self.config.client_id or f"{self.context.gateway_id}-{self.name}"
+
+    def make_sink(self) -> Sink:
+        return KafkaSink(self.config)
+
+    def _groups(self) -> dict[str, list[Route]]:
+        groups: dict[str, list[Route]] = {}
+        for route in self.routes:
+            groups.setdefault(group_of(route), []).append(route)
+        return groups
+
+    def _consumer(self, group: str, routes: list[Route]) -> AIOKafkaConsumer:
+        cfg = self.config
+        specs: list[KafkaSource] = [r.spec for r in routes]
+        session_timeout = max((s.session_timeout_ms or cfg.session_timeout_ms) for s in specs)
+        reset = next((s.auto_offset_reset for s in specs if s.auto_offset_reset), cfg.auto_offset_reset)
+        return AIOKafkaConsumer(
+            bootstrap_servers=cfg.bootstrap_servers,
+            client_id=self.client_id,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset=reset,
+            session_timeout_ms=session_timeout,
+            heartbeat_interval_ms=min(cfg.heartbeat_interval_ms, session_timeout // 3),
+            request_timeout_ms=cfg.request_timeout_ms,
+            max_poll_records=cfg.fetch_max_records,
+        )
+
+    @staticmethod
+    def _subscription(routes: list[Route]) -> tuple[list[str] | None, str | None]:
+        """Exact topic names when every pattern is exact, else one regex covering them all."""
+        patterns = [p for r in routes for p in r.patterns]
+        if all(p.is_exact for p in patterns):
+            return sorted({KAFKA.separator.join(s.value for s in p.segments) for p in patterns}), None
+        return None, "|".join(f"(?:{p.native_regex()})" for p in patterns)
+
+    async def session(self) -> None:
+        cfg = self.config
+        sink = self._sink if isinstance(self._sink, KafkaSink) else None
+        producer: AIOKafkaProducer | None = None
+        consumers: list[AIOKafkaConsumer] = []
+        self._sources = []
+        try:
+            if sink is not None:
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=cfg.bootstrap_servers,
+                    client_id=self.client_id,
+                    acks="all",
+                    enable_idempotence=cfg.idempotent,
+                    linger_ms=cfg.linger_ms,
+                    max_batch_size=cfg.max_batch_size,
+                    max_request_size=cfg.max_request_size,
+                    request_timeout_ms=cfg.request_timeout_ms,
+                )
+                await _started(producer.start(), cfg.bootstrap_servers)
+                sink.producer = producer
+                sink.broken.clear()
+            for group, routes in self._groups().items():
+                consumer = self._consumer(group, routes)
+                consumers.append(consumer)
+                dispatcher = self._dispatchers.get(group)
+                if dispatcher is None:
+                    dispatcher = self._dispatchers[group] = Dispatcher(
+                        KAFKA, routes, cache_size=self.context.cache_size
+                    )
+                source = GroupSource(
+                    consumer,
+                    group,
+                    dispatcher,
+                    fetch_max_records=cfg.fetch_max_records,
+                    commit_interval=cfg.commit_interval_ms / 1000,
+                )
+                topics, pattern = self._subscription(routes)
+                if topics is not None:
+                    consumer.subscribe(topics=topics, listener=source.listener)
+                else:
+                    assert pattern is not None
+                    consumer.subscribe(pattern=f"^(?:{pattern})$", listener=source.listener)
+                await _started(consumer.start(), cfg.bootstrap_servers)
+                self._sources.append(source)
+            self.mark_connected(bootstrap=",".join(cfg.bootstrap_servers), groups=len(consumers))
+            async with asyncio.TaskGroup() as tg:
+                if sink is not None:
+                    tg.create_task(sink.run_writer(), name=f"{self.name}:writer")
+                    tg.create_task(self._watch(sink), name=f"{self.name}:watch")
+                for source in self._sources:
+                    tg.create_task(self._guard(source.run(self.intake_stopped)), name=f"{self.name}:{source.group}")
+        finally:
+            if sink is not None:
+                sink.producer = None
+            for consumer in consumers:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+            if producer is not None:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+
+    async def _watch(self, sink: KafkaSink) -> None:
+        await sink.broken.wait()
+        raise ConnectorError("Kafka deliveries failing; restarting the producer")
+
+    async def _guard(self, coro: Awaitable[None]) -> None:
+        try:
+            await coro
+        except KafkaError as exc:
+            raise ConnectorError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def finish(self) -> None:
+        for source in self._sources:
+            await source.commit()
+        sink = self._sink
+        if isinstance(sink, KafkaSink) and sink.producer is not None:
+            await sink.producer.flush()
+
+
+async def _started(start: Awaitable[None], servers: list[str]) -> None:
+    try:
+        await start
+    except (KafkaError, OSError) as exc:
+        raise ConnectorError(f"cannot reach Kafka at {', '.join(servers)}: {type(exc).__name__}: {exc}") from exc

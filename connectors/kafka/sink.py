@@ -1,0 +1,78 @@
+"""The Kafka sink: an idempotent ``acks=all`` producer; flights complete on the delivery report.
+
+aiokafka batches records per partition (``linger_ms``, ``max_batch_size``);
+the writer only hands records over and returns, and each record's future
+completes its flight. Retriable failures (after aiokafka's own retries) put
+the record back in the queue for the next session; others fail the target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+
+from connectors.kafka.config import KafkaConfig
+from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
+from gateway.sink import Item, Sink
+
+
+class KafkaSink(Sink):
+    def __init__(self, config: KafkaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.producer: AIOKafkaProducer | None = None
+        self.broken: asyncio.Event = asyncio.Event()
+        """Set when a delivery failed in a way that needs a new session."""
+
+    def _on_delivery(self, item: Item, fut: asyncio.Future[object]) -> None:
+        flight = item[0]
+        if fut.cancelled():
+            self.requeue([item])
+            return
+        exc = fut.exception()
+        if exc is None:
+            flight.done()
+        elif isinstance(exc, KafkaError) and exc.retriable:
+            self.requeue([item])
+            self.broken.set()
+        else:
+            flight.done(SinkError(f"Kafka refused the record: {type(exc).__name__}: {exc}", retriable=False))
+
+    async def write_batch(self, batch: list[Item]) -> None:
+        producer = self.producer
+        if producer is None:
+            self.requeue(batch)
+            raise ConnectorError("producer not started")
+        limit = self.config.max_request_size
+        on_delivery = self._on_delivery
+        i = 0
+        try:
+            for i, item in enumerate(batch):  # noqa: B007 - `i` is read in the except clause
+                flight, d = item
+                env = flight.env
+                hdrs = env.headers
+                try:
+                    fut = await producer.send(
+                        d.address,
+                        env.payload,
+                        key=d.key if d.key is not None else env.key,
+                        headers=[(k, v.encode()) for k, v in hdrs] if hdrs else None,
+                    )
+                except MessageSizeTooLargeError:
+                    flight.done(PayloadTooLarge(len(env.payload), limit, "Kafka max_request_size"))
+                    continue
+                except KafkaError as exc:
+                    if exc.retriable:
+                        raise
+                    flight.done(SinkError(f"Kafka refused the record: {type(exc).__name__}: {exc}", retriable=False))
+                    continue
+                fut.add_done_callback(functools.partial(on_delivery, item))
+            i = len(batch)
+        except BaseException as exc:
+            self.requeue(batch[i:])
+            if isinstance(exc, KafkaError | OSError):
+                raise ConnectorError(f"Kafka produce failed: {type(exc).__name__}: {exc}") from exc
+            raise

@@ -1,0 +1,246 @@
+"""MQTT wire codecs: version 5 on the ``mqtt5`` Rust codec, 3.1.1 written here.
+
+Both produce and consume the ``mqtt5`` packet classes, so the client above
+them handles one set of packet types whatever the protocol version. MQTT 3.1.1
+is a small subset of 5 without properties; ``mqtt5`` only speaks 5, and no
+maintained sans-IO 3.1.1 codec exists on PyPI, hence the ~120 lines below.
+
+Acknowledgement packets (PUBACK, PUBREC, PUBREL, PUBCOMP with reason
+"success") are byte-identical in both versions and encoded with one
+``struct.pack``.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import mqtt5
+from mqtt5 import (
+    ConnAckPacket,
+    ConnAckReasonCode,
+    Packet,
+    PingRespPacket,
+    PubAckPacket,
+    PubCompPacket,
+    PublishPacket,
+    PubRecPacket,
+    PubRelPacket,
+    QoS,
+    SubAckPacket,
+    SubAckReasonCode,
+    TopicFilter,
+)
+
+_ACK = struct.Struct(">BBH")
+PUBACK, PUBREC, PUBREL, PUBCOMP = 0x40, 0x50, 0x62, 0x70
+PINGREQ = b"\xc0\x00"
+DISCONNECT = b"\xe0\x00"
+
+
+def ack(kind: int, packet_id: int) -> bytes:
+    """PUBACK / PUBREC / PUBREL / PUBCOMP with success, same bytes in 3.1.1 and 5."""
+    return _ACK.pack(kind, 2, packet_id)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | 0x80 if n else byte)
+        if not n:
+            return bytes(out)
+
+
+def _str(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack(">H", len(b)) + b
+
+
+class Codec5:
+    """MQTT 5 through the ``mqtt5`` package."""
+
+    version = 5
+
+    def connect(
+        self,
+        client_id: str,
+        *,
+        clean_start: bool,
+        keepalive: int,
+        session_expiry: int,
+        receive_maximum: int,
+        username: str | None,
+        password: str | None,
+    ) -> bytes:
+        return mqtt5.ConnectPacket(
+            client_id,
+            clean_start=clean_start,
+            keep_alive=keepalive,
+            session_expiry_interval=session_expiry,
+            receive_max=receive_maximum,
+            username=username,
+            password=password.encode() if password is not None else None,
+        ).write()
+
+    def subscribe(self, packet_id: int, filters: list[tuple[str, int]]) -> bytes:
+        return mqtt5.SubscribePacket(
+            packet_id, [TopicFilter(f, max_qos=QoS(q), retain_as_published=True) for f, q in filters]
+        ).write()
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        packet_id: int | None,
+        duplicate: bool,
+        user_properties: list[tuple[str, str]] | None,
+        response_topic: str | None,
+        correlation_data: bytes | None,
+    ) -> bytes:
+        return PublishPacket(
+            topic,
+            payload,
+            qos=QoS(qos),
+            retain=retain,
+            packet_id=packet_id,
+            duplicate=duplicate,
+            user_properties=user_properties,
+            response_topic=response_topic,
+            correlation_data=correlation_data,
+        ).write()
+
+    @staticmethod
+    def read(view: memoryview) -> tuple[Packet, int]:
+        """One packet from the start of ``view``; IndexError if incomplete, ValueError if malformed."""
+        return mqtt5.read(view)
+
+
+_V311_CONNACK = {
+    0: ConnAckReasonCode.SUCCESS,
+    1: ConnAckReasonCode.UNSUPPORTED_PROTOCOL_VERSION,
+    2: ConnAckReasonCode.CLIENT_ID_NOT_VALID,
+    3: ConnAckReasonCode.SERVER_UNAVAILABLE,
+    4: ConnAckReasonCode.BAD_USER_NAME_OR_PASSWORD,
+    5: ConnAckReasonCode.NOT_AUTHORIZED,
+}
+_V311_SUBACK = {
+    0: SubAckReasonCode.GRANTED_QOS_AT_MOST_ONCE,
+    1: SubAckReasonCode.GRANTED_QOS_AT_LEAST_ONCE,
+    2: SubAckReasonCode.GRANTED_QOS_EXACTLY_ONCE,
+}
+
+
+class Codec311(Codec5):
+    """MQTT 3.1.1 (protocol level 4). Properties (headers, response topic) do not exist and are dropped."""
+
+    version = 4
+
+    def connect(
+        self,
+        client_id: str,
+        *,
+        clean_start: bool,
+        keepalive: int,
+        session_expiry: int,
+        receive_maximum: int,
+        username: str | None,
+        password: str | None,
+    ) -> bytes:
+        flags = 0x02 if clean_start else 0
+        body = bytearray(_str("MQTT"))
+        body.append(4)
+        tail = bytearray(_str(client_id))
+        if username is not None:
+            flags |= 0x80
+            tail += _str(username)
+            if password is not None:
+                flags |= 0x40
+                tail += _str(password)
+        body.append(flags)
+        body += struct.pack(">H", keepalive)
+        body += tail
+        return b"\x10" + _varint(len(body)) + bytes(body)
+
+    def subscribe(self, packet_id: int, filters: list[tuple[str, int]]) -> bytes:
+        body = bytearray(struct.pack(">H", packet_id))
+        for f, q in filters:
+            body += _str(f)
+            body.append(q)
+        return b"\x82" + _varint(len(body)) + bytes(body)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        packet_id: int | None,
+        duplicate: bool,
+        user_properties: list[tuple[str, str]] | None,
+        response_topic: str | None,
+        correlation_data: bytes | None,
+    ) -> bytes:
+        t = topic.encode()
+        head = 0x30 | (qos << 1) | (1 if retain else 0) | (0x08 if duplicate and qos else 0)
+        var = struct.pack(">H", len(t)) + t
+        if qos:
+            var += struct.pack(">H", packet_id)
+        return bytes((head,)) + _varint(len(var) + len(payload)) + var + payload
+
+    @staticmethod
+    def read(view: memoryview) -> tuple[Packet, int]:
+        n = len(view)
+        if n < 2:
+            raise IndexError("Not enough bytes")
+        b0 = view[0]
+        length = 0
+        shift = 0
+        i = 1
+        while True:
+            if i >= n:
+                raise IndexError("Not enough bytes")
+            b = view[i]
+            i += 1
+            length |= (b & 0x7F) << shift
+            if not b & 0x80:
+                break
+            shift += 7
+            if shift > 21:
+                raise ValueError("malformed remaining length")
+        end = i + length
+        if end > n:
+            raise IndexError("Not enough bytes")
+        kind = b0 >> 4
+        if kind == 3:
+            qos = (b0 >> 1) & 3
+            tl = (view[i] << 8) | view[i + 1]
+            j = i + 2 + tl
+            topic = bytes(view[i + 2 : j]).decode()
+            pid = None
+            if qos:
+                pid = (view[j] << 8) | view[j + 1]
+                j += 2
+            pkt: Packet = PublishPacket(
+                topic, bytes(view[j:end]), qos=QoS(qos), retain=bool(b0 & 1), packet_id=pid, duplicate=bool(b0 & 8)
+            )
+            return pkt, end
+        if kind in (4, 5, 6, 7):
+            pid = (view[i] << 8) | view[i + 1]
+            cls = (PubAckPacket, PubRecPacket, PubRelPacket, PubCompPacket)[kind - 4]
+            return cls(pid), end
+        if kind == 2:
+            code = _V311_CONNACK.get(view[i + 1], ConnAckReasonCode.UNSPECIFIED_ERROR)
+            return ConnAckPacket(session_present=bool(view[i] & 1), reason_code=code), end
+        if kind == 9:
+            pid = (view[i] << 8) | view[i + 1]
+            codes = [_V311_SUBACK.get(c, SubAckReasonCode.UNSPECIFIED_ERROR) for c in bytes(view[i + 2 : end])]
+            return SubAckPacket(pid, codes), end
+        if kind == 13:
+            return PingRespPacket(), end
+        raise ValueError(f"unexpected MQTT 3.1.1 packet type {kind}")
+
+
+def codec_for(version: int) -> Codec5:
+    return Codec5() if version == 5 else Codec311()

@@ -1,0 +1,93 @@
+"""Config of the MQTT connector and of its route endpoints."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
+from gateway.patterns import MQTT, SourcePattern, TopicSyntax, compile_pattern
+
+QoS = Literal[0, 1, 2]
+
+
+class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag="mqtt", tag_field="type"):
+    """One MQTT connection, used by every route that reads from or writes to this connector."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    """Broker address, ``mqtt://host:port``."""
+    client_id: str = ""
+    """Fixed client id: the broker keys the persistent session on it. Default: ``<gateway id>-<connector name>``."""
+    protocol: Literal[5, "5", "3.1.1"] = 5
+    """MQTT protocol version: 5 or "3.1.1"."""
+    clean_start: bool = False
+    """False keeps the session across reconnects and restarts, so the broker redelivers what was not acknowledged."""
+    session_expiry: Annotated[int, msgspec.Meta(ge=0)] = 86_400
+    """Seconds the broker keeps the session after a disconnect (MQTT 5; a 3.1.1 session never expires)."""
+    keepalive: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 30
+    """Seconds between PINGREQs; 0 disables them."""
+    username: str | None = None
+    password: str | None = None
+    receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1024
+    """Unacknowledged QoS 1/2 messages the broker may send us at once (MQTT 5; Mosquitto also caps it with
+    its ``max_inflight_messages``)."""
+    max_inflight: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1024
+    """Our own QoS 1/2 publishes awaiting the broker's acknowledgement (lowered to the broker's receive maximum)."""
+    connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+            raise ValueError(f"url {self.url!r}: expected mqtt://host:port")
+
+    @property
+    def version(self) -> int:
+        return 5 if self.protocol in (5, "5") else 4
+
+
+class MqttSource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``from`` an MQTT connector."""
+
+    topic: str
+    """Topic filter: ``{name}`` captures one level, ``+`` and ``#`` are MQTT's wildcards."""
+    qos: QoS = 1
+    """Subscription QoS. 1 and 2 are at-least-once through the gateway; 0 is at-most-once."""
+    share_group: str | None = None
+    """Subscribe as ``$share/<group>/<filter>`` so several gateways split the topic."""
+
+    def patterns(self, syntax: TopicSyntax) -> list[SourcePattern]:
+        if self.topic.startswith("$share/"):
+            raise PatternError("topic", "use share_group instead of a $share/ prefix")
+        try:
+            return [compile_pattern(self.topic, syntax)]
+        except ValueError as exc:
+            raise PatternError("topic", str(exc)) from None
+
+    @property
+    def at_least_once(self) -> bool:
+        return self.qos > 0
+
+
+class MqttTarget(TargetSpec, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``to`` an MQTT connector."""
+
+    topic: str
+    """Topic template: ``{name}``, ``{#}``/``{>}``, ``{topic}``."""
+    qos: QoS = 1
+    """Publish QoS; 1 and 2 wait for the broker's acknowledgement before the source is acked."""
+    retain: bool = False
+
+    def address(self) -> str:
+        return self.topic
+
+
+PLUGIN = ConnectorPlugin(
+    kind="mqtt",
+    config=MqttConfig,
+    source=MqttSource,
+    target=MqttTarget,
+    syntax=MQTT,
+    factory="connectors.mqtt.connector:MqttConnector",
+)

@@ -1,0 +1,86 @@
+"""The MQTT source: PUBLISH → envelope, and PUBACK/PUBREC in arrival order once settled.
+
+MQTT requires acknowledgements in the order the PUBLISHes arrived. Targets
+confirm out of order (fan-out, several sinks), so each connection keeps its
+unacknowledged QoS 1/2 receipts in a deque and releases the settled prefix.
+A receipt of a connection that is gone is never acknowledged: the broker
+redelivers its message on the next connection (persistent session).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from mqtt5 import PublishPacket
+
+from connectors.mqtt.client import MqttConnection
+from connectors.mqtt.codec import PUBACK, PUBREC, ack
+from gateway.dispatch import Dispatcher
+from gateway.envelope import Envelope, Receipt
+
+
+class InboundAcks:
+    """The unacknowledged QoS 1/2 messages of one connection, in arrival order."""
+
+    __slots__ = ("conn", "pending")
+
+    def __init__(self, conn: MqttConnection) -> None:
+        self.conn = conn
+        self.pending: deque[MqttReceipt] = deque()
+
+    def release(self) -> None:
+        pending = self.pending
+        conn = self.conn
+        if not conn.is_open:
+            return
+        while pending and pending[0].settled:
+            r = pending.popleft()
+            conn.queue(ack(PUBACK if r.qos == 1 else PUBREC, r.packet_id))
+
+
+class MqttReceipt(Receipt):
+    __slots__ = ("acks", "packet_id", "qos", "settled")
+
+    def __init__(self, acks: InboundAcks, packet_id: int, qos: int) -> None:
+        super().__init__()
+        self.acks = acks
+        self.packet_id = packet_id
+        self.qos = qos
+        self.settled = False
+
+    def settle(self) -> None:
+        self.settled = True
+        acks = self.acks
+        if acks.pending[0] is self:
+            acks.release()
+
+
+class Subscriber:
+    """Turns one connection's PUBLISH packets into dispatched envelopes."""
+
+    __slots__ = ("acks", "dispatch")
+
+    def __init__(self, conn: MqttConnection, dispatcher: Dispatcher) -> None:
+        self.acks = InboundAcks(conn)
+        self.dispatch = dispatcher.dispatch
+
+    def on_publish(self, p: PublishPacket) -> None:
+        qos = int(p.qos)
+        receipt = None
+        if qos:
+            receipt = MqttReceipt(self.acks, p.packet_id or 0, qos)
+            self.acks.pending.append(receipt)
+        self.dispatch(
+            Envelope(
+                p.topic,
+                p.payload,
+                p.user_properties or None,
+                None,
+                qos,
+                p.response_topic,
+                p.correlation_data,
+                time.monotonic_ns(),
+                receipt,
+            )
+        )

@@ -1,0 +1,95 @@
+"""Config of the NATS connector and of its route endpoints."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
+from gateway.patterns import NATS, SourcePattern, TopicSyntax, compile_pattern
+
+
+class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag="nats", tag_field="type"):
+    """One NATS connection, used by every route that reads from or writes to this connector."""
+
+    servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    """Server URLs, ``nats://host:port``; the client picks one and fails over to the next."""
+    name: str = ""
+    """Client name shown in the server's ``/connz``. Default: ``<gateway id>-<connector name>``."""
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    ping_interval: Annotated[float, msgspec.Meta(gt=0)] = 20.0
+    max_outstanding_pings: Annotated[int, msgspec.Meta(ge=1)] = 3
+    pending_msgs_limit: Annotated[int, msgspec.Meta(ge=1)] = 65_536
+    """Per core subscription: messages buffered in the client before it drops and reports a slow consumer."""
+    pending_bytes_limit: Annotated[int, msgspec.Meta(ge=1)] = 64 * 1024 * 1024
+    flush_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    """Seconds to wait for the server to confirm a batch of core publishes."""
+    publish_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    """Seconds to wait for a JetStream PubAck before publishing again."""
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise ValueError("servers: at least one server URL is needed")
+
+
+class NatsSource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``from`` a NATS connector: a core subscription, or a durable JetStream consumer when ``stream`` is set."""
+
+    subject: str
+    """Subject filter: ``{name}`` captures one token, ``*`` and ``>`` are NATS wildcards."""
+    queue: str | None = None
+    """Core NATS queue group: gateways sharing it split the messages."""
+    stream: str | None = None
+    """JetStream stream to consume from (durable, at-least-once)."""
+    durable: str | None = None
+    """Durable consumer name (JetStream). Default: ``gateway-<route name>``; gateways sharing it split the stream."""
+    batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 512
+    """JetStream: messages per fetch."""
+    ack_wait: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    """JetStream: seconds before the server redelivers an unacknowledged message."""
+    deliver_policy: Literal["all", "new", "last"] = "all"
+    """JetStream: where a new durable consumer starts."""
+
+    def __post_init__(self) -> None:
+        if self.stream is None and self.durable is not None:
+            raise ValueError("durable needs stream (a durable consumer reads a JetStream stream)")
+        if self.stream is not None and self.queue is not None:
+            raise ValueError("queue is for core subscriptions; JetStream consumers share by durable name")
+
+    def patterns(self, syntax: TopicSyntax) -> list[SourcePattern]:
+        try:
+            return [compile_pattern(self.subject, syntax)]
+        except ValueError as exc:
+            raise PatternError("subject", str(exc)) from None
+
+    @property
+    def at_least_once(self) -> bool:
+        return self.stream is not None
+
+
+class NatsTarget(TargetSpec, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``to`` a NATS connector."""
+
+    subject: str
+    """Subject template: ``{name}``, ``{#}``/``{>}``, ``{topic}``."""
+    jetstream: bool = False
+    """Publish to JetStream and wait for the PubAck (at-least-once); otherwise a core publish, flushed."""
+
+    address_key = "subject"
+
+    def address(self) -> str:
+        return self.subject
+
+
+PLUGIN = ConnectorPlugin(
+    kind="nats",
+    config=NatsConfig,
+    source=NatsSource,
+    target=NatsTarget,
+    syntax=NATS,
+    factory="connectors.nats.connector:NatsConnector",
+)

@@ -1,0 +1,164 @@
+"""The NATS connector: one nats-py connection per session, sources per route, one sink.
+
+nats-py's own reconnect loop is off (``allow_reconnect=False``): the gateway's
+session loop reconnects with full-jitter backoff like every other connector,
+re-creates the subscriptions, and resends what was not confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
+from nats.errors import SlowConsumerError
+
+from connectors.nats.config import NatsConfig, NatsSource
+from connectors.nats.sink import NatsSink
+from connectors.nats.source import CoreSource, JetStreamSource, durable_name
+from gateway.connector import Connector, ConnectorContext
+from gateway.dispatch import Dispatcher
+from gateway.errors import ConnectorError
+from gateway.patterns import NATS
+from gateway.sink import Sink
+
+_ACK = b"+ACK"
+
+
+class NatsConnector(Connector):
+    config: NatsConfig
+
+    def __init__(self, name: str, config: NatsConfig, context: ConnectorContext) -> None:
+        super().__init__(name, config, context)
+        self.nc: Client | None = None
+        self.slow_consumer_events = 0
+        """Times the client dropped messages because a subscription's pending limits were full."""
+        self._acks: list[str] = []
+        self._ack_wakeup = asyncio.Event()
+        self._dispatchers: dict[str, Dispatcher] = {}
+        self._last_slow_log = 0.0
+
+    def make_sink(self) -> Sink:
+        return NatsSink(self.config)
+
+    def _ack(self, reply: str) -> None:
+        self._acks.append(reply)
+        self._ack_wakeup.set()
+
+    def _dispatcher(self, route_name: str) -> Dispatcher:
+        d = self._dispatchers.get(route_name)
+        if d is None:
+            route = next(r for r in self.routes if r.name == route_name)
+            d = self._dispatchers[route_name] = Dispatcher(NATS, [route], cache_size=self.context.cache_size)
+        return d
+
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, SlowConsumerError):
+            self.slow_consumer_events += 1
+            now = time.monotonic()
+            if now - self._last_slow_log > 10:
+                self._last_slow_log = now
+                self.log.warning("connector.slow_consumer", subject=exc.subject, total=self.slow_consumer_events)
+            return
+        self.log.warning("connector.client_error", error=f"{type(exc).__name__}: {exc}")
+
+    async def session(self) -> None:
+        cfg = self.config
+        lost = asyncio.Event()
+
+        async def on_lost() -> None:
+            lost.set()
+
+        options: dict[str, Any] = {}
+        if cfg.user is not None:
+            options.update(user=cfg.user, password=cfg.password)
+        if cfg.token is not None:
+            options["token"] = cfg.token
+        try:
+            nc = await nats.connect(
+                servers=cfg.servers,
+                name=cfg.name or f"{self.context.gateway_id}-{self.name}",
+                allow_reconnect=False,
+                connect_timeout=cfg.connect_timeout,
+                ping_interval=cfg.ping_interval,
+                max_outstanding_pings=cfg.max_outstanding_pings,
+                error_cb=self._on_error,
+                disconnected_cb=on_lost,
+                closed_cb=on_lost,
+                **options,
+            )
+        except (NatsError, OSError, TimeoutError) as exc:
+            raise ConnectorError(f"cannot connect to {', '.join(cfg.servers)}: {type(exc).__name__}: {exc}") from exc
+        self.nc = nc
+        sink = self._sink if isinstance(self._sink, NatsSink) else None
+        try:
+            if sink is not None:
+                await sink.attach(nc)
+            self.mark_connected(
+                server=str(nc.connected_url.geturl() if nc.connected_url else ""), max_payload=nc.max_payload
+            )
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._watch(lost), name=f"{self.name}:watch")
+                tg.create_task(self._acker(nc), name=f"{self.name}:acker")
+                if sink is not None:
+                    tg.create_task(sink.run_writer(), name=f"{self.name}:writer")
+                    tg.create_task(self._expire(sink), name=f"{self.name}:expire")
+                for route in self.routes:
+                    spec: NatsSource = route.spec
+                    dispatcher = self._dispatcher(route.name)
+                    source: CoreSource | JetStreamSource
+                    if spec.stream is not None:
+                        source = JetStreamSource(nc, route, dispatcher, self._ack, durable_name(route))
+                    else:
+                        source = CoreSource(nc, cfg, route, dispatcher)
+                    tg.create_task(self._guard(source.run(self.intake_stopped)), name=f"{self.name}:{route.name}")
+        finally:
+            self.nc = None
+            if sink is not None:
+                sink.detach()
+            if not nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+
+    async def _guard(self, coro: Any) -> None:
+        try:
+            await coro
+        except NatsError as exc:
+            raise ConnectorError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _watch(self, lost: asyncio.Event) -> None:
+        await lost.wait()
+        raise ConnectorError("connection lost")
+
+    async def _expire(self, sink: NatsSink) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if n := sink.expire():
+                self.log.warning("connector.puback_timeout", resent=n)
+
+    async def _acker(self, nc: Client) -> None:
+        while True:
+            await self._ack_wakeup.wait()
+            self._ack_wakeup.clear()
+            await self._send_acks(nc)
+
+    async def _send_acks(self, nc: Client) -> None:
+        acks, self._acks = self._acks, []
+        for i, reply in enumerate(acks):
+            try:
+                await nc.publish(reply, _ACK)
+            except BaseException:
+                self._acks[:0] = acks[i:]  # keep them for the next connection
+                raise
+
+    async def finish(self) -> None:
+        nc = self.nc
+        if nc is None:
+            return
+        await self._send_acks(nc)
+        await nc.flush(timeout=5)
+        await nc.close()

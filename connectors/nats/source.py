@@ -1,0 +1,189 @@
+"""NATS sources: core subscriptions (at-most-once) and JetStream pull consumers (at-least-once).
+
+The JetStream consumer is driven here rather than through nats-py's
+``fetch()``, whose per-message ``wait_for`` costs a task per message: the
+gateway subscribes once to a private inbox, asks the durable consumer for
+``min(batch, room in the route)`` messages at a time (so the route budget is
+the pull credit: a full route simply stops asking), and acknowledges each
+message once its targets confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import msgspec
+import nats.js.api
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from connectors.nats.config import NatsConfig, NatsSource
+from gateway.dispatch import Dispatcher, Route
+from gateway.envelope import Envelope, Receipt
+from gateway.errors import ConnectorError
+
+_ACK = b"+ACK"
+_STATUS = "Status"
+
+
+def headers_of(msg: Msg) -> list[tuple[str, str]] | None:
+    h = msg.headers
+    return list(h.items()) if h else None
+
+
+class CoreSource:
+    """A core NATS subscription feeding one route. Losses are the protocol's: counted, not hidden."""
+
+    def __init__(self, nc: Client, config: NatsConfig, route: Route, dispatcher: Dispatcher) -> None:
+        self.nc = nc
+        self.config = config
+        self.route = route
+        self.dispatcher = dispatcher
+        self.spec: NatsSource = route.spec
+
+    async def run(self, intake_stopped: asyncio.Event) -> None:
+        dispatch = self.dispatcher.dispatch
+        gate = self.dispatcher.gate
+
+        async def on_msg(msg: Msg) -> None:
+            dispatch(
+                Envelope(msg.subject, msg.data, headers_of(msg), None, 0, msg.reply or None, None, time.monotonic_ns())
+            )
+            if not gate.is_open:
+                # Budget full: stop taking messages; nats-py buffers up to its pending limits,
+                # beyond which it drops and reports a slow consumer (counted by the connector).
+                await gate.wait_open()
+
+        sub = await self.nc.subscribe(
+            self.route.patterns[0].native_filter(),
+            queue=self.spec.queue or "",
+            cb=on_msg,
+            pending_msgs_limit=self.config.pending_msgs_limit,
+            pending_bytes_limit=self.config.pending_bytes_limit,
+        )
+        await intake_stopped.wait()
+        await sub.unsubscribe()
+
+
+class JetStreamReceipt(Receipt):
+    __slots__ = ("acks", "reply")
+
+    def __init__(self, reply: str, acks: Callable[[str], None]) -> None:
+        super().__init__()
+        self.reply = reply
+        self.acks = acks
+
+    def settle(self) -> None:
+        self.acks(self.reply)
+
+    def position(self) -> str:
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>
+        parts = self.reply.split(".")
+        return f"{parts[2]}:{parts[5]}" if len(parts) >= 9 else self.reply
+
+
+class JetStreamSource:
+    """A durable pull consumer feeding one route; the route's budget is its pull credit."""
+
+    def __init__(
+        self,
+        nc: Client,
+        route: Route,
+        dispatcher: Dispatcher,
+        acks: Callable[[str], None],
+        durable: str,
+    ) -> None:
+        self.nc = nc
+        self.route = route
+        self.dispatcher = dispatcher
+        self.acks = acks
+        self.spec: NatsSource = route.spec
+        self.durable = durable
+        self._outstanding = 0
+        self._request_done = asyncio.Event()
+
+    async def ensure_consumer(self) -> None:
+        """Create the durable consumer if it does not exist (an existing one is used as configured)."""
+        assert self.spec.stream is not None
+        js = self.nc.jetstream()
+        try:
+            await js.consumer_info(self.spec.stream, self.durable)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        except nats.js.errors.Error as exc:
+            raise ConnectorError(f"JetStream consumer {self.spec.stream}/{self.durable}: {exc}") from exc
+        config = nats.js.api.ConsumerConfig(
+            durable_name=self.durable,
+            name=self.durable,
+            filter_subject=self.route.patterns[0].native_filter(),
+            ack_policy=nats.js.api.AckPolicy.EXPLICIT,
+            ack_wait=self.spec.ack_wait,
+            max_ack_pending=self.route.max_in_flight,
+            deliver_policy=nats.js.api.DeliverPolicy(self.spec.deliver_policy),
+        )
+        try:
+            await js.add_consumer(self.spec.stream, config=config)
+        except nats.js.errors.Error as exc:
+            raise ConnectorError(f"cannot create JetStream consumer {self.spec.stream}/{self.durable}: {exc}") from exc
+
+    async def run(self, intake_stopped: asyncio.Event) -> None:
+        await self.ensure_consumer()
+        dispatch = self.dispatcher.dispatch
+        acks = self.acks
+        done = self._request_done
+
+        async def on_msg(msg: Msg) -> None:
+            hdrs = msg.headers
+            if hdrs and _STATUS in hdrs and not msg.data:
+                # 404 no messages, 408 request expired, 409 consumer limits: this pull is over.
+                self._outstanding = 0
+                done.set()
+                return
+            dispatch(
+                Envelope(
+                    msg.subject,
+                    msg.data,
+                    list(hdrs.items()) if hdrs else None,
+                    None,
+                    1,
+                    None,
+                    None,
+                    time.monotonic_ns(),
+                    JetStreamReceipt(msg.reply, acks),
+                )
+            )
+            self._outstanding -= 1
+            if self._outstanding <= 0:
+                done.set()
+
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=self.spec.batch * 4 + 16)
+        request_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.spec.stream}.{self.durable}"
+        expires = 5.0
+        gate = self.dispatcher.gate
+        try:
+            while not intake_stopped.is_set():
+                await gate.wait_open()
+                # An open gate means the route is below its budget: ask for at most what it can take.
+                n = max(1, min(self.spec.batch, self.dispatcher.room()))
+                self._outstanding = n
+                done.clear()
+                body = msgspec.json.encode({"batch": n, "expires": int(expires * 1e9)})
+                await self.nc.publish(request_subject, body, reply=inbox)
+                try:
+                    async with asyncio.timeout(expires + 2.0):
+                        await done.wait()
+                except TimeoutError:
+                    # No status came back (lost on the wire): ask again.
+                    continue
+        finally:
+            await sub.unsubscribe()
+
+
+def durable_name(route: Route) -> str:
+    spec: NatsSource = route.spec
+    return spec.durable or f"gateway-{route.name}".replace(".", "_").replace(" ", "_")
