@@ -61,7 +61,8 @@ def parse_config(
     if top is None:
         raise ConfigError(issues)
     connectors = _connectors(top.connectors, issues)
-    routes = _routes(top.routes, connectors, issues)
+    broken = set(top.connectors) - set(connectors)
+    routes = _routes(top.routes, connectors, broken, issues)
     if issues:
         raise ConfigError(issues)
     return Config(
@@ -173,8 +174,10 @@ def _connectors(raw: dict[str, dict[str, Any]], issues: list[ConfigIssue]) -> di
 def _routes(
     raw: list[dict[str, Any]],
     connectors: dict[str, tuple[Any, ConnectorPlugin]],
+    broken: set[str],
     issues: list[ConfigIssue],
 ) -> list[RouteConfig]:
+    """Validate routes; endpoints on a ``broken`` connector (already reported) are skipped quietly."""
     routes: list[RouteConfig] = []
     names: dict[str, int] = {}
     for i, body in enumerate(raw):
@@ -189,14 +192,14 @@ def _routes(
                 )
             )
         names.setdefault(section.name, i)
-        source, patterns = _source(section.from_, connectors, f"{path}.from", issues)
-        to = section.to if isinstance(section.to, list) else [section.to]
+        source, patterns = _source(section.from_, connectors, broken, f"{path}.from", issues)
+        to = _as_list(section.to)
         if not to:
             issues.append(ConfigIssue(f"{path}.to", "a route needs at least one target"))
         targets: list[TargetConfig] = []
         for j, tbody in enumerate(to):
             tpath = f"{path}.to[{j}]" if isinstance(section.to, list) else f"{path}.to"
-            target = _target(tbody, patterns, connectors, tpath, issues)
+            target = _target(tbody, patterns, connectors, broken, tpath, issues)
             if target is not None:
                 targets.append(target)
         if source is not None and len(targets) == len(to):
@@ -204,25 +207,39 @@ def _routes(
     return routes
 
 
+def _as_list(to: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return to if isinstance(to, list) else [to]
+
+
 def _endpoint(
-    body: dict[str, Any], connectors: dict[str, tuple[Any, ConnectorPlugin]], path: str, issues: list[ConfigIssue]
+    body: dict[str, Any],
+    connectors: dict[str, tuple[Any, ConnectorPlugin]],
+    broken: set[str],
+    path: str,
+    issues: list[ConfigIssue],
 ) -> ConnectorPlugin | None:
     name = body.get("connector")
     if name is None:
         issues.append(ConfigIssue(f"{path}.connector", "required key is missing"))
         return None
     entry = connectors.get(name) if isinstance(name, str) else None
+    if entry is None and name in broken:
+        return None  # the connector's own errors were reported; nothing more to say here
     if entry is None:
-        known = ", ".join(sorted(connectors)) or "none defined"
+        known = ", ".join(sorted(set(connectors) | broken)) or "none defined"
         issues.append(ConfigIssue(f"{path}.connector", f"unknown connector {name!r} (connectors: {known})"))
         return None
     return entry[1]
 
 
 def _source(
-    body: dict[str, Any], connectors: dict[str, tuple[Any, ConnectorPlugin]], path: str, issues: list[ConfigIssue]
+    body: dict[str, Any],
+    connectors: dict[str, tuple[Any, ConnectorPlugin]],
+    broken: set[str],
+    path: str,
+    issues: list[ConfigIssue],
 ) -> tuple[SourceSpec | None, list[SourcePattern]]:
-    plugin = _endpoint(body, connectors, path, issues)
+    plugin = _endpoint(body, connectors, broken, path, issues)
     if plugin is None:
         return None, []
     spec: SourceSpec | None = _convert(body, plugin.source, path, issues)
@@ -240,10 +257,11 @@ def _target(
     body: dict[str, Any],
     patterns: list[SourcePattern],
     connectors: dict[str, tuple[Any, ConnectorPlugin]],
+    broken: set[str],
     path: str,
     issues: list[ConfigIssue],
 ) -> TargetConfig | None:
-    plugin = _endpoint(body, connectors, path, issues)
+    plugin = _endpoint(body, connectors, broken, path, issues)
     if plugin is None:
         return None
     spec: TargetSpec | None = _convert(body, plugin.target, path, issues)
