@@ -12,11 +12,17 @@ Relies on pytest-asyncio and pytest-timeout (``asyncio_mode = "auto"`` or a
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
+import uvloop
 
 from tests.support.brokers import Mosquitto, NatsServer, Tansu
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], object]]:
+    """Async tests run on uvloop, like the gateway in production."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="session")

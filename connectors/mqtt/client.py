@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from mqtt5 import (
     ConnAckPacket,
@@ -66,8 +66,8 @@ class MqttConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCPTransport implements asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = self._disconnect_reason or (f"{type(exc).__name__}: {exc}" if exc else "closed by the broker")

@@ -98,7 +98,7 @@ class MqttConnector(Connector):
                 async with asyncio.timeout(cfg.connect_timeout):
                     connack = await conn.connack
             except (ConnectionError, TimeoutError) as exc:
-                raise ConnectorError(f"no CONNACK from {cfg.url}: {exc or 'timeout'}") from exc
+                raise ConnectorError(f"no CONNACK from {cfg.url}: {str(exc) or 'timed out'}") from exc
             if connack.reason_code != ConnAckReasonCode.SUCCESS:
                 raise ConnectorError(f"{cfg.url} refused the connection: {connack.reason_code.name}")
             resent = 0
@@ -135,7 +135,7 @@ class MqttConnector(Connector):
             async with asyncio.timeout(self.config.connect_timeout):
                 suback = await fut
         except (ConnectionError, TimeoutError) as exc:
-            raise ConnectorError(f"no SUBACK from {self.config.url}: {exc or 'timeout'}") from exc
+            raise ConnectorError(f"no SUBACK from {self.config.url}: {str(exc) or 'timed out'}") from exc
         finally:
             self.ids.free(pid)
         for (flt, _), code in zip(filters, suback.reason_codes, strict=False):  # type: ignore[attr-defined]

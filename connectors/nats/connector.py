@@ -98,6 +98,18 @@ class NatsConnector(Connector):
         try:
             if sink is not None:
                 await sink.attach(nc)
+            sources: list[tuple[str, CoreSource | JetStreamSource]] = []
+            for route in self.routes:
+                spec: NatsSource = route.spec
+                dispatcher = self._dispatcher(route.name)
+                source: CoreSource | JetStreamSource
+                if spec.stream is not None:
+                    source = JetStreamSource(nc, route, dispatcher, self._ack, durable_name(route))
+                else:
+                    source = CoreSource(nc, cfg, route, dispatcher)
+                await self._guard(source.start())
+                sources.append((route.name, source))
+            await self._guard(nc.flush(timeout=max(1, int(cfg.connect_timeout))))  # subscriptions are live
             self.mark_connected(
                 server=str(nc.connected_url.geturl() if nc.connected_url else ""), max_payload=nc.max_payload
             )
@@ -107,15 +119,8 @@ class NatsConnector(Connector):
                 if sink is not None:
                     tg.create_task(sink.run_writer(), name=f"{self.name}:writer")
                     tg.create_task(self._expire(sink), name=f"{self.name}:expire")
-                for route in self.routes:
-                    spec: NatsSource = route.spec
-                    dispatcher = self._dispatcher(route.name)
-                    source: CoreSource | JetStreamSource
-                    if spec.stream is not None:
-                        source = JetStreamSource(nc, route, dispatcher, self._ack, durable_name(route))
-                    else:
-                        source = CoreSource(nc, cfg, route, dispatcher)
-                    tg.create_task(self._guard(source.run(self.intake_stopped)), name=f"{self.name}:{route.name}")
+                for name, source in sources:
+                    tg.create_task(self._guard(source.run(self.intake_stopped)), name=f"{self.name}:{name}")
         finally:
             self.nc = None
             if sink is not None:

@@ -44,7 +44,8 @@ class CoreSource:
         self.dispatcher = dispatcher
         self.spec: NatsSource = route.spec
 
-    async def run(self, intake_stopped: asyncio.Event) -> None:
+    async def start(self) -> None:
+        """Subscribe (before the connector reports itself ready)."""
         dispatch = self.dispatcher.dispatch
         gate = self.dispatcher.gate
 
@@ -57,15 +58,17 @@ class CoreSource:
                 # beyond which it drops and reports a slow consumer (counted by the connector).
                 await gate.wait_open()
 
-        sub = await self.nc.subscribe(
+        self.sub = await self.nc.subscribe(
             self.route.patterns[0].native_filter(),
             queue=self.spec.queue or "",
             cb=on_msg,
             pending_msgs_limit=self.config.pending_msgs_limit,
             pending_bytes_limit=self.config.pending_bytes_limit,
         )
+
+    async def run(self, intake_stopped: asyncio.Event) -> None:
         await intake_stopped.wait()
-        await sub.unsubscribe()
+        await self.sub.unsubscribe()
 
 
 class JetStreamReceipt(Receipt):
@@ -130,8 +133,11 @@ class JetStreamSource:
         except nats.js.errors.Error as exc:
             raise ConnectorError(f"cannot create JetStream consumer {self.spec.stream}/{self.durable}: {exc}") from exc
 
-    async def run(self, intake_stopped: asyncio.Event) -> None:
+    async def start(self) -> None:
+        """Make sure the durable consumer exists (before the connector reports itself ready)."""
         await self.ensure_consumer()
+
+    async def run(self, intake_stopped: asyncio.Event) -> None:
         dispatch = self.dispatcher.dispatch
         acks = self.acks
         done = self._request_done
