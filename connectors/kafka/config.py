@@ -23,6 +23,7 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     session_timeout_ms: Millis = 10_000
     """Consumer-group session timeout; a route may override it."""
     heartbeat_interval_ms: Millis = 1_000
+    """Consumer-group heartbeat interval (at most a third of the session timeout)."""
     auto_offset_reset: OffsetReset = "earliest"
     """Where a new consumer group starts; ``earliest`` so that nothing produced before the first start is skipped."""
     idempotent: bool = True
@@ -35,6 +36,7 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     max_request_size: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
     """Producer: the largest record accepted; bigger payloads fail without being sent."""
     request_timeout_ms: Millis = 30_000
+    """How long a request to a broker may take before it is retried or fails."""
     fetch_max_records: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 2_000
     """Consumer: records per fetch."""
     commit_interval_ms: Millis = 200
@@ -58,7 +60,9 @@ class KafkaSource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=T
     """Consumer group. Default: ``gateway.<route name>``.
     Routes of one connector that name the same group share one consumer."""
     session_timeout_ms: Millis | None = None
+    """Overrides the connector's ``session_timeout_ms`` for this route's consumer."""
     auto_offset_reset: OffsetReset | None = None
+    """Overrides the connector's ``auto_offset_reset`` for this route's consumer."""
 
     def __post_init__(self) -> None:
         given = [k for k in ("topic", "topics", "pattern") if getattr(self, k) is not None]

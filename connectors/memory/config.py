@@ -18,6 +18,8 @@ class MemoryConfig(
 
 
 class MemorySource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``from`` an in-memory connector."""
+
     topic: str
     """Topic pattern, MQTT syntax: ``{name}`` captures, ``+`` and ``#`` wildcards."""
 
@@ -33,6 +35,8 @@ class MemorySource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=
 
 
 class MemoryTarget(TargetSpec, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``to`` an in-memory connector."""
+
     topic: str
     """Topic template."""
 

@@ -29,13 +29,16 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     keepalive: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 30
     """Seconds between PINGREQs; 0 disables them."""
     username: str | None = None
+    """MQTT user name; use ``${ENV}`` or ``${file:PATH}`` rather than a literal."""
     password: str | None = None
+    """MQTT password; use ``${ENV}`` or ``${file:PATH}`` rather than a literal."""
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1024
     """Unacknowledged QoS 1/2 messages the broker may send us at once (MQTT 5; Mosquitto also caps it with
     its ``max_inflight_messages``)."""
     max_inflight: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1024
     """Our own QoS 1/2 publishes awaiting the broker's acknowledgement (lowered to the broker's receive maximum)."""
     connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    """Seconds to wait for the TCP connection, the CONNACK and the SUBACK."""
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -78,6 +81,7 @@ class MqttTarget(TargetSpec, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     qos: QoS = 1
     """Publish QoS; 1 and 2 wait for the broker's acknowledgement before the source is acked."""
     retain: bool = False
+    """Publish with the retain flag."""
 
     def address(self) -> str:
         return self.topic

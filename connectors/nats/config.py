@@ -18,14 +18,21 @@ class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     name: str = ""
     """Client name shown in the server's ``/connz``. Default: ``<gateway id>-<connector name>``."""
     user: str | None = None
+    """User name (with ``password``)."""
     password: str | None = None
+    """Password; use ``${ENV}`` or ``${file:PATH}`` rather than a literal."""
     token: str | None = None
+    """Authentication token; use ``${ENV}`` or ``${file:PATH}`` rather than a literal."""
     connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    """Seconds to wait for a connection to be accepted."""
     ping_interval: Annotated[float, msgspec.Meta(gt=0)] = 20.0
+    """Seconds between client PINGs."""
     max_outstanding_pings: Annotated[int, msgspec.Meta(ge=1)] = 3
+    """Unanswered PINGs after which the connection counts as lost."""
     pending_msgs_limit: Annotated[int, msgspec.Meta(ge=1)] = 65_536
     """Per core subscription: messages buffered in the client before it drops and reports a slow consumer."""
     pending_bytes_limit: Annotated[int, msgspec.Meta(ge=1)] = 64 * 1024 * 1024
+    """Per core subscription: bytes buffered in the client before it drops and reports a slow consumer."""
     flush_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     """Seconds to wait for the server to confirm a batch of core publishes."""
     publish_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0

@@ -49,6 +49,7 @@ class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     max_in_flight_bytes: Positive = 16 * 1024 * 1024
     """Payload bytes inside the route before the source is paused."""
     description: str = ""
+    """Free text for the people reading the config."""
 
 
 class FileSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
