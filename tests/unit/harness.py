@@ -1,0 +1,94 @@
+"""Helpers for unit tests that run a :class:`Gateway` over in-memory brokers, or a dispatcher alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from gateway.app import build_routes
+from gateway.config.loader import parse_config
+from gateway.dispatch import Delivery, Dispatcher, Flight, Route
+from gateway.envelope import Envelope, Receipt
+from gateway.patterns import MQTT
+from gateway.sink import Item, Sink
+
+WAIT = 5.0
+"""Upper bound for any wait on a condition; a healthy run needs a few event-loop turns."""
+
+
+async def until(predicate: Callable[[], bool], *, check: Callable[[], None] | None = None) -> None:
+    """Yield to the event loop until ``predicate()`` holds (bounded by :data:`WAIT`).
+
+    ``check`` runs at every observation, before the predicate (invariants).
+    """
+    async with asyncio.timeout(WAIT):
+        while True:
+            if check is not None:
+                check()
+            if predicate():
+                return
+            await asyncio.sleep(0)
+
+
+async def turns(n: int = 50) -> None:
+    """Give every runnable task ``n`` event-loop turns: the chance to do what it should not."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def memory_config(routes: str, brokers: tuple[str, ...] = ("A", "B", "C"), *, extra: str = "") -> str:
+    """A config with one memory connector per broker (connector ``a`` on broker ``A``, ...)."""
+    lines = ["connectors:"]
+    lines += [f"  {name.lower()}: {{type: memory, broker: {name}}}" for name in brokers]
+    return "\n".join(lines) + "\n" + extra + "routes:\n" + routes
+
+
+class RecordingReceipt(Receipt):
+    __slots__ = ("settled",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.settled = 0
+
+    def settle(self) -> None:
+        self.settled += 1
+
+
+class RecordingSink(Sink):
+    """A sink that only records what routes submit; the test confirms by calling ``flight.done()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.items: list[Item] = []
+
+    def submit(self, flight: Flight, delivery: Delivery) -> None:
+        self.items.append((flight, delivery))
+
+    async def write_batch(self, batch: list[Item]) -> None:  # pragma: no cover - never run by these tests
+        raise AssertionError("RecordingSink has no writer")
+
+    def confirm(self, n: int | None = None, error: BaseException | None = None) -> None:
+        """Finish the first ``n`` recorded items (all by default), oldest first."""
+        n = len(self.items) if n is None else n
+        done, self.items = self.items[:n], self.items[n:]
+        for flight, _ in done:
+            flight.done(error)
+
+
+def dispatcher_for(
+    routes_yaml: str, *, cache_size: int = 10_000
+) -> tuple[Dispatcher, dict[str, Route], dict[str, RecordingSink]]:
+    """A dispatcher over the routes reading from connector ``a``; one RecordingSink per target connector."""
+    config = parse_config(memory_config(routes_yaml), environ={})
+    routes = build_routes(config)
+    sinks: dict[str, RecordingSink] = {}
+    for route in routes.values():
+        for target in route.targets:
+            target.sink = sinks.setdefault(target.connector, RecordingSink())
+    own = [r for r in routes.values() if r.source == "a"]
+    return Dispatcher(MQTT, own, cache_size=cache_size), routes, sinks
+
+
+def envelope(topic: str, payload: bytes = b"x") -> tuple[Envelope, RecordingReceipt]:
+    receipt = RecordingReceipt()
+    return Envelope(topic, payload, receipt=receipt), receipt

@@ -1,0 +1,348 @@
+"""gateway/dispatch.py: routing through the public Gateway over in-memory brokers, and the Dispatcher alone."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from connectors.memory.broker import MemoryBroker, Record
+from gateway.app import Gateway
+from gateway.config.loader import parse_config
+from gateway.errors import SinkError, TemplateError
+from tests.unit.harness import dispatcher_for, envelope, memory_config, turns, until
+
+StartGateway = Callable[[str], Awaitable[Gateway]]
+
+
+@pytest.fixture(autouse=True)
+def brokers() -> None:
+    MemoryBroker.reset()
+
+
+@pytest.fixture
+async def start_gateway() -> AsyncIterator[StartGateway]:
+    started: list[Gateway] = []
+
+    async def start(routes: str) -> Gateway:
+        gw = Gateway(parse_config(memory_config(routes), environ={}))
+        started.append(gw)
+        await gw.start()
+        await gw.wait_ready(timeout=5)
+        return gw
+
+    yield start
+    for name in ("A", "B", "C"):
+        MemoryBroker.named(name).release()
+    for gw in started:
+        await gw.stop(timeout=5)
+
+
+TELEMETRY = """\
+  - name: telemetry
+    from: {connector: a, topic: "devices/{device}/telemetry/#"}
+    to: {connector: b, topic: "iot/{device}/{#}"}
+"""
+
+FAN_OUT = """\
+  - name: telemetry
+    from: {connector: a, topic: "devices/{device}/telemetry/#"}
+    to:
+      - {connector: b, topic: "iot/{device}/{#}"}
+      - {connector: c, topic: "archive/{topic}"}
+"""
+
+
+def topics(records: list[Record]) -> list[str]:
+    return [r.topic for r in records]
+
+
+# ---------------------------------------------------------------- through the Gateway
+
+
+async def test_messages_reach_the_target_broker_with_rendered_topics(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(TELEMETRY)
+    a, b = MemoryBroker.named("A"), MemoryBroker.named("B")
+
+    a.publish("devices/d1/telemetry/temp", b"21.5")
+    a.publish("devices/d2/telemetry/hum/in", b"40")
+    a.publish("devices/d1/telemetry", b"parent")
+    await until(lambda: len(b.received) == 3)
+
+    # `{#}` with nothing left drops the separator before it: the parent topic maps to the parent.
+    assert topics(b.received) == ["iot/d1/temp", "iot/d2/hum/in", "iot/d1"]
+    assert [r.payload for r in b.received] == [b"21.5", b"40", b"parent"]
+    await until(lambda: a.acked == {0, 1, 2})
+    stats = gw.routes["telemetry"].stats
+    assert (stats.received, stats.sent, stats.acked, stats.failed, stats.dropped) == (3, 3, 3, 0, 0)
+
+
+async def test_payload_and_headers_pass_through_untouched(start_gateway: StartGateway) -> None:
+    await start_gateway(TELEMETRY)
+    a, b = MemoryBroker.named("A"), MemoryBroker.named("B")
+    payload = bytes(range(256)) * 4
+    headers = [("traceparent", "00-abc-def-01"), ("x", "1"), ("x", "2")]
+
+    a.publish("devices/d1/telemetry/blob", payload, headers)
+    await until(lambda: len(b.received) == 1)
+
+    [record] = b.received
+    assert record.payload is payload  # zero-copy: the very bytes object the source produced
+    assert record.headers == headers
+    assert record.key is None
+
+
+async def test_order_is_kept_per_route(start_gateway: StartGateway) -> None:
+    await start_gateway(TELEMETRY)
+    a, b = MemoryBroker.named("A"), MemoryBroker.named("B")
+
+    for i in range(600):  # more than one read burst of the memory source
+        a.publish(f"devices/d{i % 7}/telemetry/seq", str(i).encode())
+    await until(lambda: len(b.received) == 600)
+
+    assert [int(r.payload) for r in b.received] == list(range(600))
+    await until(lambda: len(a.acked) == 600)
+
+
+async def test_fan_out_acks_the_source_only_after_every_target_confirmed(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(FAN_OUT)
+    a, b, c = MemoryBroker.named("A"), MemoryBroker.named("B"), MemoryBroker.named("C")
+    c.hold = True
+    route = gw.routes["telemetry"]
+    c_sink = gw.connectors["c"].sink
+
+    a.publish("devices/d1/telemetry/temp", b"1")
+    a.publish("devices/d2/telemetry/temp", b"2")
+    # B confirmed both; C's writer took them and is stalled.
+    await until(lambda: len(b.received) == 2 and route.stats.sent == 2 and c_sink.depth == 0)
+    await turns()
+
+    assert a.acked == set()
+    assert c.received == []
+    assert route.in_flight == 2
+    assert route.stats.acked == 0
+
+    c.release()
+    await until(lambda: a.acked == {0, 1})
+
+    assert topics(c.received) == ["archive/devices/d1/telemetry/temp", "archive/devices/d2/telemetry/temp"]
+    assert (route.stats.sent, route.stats.acked, route.in_flight) == (4, 2, 0)
+
+
+async def test_a_message_matching_two_routes_is_acked_after_both(start_gateway: StartGateway) -> None:
+    routes = (
+        TELEMETRY
+        + """\
+  - name: everything
+    from: {connector: a, topic: "#"}
+    to: {connector: c, topic: "all/{topic}"}
+"""
+    )
+    gw = await start_gateway(routes)
+    a, b, c = MemoryBroker.named("A"), MemoryBroker.named("B"), MemoryBroker.named("C")
+    c.hold = True
+
+    a.publish("devices/d1/telemetry/temp", b"1")
+    a.publish("other/topic", b"2")
+    await until(lambda: len(b.received) == 1 and gw.connectors["c"].sink.depth == 0)
+    await turns()
+
+    assert a.acked == set()  # "everything" still holds both
+
+    c.release()
+    await until(lambda: a.acked == {0, 1})
+
+    assert topics(c.received) == ["all/devices/d1/telemetry/temp", "all/other/topic"]
+    assert gw.routes["telemetry"].stats.acked == 1
+    assert gw.routes["everything"].stats.acked == 2
+
+
+async def test_a_rejected_message_counts_failed_and_the_source_is_still_acked(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(TELEMETRY)
+    a, b = MemoryBroker.named("A"), MemoryBroker.named("B")
+
+    def reject(record: Record) -> Exception | None:
+        return SinkError("poison", retriable=False) if record.payload == b"bad" else None
+
+    b.reject = reject
+    a.publish("devices/d1/telemetry/t", b"good")
+    a.publish("devices/d1/telemetry/t", b"bad")
+    a.publish("devices/d1/telemetry/t", b"good again")
+    await until(lambda: a.acked == {0, 1, 2})
+
+    assert [r.payload for r in b.received] == [b"good", b"good again"]
+    stats = gw.routes["telemetry"].stats
+    assert (stats.received, stats.sent, stats.acked, stats.failed) == (3, 2, 2, 1)
+    assert gw.routes["telemetry"].in_flight == 0
+
+
+async def test_a_fan_out_message_rejected_by_one_target_fails_once(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(FAN_OUT)
+    a, b, c = MemoryBroker.named("A"), MemoryBroker.named("B"), MemoryBroker.named("C")
+    c.reject = lambda record: SinkError("no", retriable=False)
+
+    a.publish("devices/d1/telemetry/t", b"1")
+    await until(lambda: a.acked == {0})
+
+    assert len(b.received) == 1
+    stats = gw.routes["telemetry"].stats
+    assert (stats.received, stats.sent, stats.acked, stats.failed) == (1, 1, 0, 1)
+
+
+async def test_a_topic_the_target_cannot_carry_counts_failed_and_is_acked(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(TELEMETRY)
+    a, b = MemoryBroker.named("A"), MemoryBroker.named("B")
+
+    a.publish("devices/d+1/telemetry/t", b"1")  # '+' cannot be an MQTT topic level of the target
+    a.publish("devices/d1/telemetry/t", b"2")
+    await until(lambda: a.acked == {0, 1})
+
+    assert topics(b.received) == ["iot/d1/t"]
+    stats = gw.routes["telemetry"].stats
+    assert (stats.acked, stats.failed) == (1, 1)
+
+
+async def test_unrouted_topics_are_acked(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(TELEMETRY)
+    a, b = MemoryBroker.named("A"), MemoryBroker.named("B")
+
+    a.publish("unrelated/topic", b"1")
+    a.publish("devices/d1/status", b"2")
+    a.publish("devices/d1/telemetry/t", b"3")
+    await until(lambda: a.acked == {0, 1, 2})
+
+    assert topics(b.received) == ["iot/d1/t"]
+    assert gw.routes["telemetry"].stats.received == 1
+
+
+async def test_snapshot_reports_route_counters(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(TELEMETRY)
+    MemoryBroker.named("A").publish("devices/d1/telemetry/t", b"12345")
+    await until(lambda: gw.routes["telemetry"].stats.acked == 1)
+
+    snap = gw.snapshot()
+
+    assert snap["routes"]["telemetry"] == {
+        "received": 1,
+        "sent": 1,
+        "acked": 1,
+        "failed": 0,
+        "dropped": 0,
+        "in_flight": 0,
+        "in_flight_bytes": 0,
+    }
+    assert snap["connectors"]["a"]["state"] == "connected"
+    assert gw.ready
+
+
+# ---------------------------------------------------------------- the Dispatcher alone
+
+
+def test_dispatcher_counts_and_settles_unrouted_messages() -> None:
+    dispatcher, routes, sinks = dispatcher_for(TELEMETRY)
+
+    env, receipt = envelope("nowhere/x")
+    dispatcher.dispatch(env)
+    env2, receipt2 = envelope("nowhere/x")
+    dispatcher.dispatch(env2)
+
+    assert dispatcher.unrouted == 2
+    assert (receipt.settled, receipt2.settled) == (1, 1)
+    assert routes["telemetry"].stats.received == 0
+    assert sinks["b"].items == []
+
+
+def test_dispatcher_settles_after_every_target_of_every_route() -> None:
+    routes_yaml = (
+        FAN_OUT
+        + """\
+  - name: second
+    from: {connector: a, topic: "devices/+/telemetry/temp"}
+    to: {connector: b, topic: "second"}
+"""
+    )
+    dispatcher, routes, sinks = dispatcher_for(routes_yaml)
+    env, receipt = envelope("devices/d1/telemetry/temp")
+
+    dispatcher.dispatch(env)
+
+    assert [d.address for _, d in sinks["b"].items] == ["iot/d1/temp", "second"]
+    assert [d.address for _, d in sinks["c"].items] == ["archive/devices/d1/telemetry/temp"]
+    assert receipt.pending == 2  # two routes
+    sinks["b"].confirm()
+    assert receipt.settled == 0  # telemetry still waits for c
+    assert routes["second"].stats.acked == 1
+    sinks["c"].confirm()
+    assert receipt.settled == 1
+    assert routes["telemetry"].stats.acked == 1
+
+
+def test_dispatcher_render_errors_fail_the_target_without_reaching_the_sink() -> None:
+    dispatcher, routes, sinks = dispatcher_for(FAN_OUT.replace("archive/{topic}", "archive/all"))
+    env, receipt = envelope("devices/d#1/telemetry/x")
+
+    dispatcher.dispatch(env)
+
+    assert [d.address for _, d in sinks["c"].items] == ["archive/all"]
+    assert sinks["b"].items == []
+    assert receipt.settled == 0
+    sinks["c"].confirm()
+    assert receipt.settled == 1
+    stats = routes["telemetry"].stats
+    assert (stats.sent, stats.failed, stats.acked) == (1, 1, 0)
+
+
+def test_dispatcher_plan_renders_once_per_topic_and_is_reused() -> None:
+    dispatcher, routes, _ = dispatcher_for(FAN_OUT)
+
+    first = dispatcher.plan("devices/d1/telemetry/a/b")
+    again = dispatcher.plan("devices/d1/telemetry/a/b")
+
+    assert first is again
+    [(route, deliveries)] = first
+    assert route is routes["telemetry"]
+    assert [(d.address, d.key, d.error) for d in deliveries] == [
+        ("iot/d1/a/b", None, None),
+        ("archive/devices/d1/telemetry/a/b", None, None),
+    ]
+
+
+def test_dispatcher_plan_carries_render_errors() -> None:
+    dispatcher, _, _ = dispatcher_for(TELEMETRY)
+
+    [(_, [delivery])] = dispatcher.plan("devices/d#1/telemetry/x")
+
+    assert isinstance(delivery.error, TemplateError)
+    assert delivery.address == ""
+
+
+def test_dispatcher_cache_is_bounded_and_evicted_plans_are_recomputed() -> None:
+    dispatcher, _, sinks = dispatcher_for(TELEMETRY, cache_size=2)
+
+    for device in ("d1", "d2", "d3", "d1"):
+        env, _ = envelope(f"devices/{device}/telemetry/t")
+        dispatcher.dispatch(env)
+
+    assert [d.address for _, d in sinks["b"].items] == ["iot/d1/t", "iot/d2/t", "iot/d3/t", "iot/d1/t"]
+
+
+def test_dispatcher_room_is_the_smallest_route_budget_left() -> None:
+    routes_yaml = """\
+  - name: small
+    from: {connector: a, topic: "x/#"}
+    to: {connector: b, topic: "y"}
+    max_in_flight: 3
+  - name: big
+    from: {connector: a, topic: "#"}
+    to: {connector: b, topic: "z"}
+    max_in_flight: 100
+"""
+    dispatcher, _, sinks = dispatcher_for(routes_yaml)
+    assert dispatcher.room() == 3
+
+    env, _ = envelope("x/1")
+    dispatcher.dispatch(env)
+    assert dispatcher.room() == 2
+
+    sinks["b"].confirm()
+    assert dispatcher.room() == 3
