@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import itertools
 import re
 import sys
 import textwrap
@@ -33,7 +34,7 @@ def field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError):
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for prev, node in zip(body, body[1:], strict=False):
+        for prev, node in itertools.pairwise(body):
             if (
                 isinstance(prev, ast.AnnAssign)
                 and isinstance(prev.target, ast.Name)
@@ -46,7 +47,9 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _type_name(t: Any) -> str:
-    text = re.sub(r"\b(typing|msgspec|collections\.abc|builtins)\.", "", repr(t) if not isinstance(t, type) else t.__name__)
+    text = re.sub(
+        r"\b(typing|msgspec|collections\.abc|builtins)\.", "", repr(t) if not isinstance(t, type) else t.__name__
+    )
     text = re.sub(r"Annotated\[(\w+), Meta\(([^)]*)\)\]", lambda m: f"{m.group(1)} ({m.group(2)})", text)
     text = re.sub(r"\bNone(Type)?\b", "null", text).replace("Literal", "one of ")
     return text

@@ -251,7 +251,9 @@ class Dispatcher:
         return plan
 
     def dispatch(self, env: Envelope) -> None:
-        plan = self._plans.get(env.topic) or self.plan(env.topic)
+        plan = self._plans.get(env.topic)
+        if plan is None:
+            plan = self.plan(env.topic)
         receipt = env.receipt
         if not plan:
             self.unrouted += 1

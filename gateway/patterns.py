@@ -94,6 +94,10 @@ class _MqttSyntax(TopicSyntax):
 
     def check_name(self, name: str) -> None:
         super().check_name(name)
+        if "+" in name or "#" in name or "\0" in name:
+            raise TemplateError(
+                f"{name!r} cannot be published to: '+', '#' and NUL are not allowed in MQTT topic names"
+            )
         if len(name.encode()) > 65535:
             raise TemplateError("MQTT topic longer than 65535 bytes")
 
@@ -101,6 +105,14 @@ class _MqttSyntax(TopicSyntax):
 class _NatsSyntax(TopicSyntax):
     def to_neutral(self, segment: str) -> str:
         return segment.replace("//", ".")
+
+    def check_name(self, name: str) -> None:
+        super().check_name(name)
+        for token in name.split("."):
+            if not token or token in ("*", ">") or any(c.isspace() for c in token):
+                raise TemplateError(
+                    f"{name!r} cannot be published to: NATS subjects have no empty, wildcard or whitespace tokens"
+                )
 
     def from_neutral(self, segment: str) -> str:
         if not segment:

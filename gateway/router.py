@@ -23,8 +23,8 @@ class _Node(Generic[T]):
     def __init__(self) -> None:
         self.literal: dict[str, _Node[T]] = {}
         self.single: _Node[T] | None = None
-        self.multi: list[tuple[T, SourcePattern]] = []
-        self.terminal: list[tuple[T, SourcePattern]] = []
+        self.multi: list[tuple[int, T, SourcePattern]] = []
+        self.terminal: list[tuple[int, T, SourcePattern]] = []
 
 
 class Router(Generic[T]):
@@ -33,15 +33,15 @@ class Router(Generic[T]):
     def __init__(self, syntax: TopicSyntax) -> None:
         self.syntax = syntax
         self._root: _Node[T] = _Node()
-        self._regex: list[tuple[T, SourcePattern]] = []
-        self._order: dict[int, int] = {}
+        self._regex: list[tuple[int, T, SourcePattern]] = []
         self.size = 0
 
     def add(self, pattern: SourcePattern, value: T) -> None:
-        self._order[id(value)] = self._order.get(id(value), self.size)
+        """Register ``value`` under ``pattern``; results come back in registration order."""
+        seq = self.size
         self.size += 1
         if pattern.regex is not None:
-            self._regex.append((value, pattern))
+            self._regex.append((seq, value, pattern))
             return
         node = self._root
         for seg in pattern.segments:
@@ -55,16 +55,16 @@ class Router(Generic[T]):
                     node.single = _Node()
                 node = node.single
             else:
-                node.multi.append((value, pattern))
+                node.multi.append((seq, value, pattern))
                 return
-        node.terminal.append((value, pattern))
+        node.terminal.append((seq, value, pattern))
 
     def match(self, topic: str) -> list[tuple[T, Match]]:
         """Every (value, match) for ``topic``, in the order the values were first added."""
         syn = self.syntax
         raw = syn.split(topic)
         levels = tuple(syn.to_neutral(s) for s in raw)
-        found: list[tuple[T, SourcePattern]] = []
+        found: list[tuple[int, T, SourcePattern]] = []
         depth_max = len(levels)
         protected = syn.dollar_protected and topic.startswith("$")
         stack: list[tuple[_Node[T], int]] = [(self._root, 0)]
@@ -81,25 +81,29 @@ class Router(Generic[T]):
                 stack.append((nxt, depth + 1))
             if node.single is not None and wild_ok:
                 stack.append((node.single, depth + 1))
-        result: list[tuple[T, Match]] = [(v, _trie_match(topic, levels, p)) for v, p in found]
-        for value, pattern in self._regex:
-            assert pattern.regex is not None
-            m = pattern.regex.fullmatch(topic)
-            if m is not None:
-                caps = {k: v for k, v in m.groupdict().items() if v is not None}
-                result.append((value, Match(topic, levels, caps, ())))
-        if len(result) > 1:
-            # A value registered under several patterns (a Kafka ``topics`` list) counts once.
-            unique: dict[int, tuple[T, Match]] = {}
-            for vm in result:
-                unique.setdefault(id(vm[0]), vm)
-            result = list(unique.values())
-            order = self._order
-            result.sort(key=lambda vm: order[id(vm[0])])
+        for entry in self._regex:
+            if entry[2].regex.fullmatch(topic) is not None:  # type: ignore[union-attr]
+                found.append(entry)
+        if len(found) > 1:
+            found.sort(key=lambda e: e[0])
+        result: list[tuple[T, Match]] = []
+        seen: set[int] = set()
+        for _, value, pattern in found:
+            if len(found) > 1:
+                # A value registered under several patterns (a Kafka `topics` list) counts once,
+                # with the captures of the first of its patterns that matches.
+                if id(value) in seen:
+                    continue
+                seen.add(id(value))
+            result.append((value, _match(topic, levels, pattern)))
         return result
 
 
-def _trie_match(topic: str, levels: tuple[str, ...], pattern: SourcePattern) -> Match:
+def _match(topic: str, levels: tuple[str, ...], pattern: SourcePattern) -> Match:
+    if pattern.regex is not None:
+        m = pattern.regex.fullmatch(topic)
+        assert m is not None
+        return Match(topic, levels, {k: v for k, v in m.groupdict().items() if v is not None}, ())
     captures: dict[str, str] = {}
     remainder: tuple[str, ...] = ()
     for i, seg in enumerate(pattern.segments):

@@ -61,7 +61,11 @@ class Template:
                 v = match.captures[value]
                 out.append(syn.from_neutral(v) if syn else v)
             elif kind == _REST:
-                out.append(self._join(match.remainder))
+                if match.remainder:
+                    out.append(self._join(match.remainder))
+                elif out and syn is not None and out[-1].endswith(syn.separator):
+                    # MQTT `a/#` also matches `a`: `x.{#}` renders `x`, not `x.` with an empty token.
+                    out[-1] = out[-1][: -len(syn.separator)]
             else:
                 out.append(self._join(match.segments) if syn else match.topic)
         text = "".join(out)

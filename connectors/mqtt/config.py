@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 
 from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.patterns import MQTT, SourcePattern, TopicSyntax, compile_pattern
+from gateway.redact import redact_url
 
 QoS = Literal[0, 1, 2]
 
@@ -17,7 +18,7 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     """One MQTT connection, used by every route that reads from or writes to this connector."""
 
     url: str = "mqtt://127.0.0.1:1883"
-    """Broker address, ``mqtt://host:port``."""
+    """Broker address, ``mqtt://host:port`` (``mqtt://user:password@host:port`` also works; logs mask it)."""
     client_id: str = ""
     """Fixed client id: the broker keys the persistent session on it. Default: ``<gateway id>-<connector name>``."""
     protocol: Literal[5, "5", "3.1.1"] = 5
@@ -41,9 +42,24 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     """Seconds to wait for the TCP connection, the CONNACK and the SUBACK."""
 
     def __post_init__(self) -> None:
+        try:
+            parts = urlsplit(self.url)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+            raise ValueError(f"url {redact_url(self.url)!r}: expected mqtt://host:port")
+
+    @property
+    def credentials(self) -> tuple[str | None, str | None]:
+        """``username``/``password``, else the ones in the URL (``mqtt://user:pass@host``)."""
         parts = urlsplit(self.url)
-        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-            raise ValueError(f"url {self.url!r}: expected mqtt://host:port")
+        if self.username is not None:
+            return self.username, self.password
+        return (
+            unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password else None,
+        )
 
     @property
     def version(self) -> int:

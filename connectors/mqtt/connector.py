@@ -17,6 +17,7 @@ from gateway.connector import Connector, ConnectorContext
 from gateway.dispatch import Dispatcher
 from gateway.errors import ConnectorError
 from gateway.patterns import MQTT
+from gateway.redact import redact_url
 from gateway.sink import Sink
 
 
@@ -29,6 +30,8 @@ class MqttConnector(Connector):
         self.host = url.hostname or "127.0.0.1"
         self.port = url.port or 1883
         self.client_id = config.client_id or f"{context.gateway_id}-{name}"
+        self.address = redact_url(config.url)
+        self.username, self.password = config.credentials
         self.codec = codec_for(config.version)
         self.ids = PacketIds()
         self.conn: MqttConnection | None = None
@@ -64,7 +67,7 @@ class MqttConnector(Connector):
         try:
             conn = await open_connection(self.host, self.port, self.codec, self, timeout=cfg.connect_timeout)
         except (OSError, TimeoutError) as exc:
-            raise ConnectorError(f"cannot connect to {cfg.url}: {type(exc).__name__}: {exc}") from exc
+            raise ConnectorError(f"cannot connect to {self.address}: {type(exc).__name__}: {exc}") from exc
         self.conn = conn
         sink = self._sink if isinstance(self._sink, MqttSink) else None
         if self.routes and self._dispatcher is None:
@@ -90,24 +93,24 @@ class MqttConnector(Connector):
                     keepalive=cfg.keepalive,
                     session_expiry=cfg.session_expiry,
                     receive_maximum=cfg.receive_maximum,
-                    username=cfg.username,
-                    password=cfg.password,
+                    username=self.username,
+                    password=self.password,
                 )
             )
             try:
                 async with asyncio.timeout(cfg.connect_timeout):
                     connack = await conn.connack
             except (ConnectionError, TimeoutError) as exc:
-                raise ConnectorError(f"no CONNACK from {cfg.url}: {str(exc) or 'timed out'}") from exc
+                raise ConnectorError(f"no CONNACK from {self.address}: {str(exc) or 'timed out'}") from exc
             if connack.reason_code != ConnAckReasonCode.SUCCESS:
-                raise ConnectorError(f"{cfg.url} refused the connection: {connack.reason_code.name}")
+                raise ConnectorError(f"{self.address} refused the connection: {connack.reason_code.name}")
             resent = 0
             if sink is not None:
                 resent = sink.attach(conn, connack.receive_max, connack.max_packet_size)
             if dispatcher is not None:
                 await self._subscribe(conn)
             self.mark_connected(
-                url=cfg.url, client_id=self.client_id, session_present=connack.session_present, resent=resent
+                url=self.address, client_id=self.client_id, session_present=connack.session_present, resent=resent
             )
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch(conn), name=f"{self.name}:watch")
@@ -135,7 +138,7 @@ class MqttConnector(Connector):
             async with asyncio.timeout(self.config.connect_timeout):
                 suback = await fut
         except (ConnectionError, TimeoutError) as exc:
-            raise ConnectorError(f"no SUBACK from {self.config.url}: {str(exc) or 'timed out'}") from exc
+            raise ConnectorError(f"no SUBACK from {self.address}: {str(exc) or 'timed out'}") from exc
         finally:
             self.ids.free(pid)
         for (flt, _), code in zip(filters, suback.reason_codes, strict=False):  # type: ignore[attr-defined]

@@ -24,6 +24,7 @@ from gateway.connector import Connector, ConnectorContext
 from gateway.dispatch import Dispatcher
 from gateway.errors import ConnectorError
 from gateway.patterns import NATS
+from gateway.redact import redact_url
 from gateway.sink import Sink
 
 _ACK = b"+ACK"
@@ -92,7 +93,8 @@ class NatsConnector(Connector):
                 **options,
             )
         except (NatsError, OSError, TimeoutError) as exc:
-            raise ConnectorError(f"cannot connect to {', '.join(cfg.servers)}: {type(exc).__name__}: {exc}") from exc
+            servers = ", ".join(redact_url(u) for u in cfg.servers)
+            raise ConnectorError(f"cannot connect to {servers}: {type(exc).__name__}: {exc}") from exc
         self.nc = nc
         sink = self._sink if isinstance(self._sink, NatsSink) else None
         try:
@@ -111,7 +113,7 @@ class NatsConnector(Connector):
                 sources.append((route.name, source))
             await self._guard(nc.flush(timeout=max(1, int(cfg.connect_timeout))))  # subscriptions are live
             self.mark_connected(
-                server=str(nc.connected_url.geturl() if nc.connected_url else ""), max_payload=nc.max_payload
+                server=redact_url(nc.connected_url.geturl() if nc.connected_url else ""), max_payload=nc.max_payload
             )
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch(lost), name=f"{self.name}:watch")

@@ -28,6 +28,25 @@ _MSGSPEC_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML SafeLoader that refuses duplicate keys instead of keeping the last one."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def load_config(path: str | Path, *, environ: dict[str, str] | None = None) -> Config:
     """Load and fully validate ``path``; raise :class:`ConfigError` listing every problem."""
     p = Path(path)
@@ -46,7 +65,7 @@ def parse_config(
     base_dir: Path | None = None,
 ) -> Config:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -116,12 +135,46 @@ def _join(path: str, key: str) -> str:
 
 
 def _convert(obj: Any, typ: Any, path: str, issues: list[ConfigIssue]) -> Any:
-    """msgspec.convert with errors turned into key-path issues; returns None on failure."""
+    """Convert ``obj`` to ``typ``, adding one issue per problem found; returns None on failure.
+
+    Structs are checked key by key first, so one entry with several mistakes
+    reports all of them (msgspec alone stops at the first). Scalars are
+    converted leniently (``"100"`` → 100) because ``${ENV}`` values are strings.
+    """
+    if isinstance(typ, type) and issubclass(typ, msgspec.Struct):
+        if not isinstance(obj, dict):
+            issues.append(ConfigIssue(path, f"expected a mapping, got {_yaml_type(obj)}"))
+            return None
+        before = len(issues)
+        cfg = typ.__struct_config__
+        fields = {f.encode_name: f for f in msgspec.structs.fields(typ)}
+        for key, value in obj.items():
+            if key == cfg.tag_field:
+                continue
+            f = fields.get(key)
+            if f is None:
+                issues.append(ConfigIssue(_join(path, str(key)), f"unknown key{_suggest(str(key), typ)}"))
+                continue
+            try:
+                msgspec.convert(value, f.type, strict=False)
+            except msgspec.ValidationError as exc:
+                issues.append(_issue(str(exc), _join(path, str(key)), f.type))
+        for name, f in fields.items():
+            if f.required and name not in obj:
+                issues.append(ConfigIssue(_join(path, name), "required key is missing"))
+        if len(issues) > before:
+            return None
     try:
-        return msgspec.convert(obj, typ)
+        return msgspec.convert(obj, typ, strict=False)
     except msgspec.ValidationError as exc:
         issues.append(_issue(str(exc), path, typ))
         return None
+
+
+def _yaml_type(obj: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
+        type(obj), type(obj).__name__
+    )
 
 
 def _issue(message: str, path: str, typ: Any) -> ConfigIssue:
@@ -131,7 +184,7 @@ def _issue(message: str, path: str, typ: Any) -> ConfigIssue:
     full = (path + suffix).lstrip(".")
     if u := re.match(r"Object contains unknown field `(.+)`", msg):
         key = u.group(1)
-        hint = _suggest(key, typ, suffix)
+        hint = _suggest(key, typ) if not suffix else ""
         return ConfigIssue(_join(full, key), f"unknown key{hint}")
     if r := re.match(r"Object missing required field `(.+)`", msg):
         return ConfigIssue(_join(full, r.group(1)), "required key is missing")
@@ -139,8 +192,8 @@ def _issue(message: str, path: str, typ: Any) -> ConfigIssue:
     return ConfigIssue(full, msg[0].lower() + msg[1:] if msg else msg)
 
 
-def _suggest(key: str, typ: Any, suffix: str) -> str:
-    if suffix or not (isinstance(typ, type) and issubclass(typ, msgspec.Struct)):
+def _suggest(key: str, typ: Any) -> str:
+    if not (isinstance(typ, type) and issubclass(typ, msgspec.Struct)):
         return ""
     names = [f.encode_name for f in msgspec.structs.fields(typ)]
     close = difflib.get_close_matches(key, names, n=1)
@@ -154,6 +207,9 @@ def _connectors(raw: dict[str, dict[str, Any]], issues: list[ConfigIssue]) -> di
         path = f"connectors.{name}"
         if not _NAME.match(name):
             issues.append(ConfigIssue(path, "connector names use letters, digits, '_', '-' and '.'"))
+            continue
+        if not isinstance(body, dict):
+            issues.append(ConfigIssue(path, f"expected a mapping with a 'type', got {_yaml_type(body)}"))
             continue
         kind = body.get("type")
         if kind is None:
@@ -222,7 +278,10 @@ def _endpoint(
     if name is None:
         issues.append(ConfigIssue(f"{path}.connector", "required key is missing"))
         return None
-    entry = connectors.get(name) if isinstance(name, str) else None
+    if not isinstance(name, str):
+        issues.append(ConfigIssue(f"{path}.connector", f"expected a connector name, got {_yaml_type(name)}"))
+        return None
+    entry = connectors.get(name)
     if entry is None and name in broken:
         return None  # the connector's own errors were reported; nothing more to say here
     if entry is None:

@@ -55,8 +55,10 @@ class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
 class FileSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The top level of a config file."""
 
-    connectors: dict[str, dict[str, Any]]
-    routes: list[dict[str, Any]] = []
+    connectors: dict[str, Any]
+    """Connector name → its settings (checked per kind)."""
+    routes: list[Any] = []
+    """The routes (checked one by one)."""
     gateway: GatewaySection = msgspec.field(default_factory=GatewaySection)
 
 
