@@ -65,7 +65,8 @@ class NatsConnector(Connector):
                 self._last_slow_log = now
                 self.log.warning("connector.slow_consumer", subject=exc.subject, total=self.slow_consumer_events)
             return
-        self.log.warning("connector.client_error", error=f"{type(exc).__name__}: {exc}")
+        if self.connected.is_set():  # while connecting, connect_failed says it once per attempt
+            self.log.warning("connector.client_error", error=f"{type(exc).__name__}: {exc}")
 
     async def session(self) -> None:
         cfg = self.config
@@ -84,6 +85,9 @@ class NatsConnector(Connector):
                 servers=cfg.servers,
                 name=cfg.name or f"{self.context.gateway_id}-{self.name}",
                 allow_reconnect=False,
+                # One pass over the servers per attempt; the session loop does the backoff.
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.01,
                 connect_timeout=cfg.connect_timeout,
                 ping_interval=cfg.ping_interval,
                 max_outstanding_pings=cfg.max_outstanding_pings,
