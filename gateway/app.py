@@ -146,6 +146,7 @@ class Gateway:
         drained = True
         try:
             async with asyncio.timeout(budget):
+                await asyncio.gather(*(c.quiesce() for c in self.connectors.values()))
                 for route in self.routes.values():
                     await route.drained()
         except TimeoutError:

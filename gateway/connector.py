@@ -147,6 +147,12 @@ class Connector(ABC):
     def stop_intake(self) -> None:
         self.intake_stopped.set()
 
+    async def quiesce(self) -> None:  # noqa: B027 - optional hook
+        """After :meth:`stop_intake`: until the sources will dispatch nothing more.
+
+        Most sources stop at once; a pull consumer may have a request in flight.
+        """
+
     @abstractmethod
     def make_sink(self) -> Sink: ...
 
@@ -187,6 +193,15 @@ class Connector(ABC):
                     session.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await session
+            if (
+                session.done()
+                and not session.cancelled()
+                and session.exception() is None
+                and self.intake_stopped.is_set()
+            ):
+                # Its sources finished after intake stopped: not a lost connection; wait to be closed.
+                await self._closing.wait()
+                continue
             lost = None if session.cancelled() else session.exception()
             while isinstance(lost, BaseExceptionGroup):  # from a session's TaskGroup: report the cause
                 lost = lost.exceptions[0]

@@ -122,6 +122,7 @@ class KafkaConnector(Connector):
                     tg.create_task(self._watch(sink), name=f"{self.name}:watch")
                 for source in self._sources:
                     tg.create_task(self._guard(source.run(self.intake_stopped)), name=f"{self.name}:{source.group}")
+                    tg.create_task(self._guard(source.run_committer()), name=f"{self.name}:{source.group}:commit")
         finally:
             if sink is not None:
                 sink.producer = None
@@ -141,6 +142,11 @@ class KafkaConnector(Connector):
             await coro
         except KafkaError as exc:
             raise ConnectorError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def quiesce(self) -> None:
+        """Until every consumer's fetch loop ended (what it fetched last is dispatched)."""
+        for source in self._sources:
+            await source.stopped.wait()
 
     async def finish(self) -> None:
         for source in self._sources:

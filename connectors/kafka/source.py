@@ -95,6 +95,8 @@ class GroupSource:
         self.commit_interval = commit_interval
         self.trackers: dict[TopicPartition, PartitionTracker] = {}
         self.listener = _Listener(self)
+        self.stopped = asyncio.Event()
+        """Set when the fetch loop ended after intake stopped."""
 
     async def commit(self, partitions: list[TopicPartition] | None = None, *, final: bool = False) -> None:
         """Commit the settled prefix of ``partitions`` (all if None); ``final`` forgets them after."""
@@ -119,16 +121,23 @@ class GroupSource:
                 trackers.pop(tp).revoked = True
 
     async def run(self, intake_stopped: asyncio.Event) -> None:
+        try:
+            await self._fetch_loop(intake_stopped)
+        finally:
+            self.stopped.set()
+
+    async def _fetch_loop(self, intake_stopped: asyncio.Event) -> None:
         consumer = self.consumer
         dispatch = self.dispatcher.dispatch
         gate = self.dispatcher.gate
         trackers = self.trackers
-        next_commit = time.monotonic() + self.commit_interval
         while not intake_stopped.is_set():
             if not gate.is_open:
                 await self._paused()
                 continue
             n = max(1, min(self.fetch_max_records, self.dispatcher.room()))
+            # Records fetched while intake stops are still dispatched (at most the route's room), so
+            # that a graceful stop commits everything it read; shutdown waits for `stopped`.
             batches = await consumer.getmany(timeout_ms=200, max_records=n)
             now_ns = time.monotonic_ns()
             for tp, records in batches.items():
@@ -153,9 +162,12 @@ class GroupSource:
                             receipt,
                         )
                     )
-            if time.monotonic() >= next_commit:
-                await self.commit()
-                next_commit = time.monotonic() + self.commit_interval
+
+    async def run_committer(self) -> None:
+        """Commit the settled prefix every ``commit_interval`` until cancelled (also while paused or stopping)."""
+        while True:
+            await asyncio.sleep(self.commit_interval)
+            await self.commit()
 
     async def _paused(self) -> None:
         """A route is full: pause fetching, keep polling (group liveness), resume when it drains."""
@@ -168,6 +180,5 @@ class GroupSource:
                     async with asyncio.timeout(1.0):
                         await self.dispatcher.gate.wait_open()
                 await consumer.getmany(timeout_ms=0)
-                await self.commit()
         finally:
             consumer.resume(*[tp for tp in assigned if tp in consumer.assignment()])

@@ -13,7 +13,6 @@ session state (packet ids, windows, ack order) lives in ``sink`` and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Protocol, cast
@@ -177,15 +176,26 @@ class MqttConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    async def disconnect(self) -> None:
-        """Send queued acks and DISCONNECT, then close."""
+    async def disconnect(self, timeout: float = 5.0) -> None:
+        """Send queued acks and DISCONNECT, and let the broker close the connection.
+
+        Reading resumes first: closing a socket with unread input makes the kernel
+        send RST, and the broker would then drop the last PUBACKs still in its
+        receive buffer (their messages would be redelivered as duplicates).
+        """
         self._flush()
         self.write(DISCONNECT)
         self._disconnect_reason = "disconnected by the gateway"
-        if self.transport is not None:
-            self.transport.close()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.closed), 5)
+        if self.reading_paused and self.transport is not None and not self.closed.done():
+            self.reading_paused = False
+            self.transport.resume_reading()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.closed), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            if self.transport is not None:
+                self.transport.close()
 
     async def keepalive(self, interval: int) -> None:
         """Send PINGREQ every ``interval``/2 s; abort if the broker was silent 1.5 intervals (while reading)."""

@@ -151,6 +151,8 @@ class MqttConnector(Connector):
 
     async def _stop_reading_on_intake_stop(self, conn: MqttConnection) -> None:
         await self.intake_stopped.wait()
+        if self._subscriber is not None:
+            self._subscriber.stopped = True
         conn.pause_reading()
 
     async def finish(self) -> None:

@@ -59,13 +59,17 @@ class MqttReceipt(Receipt):
 class Subscriber:
     """Turns one connection's PUBLISH packets into dispatched envelopes."""
 
-    __slots__ = ("acks", "dispatch")
+    __slots__ = ("acks", "dispatch", "stopped")
 
     def __init__(self, conn: MqttConnection, dispatcher: Dispatcher) -> None:
         self.acks = InboundAcks(conn)
         self.dispatch = dispatcher.dispatch
+        self.stopped = False
+        """Shutting down: take nothing more (unacknowledged QoS 1/2 messages come back next session)."""
 
     def on_publish(self, p: PublishPacket) -> None:
+        if self.stopped:
+            return
         qos = int(p.qos)
         receipt = None
         if qos:

@@ -42,6 +42,7 @@ class NatsConnector(Connector):
         self._ack_wakeup = asyncio.Event()
         self._dispatchers: dict[str, Dispatcher] = {}
         self._last_slow_log = 0.0
+        self._pulls: list[JetStreamSource] = []
 
     def make_sink(self) -> Sink:
         return NatsSink(self.config)
@@ -105,15 +106,17 @@ class NatsConnector(Connector):
             if sink is not None:
                 await sink.attach(nc)
             sources: list[tuple[str, CoreSource | JetStreamSource]] = []
+            self._pulls = []
             for route in self.routes:
                 spec: NatsSource = route.spec
                 dispatcher = self._dispatcher(route.name)
                 source: CoreSource | JetStreamSource
                 if spec.stream is not None:
                     source = JetStreamSource(nc, route, dispatcher, self._ack, durable_name(route))
+                    self._pulls.append(source)
                 else:
                     source = CoreSource(nc, cfg, route, dispatcher)
-                await self._guard(source.start())
+                await self._guard(source.start(self.intake_stopped))
                 sources.append((route.name, source))
             await self._guard(nc.flush(timeout=max(1, int(cfg.connect_timeout))))  # subscriptions are live
             self.mark_connected(
@@ -165,6 +168,11 @@ class NatsConnector(Connector):
             except BaseException:
                 self._acks[:0] = acks[i:]  # keep them for the next connection
                 raise
+
+    async def quiesce(self) -> None:
+        """Until the JetStream sources' last pulls ended (their late deliveries NAKed)."""
+        for pull in self._pulls:
+            await pull.stopped.wait()
 
     async def finish(self) -> None:
         nc = self.nc

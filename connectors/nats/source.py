@@ -11,8 +11,10 @@ message once its targets confirmed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import msgspec
 import nats.js.api
@@ -25,7 +27,6 @@ from gateway.dispatch import Dispatcher, Route
 from gateway.envelope import Envelope, Receipt
 from gateway.errors import ConnectorError
 
-_ACK = b"+ACK"
 _STATUS = "Status"
 
 
@@ -44,12 +45,14 @@ class CoreSource:
         self.dispatcher = dispatcher
         self.spec: NatsSource = route.spec
 
-    async def start(self) -> None:
+    async def start(self, intake_stopped: asyncio.Event) -> None:
         """Subscribe (before the connector reports itself ready)."""
         dispatch = self.dispatcher.dispatch
         gate = self.dispatcher.gate
 
         async def on_msg(msg: Msg) -> None:
+            if intake_stopped.is_set():
+                return  # shutting down: at-most-once, nothing to give back
             dispatch(
                 Envelope(msg.subject, msg.data, headers_of(msg), None, 0, msg.reply or None, None, time.monotonic_ns())
             )
@@ -88,6 +91,11 @@ class JetStreamReceipt(Receipt):
         return f"{parts[2]}:{parts[5]}" if len(parts) >= 9 else self.reply
 
 
+PULL_EXPIRES = 1.0
+"""Seconds a pull request waits on an idle stream. Short, because at shutdown the gateway waits for the
+last pull to end (and takes what it still delivers)."""
+
+
 class JetStreamSource:
     """A durable pull consumer feeding one route; the route's budget is its pull credit."""
 
@@ -107,6 +115,8 @@ class JetStreamSource:
         self.durable = durable
         self._outstanding = 0
         self._request_done = asyncio.Event()
+        self.stopped = asyncio.Event()
+        """Set once the last pull ended after intake stopped (shutdown waits for it)."""
 
     async def ensure_consumer(self) -> None:
         """Create the durable consumer if it does not exist (an existing one is used as configured)."""
@@ -133,7 +143,7 @@ class JetStreamSource:
         except nats.js.errors.Error as exc:
             raise ConnectorError(f"cannot create JetStream consumer {self.spec.stream}/{self.durable}: {exc}") from exc
 
-    async def start(self) -> None:
+    async def start(self, intake_stopped: asyncio.Event) -> None:
         """Make sure the durable consumer exists (before the connector reports itself ready)."""
         await self.ensure_consumer()
 
@@ -149,6 +159,8 @@ class JetStreamSource:
                 self._outstanding = 0
                 done.set()
                 return
+            # Even after intake stopped: the pull in flight is finished and its messages delivered,
+            # so that a graceful stop leaves nothing delivered-but-unacknowledged on the server.
             dispatch(
                 Envelope(
                     msg.subject,
@@ -169,25 +181,36 @@ class JetStreamSource:
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=self.spec.batch * 4 + 16)
         request_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.spec.stream}.{self.durable}"
-        expires = 5.0
+        expires = PULL_EXPIRES
         gate = self.dispatcher.gate
         try:
             while not intake_stopped.is_set():
-                await gate.wait_open()
+                if not gate.is_open:
+                    await _first(gate.wait_open(), intake_stopped.wait())
+                    continue
                 # An open gate means the route is below its budget: ask for at most what it can take.
                 n = max(1, min(self.spec.batch, self.dispatcher.room()))
                 self._outstanding = n
                 done.clear()
                 body = msgspec.json.encode({"batch": n, "expires": int(expires * 1e9)})
                 await self.nc.publish(request_subject, body, reply=inbox)
-                try:
+                # Wait for this pull to end even when intake stops meanwhile (see on_msg).
+                with contextlib.suppress(TimeoutError):  # no status came back (lost): ask again
                     async with asyncio.timeout(expires + 2.0):
                         await done.wait()
-                except TimeoutError:
-                    # No status came back (lost on the wire): ask again.
-                    continue
         finally:
+            self.stopped.set()
             await sub.unsubscribe()
+
+
+async def _first(*aws: Coroutine[Any, Any, Any]) -> None:
+    """Until the first of ``aws`` completes; the others are cancelled."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def durable_name(route: Route) -> str:
