@@ -2,41 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-
-import pytest
-
 from connectors.memory.broker import MemoryBroker, Record
-from gateway.app import Gateway
-from gateway.config.loader import parse_config
 from gateway.errors import SinkError, TemplateError
-from tests.unit.harness import dispatcher_for, envelope, memory_config, turns, until
-
-StartGateway = Callable[[str], Awaitable[Gateway]]
-
-
-@pytest.fixture(autouse=True)
-def brokers() -> None:
-    MemoryBroker.reset()
-
-
-@pytest.fixture
-async def start_gateway() -> AsyncIterator[StartGateway]:
-    started: list[Gateway] = []
-
-    async def start(routes: str) -> Gateway:
-        gw = Gateway(parse_config(memory_config(routes), environ={}))
-        started.append(gw)
-        await gw.start()
-        await gw.wait_ready(timeout=5)
-        return gw
-
-    yield start
-    for name in ("A", "B", "C"):
-        MemoryBroker.named(name).release()
-    for gw in started:
-        await gw.stop(timeout=5)
-
+from tests.unit.conftest import StartGateway
+from tests.unit.harness import dispatcher_for, envelope, turns, until
 
 TELEMETRY = """\
   - name: telemetry

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -12,32 +12,8 @@ from gateway.app import Gateway, GatewayState
 from gateway.config.loader import parse_config
 from gateway.dispatch import Route
 from gateway.flow import FlowGate
+from tests.unit.conftest import StartGateway
 from tests.unit.harness import dispatcher_for, envelope, memory_config, turns, until
-
-StartGateway = Callable[[str], Awaitable[Gateway]]
-
-
-@pytest.fixture(autouse=True)
-def brokers() -> None:
-    MemoryBroker.reset()
-
-
-@pytest.fixture
-async def start_gateway() -> AsyncIterator[StartGateway]:
-    started: list[Gateway] = []
-
-    async def start(routes: str) -> Gateway:
-        gw = Gateway(parse_config(memory_config(routes), environ={}))
-        started.append(gw)
-        await gw.start()
-        await gw.wait_ready(timeout=5)
-        return gw
-
-    yield start
-    for name in ("A", "B", "C"):
-        MemoryBroker.named(name).release()
-    for gw in started:
-        await gw.stop(timeout=5)
 
 
 def budget_route(max_in_flight: int = 10, max_in_flight_bytes: int = 16 * 1024 * 1024) -> str:
