@@ -47,7 +47,7 @@ class TopicSyntax:
     matches ``a``; NATS's ``a.>`` does not.
     """
 
-    __slots__ = ("dollar_protected", "multi", "multi_matches_parent", "name", "separator", "single")
+    __slots__ = ("dollar_protected", "identity", "multi", "multi_matches_parent", "name", "separator", "single")
 
     def __init__(
         self,
@@ -65,6 +65,8 @@ class TopicSyntax:
         self.multi = multi
         self.multi_matches_parent = multi_matches_parent
         self.dollar_protected = dollar_protected
+        self.identity = type(self).to_neutral is TopicSyntax.to_neutral
+        """Segments are already neutral (no conversion needed when splitting a topic)."""
 
     def __repr__(self) -> str:
         return f"TopicSyntax({self.name!r})"

@@ -9,6 +9,7 @@ Callers cache results per topic (see :mod:`gateway.dispatch`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Generic, TypeVar
 
 from gateway.patterns import SegmentKind, SourcePattern, TopicSyntax
@@ -62,8 +63,8 @@ class Router(Generic[T]):
     def match(self, topic: str) -> list[tuple[T, Match]]:
         """Every (value, match) for ``topic``, in the order the values were first added."""
         syn = self.syntax
-        raw = syn.split(topic)
-        levels = tuple(syn.to_neutral(s) for s in raw)
+        raw = topic.split(syn.separator)
+        levels: Sequence[str] = raw if syn.identity else [syn.to_neutral(s) for s in raw]
         found: list[tuple[int, T, SourcePattern]] = []
         depth_max = len(levels)
         protected = syn.dollar_protected and topic.startswith("$")
@@ -87,6 +88,9 @@ class Router(Generic[T]):
         if len(found) > 1:
             found.sort(key=lambda e: e[0])
         result: list[tuple[T, Match]] = []
+        if not found:
+            return result
+        segments = tuple(levels)
         seen: set[int] = set()
         for _, value, pattern in found:
             if len(found) > 1:
@@ -95,7 +99,7 @@ class Router(Generic[T]):
                 if id(value) in seen:
                     continue
                 seen.add(id(value))
-            result.append((value, _match(topic, levels, pattern)))
+            result.append((value, _match(topic, segments, pattern)))
         return result
 
 

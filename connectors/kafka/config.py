@@ -39,6 +39,8 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """How long a request to a broker may take before it is retried or fails."""
     fetch_max_records: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 2_000
     """Consumer: records per fetch."""
+    fetch_max_wait_ms: Annotated[int, msgspec.Meta(ge=0)] = 10
+    """Consumer: how long the broker may hold a fetch that found nothing (latency at low rates)."""
     commit_interval_ms: Millis = 200
     """Consumer: how often acknowledged offsets are committed (also on rebalance and stop)."""
 

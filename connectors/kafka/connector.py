@@ -61,6 +61,7 @@ class KafkaConnector(Connector):
             heartbeat_interval_ms=min(cfg.heartbeat_interval_ms, session_timeout // 3),
             request_timeout_ms=cfg.request_timeout_ms,
             max_poll_records=cfg.fetch_max_records,
+            fetch_max_wait_ms=cfg.fetch_max_wait_ms,
         )
 
     @staticmethod

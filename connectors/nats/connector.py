@@ -127,6 +127,7 @@ class NatsConnector(Connector):
                 tg.create_task(self._acker(nc), name=f"{self.name}:acker")
                 if sink is not None:
                     tg.create_task(sink.run_writer(), name=f"{self.name}:writer")
+                    tg.create_task(sink.run_confirmer(), name=f"{self.name}:confirmer")
                     tg.create_task(self._expire(sink), name=f"{self.name}:expire")
                 for name, source in sources:
                     tg.create_task(self._guard(source.run(self.intake_stopped)), name=f"{self.name}:{name}")

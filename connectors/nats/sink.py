@@ -1,15 +1,22 @@
-"""The NATS sink: core publishes confirmed by one flush per batch; JetStream publishes pipelined.
+"""The NATS sink: core publishes confirmed by a flush per batch; JetStream publishes pipelined.
+
+Core publishes of a batch are written, then a PING goes out behind them; the
+server's PONG proves it processed every PUB before it, so it confirms the
+whole batch. Up to ``_MAX_UNCONFIRMED`` batches wait for their PONG while the
+next ones are written (the flush round trip is not on the critical path); a
+confirmer completes them in order.
 
 JetStream publishes carry a reply subject under one private inbox per
 connection; the PubAcks complete their flights as they arrive (no task or
-future per message). ``Nats-Msg-Id`` is set from the source position when
-the source has one, so a resend after a lost connection is deduplicated by
-the stream.
+future per message). ``Nats-Msg-Id`` is set from the source position when the
+source has one, so a resend after a lost connection is deduplicated by the stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import deque
 
 import msgspec
 from nats.aio.client import Client
@@ -19,6 +26,9 @@ from nats.errors import Error as NatsError
 from connectors.nats.config import NatsConfig, NatsTarget
 from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
 from gateway.sink import Item, Sink
+
+_MAX_UNCONFIRMED = 4
+"""Batches of core publishes written but not yet confirmed by a PONG."""
 
 
 class _ApiError(msgspec.Struct):
@@ -46,6 +56,9 @@ class NatsSink(Sink):
         self._next = 0
         self._pending: dict[str, tuple[Item, float]] = {}
         """JetStream publishes awaiting their PubAck, by reply token, in send order."""
+        self._unconfirmed: deque[tuple[asyncio.Task[None], list[Item]]] = deque()
+        """Core batches written, each with the flush that confirms it, oldest first."""
+        self._confirmed = asyncio.Event()
 
     async def attach(self, nc: Client) -> None:
         """Start publishing on a new connection."""
@@ -54,12 +67,22 @@ class NatsSink(Sink):
         self.nc = nc
 
     def detach(self) -> None:
-        """The connection is gone: what awaited a PubAck is sent again on the next one."""
+        """The connection is gone: what was not confirmed is sent again on the next one, in order."""
         self.nc = None
-        if self._pending:
-            items = [item for item, _ in self._pending.values()]
-            self._pending.clear()
+        items: list[Item] = []
+        while self._unconfirmed:
+            flush, batch = self._unconfirmed.popleft()
+            if flush.done():
+                if not flush.cancelled():
+                    flush.exception()  # retrieved: the session already reported the failure
+            else:
+                flush.cancel()
+            items.extend(batch)
+        items.extend(item for item, _ in self._pending.values())
+        self._pending.clear()
+        if items:
             self.requeue(items)
+        self._confirmed.set()
 
     def expire(self) -> int:
         """Requeue JetStream publishes whose PubAck is overdue; returns how many."""
@@ -95,25 +118,51 @@ class NatsSink(Sink):
         else:
             flight.done()
 
+    async def run_confirmer(self) -> None:
+        """Complete core batches as their PONGs arrive, in order. Owned by the session."""
+        unconfirmed = self._unconfirmed
+        while True:
+            if not unconfirmed:
+                self._confirmed.clear()
+                await self._confirmed.wait()
+                continue
+            flush, batch = unconfirmed[0]
+            try:
+                await asyncio.shield(flush)
+            except (NatsError, OSError, TimeoutError) as exc:
+                raise ConnectorError(f"NATS flush failed: {type(exc).__name__}: {exc}") from exc
+            if unconfirmed and unconfirmed[0][0] is flush:
+                unconfirmed.popleft()
+                for flight, _ in batch:
+                    flight.done()
+                self._confirmed.set()
+
     async def write_batch(self, batch: list[Item]) -> None:
         nc = self.nc
         if nc is None:
             self.requeue(batch)
             raise ConnectorError("not connected")
+        while len(self._unconfirmed) >= _MAX_UNCONFIRMED:
+            self._confirmed.clear()
+            await self._confirmed.wait()
+            if self.nc is not nc:
+                self.requeue(batch)
+                raise ConnectorError("connection lost")
         max_payload = nc.max_payload
+        publish = nc.publish
         core: list[Item] = []
         sent = 0
         try:
             for item in batch:
                 flight, d = item
                 env = flight.env
-                spec: NatsTarget = d.target.spec
                 size = len(env.payload)
                 if size > max_payload:
                     sent += 1
                     flight.done(PayloadTooLarge(size, max_payload, "NATS server max_payload"))
                     continue
                 headers = dict(env.headers) if env.headers else None
+                spec: NatsTarget = d.target.spec
                 if spec.jetstream:
                     receipt = env.receipt
                     if receipt is not None and (pos := receipt.position()):
@@ -123,18 +172,18 @@ class NatsSink(Sink):
                     self._next += 1
                     self._pending[token] = (item, time.monotonic())
                     sent += 1
-                    await nc.publish(d.address, env.payload, reply=self._prefix + token, headers=headers)
+                    await publish(d.address, env.payload, reply=self._prefix + token, headers=headers)
                 else:
-                    await nc.publish(d.address, env.payload, headers=headers)
+                    await publish(d.address, env.payload, headers=headers)
                     sent += 1
                     core.append(item)
-            if core:
-                await nc.flush(self.config.flush_timeout)  # type: ignore[arg-type]  # nats-py annotates int
         except BaseException as exc:
             # Nothing of `core` is confirmed; the rest was never sent. Pending JetStream ones go on detach.
             self.requeue(core + batch[sent:])
             if isinstance(exc, NatsError | OSError | TimeoutError):
                 raise ConnectorError(f"NATS publish failed: {type(exc).__name__}: {exc}") from exc
             raise
-        for flight, _ in core:
-            flight.done()
+        if core:
+            flush = asyncio.ensure_future(nc.flush(self.config.flush_timeout))  # type: ignore[arg-type]
+            self._unconfirmed.append((flush, core))
+            self._confirmed.set()
