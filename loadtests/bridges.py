@@ -1,0 +1,257 @@
+"""The bridges under test, as processes: our gateway and the peer (mq-bridge), with RSS/CPU sampling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_PYTHON = ROOT / "loadtests" / ".venv-peer" / "bin" / "python"
+PEER_RUNNER = ROOT / "loadtests" / "peer" / "run_mqbridge.py"
+
+
+@dataclass
+class Endpoints:
+    """Where the brokers are, and the names one measurement uses."""
+
+    mqtt_port: int
+    nats_url: str
+    kafka: str
+    u: str
+
+    @property
+    def mqtt_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.mqtt_port}"
+
+    # source and sink names
+    @property
+    def mqtt_src(self) -> str:
+        return f"lt/src/{self.u}"
+
+    @property
+    def mqtt_dst(self) -> str:
+        return f"lt/dst/{self.u}"
+
+    @property
+    def nats_src(self) -> str:
+        return f"lt.src.{self.u}"
+
+    @property
+    def nats_dst(self) -> str:
+        return f"lt.dst.{self.u}"
+
+    @property
+    def js_stream(self) -> str:
+        return f"LTSRC{self.u}"
+
+    @property
+    def js_subject(self) -> str:
+        return f"lt.js.{self.u}"
+
+    @property
+    def kafka_src(self) -> str:
+        return f"lt-src-{self.u}"
+
+    @property
+    def kafka_dst(self) -> str:
+        return f"lt-dst-{self.u}"
+
+    @property
+    def client_id(self) -> str:
+        return f"lt-bridge-{self.u}"
+
+
+class Sampler:
+    """Peak RSS and CPU seconds of a process, sampled every 100 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak_rss = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def rss(self) -> int:
+        try:
+            return int(self.proc.memory_info().rss)
+        except psutil.Error:
+            return 0
+
+    def cpu(self) -> float:
+        try:
+            t = self.proc.cpu_times()
+            return float(t.user + t.system)
+        except psutil.Error:
+            return 0.0
+
+    def start(self) -> None:
+        async def loop() -> None:
+            while True:
+                self.peak_rss = max(self.peak_rss, self.rss())
+                await asyncio.sleep(0.1)
+
+        self._task = asyncio.create_task(loop())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+class BridgeProcess:
+    """A running bridge: ``kind`` is "gateway" or "peer"."""
+
+    def __init__(self, kind: str, argv: list[str], workdir: Path, *, ready_events: int = 0) -> None:
+        self.kind = kind
+        self.argv = argv
+        self.workdir = workdir
+        self.ready_events = ready_events
+        self.log_path = workdir / f"{kind}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sampler: Sampler | None = None
+
+    async def start(self, timeout: float = 60) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        out = subprocess.PIPE if self.kind == "peer" else log
+        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=log, cwd=ROOT)
+        log.close()
+        self.sampler = Sampler(self.proc.pid)
+        self.sampler.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}: {self.tail()}")
+            if await self._is_ready():
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{self.kind} not ready after {timeout} s: {self.tail()}")
+
+    async def _is_ready(self) -> bool:
+        if self.kind == "peer":
+            assert self.proc is not None and self.proc.stdout is not None
+            line = await asyncio.to_thread(self.proc.stdout.readline)
+            return bool(line) and json.loads(line).get("ready") is True
+        connected = 0
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"connector.connected"' in line:
+                connected += 1
+        return connected >= self.ready_events
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    async def stop(self, timeout: float = 20) -> int:
+        if self.sampler is not None:
+            self.sampler.stop()
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return proc.returncode if proc is not None else 0
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return await asyncio.to_thread(proc.wait)
+
+
+def gateway_process(route: str, ep: Endpoints, workdir: Path) -> BridgeProcess:
+    """Our gateway running one route of the harness, from a generated config file."""
+    config, connectors = gateway_config(route, ep)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "gateway.yaml"
+    path.write_text(config)
+    argv = [sys.executable, "-m", "gateway", "run", "-c", str(path), "--log-format", "json"]
+    return BridgeProcess("gateway", argv, workdir, ready_events=connectors)
+
+
+def peer_process(route: str, ep: Endpoints, workdir: Path) -> BridgeProcess:
+    src, dst, dst2 = peer_names(route, ep)
+    argv = [
+        str(PEER_PYTHON),
+        str(PEER_RUNNER),
+        "--route",
+        route,
+        "--mqtt-url",
+        ep.mqtt_url,
+        "--nats-url",
+        ep.nats_url,
+        "--kafka",
+        ep.kafka,
+        "--src",
+        src,
+        "--dst",
+        dst,
+        "--client-id",
+        ep.client_id,
+    ]
+    if dst2:
+        argv += ["--dst2", dst2]
+    return BridgeProcess("peer", argv, workdir)
+
+
+def peer_available() -> bool:
+    return PEER_PYTHON.exists() and PEER_RUNNER.exists() and os.access(PEER_PYTHON, os.X_OK)
+
+
+def peer_names(route: str, ep: Endpoints) -> tuple[str, str, str]:
+    source, _, sink = route.partition("_to_")
+    src = {
+        "kafka": ep.kafka_src,
+        "jetstream": ep.js_stream,
+        "corenats": ep.nats_src,
+        "mqtt": ep.mqtt_src,
+        "fanout": ep.mqtt_src,
+    }[source if route != "fanout_mqtt" else "fanout"]
+    if route == "fanout_mqtt":
+        return src, ep.kafka_dst, ep.nats_dst
+    dst = {"kafka": ep.kafka_dst, "nats": ep.nats_dst, "mqtt": ep.mqtt_dst}[sink]
+    return src, dst, ""
+
+
+def gateway_config(route: str, ep: Endpoints) -> tuple[str, int]:
+    """YAML for one harness route, and how many connectors it uses."""
+    connectors: dict[str, dict[str, Any]] = {
+        "mqtt": {
+            "type": "mqtt",
+            "url": ep.mqtt_url,
+            "client_id": ep.client_id,
+            "receive_maximum": 4096,
+            "max_inflight": 4096,
+        },
+        "nats": {"type": "nats", "servers": [ep.nats_url]},
+        "kafka": {"type": "kafka", "bootstrap_servers": [ep.kafka], "idempotent": False, "session_timeout_ms": 6000},
+    }
+    sources = {
+        "kafka": {"connector": "kafka", "topic": ep.kafka_src, "group": f"lt-{ep.u}"},
+        "jetstream": {"connector": "nats", "stream": ep.js_stream, "subject": ep.js_subject, "durable": f"lt{ep.u}"},
+        "corenats": {"connector": "nats", "subject": ep.nats_src},
+        "mqtt": {"connector": "mqtt", "topic": ep.mqtt_src, "qos": 1},
+    }
+    sinks = {
+        "kafka": {"connector": "kafka", "topic": ep.kafka_dst},
+        "nats": {"connector": "nats", "subject": ep.nats_dst},
+        "mqtt": {"connector": "mqtt", "topic": ep.mqtt_dst, "qos": 1},
+    }
+    if route == "fanout_mqtt":
+        frm, to = sources["mqtt"], [sinks["kafka"], sinks["nats"]]
+    else:
+        source, _, sink = route.partition("_to_")
+        frm, to = sources[source], [sinks[sink]]
+    used = {frm["connector"], *(t["connector"] for t in to)}
+    doc = {
+        "gateway": {"id": f"lt-{ep.u}", "shutdown_timeout": 10},
+        "connectors": {k: v for k, v in connectors.items() if k in used},
+        "routes": [{"name": route, "from": frm, "to": to}],
+    }
+    return json.dumps(doc, indent=1), len(used)

@@ -1,0 +1,227 @@
+"""RESULTS.md and throughput.png from the harness's JSON lines."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from loadtests.scenarios import BY_NAME, ROUTES
+
+REQUIRED: dict[str, tuple[str, float]] = {
+    # route: (what is required, threshold): msgs/s, or for core NATS sources the offered rate without loss
+    "kafka_to_nats": ("≥ 100 000 msgs/s", 100_000),
+    "jetstream_to_kafka": ("≥ 32 000 msgs/s", 32_000),
+    "corenats_to_kafka": ("no loss at 20 000 msgs/s offered", 0),
+    "mqtt_to_kafka": ("≥ 45 000 msgs/s", 45_000),
+    "mqtt_to_nats": ("≥ 60 000 msgs/s", 60_000),
+    "kafka_to_mqtt": ("≥ 12 000 msgs/s", 12_000),
+    "corenats_to_mqtt": ("no loss at 10 000 msgs/s offered", 0),
+    "fanout_mqtt": ("—", 0),
+}
+SINK_OF = {r.name: r.sinks[0] if len(r.sinks) == 1 else "kafka" for r in ROUTES}
+
+
+def _runs(rows: list[dict[str, Any]], kind: str, route: str, size: int = 128) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in rows
+        if r["test"] == "throughput"
+        and r.get("kind") == kind
+        and r["route"] == route
+        and r.get("size") == size
+        and "error" not in r
+    ]
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(vals) if vals else 0.0
+
+
+def _direct(rows: list[dict[str, Any]], sink: str) -> float:
+    vals = [r["end_to_end_msgs_s"] for r in rows if r["test"] == "direct" and r["sink"] == sink]
+    return vals[0] if vals else 0.0
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}".replace(",", " ") if x else "—"
+
+
+def _verdict(route: str, gw: list[dict[str, Any]]) -> str:
+    threshold = REQUIRED[route][1]
+    if not gw:
+        return "not measured"
+    if BY_NAME[route].offered is not None:
+        lost = max(r["lost"] for r in gw)
+        return "met (0 lost)" if lost == 0 else f"**not met** ({lost} lost)"
+    if not threshold:
+        return ""
+    value = _median(gw, "steady_msgs_s")
+    return "met" if value >= threshold else "**not met**"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "| route | required | gateway msgs/s (median) | peer msgs/s | sink broker limit | gateway/peer | "
+        "gateway/limit | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for route in ROUTES:
+        gw, peer = _runs(rows, "gateway", route.name), _runs(rows, "peer", route.name)
+        if not gw and not peer:
+            continue
+        g, pe, lim = _median(gw, "steady_msgs_s"), _median(peer, "steady_msgs_s"), _direct(rows, SINK_OF[route.name])
+        if route.offered is not None:
+            g_txt = f"{_fmt(g)} ({max((r['lost'] for r in gw), default=0)} lost of {gw[0]['n'] if gw else 0})"
+            p_txt = f"{_fmt(pe)} ({max((r['lost'] for r in peer), default=0)} lost)" if peer else "—"
+        else:
+            g_txt, p_txt = _fmt(g), _fmt(pe)
+        out.append(
+            f"| {route.label} | {REQUIRED[route.name][0]} | {g_txt} | {p_txt} | {_fmt(lim)} | "
+            f"{g / pe:.2f}× | {g / lim:.2f}× | {_verdict(route.name, gw)} |"
+            if pe and lim
+            else f"| {route.label} | {REQUIRED[route.name][0]} | {g_txt} | {p_txt} | {_fmt(lim)} | — | "
+            f"{(g / lim) if lim else 0:.2f}× | {_verdict(route.name, gw)} |"
+        )
+    return "\n".join(out)
+
+
+def _details(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "| route | bridge | 128 B runs (msgs/s) | 4 KiB msgs/s | lost | dup | idle RSS MB | peak RSS MB | "
+        "CPU s / 100k |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for route in ROUTES:
+        for kind in ("gateway", "peer"):
+            small, large = _runs(rows, kind, route.name), _runs(rows, kind, route.name, 4096)
+            errors = [
+                r
+                for r in rows
+                if r["test"] == "throughput" and r.get("kind") == kind and r["route"] == route.name and "error" in r
+            ]
+            if not small and not large and not errors:
+                continue
+            runs = ", ".join(_fmt(r["steady_msgs_s"]) for r in small) or "—"
+            if errors:
+                runs += f" ({len(errors)} failed: {errors[0]['error'][:60]})"
+            allr = small + large
+            out.append(
+                f"| {route.label} | {kind} | {runs} | {_fmt(_median(large, 'steady_msgs_s'))} | "
+                f"{max((r['lost'] for r in allr), default=0)} | {max((r['duplicates'] for r in allr), default=0)} | "
+                f"{_median(small, 'idle_rss_mb')} | {max((r['peak_rss_mb'] for r in allr), default=0)} | "
+                f"{_median(small, 'cpu_s_per_100k')} |"
+            )
+    return "\n".join(out)
+
+
+def _latency(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "| route | bridge | offered msgs/s | p50 / p99 / max ms | no bridge p50 / p99 ms | added p50 / p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["test"] != "latency":
+            continue
+        label = BY_NAME[r["route"]].label
+        if "error" in r:
+            out.append(f"| {label} | {r['kind']} | {r['rate']:,.0f} | error: {r['error'][:60]} | | |")
+            continue
+        d = r["direct"]
+        out.append(
+            f"| {label} | {r['kind']} | {r['rate']:,.0f} | {r['p50_ms']} / {r['p99_ms']} / {r['max_ms']} | "
+            f"{d['p50_ms']} / {d['p99_ms']} | {r['added_p50_ms']} / {r['added_p99_ms']} |"
+        )
+    return "\n".join(out)
+
+
+def _router(rows: list[dict[str, Any]]) -> str:
+    rr = [r for r in rows if r["test"] == "router"]
+    if not rr:
+        return ""
+    base = rr[0]["us_per_trie_lookup"]
+    out = [
+        "| rules | trie lookups/s (same topics) | µs per lookup | vs 10 rules | "
+        "trie lookups/s (topics over all rules) | cached plan lookups/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rr:
+        out.append(
+            f"| {r['rules']:,} | {_fmt(r['trie_lookups_s'])} | {r['us_per_trie_lookup']} | "
+            f"{r['us_per_trie_lookup'] / base:.2f}× | {_fmt(r['trie_lookups_s_spread'])} | "
+            f"{_fmt(r['cached_lookups_s'])} |"
+        )
+    return "\n".join(out)
+
+
+def chart(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    routes = [r for r in ROUTES if _runs(rows, "gateway", r.name)]
+    labels = [r.label for r in routes]
+    gw = [_median(_runs(rows, "gateway", r.name), "steady_msgs_s") for r in routes]
+    peer = [_median(_runs(rows, "peer", r.name), "steady_msgs_s") for r in routes]
+    lim = [_direct(rows, SINK_OF[r.name]) for r in routes]
+    x = range(len(routes))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
+    w = 0.27
+    ax.bar([i - w for i in x], gw, w, label="gateway", color="#2a7ab9")
+    ax.bar(list(x), peer, w, label="mq-bridge 1.2 (peer)", color="#e08a2c")
+    ax.bar([i + w for i in x], lim, w, label="sink broker limit (no bridge)", color="#9aa5b1")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=9)
+    ax.set_ylabel("messages/s (128-byte payloads, median)")
+    ax.set_title("Steady throughput per route (core NATS sources: at their fixed offered rate)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
+    chart(rows, out / "throughput.png")
+    text = f"""# Load-test results
+
+Generated by `loadtests/run.py` (do not edit by hand; rerun it).
+
+- **Date**: {meta["date"]}
+- **Machine**: {meta["machine"]}
+- **Command**: `.venv/bin/{meta["command"]}` ({meta["minutes"]} min)
+- **Brokers**: Mosquitto 2.0.11, nats-server 2.15 (JetStream), Tansu 0.6 (Kafka protocol, memory storage),
+  all on loopback, started by the harness. Raw lines: [`results.jsonl`](results.jsonl).
+
+Throughput is the steady rate (10th to 90th percentile arrival) at the sink, 128-byte payloads,
+median of the runs; durable sources were preloaded before the bridge started; core NATS sources
+were offered at a fixed rate. The *sink broker limit* is the harness's own clients publishing
+straight into the sink broker and counting at the same consumer, in the same run. Both bridges ran
+as separate processes beside the brokers and the harness on the same 2 cores.
+
+## Summary
+
+{table(rows)}
+
+![throughput per route](throughput.png)
+
+## Throughput details
+
+{_details(rows)}
+
+## Latency (128-byte payloads, offered rate, bridge vs. no bridge)
+
+"No bridge" is the same clients publishing straight to the sink broker; "added" is the difference.
+The first 10 % of each series is dropped as warm-up.
+
+{_latency(rows)}
+
+## Router micro-benchmark
+
+{_router(rows)}
+"""
+    (out / "RESULTS.md").write_text(text)
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -1,0 +1,355 @@
+"""One measurement of one route: prepare the brokers, run a bridge, count what arrives.
+
+``throughput`` preloads durable sources (Kafka topic, JetStream stream, a
+queued persistent MQTT session) before the bridge starts, so the load
+generator does not share the CPU during the measurement; core NATS sources are
+offered at a fixed rate instead and report loss. ``latency`` offers a fixed
+rate through the bridge, then the same rate straight into the sink broker
+(no bridge): the difference is what the bridge adds. ``direct`` is the sink
+broker's own limit with the same clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import statistics
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loadtests.bridges import BridgeProcess, Endpoints, gateway_process, peer_process
+from loadtests.drivers import (
+    Counter,
+    KafkaCount,
+    Mqtt,
+    Nats,
+    kafka_create,
+    kafka_produce,
+    mqtt_session,
+    wait_count,
+    wait_until,
+)
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    label: str
+    source: str
+    sinks: tuple[str, ...]
+    offered: float | None = None
+    """Core NATS sources: the fixed offered rate of the throughput measurement (msgs/s)."""
+
+
+ROUTES = [
+    Route("kafka_to_nats", "Kafka → NATS", "kafka", ("nats",)),
+    Route("jetstream_to_kafka", "JetStream → Kafka", "jetstream", ("kafka",)),
+    Route("corenats_to_kafka", "core NATS → Kafka", "corenats", ("kafka",), offered=20_000),
+    Route("mqtt_to_kafka", "MQTT QoS 1 → Kafka", "mqtt", ("kafka",)),
+    Route("mqtt_to_nats", "MQTT QoS 1 → NATS", "mqtt", ("nats",)),
+    Route("kafka_to_mqtt", "Kafka → MQTT QoS 1", "kafka", ("mqtt",)),
+    Route("corenats_to_mqtt", "core NATS → MQTT QoS 1", "corenats", ("mqtt",), offered=10_000),
+    Route("fanout_mqtt", "MQTT QoS 1 → Kafka + NATS", "mqtt", ("kafka", "nats")),
+]
+BY_NAME = {r.name: r for r in ROUTES}
+
+Progress = Callable[[str], None]
+
+
+class Brokers:
+    """Broker addresses for the whole run."""
+
+    def __init__(self, mqtt_port: int, nats_url: str, kafka: str, workdir: Path) -> None:
+        self.mqtt_port, self.nats_url, self.kafka, self.workdir = mqtt_port, nats_url, kafka, workdir
+
+    def endpoints(self) -> Endpoints:
+        return Endpoints(self.mqtt_port, self.nats_url, self.kafka, uuid.uuid4().hex[:10])
+
+
+class Sinks:
+    """Counting consumers on every sink of a route, started before the bridge."""
+
+    def __init__(self, route: Route, ep: Endpoints, n: int) -> None:
+        self.route, self.ep = route, ep
+        self.counters = {s: Counter(n) for s in route.sinks}
+        self._closers: list[Any] = []
+
+    async def start(self) -> None:
+        ep = self.ep
+        for sink, counter in self.counters.items():
+            if sink == "kafka":
+                await kafka_create(ep.kafka, ep.kafka_dst)
+                kc = KafkaCount(ep.kafka, ep.kafka_dst, 4, counter)
+                await kc.start()
+                self._closers.append(kc.stop)
+            elif sink == "nats":
+                nc = await Nats(ep.nats_url).connect()
+                await nc.count(ep.nats_dst, counter)
+                self._closers.append(nc.close)
+            else:
+                mq = Mqtt(ep.mqtt_port, f"lt-sink-{ep.u}")
+                mq.on_message = counter.add
+                await mq.connect()
+                await mq.subscribe(ep.mqtt_dst, 1)
+                self._closers.append(mq.close)
+
+    @property
+    def slowest(self) -> Counter:
+        return min(self.counters.values(), key=lambda c: c.count)
+
+    async def close(self) -> None:
+        for close in self._closers:
+            with contextlib.suppress(Exception):  # tearing down after a measurement
+                await close()
+
+
+async def _prepare_source(route: Route, ep: Endpoints) -> None:
+    if route.source == "kafka":
+        await kafka_create(ep.kafka, ep.kafka_src)
+    elif route.source == "jetstream":
+        nc = await Nats(ep.nats_url).connect()
+        await nc.add_stream(ep.js_stream, [ep.js_subject])
+        await nc.close()
+    elif route.source == "mqtt":
+        await mqtt_session(ep.mqtt_port, ep.client_id, ep.mqtt_src)
+
+
+async def _publish(route: Route, ep: Endpoints, n: int, size: int, rate: float | None) -> float:
+    if route.source == "kafka":
+        return await asyncio.to_thread(kafka_produce, ep.kafka, ep.kafka_src, n, size, rate=rate)
+    if route.source == "mqtt":
+        pub = await Mqtt(ep.mqtt_port, f"lt-pub-{ep.u}").connect()
+        try:
+            return await pub.publish(ep.mqtt_src, n, size, rate=rate)
+        finally:
+            await pub.close()
+    nc = await Nats(ep.nats_url).connect()
+    try:
+        if route.source == "jetstream":
+            return await nc.js_publish(ep.js_subject, n, size, rate=rate)
+        return await nc.publish(ep.nats_src, n, size, rate=rate)
+    finally:
+        await nc.close()
+
+
+def _bridge(kind: str, route: Route, ep: Endpoints, workdir: Path) -> BridgeProcess:
+    make = gateway_process if kind == "gateway" else peer_process
+    return make(route.name, ep, workdir / f"{kind}-{route.name}-{ep.u}")
+
+
+async def throughput(
+    kind: str,
+    route: Route,
+    brokers: Brokers,
+    *,
+    n: int,
+    size: int,
+    progress: Progress,
+    profile: Path | None = None,
+) -> dict[str, Any]:
+    ep = brokers.endpoints()
+    await _prepare_source(route, ep)
+    sinks = Sinks(route, ep, n)
+    await sinks.start()
+    preload = None
+    if route.offered is None:
+        progress("preloading")
+        preload = await _publish(route, ep, n, size, None)
+    bridge = _bridge(kind, route, ep, brokers.workdir)
+    try:
+        await bridge.start()
+        assert bridge.sampler is not None and bridge.proc is not None
+        spy = start_profiler(bridge.proc.pid, profile) if profile is not None else None
+        idle_rss = bridge.sampler.rss()
+        cpu0 = bridge.sampler.cpu()
+        publisher = None
+        if route.offered is not None:
+            publisher = asyncio.create_task(_publish(route, ep, n, size, route.offered))
+        counter = sinks.slowest
+
+        def tick(count: int) -> None:
+            if count > 1:
+                elapsed = (counter.arrivals[-1] - counter.arrivals[0]) / 1e9
+                progress(f"{count}/{n} arrived, {count / max(elapsed, 1e-3):,.0f} msgs/s so far")
+
+        await wait_count(counter, timeout=120, idle=8 if route.offered is None else 5, progress=tick)
+        if publisher is not None:
+            await publisher
+            await wait_count(counter, timeout=10, idle=2)
+        cpu = bridge.sampler.cpu() - cpu0
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            await asyncio.to_thread(spy.wait, 30)
+        received = {s: c.count for s, c in sinks.counters.items()}
+        slow = sinks.slowest
+        return {
+            "kind": kind,
+            "route": route.name,
+            "size": size,
+            "n": n,
+            "offered": route.offered,
+            "received": min(received.values()),
+            "received_per_sink": received,
+            "lost": n - min(received.values()),
+            "duplicates": max(c.duplicates for c in sinks.counters.values()),
+            "steady_msgs_s": round(slow.steady_rate()),
+            "overall_msgs_s": round(slow.overall_rate()),
+            "preload_msgs_s": round(preload) if preload else None,
+            "idle_rss_mb": round(idle_rss / 2**20, 1),
+            "peak_rss_mb": round(bridge.sampler.peak_rss / 2**20, 1),
+            "cpu_s_per_100k": round(cpu / max(1, slow.count) * 100_000, 2),
+        }
+    finally:
+        rc = await bridge.stop()
+        await sinks.close()
+        if rc not in (0, -15):
+            progress(f"{kind} exited with {rc}: {bridge.tail(5)}")
+
+
+def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling the bridge until SIGINT; collapsed stacks go to ``out``."""
+    spy = Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen(
+        [str(spy), "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--nonblocking", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _percentiles(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {"p50_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan")}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6
+
+    return {"p50_ms": round(at(0.5), 2), "p99_ms": round(at(0.99), 2), "max_ms": round(ordered[-1] / 1e6, 2)}
+
+
+async def latency(
+    kind: str, route: Route, brokers: Brokers, *, rate: float, seconds: float, size: int, progress: Progress
+) -> dict[str, Any]:
+    """Latency through the bridge at ``rate``, and the same clients straight to the sink broker."""
+    n = int(rate * seconds)
+    ep = brokers.endpoints()
+    await _prepare_source(route, ep)
+    sinks = Sinks(route, ep, n)
+    await sinks.start()
+    bridge = _bridge(kind, route, ep, brokers.workdir)
+    try:
+        await bridge.start()
+        # Let a consumer group settle before offering load (Kafka sources join after ~3 s on Tansu).
+        if route.source == "kafka":
+            await _publish(route, ep, 1, size, None)
+            await wait_until(lambda: sinks.slowest.count >= 1, timeout=30)
+            for c in sinks.counters.values():
+                c.reset(n)
+        progress(f"{rate:,.0f} msgs/s for {seconds:.0f} s")
+        await _publish(route, ep, n, size, rate)
+        await wait_count(sinks.slowest, timeout=30, idle=3)
+    finally:
+        await bridge.stop()
+        await sinks.close()
+    lat = sinks.counters[route.sinks[0]].latencies_ns
+    warm = lat[len(lat) // 10 :]
+    direct = await direct_latency(route.sinks[0], brokers, rate=rate, seconds=seconds, size=size)
+    got = sinks.counters[route.sinks[0]].count
+    result = {
+        "kind": kind,
+        "route": route.name,
+        "rate": rate,
+        "size": size,
+        "n": n,
+        "received": got,
+        **_percentiles(warm),
+        "direct": direct,
+    }
+    result["added_p50_ms"] = round(result["p50_ms"] - direct["p50_ms"], 2)
+    result["added_p99_ms"] = round(result["p99_ms"] - direct["p99_ms"], 2)
+    return result
+
+
+async def direct_latency(sink: str, brokers: Brokers, *, rate: float, seconds: float, size: int) -> dict[str, float]:
+    n = int(rate * seconds)
+    ep = brokers.endpoints()
+    counter = Counter(n)
+    closers: list[Any] = []
+    if sink == "kafka":
+        await kafka_create(ep.kafka, ep.kafka_dst)
+        kc = KafkaCount(ep.kafka, ep.kafka_dst, 4, counter)
+        await kc.start()
+        closers.append(kc.stop)
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(kafka_produce, ep.kafka, ep.kafka_dst, n, size, rate=rate)
+    elif sink == "nats":
+        nc = await Nats(ep.nats_url).connect()
+        await nc.count(ep.nats_dst, counter)
+        closers.append(nc.close)
+        pub = await Nats(ep.nats_url).connect()
+        await pub.publish(ep.nats_dst, n, size, rate=rate)
+        closers.append(pub.close)
+    else:
+        sub = Mqtt(ep.mqtt_port, f"lt-dsub-{ep.u}")
+        sub.on_message = counter.add
+        await sub.connect()
+        await sub.subscribe(ep.mqtt_dst, 1)
+        closers.append(sub.close)
+        pub2 = await Mqtt(ep.mqtt_port, f"lt-dpub-{ep.u}").connect()
+        await pub2.publish(ep.mqtt_dst, n, size, rate=rate)
+        closers.append(pub2.close)
+    await wait_count(counter, timeout=30, idle=3)
+    for close in closers:
+        await close()
+    return _percentiles(counter.latencies_ns[len(counter.latencies_ns) // 10 :])
+
+
+async def direct_throughput(sink: str, brokers: Brokers, *, n: int, size: int) -> dict[str, Any]:
+    """The sink broker's limit with the harness's own clients: publish as fast as they can, count."""
+    ep = brokers.endpoints()
+    counter = Counter(n)
+    closers: list[Any] = []
+    if sink == "kafka":
+        await kafka_create(ep.kafka, ep.kafka_dst)
+        kc = KafkaCount(ep.kafka, ep.kafka_dst, 4, counter)
+        await kc.start()
+        closers.append(kc.stop)
+        rate = await asyncio.to_thread(kafka_produce, ep.kafka, ep.kafka_dst, n, size)
+    elif sink == "nats":
+        nc = await Nats(ep.nats_url).connect()
+        await nc.count(ep.nats_dst, counter)
+        closers.append(nc.close)
+        pub = await Nats(ep.nats_url).connect()
+        rate = await pub.publish(ep.nats_dst, n, size)
+        closers.append(pub.close)
+    else:
+        sub = Mqtt(ep.mqtt_port, f"lt-dsub-{ep.u}")
+        sub.on_message = counter.add
+        await sub.connect()
+        await sub.subscribe(ep.mqtt_dst, 1)
+        closers.append(sub.close)
+        pub2 = await Mqtt(ep.mqtt_port, f"lt-dpub-{ep.u}").connect()
+        rate = await pub2.publish(ep.mqtt_dst, n, size)
+        closers.append(pub2.close)
+    await wait_count(counter, timeout=60, idle=5)
+    for close in closers:
+        await close()
+    return {
+        "sink": sink,
+        "size": size,
+        "n": n,
+        "publish_msgs_s": round(rate),
+        "end_to_end_msgs_s": round(counter.steady_rate()),
+        "received": counter.count,
+    }
+
+
+def median_of(results: list[dict[str, Any]], key: str) -> float:
+    values = [r[key] for r in results if r.get(key) is not None]
+    return statistics.median(values) if values else 0.0
