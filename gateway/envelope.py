@@ -40,8 +40,13 @@ class Receipt:
         return ""
 
 
-class Envelope(msgspec.Struct):
-    """One message in flight. Mutable only by the source that made it, before dispatch."""
+class Envelope(msgspec.Struct, gc=False):
+    """One message in flight. Mutable only by the source that made it, before dispatch.
+
+    Not tracked by the cyclic garbage collector (``gc=False``): an envelope is
+    created per message, and nothing it references may refer back to it
+    (receipts, headers and payloads never do), so it cannot be part of a cycle.
+    """
 
     topic: str
     """MQTT topic, NATS subject or Kafka topic, as the source broker spells it."""

@@ -23,6 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
+from connectors.nats import wire
 from connectors.nats.config import NatsConfig, NatsTarget
 from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
 from gateway.sink import Item, Sink
@@ -62,6 +63,7 @@ class NatsSink(Sink):
 
     async def attach(self, nc: Client) -> None:
         """Start publishing on a new connection."""
+        wire.check(nc)
         self._prefix = nc.new_inbox() + "."
         await nc.subscribe(self._prefix + "*", cb=self._on_puback)
         self.nc = nc
@@ -149,37 +151,39 @@ class NatsSink(Sink):
                 self.requeue(batch)
                 raise ConnectorError("connection lost")
         max_payload = nc.max_payload
-        publish = nc.publish
+        prefix = self._prefix
+        pending = self._pending
+        now = time.monotonic()
+        out = bytearray()
         core: list[Item] = []
-        sent = 0
+        for item in batch:
+            flight, d = item
+            env = flight.env
+            spec: NatsTarget = d.target.spec
+            headers = env.headers
+            reply = ""
+            if spec.jetstream:
+                receipt = env.receipt
+                if receipt is not None and (pos := receipt.position()):
+                    headers = [*(headers or ()), ("Nats-Msg-Id", f"{pos}/{flight.route.name}/{d.target.index}")]
+                reply = prefix + str(self._next)
+            block = wire.encode_headers(headers) if headers else None
+            size = len(env.payload) + (len(block) if block is not None else 0)
+            if size > max_payload:
+                flight.done(PayloadTooLarge(size, max_payload, "NATS server max_payload"))
+                continue
+            if spec.jetstream:
+                pending[str(self._next)] = (item, now)
+                self._next += 1
+            else:
+                core.append(item)
+            wire.append_pub(out, d.address, env.payload, reply, block)
         try:
-            for item in batch:
-                flight, d = item
-                env = flight.env
-                size = len(env.payload)
-                if size > max_payload:
-                    sent += 1
-                    flight.done(PayloadTooLarge(size, max_payload, "NATS server max_payload"))
-                    continue
-                headers = dict(env.headers) if env.headers else None
-                spec: NatsTarget = d.target.spec
-                if spec.jetstream:
-                    receipt = env.receipt
-                    if receipt is not None and (pos := receipt.position()):
-                        headers = headers or {}
-                        headers["Nats-Msg-Id"] = f"{pos}/{flight.route.name}/{d.target.index}"
-                    token = str(self._next)
-                    self._next += 1
-                    self._pending[token] = (item, time.monotonic())
-                    sent += 1
-                    await publish(d.address, env.payload, reply=self._prefix + token, headers=headers)
-                else:
-                    await publish(d.address, env.payload, headers=headers)
-                    sent += 1
-                    core.append(item)
+            if out:
+                await wire.send(nc, out)
         except BaseException as exc:
-            # Nothing of `core` is confirmed; the rest was never sent. Pending JetStream ones go on detach.
-            self.requeue(core + batch[sent:])
+            # Nothing of `core` is confirmed; JetStream ones stay pending and go again on detach.
+            self.requeue(core)
             if isinstance(exc, NatsError | OSError | TimeoutError):
                 raise ConnectorError(f"NATS publish failed: {type(exc).__name__}: {exc}") from exc
             raise
