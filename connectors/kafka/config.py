@@ -18,6 +18,9 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 
     bootstrap_servers: list[str]
     """``host:port`` of one or more brokers."""
+    driver: Literal["confluent", "aiokafka"] = "confluent"
+    """Producer client: ``confluent`` (librdkafka, the default: ~9x aiokafka's produce rate here) or
+    ``aiokafka`` (pure Python, for installs without native wheels). Consumers use aiokafka."""
     client_id: str = ""
     """Default: ``<gateway id>-<connector name>``."""
     session_timeout_ms: Millis = 10_000

@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from connectors.kafka.config import KafkaConfig, KafkaSource
-from connectors.kafka.sink import KafkaSink
+from connectors.kafka.sink import KafkaSink, ProducerSink
 from connectors.kafka.source import GroupSource
 from gateway.connector import Connector, ConnectorContext
 from gateway.dispatch import Dispatcher, Route
@@ -31,13 +31,16 @@ class KafkaConnector(Connector):
         super().__init__(name, config, context)
         self._dispatchers: dict[str, Dispatcher] = {}
         self._sources: list[GroupSource] = []
-        self._producer: AIOKafkaProducer | None = None
 
     @property
     def client_id(self) -> str:
         return self.config.client_id or f"{self.context.gateway_id}-{self.name}"
 
     def make_sink(self) -> Sink:
+        if self.config.driver == "confluent":
+            from connectors.kafka.confluent_sink import ConfluentSink  # native wheel: only when chosen
+
+            return ConfluentSink(self.config)
         return KafkaSink(self.config)
 
     def _groups(self) -> dict[str, list[Route]]:
@@ -74,25 +77,12 @@ class KafkaConnector(Connector):
 
     async def session(self) -> None:
         cfg = self.config
-        sink = self._sink if isinstance(self._sink, KafkaSink) else None
-        producer: AIOKafkaProducer | None = None
+        sink = self._sink if isinstance(self._sink, ProducerSink) else None
         consumers: list[AIOKafkaConsumer] = []
         self._sources = []
         try:
             if sink is not None:
-                producer = AIOKafkaProducer(
-                    bootstrap_servers=cfg.bootstrap_servers,
-                    client_id=self.client_id,
-                    acks="all",
-                    enable_idempotence=cfg.idempotent,
-                    linger_ms=cfg.linger_ms,
-                    max_batch_size=cfg.max_batch_size,
-                    max_request_size=cfg.max_request_size,
-                    request_timeout_ms=cfg.request_timeout_ms,
-                )
-                await _started(producer.start(), cfg.bootstrap_servers)
-                sink.producer = producer
-                sink.broken.clear()
+                await _started(sink.open(self.client_id), cfg.bootstrap_servers)
             for group, routes in self._groups().items():
                 consumer = self._consumer(group, routes)
                 consumers.append(consumer)
@@ -120,22 +110,21 @@ class KafkaConnector(Connector):
             async with asyncio.TaskGroup() as tg:
                 if sink is not None:
                     tg.create_task(sink.run_writer(), name=f"{self.name}:writer")
-                    tg.create_task(self._watch(sink), name=f"{self.name}:watch")
+                    tg.create_task(self._watch(sink.broken), name=f"{self.name}:watch")
+                    for job in sink.background():
+                        tg.create_task(job, name=f"{self.name}:sink")
                 for source in self._sources:
                     tg.create_task(self._guard(source.run(self.intake_stopped)), name=f"{self.name}:{source.group}")
                     tg.create_task(self._guard(source.run_committer()), name=f"{self.name}:{source.group}:commit")
         finally:
-            if sink is not None:
-                sink.producer = None
             for consumer in consumers:
                 with contextlib.suppress(Exception):
                     await consumer.stop()
-            if producer is not None:
-                with contextlib.suppress(Exception):
-                    await producer.stop()
+            if sink is not None:
+                await sink.close()
 
-    async def _watch(self, sink: KafkaSink) -> None:
-        await sink.broken.wait()
+    async def _watch(self, broken: asyncio.Event) -> None:
+        await broken.wait()
         raise ConnectorError("Kafka deliveries failing; restarting the producer")
 
     async def _guard(self, coro: Awaitable[None]) -> None:
@@ -153,8 +142,8 @@ class KafkaConnector(Connector):
         for source in self._sources:
             await source.commit()
         sink = self._sink
-        if isinstance(sink, KafkaSink) and sink.producer is not None:
-            await sink.producer.flush()
+        if isinstance(sink, ProducerSink):
+            await sink.flush()
 
 
 async def _started(start: Awaitable[None], servers: list[str]) -> None:

@@ -9,7 +9,11 @@ the record back in the queue for the next session; others fail the target.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+from abc import abstractmethod
+from collections.abc import Coroutine
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
@@ -19,13 +23,69 @@ from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
 from gateway.sink import Item, Sink
 
 
-class KafkaSink(Sink):
+class ProducerSink(Sink):
+    """What the Kafka connector needs of a producer driver, per session."""
+
     def __init__(self, config: KafkaConfig) -> None:
         super().__init__()
         self.config = config
-        self.producer: AIOKafkaProducer | None = None
         self.broken: asyncio.Event = asyncio.Event()
         """Set when a delivery failed in a way that needs a new session."""
+
+    @abstractmethod
+    async def open(self, client_id: str) -> None:
+        """Start a producer for a new session (raise if no broker answers)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """End of a session: records not confirmed go back to the queue."""
+
+    @abstractmethod
+    async def flush(self) -> None:
+        """Until what was handed over is confirmed (or failed)."""
+
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        """What must run beside the writer while a session is up."""
+        return []
+
+
+class KafkaSink(ProducerSink):
+    """``driver: aiokafka``: pure Python, for installs without native wheels."""
+
+    def __init__(self, config: KafkaConfig) -> None:
+        super().__init__(config)
+        self.producer: AIOKafkaProducer | None = None
+
+    async def open(self, client_id: str) -> None:
+        cfg = self.config
+        producer = AIOKafkaProducer(
+            bootstrap_servers=cfg.bootstrap_servers,
+            client_id=client_id,
+            acks="all",
+            enable_idempotence=cfg.idempotent,
+            linger_ms=cfg.linger_ms,
+            max_batch_size=cfg.max_batch_size,
+            max_request_size=cfg.max_request_size,
+            request_timeout_ms=cfg.request_timeout_ms,
+        )
+        try:
+            await producer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
+        self.producer = producer
+        self.broken.clear()
+
+    async def flush(self) -> None:
+        if self.producer is not None:
+            await self.producer.flush()
+
+    async def close(self) -> None:
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await producer.stop()
 
     def _on_delivery(self, item: Item, fut: asyncio.Future[object]) -> None:
         flight = item[0]

@@ -26,6 +26,10 @@ from gateway.envelope import Envelope, Receipt
 log = structlog.get_logger("gateway.connector.kafka")
 
 
+_PAUSE_AFTER = 1.0
+"""Seconds a full route may keep its partitions unpaused."""
+
+
 class PartitionTracker:
     """Settled-prefix tracking of one assigned partition."""
 
@@ -170,7 +174,15 @@ class GroupSource:
             await self.commit()
 
     async def _paused(self) -> None:
-        """A route is full: pause fetching, keep polling (group liveness), resume when it drains."""
+        """A route is full: wait for it to drain; if that takes long, pause the partitions and keep
+        polling (group liveness) until it does. Short waits do not pause: resuming discards the
+        fetcher's prefetched records and costs a round trip."""
+        gate = self.dispatcher.gate
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_PAUSE_AFTER):
+                await gate.wait_open()
+        if gate.is_open:
+            return
         consumer = self.consumer
         assigned = list(consumer.assignment())
         consumer.pause(*assigned)

@@ -44,7 +44,7 @@ class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     """Where messages come from: ``{connector: NAME, ...}`` plus that connector kind's keys."""
     to: dict[str, Any] | list[dict[str, Any]]
     """One target or a list of targets (fan-out): ``{connector: NAME, ...}``."""
-    max_in_flight: Positive = 4096
+    max_in_flight: Positive = 10_000
     """Messages inside the route (received, not yet confirmed by every target) before the source is paused."""
     max_in_flight_bytes: Positive = 16 * 1024 * 1024
     """Payload bytes inside the route before the source is paused."""

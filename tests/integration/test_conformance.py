@@ -184,7 +184,7 @@ async def kinds(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[di
             preload=jetstream,
         )
 
-    def kafka() -> Kind:
+    def kafka(driver: str) -> Kind:
         broker: Tansu = request.getfixturevalue("kafka_broker")
         client = KafkaClient(broker.bootstrap)
 
@@ -199,9 +199,10 @@ async def kinds(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[di
             return await client.consume(f"out-{u}", n, timeout=60)
 
         return Kind(
-            "kafka",
+            f"kafka-{driver}",
             lambda: {
                 "type": "kafka",
+                "driver": driver,
                 "bootstrap_servers": [broker.bootstrap],
                 "session_timeout_ms": 6000,
                 "idempotent": False,
@@ -223,7 +224,7 @@ async def kinds(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[di
                 elif name in ("nats", "jetstream"):
                     self[name] = await nats_kind(name == "jetstream")
                 else:
-                    self[name] = kafka()
+                    self[name] = kafka(name.partition("-")[2])
             return self[name]
 
     lazy = Lazy()
@@ -232,7 +233,7 @@ async def kinds(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[di
         await close()
 
 
-KINDS = ["mqtt5", "mqtt311", "nats", "jetstream", "kafka"]
+KINDS = ["mqtt5", "mqtt311", "nats", "jetstream", "kafka-confluent", "kafka-aiokafka"]
 
 
 async def _gateway(cfg: str) -> Gateway:
@@ -298,7 +299,7 @@ async def test_as_source_delivers_and_acknowledges(kinds: Any, name: str, unique
         assert await gw.stop()
 
 
-@pytest.mark.parametrize("name", ["mqtt5", "mqtt311", "jetstream", "kafka"])
+@pytest.mark.parametrize("name", ["mqtt5", "mqtt311", "jetstream", "kafka-confluent"])
 async def test_source_not_acknowledged_before_target_confirmed(kinds: Any, name: str, unique: str) -> None:
     kind: Kind = await kinds.get_kind(name)
     if name == "jetstream":

@@ -116,7 +116,7 @@ def test_gateway_section_defaults_and_route_defaults() -> None:
     config = parse_config(EXAMPLE, environ={})
 
     assert config.gateway.shutdown_timeout == 30.0
-    assert config.routes[0].section.max_in_flight == 4096
+    assert config.routes[0].section.max_in_flight == 10_000
 
 
 def test_load_config_records_source_and_digest(tmp_path: Path) -> None:
