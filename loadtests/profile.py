@@ -61,7 +61,8 @@ def main() -> int:
         NatsServer(workdir=workdir / "nats") as n,
         Tansu(workdir=workdir / "kafka") as k,
     ):
-        brokers = Brokers(m.port, n.url, k.bootstrap, workdir)
+        pids = {"mosquitto": m.pid or 0, "nats-server": n.pid or 0, "tansu": k.pid or 0}
+        brokers = Brokers(m.port, n.url, k.bootstrap, workdir, pids)
         row = uvloop.run(
             throughput(
                 "gateway",

@@ -153,7 +153,8 @@ def main() -> int:
         NatsServer(workdir=workdir / "nats") as n,
         Tansu(workdir=workdir / "kafka") as k,
     ):
-        run = Run(args, Brokers(m.port, n.url, k.bootstrap, workdir), out)
+        pids = {"mosquitto": m.pid or 0, "nats-server": n.pid or 0, "tansu": k.pid or 0}
+        run = Run(args, Brokers(m.port, n.url, k.bootstrap, workdir, pids), out)
         uvloop.run(run.main())
     meta = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),

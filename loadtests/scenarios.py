@@ -17,11 +17,14 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from loadtests.bridges import BridgeProcess, Endpoints, gateway_process, peer_process
 from loadtests.drivers import (
@@ -29,6 +32,7 @@ from loadtests.drivers import (
     KafkaCount,
     Mqtt,
     Nats,
+    NatsCount,
     kafka_create,
     kafka_produce,
     mqtt_session,
@@ -63,13 +67,29 @@ Progress = Callable[[str], None]
 
 
 class Brokers:
-    """Broker addresses for the whole run."""
+    """Broker addresses for the whole run (and their PIDs, to say who used the CPU)."""
 
-    def __init__(self, mqtt_port: int, nats_url: str, kafka: str, workdir: Path) -> None:
+    def __init__(
+        self, mqtt_port: int, nats_url: str, kafka: str, workdir: Path, pids: dict[str, int] | None = None
+    ) -> None:
         self.mqtt_port, self.nats_url, self.kafka, self.workdir = mqtt_port, nats_url, kafka, workdir
+        self.pids = pids or {}
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of each broker and of this harness process."""
+        out = {"harness": _cpu(psutil.Process())}
+        for name, pid in self.pids.items():
+            with contextlib.suppress(psutil.Error):
+                out[name] = _cpu(psutil.Process(pid))
+        return out
 
     def endpoints(self) -> Endpoints:
         return Endpoints(self.mqtt_port, self.nats_url, self.kafka, uuid.uuid4().hex[:10])
+
+
+def _cpu(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
 
 
 class Sinks:
@@ -89,9 +109,9 @@ class Sinks:
                 await kc.start()
                 self._closers.append(kc.stop)
             elif sink == "nats":
-                nc = await Nats(ep.nats_url).connect()
-                await nc.count(ep.nats_dst, counter)
-                self._closers.append(nc.close)
+                nc = NatsCount(ep.nats_url, ep.nats_dst, counter)
+                await nc.start()
+                self._closers.append(nc.stop)
             else:
                 mq = Mqtt(ep.mqtt_port, f"lt-sink-{ep.u}")
                 mq.on_message = counter.add
@@ -168,6 +188,7 @@ async def throughput(
         spy = start_profiler(bridge.proc.pid, profile) if profile is not None else None
         idle_rss = bridge.sampler.rss()
         cpu0 = bridge.sampler.cpu()
+        others0, wall0 = brokers.cpu(), time.monotonic()
         publisher = None
         if route.offered is not None:
             publisher = asyncio.create_task(_publish(route, ep, n, size, route.offered))
@@ -183,6 +204,9 @@ async def throughput(
             await publisher
             await wait_count(counter, timeout=10, idle=2)
         cpu = bridge.sampler.cpu() - cpu0
+        wall = time.monotonic() - wall0
+        others = {k: round(100 * (v - others0.get(k, 0.0)) / wall) for k, v in brokers.cpu().items()}
+        others[kind] = round(100 * cpu / wall)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             await asyncio.to_thread(spy.wait, 30)
@@ -204,6 +228,7 @@ async def throughput(
             "idle_rss_mb": round(idle_rss / 2**20, 1),
             "peak_rss_mb": round(bridge.sampler.peak_rss / 2**20, 1),
             "cpu_s_per_100k": round(cpu / max(1, slow.count) * 100_000, 2),
+            "cpu_percent": others,
         }
     finally:
         rc = await bridge.stop()
@@ -289,9 +314,9 @@ async def direct_latency(sink: str, brokers: Brokers, *, rate: float, seconds: f
         await asyncio.sleep(0.5)
         await asyncio.to_thread(kafka_produce, ep.kafka, ep.kafka_dst, n, size, rate=rate)
     elif sink == "nats":
-        nc = await Nats(ep.nats_url).connect()
-        await nc.count(ep.nats_dst, counter)
-        closers.append(nc.close)
+        nc = NatsCount(ep.nats_url, ep.nats_dst, counter)
+        await nc.start()
+        closers.append(nc.stop)
         pub = await Nats(ep.nats_url).connect()
         await pub.publish(ep.nats_dst, n, size, rate=rate)
         closers.append(pub.close)
@@ -322,9 +347,9 @@ async def direct_throughput(sink: str, brokers: Brokers, *, n: int, size: int) -
         closers.append(kc.stop)
         rate = await asyncio.to_thread(kafka_produce, ep.kafka, ep.kafka_dst, n, size)
     elif sink == "nats":
-        nc = await Nats(ep.nats_url).connect()
-        await nc.count(ep.nats_dst, counter)
-        closers.append(nc.close)
+        nc = NatsCount(ep.nats_url, ep.nats_dst, counter)
+        await nc.start()
+        closers.append(nc.stop)
         pub = await Nats(ep.nats_url).connect()
         rate = await pub.publish(ep.nats_dst, n, size)
         closers.append(pub.close)
