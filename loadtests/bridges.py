@@ -230,7 +230,15 @@ def gateway_config(route: str, ep: Endpoints) -> tuple[str, int]:
             "max_inflight": 4096,
         },
         "nats": {"type": "nats", "servers": [ep.nats_url]},
-        "kafka": {"type": "kafka", "bootstrap_servers": [ep.kafka], "idempotent": False, "session_timeout_ms": 6000},
+        # Tansu: no producer ids (idempotent off), group joins after half the session timeout, and an
+        # empty fetch is held for the whole fetch_max_wait_ms even when records arrive meanwhile.
+        "kafka": {
+            "type": "kafka",
+            "bootstrap_servers": [ep.kafka],
+            "idempotent": False,
+            "session_timeout_ms": 6000,
+            "fetch_max_wait_ms": 2,
+        },
     }
     sources = {
         "kafka": {"connector": "kafka", "topic": ep.kafka_src, "group": f"lt-{ep.u}"},

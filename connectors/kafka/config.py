@@ -32,8 +32,8 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     idempotent: bool = True
     """Producer: idempotent delivery (``acks=all`` always). Needs a broker that grants producer ids
     (InitProducerId); the Tansu test broker does not, so the tests and the demo turn it off."""
-    linger_ms: Annotated[int, msgspec.Meta(ge=0)] = 5
-    """Producer: how long to wait to fill a batch."""
+    linger_ms: Annotated[int, msgspec.Meta(ge=0)] = 2
+    """Producer: how long to wait to fill a batch (at high rates batches fill before it expires)."""
     max_batch_size: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
     """Producer: bytes per partition batch."""
     max_request_size: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
