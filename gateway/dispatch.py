@@ -86,10 +86,11 @@ class Target:
 class Delivery:
     """A target rendered for one source topic; cached with the topic's plan."""
 
-    __slots__ = ("address", "error", "key", "target")
+    __slots__ = ("address", "error", "key", "sink", "target")
 
     def __init__(self, target: Target, address: str, key: bytes | None, error: GatewayError | None) -> None:
         self.target = target
+        self.sink = target.sink
         self.address = address
         self.key = key
         self.error = error
@@ -163,12 +164,10 @@ class Route:
                 self.gate.close()
         flight = Flight(self, env, len(deliveries), nbytes)
         for d in deliveries:
-            if d.error is not None:
-                flight.done(d.error)
+            if d.error is None:
+                d.sink.submit(flight, d)  # type: ignore[union-attr]  # bound before any dispatch
             else:
-                sink = d.target.sink
-                assert sink is not None
-                sink.submit(flight, d)
+                flight.done(d.error)
 
     def finish(self, flight: Flight) -> None:
         self.in_flight -= 1

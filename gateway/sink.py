@@ -26,7 +26,8 @@ class Sink(ABC):
     def __init__(self, *, max_batch: int = 1024) -> None:
         self.max_batch = max_batch
         self._queue: deque[Item] = deque()
-        self._wakeup = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        """Set while the writer sleeps on an empty queue (cheaper per message than an Event)."""
 
     @property
     def depth(self) -> int:
@@ -36,23 +37,34 @@ class Sink(ABC):
     def submit(self, flight: Flight, delivery: Delivery) -> None:
         """Queue one message for delivery. Never blocks; the route's budget bounds the queue."""
         self._queue.append((flight, delivery))
-        self._wakeup.set()
+        if self._waiter is not None:
+            self._wake()
 
     def requeue(self, items: list[Item]) -> None:
         """Put items back at the head of the queue, in order (after a lost connection)."""
         self._queue.extendleft(reversed(items))
-        self._wakeup.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def run_writer(self) -> None:
         """Drain the queue in batches until cancelled. Owned by the connector's task group."""
         queue = self._queue
+        loop = asyncio.get_running_loop()
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while queue:
-                n = min(len(queue), self.max_batch)
-                batch = [queue.popleft() for _ in range(n)]
-                await self.write_batch(batch)
+            if not queue:
+                self._waiter = loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+                continue
+            n = min(len(queue), self.max_batch)
+            batch = [queue.popleft() for _ in range(n)]
+            await self.write_batch(batch)
 
     @abstractmethod
     async def write_batch(self, batch: list[Item]) -> None:

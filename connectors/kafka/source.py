@@ -53,7 +53,7 @@ class KafkaReceipt(Receipt):
     __slots__ = ("offset", "settled", "tracker")
 
     def __init__(self, tracker: PartitionTracker, offset: int) -> None:
-        super().__init__()
+        self.pending = 0  # Receipt.__init__, inlined: one receipt per message
         self.tracker = tracker
         self.offset = offset
         self.settled = False

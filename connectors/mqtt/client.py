@@ -143,7 +143,7 @@ class MqttConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed.done():
             self.transport.write(data)
 
-    def queue(self, data: bytes) -> None:
+    def queue(self, data: bytes | bytearray) -> None:
         """Write at the end of this loop iteration, coalesced with other queued packets (acks)."""
         self._queued += data
         if not self._flush_scheduled:

@@ -34,16 +34,18 @@ class InboundAcks:
         conn = self.conn
         if not conn.is_open:
             return
+        out = bytearray()
         while pending and pending[0].settled:
             r = pending.popleft()
-            conn.queue(ack(PUBACK if r.qos == 1 else PUBREC, r.packet_id))
+            out += ack(PUBACK if r.qos == 1 else PUBREC, r.packet_id)
+        conn.queue(out)
 
 
 class MqttReceipt(Receipt):
     __slots__ = ("acks", "packet_id", "qos", "settled")
 
     def __init__(self, acks: InboundAcks, packet_id: int, qos: int) -> None:
-        super().__init__()
+        self.pending = 0  # Receipt.__init__, inlined: one receipt per message
         self.acks = acks
         self.packet_id = packet_id
         self.qos = qos

@@ -78,7 +78,7 @@ class JetStreamReceipt(Receipt):
     __slots__ = ("acks", "reply")
 
     def __init__(self, reply: str, acks: Callable[[str], None]) -> None:
-        super().__init__()
+        self.pending = 0  # Receipt.__init__, inlined: one receipt per message
         self.reply = reply
         self.acks = acks
 
