@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both set up what they need first.
-.PHONY: setup demo test lint unit
+.PHONY: setup demo test lint unit loadtest
 
 setup:
 	@scripts/setup.sh
@@ -17,3 +17,8 @@ test: lint
 
 unit: setup
 	.venv/bin/python -m pytest tests/unit
+
+loadtest: setup
+	.venv/bin/pip install -q -e '.[dev,loadtest]'
+	loadtests/peer/setup_venv.sh
+	.venv/bin/python -m loadtests.run

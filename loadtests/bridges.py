@@ -197,6 +197,8 @@ def peer_process(route: str, ep: Endpoints, workdir: Path) -> BridgeProcess:
     ]
     if dst2:
         argv += ["--dst2", dst2]
+    if route.startswith("jetstream"):
+        argv += ["--src-subject", ep.js_subject]
     return BridgeProcess("peer", argv, workdir)
 
 
@@ -220,7 +222,8 @@ def peer_names(route: str, ep: Endpoints) -> tuple[str, str, str]:
 
 
 def gateway_config(route: str, ep: Endpoints) -> tuple[str, int]:
-    """YAML for one harness route, and how many connectors it uses."""
+    """YAML for one harness route, and how many connectors it uses (``*_aiokafka``: that Kafka driver)."""
+    route, _, driver = route.partition("_kafkadriver_")
     connectors: dict[str, dict[str, Any]] = {
         "mqtt": {
             "type": "mqtt",
@@ -238,6 +241,7 @@ def gateway_config(route: str, ep: Endpoints) -> tuple[str, int]:
             "idempotent": False,
             "session_timeout_ms": 6000,
             "fetch_max_wait_ms": 2,
+            "driver": driver or "confluent",
         },
     }
     sources = {

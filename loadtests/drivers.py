@@ -52,6 +52,8 @@ class Counter:
     seen: bytearray = field(default_factory=bytearray)
     duplicates: int = 0
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    error: BaseException | None = None
+    """Set by a counting consumer that died: its count is then meaningless, not a measured loss."""
 
     def __post_init__(self) -> None:
         self.seen = bytearray(self.expected)
@@ -102,6 +104,8 @@ async def wait_count(
     deadline = time.monotonic() + timeout
     last, last_change = -1, time.monotonic()
     while not counter.done.is_set():
+        if counter.error is not None:
+            raise RuntimeError(f"sink reader failed: {counter.error!r}") from counter.error
         now = time.monotonic()
         if now > deadline or now - last_change > idle:
             return
@@ -158,8 +162,28 @@ def kafka_produce(bootstrap: str, topic: str, n: int, size: int, *, rate: float 
     return n / (time.monotonic() - t0)
 
 
+def kafka_reader_check() -> None:
+    """Raise unless the harness's Kafka reader (aiokafka) can decode lz4 batches.
+
+    mq-bridge's Kafka producer compresses with lz4 by default. aiokafka >= 0.12 decodes
+    lz4 (and snappy, zstd) through ``cramjam`` (its ``lz4`` extra), not the ``lz4``
+    package; without it every fetch of such a batch raises ``UnsupportedCodecError``.
+    """
+    from aiokafka.codec import has_lz4
+
+    if not has_lz4():
+        raise RuntimeError(
+            "aiokafka cannot decode lz4-compressed Kafka batches (the peer's producer default): "
+            "install cramjam>=2.8 (aiokafka[lz4]) in this venv"
+        )
+
+
 class KafkaCount:
-    """Reads a topic from the beginning, no group (manual assignment)."""
+    """Reads a topic from the beginning, no group (manual assignment).
+
+    A fetch error (e.g. a codec aiokafka cannot decode) ends the reader: it is put on
+    ``counter.error`` so that the measurement fails instead of reporting 0 received.
+    """
 
     def __init__(self, bootstrap: str, topic: str, partitions: int, counter: Counter) -> None:
         self.consumer = AIOKafkaConsumer(
@@ -179,11 +203,16 @@ class KafkaCount:
 
     async def _run(self) -> None:
         add = self.counter.add
-        while True:
-            batches = await self.consumer.getmany(timeout_ms=100, max_records=10_000)
-            for records in batches.values():
-                for r in records:
-                    add(r.value)
+        try:
+            while True:
+                batches = await self.consumer.getmany(timeout_ms=100, max_records=10_000)
+                for records in batches.values():
+                    for r in records:
+                        add(r.value)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # surfaced by wait_count / the measurement
+            self.counter.error = exc
 
     async def stop(self) -> None:
         if self._task is not None:

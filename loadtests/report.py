@@ -19,6 +19,7 @@ REQUIRED: dict[str, tuple[str, float]] = {
     "kafka_to_mqtt": ("≥ 12 000 msgs/s", 12_000),
     "corenats_to_mqtt": ("no loss at 10 000 msgs/s offered", 0),
     "fanout_mqtt": ("—", 0),
+    "mqtt_to_kafka_kafkadriver_aiokafka": ("(driver comparison)", 0),
 }
 SINK_OF = {r.name: r.sinks[0] if len(r.sinks) == 1 else "kafka" for r in ROUTES}
 
@@ -159,6 +160,19 @@ def _router(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _profile(rows: list[dict[str, Any]]) -> str:
+    prof = [r for r in rows if r["test"] == "profile"]
+    if not prof:
+        return ""
+    p = prof[-1]
+    label = BY_NAME[p["route"]].label
+    return (
+        f"\n## Where the gateway spends its CPU ({label}, {_fmt(p['steady_msgs_s'])} msgs/s)\n\n"
+        f"py-spy samples of the gateway process during one more throughput run "
+        f"(`python -m loadtests.profile {p['route']}` does the same alone):\n\n```\n{p['summary']}\n```\n"
+    )
+
+
 def chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -228,6 +242,6 @@ use `fetch_max_wait_ms: 2` here because Tansu holds every empty fetch for the wh
 ## Router micro-benchmark
 
 {_router(rows)}
-"""
+{_profile(rows)}"""
     (out / "RESULTS.md").write_text(text)
     (out / "meta.json").write_text(json.dumps(meta, indent=1))

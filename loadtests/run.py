@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from loadtests import report, router_bench  # noqa: E402
 from loadtests.bridges import peer_available  # noqa: E402
+from loadtests.drivers import kafka_reader_check  # noqa: E402
+from loadtests.profile import summarize  # noqa: E402
 from loadtests.scenarios import (  # noqa: E402
     BY_NAME,
     ROUTES,
@@ -49,6 +51,7 @@ class Run:
         self.brokers = brokers
         self.rows: list[dict[str, Any]] = []
         self.t0 = time.monotonic()
+        self.out = out
         self.jsonl = (out / "results.jsonl").open("w")
 
     def record(self, kind: str, row: dict[str, Any]) -> None:
@@ -76,8 +79,23 @@ class Run:
         routes: list[Route] = [BY_NAME[r] for r in a.routes] if a.routes else ROUTES
         for route in routes:
             for kind in kinds:
+                if kind == "peer" and route.gateway_only:
+                    continue
                 await self.route(kind, route)
+        if a.profile:
+            await self.profile(BY_NAME[a.profile])
         self.jsonl.close()
+
+    async def profile(self, route: Route) -> None:
+        """py-spy on the gateway during one more throughput run of ``route``; the summary goes in RESULTS.md."""
+        path = self.out / "profile.txt"
+        self.say(route.name, "gateway profile", "py-spy")
+        row = await throughput(
+            "gateway", route, self.brokers, n=self.args.n, size=128, progress=lambda m: None, profile=path
+        )
+        self.record(
+            "profile", {"route": route.name, "steady_msgs_s": row.get("steady_msgs_s"), "summary": summarize(path, 15)}
+        )
 
     async def route(self, kind: str, route: Route) -> None:
         a = self.args
@@ -137,12 +155,26 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rates", type=float, nargs="*", default=[1000.0, 5000.0])
     p.add_argument("--latency-seconds", type=float, default=4.0)
+    p.add_argument(
+        "--profile",
+        default="mqtt_to_nats",
+        choices=[r.name for r in ROUTES] + [""],
+        help="route to profile the gateway on with py-spy at the end ('' to skip)",
+    )
     args = p.parse_args()
     if args.quick:
         args.n, args.n_large, args.repeats, args.peer, args.latency_seconds = 20_000, 2_000, 1, False, 2.0
+        args.profile = ""
     if args.peer and not peer_available():
-        print("peer (mq-bridge) not installed: run loadtests/peer/setup.sh, or pass --no-peer", file=sys.stderr)
+        print("peer (mq-bridge) not installed: run loadtests/peer/setup_venv.sh, or pass --no-peer", file=sys.stderr)
         return 2
+    chosen = [BY_NAME[r] for r in args.routes] if args.routes else ROUTES
+    if args.peer and any("kafka" in r.sinks and not r.gateway_only for r in chosen):
+        try:
+            kafka_reader_check()  # the peer writes lz4 batches: a reader that cannot decode them counts 0
+        except RuntimeError as exc:
+            print(f"{exc}, or pass --no-peer", file=sys.stderr)
+            return 2
     command = "python -m loadtests.run " + " ".join(sys.argv[1:])
     out = OUT / "out" / "quick" if args.quick else OUT  # a quick run never replaces RESULTS.md
     out.mkdir(parents=True, exist_ok=True)

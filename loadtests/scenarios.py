@@ -49,6 +49,8 @@ class Route:
     sinks: tuple[str, ...]
     offered: float | None = None
     """Core NATS sources: the fixed offered rate of the throughput measurement (msgs/s)."""
+    gateway_only: bool = False
+    """A variant of the gateway's own settings (no peer run)."""
 
 
 ROUTES = [
@@ -60,6 +62,13 @@ ROUTES = [
     Route("kafka_to_mqtt", "Kafka → MQTT QoS 1", "kafka", ("mqtt",)),
     Route("corenats_to_mqtt", "core NATS → MQTT QoS 1", "corenats", ("mqtt",), offered=10_000),
     Route("fanout_mqtt", "MQTT QoS 1 → Kafka + NATS", "mqtt", ("kafka", "nats")),
+    Route(
+        "mqtt_to_kafka_kafkadriver_aiokafka",
+        "MQTT QoS 1 → Kafka, `driver: aiokafka`",
+        "mqtt",
+        ("kafka",),
+        gateway_only=True,
+    ),
 ]
 BY_NAME = {r.name: r for r in ROUTES}
 
