@@ -24,8 +24,9 @@ import structlog
 
 from gateway.config import Config, load_config
 from gateway.connector import Connector, ConnectorContext
-from gateway.dispatch import Route, Target
 from gateway.registry import plugins
+from gateway.route import Overflow, Route, RoutePolicy, Target
+from gateway.supervisor import Supervisor
 
 log = structlog.get_logger("gateway")
 
@@ -42,17 +43,23 @@ def build_routes(config: Config) -> dict[str, Route]:
     routes: dict[str, Route] = {}
     for rc in config.routes:
         s = rc.section
-        route = Route(
-            s.name,
-            rc.source.connector,
-            rc.source,
-            rc.patterns,
+        overflow = s.overflow or ("block" if rc.source.at_least_once else "drop_newest")
+        policy = RoutePolicy(
             max_in_flight=s.max_in_flight,
             max_in_flight_bytes=s.max_in_flight_bytes,
+            overflow=Overflow(overflow),
+            slow_consumer_deadline=s.slow_consumer_deadline or None,
+            retry=s.retry,
+            on_error=s.on_error,
+            reconnect=config.gateway.reconnect,
         )
+        route = Route(s.name, rc.source.connector, rc.source, rc.patterns, policy)
         route.targets.extend(
             Target(route, i, tc.spec.connector, tc.spec, tc.address, tc.key) for i, tc in enumerate(rc.targets)
         )
+        if rc.dead_letter is not None:
+            dl = rc.dead_letter
+            route.dead_letter = Target(route, -1, dl.spec.connector, dl.spec, dl.address, dl.key)
         routes[s.name] = route
     return routes
 
@@ -74,9 +81,11 @@ class Gateway:
             self.connectors[name] = kinds[config.kind(name)].load()(name, cfg, context)
         self.routes = build_routes(config)
         for route in self.routes.values():
-            for target in route.targets:
-                target.sink = self.connectors[target.connector].sink
+            for target in (*route.targets, route.dead_letter):
+                if target is not None:
+                    target.sink = self.connectors[target.connector].sink
         self._runner: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
         self._started_at = 0.0
 
     @classmethod
@@ -110,6 +119,7 @@ class Gateway:
 
     async def _run(self) -> None:
         async with asyncio.TaskGroup() as tg:
+            self._supervisor = tg.create_task(Supervisor(self.routes, self.connectors).run(), name="supervisor")
             for name, conn in self.connectors.items():
                 own = [r for r in self.routes.values() if r.source == name]
                 if own or conn.has_sink:
@@ -153,8 +163,12 @@ class Gateway:
             drained = False
             left = {r.name: r.in_flight for r in self.routes.values() if r.in_flight}
             log.warning("gateway.drain_timeout", in_flight=left)
+        for route in self.routes.values():
+            route.cancel_timers()
         for conn in self.connectors.values():
             await conn.close()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
         if self._runner is not None:
             await self._runner
         self.state = GatewayState.STOPPED
@@ -176,7 +190,12 @@ class Gateway:
             "uptime": time.time() - self._started_at if self._started_at else 0.0,
             "config_sha256": self.config.digest,
             "routes": {
-                name: {**r.stats.as_dict(), "in_flight": r.in_flight, "in_flight_bytes": r.in_flight_bytes}
+                name: {
+                    **r.stats.as_dict(),
+                    "in_flight": r.in_flight,
+                    "in_flight_bytes": r.in_flight_bytes,
+                    "state": r.state.value,
+                }
                 for name, r in self.routes.items()
             },
             "connectors": {

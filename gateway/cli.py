@@ -80,17 +80,19 @@ def _explain(config: Config, connector: str, topic: str) -> int:
     routes = [r for r in build_routes(config).values() if r.source == connector]
     plan = Dispatcher(plugins()[kind].syntax, routes).plan(topic)
     print(f"{topic!r} from {connector} ({kind}): {len(plan)} route{'s' if len(plan) != 1 else ''}")
-    for route, deliveries in plan:
+    for rp in plan:
+        route = rp.route
         patterns = ", ".join(p.text for p in route.patterns)
         print(f"  route {route.name} (from {patterns})")
-        for d in deliveries:
+        for d in (*rp.deliveries, *((rp.dead_letter,) if rp.dead_letter else ())):
             t = d.target
             tkind = config.kind(t.connector)
             if d.error is not None:
                 print(f"    -> {t.connector} ({tkind}): cannot render: {d.error}")
                 continue
             key = f" key={d.key.decode(errors='replace')!r}" if d.key is not None else ""
-            print(f"    -> {t.connector} ({tkind}) {t.spec.address_key}={d.address!r}{key}")
+            arrow = "-> dead letter:" if t.index < 0 else "->"
+            print(f"    {arrow} {t.connector} ({tkind}) {t.spec.address_key}={d.address!r}{key}")
     return EXIT_OK
 
 

@@ -21,6 +21,7 @@ import msgspec
 from gateway.backoff import Backoff
 from gateway.config.model import GatewaySection, RouteSection
 from gateway.registry import BUILTIN, plugins
+from gateway.route import RetryPolicy
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -51,6 +52,7 @@ def _type_name(t: Any) -> str:
         r"\b(typing|msgspec|collections\.abc|builtins)\.", "", repr(t) if not isinstance(t, type) else t.__name__
     )
     text = re.sub(r"Annotated\[(\w+), Meta\(([^)]*)\)\]", lambda m: f"{m.group(1)} ({m.group(2)})", text)
+    text = re.sub(r"^Optional\[(.*)\]$", r"\1 | None", text)
     text = re.sub(r"\bNone(Type)?\b", "null", text).replace("Literal", "one of ")
     return text
 
@@ -110,6 +112,10 @@ def render() -> str:
         "## `routes[]`",
         "",
         struct_table(RouteSection),
+        "",
+        "### `routes[].retry`",
+        "",
+        struct_table(RetryPolicy),
         "",
         "`from` and `to` take `connector: NAME` plus the keys of that connector's kind, listed below.",
         "",

@@ -147,6 +147,17 @@ class Connector(ABC):
     def stop_intake(self) -> None:
         self.intake_stopped.set()
 
+    async def release_route(self, route: Route) -> None:  # noqa: B027 - optional hook
+        """A route reading from here was cut off as a slow consumer: let go of what it holds.
+
+        Its flights are already released (receipts not acknowledged); a connector
+        makes sure that what was not acknowledged comes back when the route resumes
+        (e.g. closes the route's session or rewinds its partitions).
+        """
+
+    async def resume_route(self, route: Route) -> None:  # noqa: B027 - optional hook
+        """The route's backoff is over: read for it again."""
+
     async def quiesce(self) -> None:  # noqa: B027 - optional hook
         """After :meth:`stop_intake`: until the sources will dispatch nothing more.
 

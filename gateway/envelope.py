@@ -20,17 +20,27 @@ class Receipt:
     The dispatcher sets ``pending`` to the number of routes the message entered
     and calls :meth:`settle` once every route finished with it: every target
     confirmed, or failed under a policy that lets the source go. A source
-    subclasses this to send its PUBACK, JetStream ack or Kafka offset.
+    subclasses this to send its PUBACK, JetStream ack or Kafka offset, and
+    :meth:`release` for what must come back.
     """
 
-    __slots__ = ("pending",)
+    __slots__ = ("pending", "released")
 
     def __init__(self) -> None:
         self.pending = 0
+        self.released = False
+        """Some route gave the message up undelivered: :meth:`release` instead of :meth:`settle`."""
 
     def settle(self) -> None:
-        """Acknowledge the message at its source. Called exactly once."""
+        """Acknowledge the message at its source. Called exactly once (or :meth:`release`)."""
         raise NotImplementedError
+
+    def release(self) -> None:
+        """Do not acknowledge: let the source redeliver it (NAK, no commit, no PUBACK). At most once.
+
+        The default does nothing, which is right where an unacknowledged message comes back by
+        itself once its connection is reset (MQTT) or its ack wait expires.
+        """
 
     def position(self) -> str:
         """Where the source keeps the message (``topic/partition/offset``, stream sequence), or "".

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 
-from gateway.dispatch import Delivery, Flight
+from gateway.route import Delivery, Flight
 
 Item = tuple[Flight, Delivery]
 
@@ -44,6 +45,25 @@ class Sink(ABC):
         """Put items back at the head of the queue, in order (after a lost connection)."""
         self._queue.extendleft(reversed(items))
         self._wake()
+
+    def take_first(self, match: Callable[[Item], bool]) -> Item | None:
+        """Remove and return the oldest waiting item that ``match`` accepts (overflow: drop_oldest)."""
+        for i, item in enumerate(self._queue):
+            if match(item):
+                del self._queue[i]
+                return item
+        return None
+
+    def take_all(self, match: Callable[[Item], bool]) -> list[Item]:
+        """Remove and return every waiting item that ``match`` accepts (a route being released)."""
+        keep: deque[Item] = deque()
+        taken: list[Item] = []
+        for item in self._queue:
+            (taken if match(item) else keep).append(item)
+        if taken:
+            self._queue.clear()
+            self._queue.extend(keep)
+        return taken
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None

@@ -57,20 +57,19 @@ class ConfluentSink(ProducerSink):
 
     def _delivered(self, item: Item, err: KafkaError | None, msg: Any) -> None:
         self.outstanding -= 1
-        flight = item[0]
+        flight, d = item
         if err is None:
             flight.done()
         elif err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
-            flight.done(
-                PayloadTooLarge(len(flight.env.payload), self.config.max_request_size, "Kafka max_request_size")
-            )
+            limit = self.config.max_request_size
+            flight.fail(d, PayloadTooLarge(len(flight.env.payload), limit, "Kafka max_request_size"))
         elif err.code() in _PURGED:
             self.requeue([item])
         elif err.retriable() or err.code() == KafkaError._MSG_TIMED_OUT:
             self.requeue([item])
             self.broken.set()
         else:
-            flight.done(SinkError(f"Kafka refused the record: {err.str()}", retriable=False))
+            flight.fail(d, SinkError(f"Kafka refused the record: {err.str()}", retriable=False))
 
     async def run_poller(self) -> None:
         """Serve delivery reports on the event loop while any are outstanding. Owned by the session."""
@@ -97,7 +96,7 @@ class ConfluentSink(ProducerSink):
                 flight, d = item
                 env = flight.env
                 if len(env.payload) > limit:
-                    flight.done(PayloadTooLarge(len(env.payload), limit, "Kafka max_request_size"))
+                    flight.fail(d, PayloadTooLarge(len(env.payload), limit, "Kafka max_request_size"))
                     continue
                 hdrs = env.headers
                 try:
@@ -110,7 +109,7 @@ class ConfluentSink(ProducerSink):
                         functools.partial(delivered, item),
                     )
                 except KafkaException as exc:
-                    flight.done(SinkError(f"Kafka refused the record: {exc}", retriable=False))
+                    flight.fail(d, SinkError(f"Kafka refused the record: {exc}", retriable=False))
                     continue
                 self.outstanding += 1
             i = len(batch)

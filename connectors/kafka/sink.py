@@ -88,7 +88,7 @@ class KafkaSink(ProducerSink):
                 await producer.stop()
 
     def _on_delivery(self, item: Item, fut: asyncio.Future[object]) -> None:
-        flight = item[0]
+        flight, d = item
         if fut.cancelled():
             self.requeue([item])
             return
@@ -99,7 +99,7 @@ class KafkaSink(ProducerSink):
             self.requeue([item])
             self.broken.set()
         else:
-            flight.done(SinkError(f"Kafka refused the record: {type(exc).__name__}: {exc}", retriable=False))
+            flight.fail(d, SinkError(f"Kafka refused the record: {type(exc).__name__}: {exc}", retriable=False))
 
     async def write_batch(self, batch: list[Item]) -> None:
         producer = self.producer
@@ -122,12 +122,12 @@ class KafkaSink(ProducerSink):
                         headers=[(k, v.encode()) for k, v in hdrs] if hdrs else None,
                     )
                 except MessageSizeTooLargeError:
-                    flight.done(PayloadTooLarge(len(env.payload), limit, "Kafka max_request_size"))
+                    flight.fail(d, PayloadTooLarge(len(env.payload), limit, "Kafka max_request_size"))
                     continue
                 except KafkaError as exc:
                     if exc.retriable:
                         raise
-                    flight.done(SinkError(f"Kafka refused the record: {type(exc).__name__}: {exc}", retriable=False))
+                    flight.fail(d, SinkError(f"Kafka refused the record: {type(exc).__name__}: {exc}", retriable=False))
                     continue
                 fut.add_done_callback(functools.partial(on_delivery, item))
             i = len(batch)

@@ -54,6 +54,7 @@ class KafkaReceipt(Receipt):
 
     def __init__(self, tracker: PartitionTracker, offset: int) -> None:
         self.pending = 0  # Receipt.__init__, inlined: one receipt per message
+        self.released = False
         self.tracker = tracker
         self.offset = offset
         self.settled = False

@@ -29,6 +29,8 @@ class MemoryBroker:
     """What producers published, in order; the gateway's sources read it."""
     acked: set[int] = field(default_factory=set)
     """Positions in ``log`` the gateway acknowledged."""
+    released: set[int] = field(default_factory=set)
+    """Positions the gateway gave back undelivered (a real broker would redeliver them)."""
     received: list[Record] = field(default_factory=list)
     """What the gateway's sinks published and the broker confirmed."""
     hold: bool = False

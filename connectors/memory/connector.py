@@ -25,6 +25,9 @@ class MemoryReceipt(Receipt):
     def settle(self) -> None:
         self.broker.acked.add(self.index)
 
+    def release(self) -> None:
+        self.broker.released.add(self.index)
+
     def position(self) -> str:
         return str(self.index)
 
@@ -45,7 +48,9 @@ class MemorySink(Sink):
             error = broker.reject(record) if broker.reject is not None else None
             if error is None:
                 broker.received.append(record)
-            flight.done(error)
+                flight.done()
+            else:
+                flight.fail(delivery, error)
 
 
 class MemoryConnector(Connector):

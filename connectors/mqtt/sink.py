@@ -103,9 +103,11 @@ class MqttSink(Sink):
         del self.inflight[pid]
         self.ids.free(pid)
         self._room.set()
-        flight: Flight = o.item[0]
+        flight, d = o.item
         if reason >= 0x80:
-            flight.done(SinkError(f"MQTT broker refused the publish (reason code {reason})", retriable=False))
+            # 0x97 quota exceeded may pass; not authorized, bad topic or payload will not.
+            retriable = reason == 0x97
+            flight.fail(d, SinkError(f"MQTT broker refused the publish (reason code {reason})", retriable=retriable))
         else:
             flight.done()
 
@@ -124,9 +126,8 @@ class MqttSink(Sink):
                 qos = d.target.spec.qos
                 size = len(flight.env.payload) + len(d.address) + 64
                 if size > self.max_packet:
-                    flight.done(
-                        PayloadTooLarge(len(flight.env.payload), self.max_packet, "MQTT broker maximum packet size")
-                    )
+                    limit = self.max_packet
+                    flight.fail(d, PayloadTooLarge(len(flight.env.payload), limit, "MQTT broker maximum packet size"))
                     continue
                 if qos == 0:
                     out += self._encode(item, 0, None)

@@ -46,6 +46,7 @@ class MqttReceipt(Receipt):
 
     def __init__(self, acks: InboundAcks, packet_id: int, qos: int) -> None:
         self.pending = 0  # Receipt.__init__, inlined: one receipt per message
+        self.released = False
         self.acks = acks
         self.packet_id = packet_id
         self.qos = qos

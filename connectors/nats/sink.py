@@ -100,22 +100,25 @@ class NatsSink(Sink):
         entry = self._pending.pop(msg.subject[len(self._prefix) :], None)
         if entry is None:
             return  # a late PubAck for something already requeued
-        flight = entry[0][0]
+        flight, d = entry[0]
         if not msg.data:
+            # 503 no responders: no stream captures the subject (yet): worth another try.
             status = msg.headers.get("Status", "") if msg.headers else ""
-            flight.done(SinkError(f"no JetStream stream answered (status {status or 'none'})", retriable=False))
+            flight.fail(d, SinkError(f"no JetStream stream answered (status {status or 'none'})", retriable=True))
             return
         try:
             ack = _decode_puback(msg.data)
         except msgspec.DecodeError:
-            flight.done(SinkError("unreadable JetStream PubAck", retriable=False))
+            flight.fail(d, SinkError("unreadable JetStream PubAck", retriable=False))
             return
         if ack.error is not None:
-            flight.done(
+            e = ack.error
+            flight.fail(
+                d,
                 SinkError(
-                    f"JetStream refused the message: {ack.error.description} (err_code {ack.error.err_code})",
-                    retriable=False,
-                )
+                    f"JetStream refused the message: {e.description} (err_code {e.err_code})",
+                    retriable=e.code == 503,
+                ),
             )
         else:
             flight.done()
@@ -170,7 +173,7 @@ class NatsSink(Sink):
             block = wire.encode_headers(headers) if headers else None
             size = len(env.payload) + (len(block) if block is not None else 0)
             if size > max_payload:
-                flight.done(PayloadTooLarge(size, max_payload, "NATS server max_payload"))
+                flight.fail(d, PayloadTooLarge(size, max_payload, "NATS server max_payload"))
                 continue
             if spec.jetstream:
                 pending[str(self._next)] = (item, now)

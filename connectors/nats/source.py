@@ -79,6 +79,7 @@ class JetStreamReceipt(Receipt):
 
     def __init__(self, reply: str, acks: Callable[[str], None]) -> None:
         self.pending = 0  # Receipt.__init__, inlined: one receipt per message
+        self.released = False
         self.reply = reply
         self.acks = acks
 

@@ -258,8 +258,11 @@ def _routes(
             target = _target(tbody, patterns, connectors, broken, tpath, issues)
             if target is not None:
                 targets.append(target)
-        if source is not None and len(targets) == len(to):
-            routes.append(RouteConfig(section, source, tuple(patterns), tuple(targets)))
+        dead_letter = None
+        if section.dead_letter is not None:
+            dead_letter = _target(section.dead_letter, patterns, connectors, broken, f"{path}.dead_letter", issues)
+        if source is not None and len(targets) == len(to) and (dead_letter is not None or section.dead_letter is None):
+            routes.append(RouteConfig(section, source, tuple(patterns), tuple(targets), dead_letter))
     return routes
 
 

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from gateway.backoff import Backoff
 from gateway.connector import SourceSpec, TargetSpec
 from gateway.patterns import SourcePattern
+from gateway.route import RetryPolicy
 from gateway.templates import Template
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -48,6 +50,21 @@ class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     """Messages inside the route (received, not yet confirmed by every target) before the source is paused."""
     max_in_flight_bytes: Positive = 16 * 1024 * 1024
     """Payload bytes inside the route before the source is paused."""
+    overflow: Literal["block", "drop_newest", "drop_oldest", "disconnect"] | None = None
+    """What a full route does: `block` (stop reading the source), `drop_newest` / `drop_oldest` (drop and
+    count; acknowledged), `disconnect` (cut the route off at once, like a slow consumer). Default: `block` for
+    at-least-once sources (MQTT QoS 1/2, JetStream, Kafka), `drop_newest` for at-most-once ones."""
+    slow_consumer_deadline: NonNegative = 30.0
+    """Seconds a route may stay full before it is disconnected as a slow consumer: what it holds is released
+    (redelivered by durable sources, counted as dropped otherwise) and it reconnects after a backoff. 0 disables."""
+    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    """How a target that failed with a retriable error is tried again."""
+    dead_letter: dict[str, Any] | None = None
+    """A target (`{connector: NAME, ...}`) for messages that failed for good, with headers naming the route, the
+    error and the source position; the source is acknowledged only after that write."""
+    on_error: Literal["drop", "stop"] = "drop"
+    """Without a dead letter: `drop` acknowledges a message that failed for good (counted as failed); `stop`
+    stops the route and leaves it unacknowledged (redelivered once the route runs again)."""
     description: str = ""
     """Free text for the people reading the config."""
 
@@ -77,6 +94,7 @@ class RouteConfig:
     source: SourceSpec
     patterns: tuple[SourcePattern, ...]
     targets: tuple[TargetConfig, ...]
+    dead_letter: TargetConfig | None = None
 
     @property
     def name(self) -> str:

@@ -71,8 +71,11 @@ class RecordingSink(Sink):
         """Finish the first ``n`` recorded items (all by default), oldest first."""
         n = len(self.items) if n is None else n
         done, self.items = self.items[:n], self.items[n:]
-        for flight, _ in done:
-            flight.done(error)
+        for flight, delivery in done:
+            if error is None:
+                flight.done()
+            else:
+                flight.fail(delivery, error)
 
 
 def dispatcher_for(

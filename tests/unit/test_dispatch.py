@@ -196,9 +196,15 @@ async def test_snapshot_reports_route_counters(start_gateway: StartGateway) -> N
         "sent": 1,
         "acked": 1,
         "failed": 0,
+        "dead_lettered": 0,
+        "retried": 0,
         "dropped": 0,
+        "dropped_overflow": 0,
+        "dropped_released": 0,
+        "slow_consumer_disconnects": 0,
         "in_flight": 0,
         "in_flight_bytes": 0,
+        "state": "running",
     }
     assert snap["connectors"]["a"]["state"] == "connected"
     assert gw.ready
@@ -268,9 +274,10 @@ def test_dispatcher_plan_renders_once_per_topic_and_is_reused() -> None:
     again = dispatcher.plan("devices/d1/telemetry/a/b")
 
     assert first is again
-    [(route, deliveries)] = first
-    assert route is routes["telemetry"]
-    assert [(d.address, d.key, d.error) for d in deliveries] == [
+    [rp] = first
+    assert rp.route is routes["telemetry"]
+    assert rp.dead_letter is None
+    assert [(d.address, d.key, d.error) for d in rp.deliveries] == [
         ("iot/d1/a/b", None, None),
         ("archive/devices/d1/telemetry/a/b", None, None),
     ]
@@ -279,7 +286,8 @@ def test_dispatcher_plan_renders_once_per_topic_and_is_reused() -> None:
 def test_dispatcher_plan_carries_render_errors() -> None:
     dispatcher, _, _ = dispatcher_for(TELEMETRY)
 
-    [(_, [delivery])] = dispatcher.plan("devices/d#1/telemetry/x")
+    [rp] = dispatcher.plan("devices/d#1/telemetry/x")
+    [delivery] = rp.deliveries
 
     assert isinstance(delivery.error, TemplateError)
     assert delivery.address == ""

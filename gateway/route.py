@@ -1,0 +1,475 @@
+"""Routes at run time: budgets, overflow policies, retries, dead letters, release.
+
+A message matched by a route becomes one :class:`Flight` that the route
+submits to every target's sink. A flight ends in exactly one outcome, and the
+counters always satisfy ``received == acked + failed + dropped + in_flight``:
+
+- **acked**: every target confirmed; the source is acknowledged.
+- **failed**: a target failed for good (non-retriable error, retries
+  exhausted, a name the target cannot carry). With a ``dead_letter`` target the
+  message is written there first (``dead_lettered`` counts those) and the
+  source acknowledged after that write; without one, ``on_error: drop``
+  acknowledges and ``on_error: stop`` stops the route and leaves the message
+  unacknowledged, for redelivery.
+- **dropped**, by reason: ``overflow`` (``drop_newest``/``drop_oldest`` chose
+  it; acknowledged), ``released`` (the route was disconnected as a slow
+  consumer: not acknowledged, so durable sources redeliver it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+
+from gateway.backoff import Backoff
+from gateway.envelope import Envelope
+from gateway.errors import GatewayError, SinkError, TemplateError
+from gateway.flow import FlowGate
+from gateway.patterns import SourcePattern
+from gateway.templates import Match, Template
+
+if TYPE_CHECKING:
+    from gateway.sink import Sink
+
+log = structlog.get_logger("gateway.route")
+
+_LOG_INTERVAL = 10.0
+
+
+class Overflow(Enum):
+    BLOCK = "block"
+    DROP_NEWEST = "drop_newest"
+    DROP_OLDEST = "drop_oldest"
+    DISCONNECT = "disconnect"
+
+
+class RouteState(Enum):
+    RUNNING = "running"
+    DISCONNECTED = "disconnected"
+    """Cut off as a slow consumer; reconnects after a backoff."""
+    STOPPED = "stopped"
+    """Stopped by ``on_error: stop``; needs an operator."""
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Retries of a target that failed with a retriable error (a lost connection is not one: it is resent)."""
+
+    attempts: int = 5
+    """Tries after the first one; 0 disables retries."""
+    initial: float = 0.2
+    """Seconds; cap of the first delay (full jitter)."""
+    max: float = 10.0
+    """Seconds; cap of any delay."""
+    max_time: float = 60.0
+    """Seconds since the first failure after which the message fails for good."""
+
+    def delay(self, attempt: int) -> float:
+        return Backoff(initial=self.initial, max=self.max).delay(attempt)
+
+
+class RoutePolicy(msgspec.Struct, frozen=True):
+    """The flow-control and error settings of one route, resolved from its config."""
+
+    max_in_flight: int = 10_000
+    max_in_flight_bytes: int = 16 * 1024 * 1024
+    overflow: Overflow = Overflow.BLOCK
+    slow_consumer_deadline: float | None = 30.0
+    retry: RetryPolicy = RetryPolicy()
+    on_error: str = "drop"
+    reconnect: Backoff = Backoff(initial=0.5, max=30.0)
+
+
+class RouteStats:
+    """Monotonic counters of one route. ``received == acked + failed + dropped + in flight``."""
+
+    __slots__ = (
+        "acked",
+        "dead_lettered",
+        "dropped_overflow",
+        "dropped_released",
+        "failed",
+        "received",
+        "retried",
+        "sent",
+        "slow_consumer_disconnects",
+    )
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.sent = 0
+        """Target deliveries the sink broker confirmed (a fan-out message counts once per target)."""
+        self.acked = 0
+        self.failed = 0
+        self.dead_lettered = 0
+        """Of ``failed``: written to the dead-letter target."""
+        self.retried = 0
+        """Target deliveries tried again after a retriable error."""
+        self.dropped_overflow = 0
+        self.dropped_released = 0
+        self.slow_consumer_disconnects = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_overflow + self.dropped_released
+
+    def as_dict(self) -> dict[str, int]:
+        return {**{k: getattr(self, k) for k in self.__slots__}, "dropped": self.dropped}
+
+
+class Target:
+    """One compiled ``to`` entry (or the ``dead_letter``) of a route."""
+
+    __slots__ = ("address", "connector", "index", "key", "route", "sink", "spec")
+
+    def __init__(
+        self, route: Route, index: int, connector: str, spec: Any, address: Template, key: Template | None
+    ) -> None:
+        self.route = route
+        self.index = index
+        """Position in ``to``; -1 for the dead-letter target."""
+        self.connector = connector
+        self.spec = spec
+        self.address = address
+        self.key = key
+        self.sink: Sink | None = None
+        """Bound by the gateway when the connector is built."""
+
+    def render(self, match: Match) -> Delivery:
+        try:
+            address = self.address.render(match)
+            key = self.key.render(match).encode() if self.key is not None else None
+        except TemplateError as exc:
+            return Delivery(self, "", None, exc)
+        return Delivery(self, address, key, None)
+
+
+class Delivery:
+    """A target rendered for one source topic; cached with the topic's plan."""
+
+    __slots__ = ("address", "error", "key", "sink", "target")
+
+    def __init__(self, target: Target, address: str, key: bytes | None, error: GatewayError | None) -> None:
+        self.target = target
+        self.sink = target.sink
+        self.address = address
+        self.key = key
+        self.error = error
+
+
+class RoutePlan:
+    """What one route does with one source topic: its rendered targets and dead letter."""
+
+    __slots__ = ("dead_letter", "deliveries", "route")
+
+    def __init__(self, route: Route, deliveries: tuple[Delivery, ...], dead_letter: Delivery | None) -> None:
+        self.route = route
+        self.deliveries = deliveries
+        self.dead_letter = dead_letter
+
+
+class Flight:
+    """One message inside one route, until every target of the route is done with it."""
+
+    __slots__ = ("attempts", "env", "error", "nbytes", "pending", "plan", "released", "route")
+
+    def __init__(self, route: Route, env: Envelope, plan: RoutePlan, nbytes: int) -> None:
+        self.route = route
+        self.env = env
+        self.plan = plan
+        self.pending = len(plan.deliveries)
+        self.nbytes = nbytes
+        self.error: BaseException | None = None
+        self.released = False
+        self.attempts: dict[int, tuple[int, float]] | None = None
+        """Per target index: (retries so far, time of the first failure); only once something failed."""
+
+    def done(self) -> None:
+        """A target's broker confirmed the message."""
+        self.route.stats.sent += 1
+        self.pending -= 1
+        if self.pending == 0:
+            self.route.finish(self)
+
+    def fail(self, delivery: Delivery, error: BaseException) -> None:
+        """A target refused or could not take the message; retriable errors are tried again later."""
+        if isinstance(error, SinkError) and error.retriable and self.route.schedule_retry(self, delivery, error):
+            return
+        if self.error is None:
+            self.error = error
+        self.pending -= 1
+        if self.pending == 0:
+            self.route.finish(self)
+
+    def release(self) -> None:
+        """A target gives the message up undelivered (its route was disconnected)."""
+        self.released = True
+        self.pending -= 1
+        if self.pending == 0:
+            self.route.finish(self)
+
+
+class DeadLetter(Flight):
+    """The dead-letter write of a failed flight; its outcome completes the original."""
+
+    __slots__ = ("original",)
+
+    def __init__(self, original: Flight, env: Envelope, plan: RoutePlan) -> None:
+        super().__init__(original.route, env, plan, 0)
+        self.pending = 1
+        self.original = original
+
+    def done(self) -> None:
+        self.route.dead_letter_done(self.original, None)
+
+    def fail(self, delivery: Delivery, error: BaseException) -> None:
+        if isinstance(error, SinkError) and error.retriable:
+            self.route.schedule_retry(self, delivery, error, forever=True)
+            return
+        self.route.dead_letter_done(self.original, error)
+
+    def release(self) -> None:
+        self.original.released = True
+        self.route.dead_letter_done(self.original, None)
+
+
+class Route:
+    """A route at run time: its targets, its budget, its policies and its counters."""
+
+    def __init__(
+        self, name: str, source: str, spec: Any, patterns: Sequence[SourcePattern], policy: RoutePolicy | None = None
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.spec = spec
+        self.patterns = tuple(patterns)
+        self.policy = policy or RoutePolicy()
+        self.max_in_flight = self.policy.max_in_flight
+        self.max_in_flight_bytes = self.policy.max_in_flight_bytes
+        self.targets: list[Target] = []
+        self.dead_letter: Target | None = None
+        self.in_flight = 0
+        self.in_flight_bytes = 0
+        self.stats = RouteStats()
+        self.state = RouteState.RUNNING
+        self.saturated = False
+        self.saturated_since = 0.0
+        self.gate: FlowGate | None = None
+        self._holds_gate = False
+        self._drop = policy is not None and policy.overflow in (Overflow.DROP_NEWEST, Overflow.DROP_OLDEST)
+        self._timers: dict[asyncio.TimerHandle, Flight] = {}
+        """Retries waiting for their delay, with their flights."""
+        self._last_log = 0.0
+        self._unlogged = 0
+        self._idle: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"Route({self.name!r})"
+
+    # -- the per-message path ---------------------------------------------------------------
+    def admit(self, env: Envelope, plan: RoutePlan) -> None:
+        nbytes = len(env.payload)
+        self.stats.received += 1
+        if (
+            self._drop
+            and (self.in_flight >= self.max_in_flight or self.in_flight_bytes + nbytes > self.max_in_flight_bytes)
+            and not (self.policy.overflow is Overflow.DROP_OLDEST and self._evict_oldest())
+        ):
+            self.stats.dropped_overflow += 1
+            self._settle(env.receipt, released=False)
+            return
+        self.in_flight += 1
+        self.in_flight_bytes += nbytes
+        if not self.saturated and (
+            self.in_flight >= self.max_in_flight or self.in_flight_bytes >= self.max_in_flight_bytes
+        ):
+            # block / disconnect: stop the source; what is already on its way is admitted (push sources).
+            self.saturated = True
+            self.saturated_since = time.monotonic()
+            if not self._drop:
+                self.hold_gate()
+        flight = Flight(self, env, plan, nbytes)
+        for d in plan.deliveries:
+            if d.error is None:
+                d.sink.submit(flight, d)  # type: ignore[union-attr]  # bound before any dispatch
+            else:
+                flight.fail(d, d.error)
+
+    def finish(self, flight: Flight) -> None:
+        error = flight.error
+        if error is not None and not flight.released:
+            if flight.plan.dead_letter is not None:
+                self._write_dead_letter(flight, error)
+                return
+            self.stats.failed += 1
+            self._log("route.delivery_failed", error)
+            if self.policy.on_error == "stop":
+                self.stop(f"{type(error).__name__}: {error}")
+                flight.released = True  # not acknowledged: redelivered once the route runs again
+        elif flight.released:
+            self.stats.dropped_released += 1
+        else:
+            self.stats.acked += 1
+        self._close(flight)
+
+    def _close(self, flight: Flight) -> None:
+        self.in_flight -= 1
+        self.in_flight_bytes -= flight.nbytes
+        if (
+            self.saturated
+            and self.in_flight <= self.max_in_flight // 2
+            and self.in_flight_bytes <= self.max_in_flight_bytes // 2
+        ):
+            self.saturated = False
+            if self.state is RouteState.RUNNING:
+                self.free_gate()
+        self._settle(flight.env.receipt, released=flight.released)
+        if self._idle is not None and self.in_flight == 0 and not self._idle.done():
+            self._idle.set_result(None)
+
+    @staticmethod
+    def _settle(receipt: Any, *, released: bool) -> None:
+        if receipt is None:
+            return
+        if released:
+            receipt.released = True
+        receipt.pending -= 1
+        if receipt.pending == 0:
+            if receipt.released:
+                receipt.release()
+            else:
+                receipt.settle()
+
+    # -- failures: retries and dead letters ---------------------------------------------------
+    def schedule_retry(self, flight: Flight, delivery: Delivery, error: SinkError, *, forever: bool = False) -> bool:
+        """Try ``delivery`` again after a backoff; False if the retry budget is spent."""
+        if self.state is not RouteState.RUNNING and not forever:
+            return False
+        retry = self.policy.retry
+        now = time.monotonic()
+        attempts = flight.attempts if flight.attempts is not None else {}
+        count, first = attempts.get(delivery.target.index, (0, now))
+        if not forever and (count >= retry.attempts or now - first >= retry.max_time):
+            return False
+        attempts[delivery.target.index] = (count + 1, first)
+        flight.attempts = attempts
+        self.stats.retried += 1
+        handle: asyncio.TimerHandle
+
+        def resubmit() -> None:
+            self._timers.pop(handle, None)
+            delivery.sink.submit(flight, delivery)  # type: ignore[union-attr]
+
+        handle = asyncio.get_running_loop().call_later(retry.delay(count), resubmit)
+        self._timers[handle] = flight
+        return True
+
+    def _write_dead_letter(self, flight: Flight, error: BaseException) -> None:
+        dl = flight.plan.dead_letter
+        assert dl is not None and dl.sink is not None
+        env = flight.env
+        receipt = env.receipt
+        headers = [
+            *(env.headers or ()),
+            ("x-gateway-route", self.name),
+            ("x-gateway-error", str(error)[:1000]),
+            ("x-gateway-error-type", type(error).__name__),
+            ("x-gateway-source-topic", env.topic),
+            ("x-gateway-source-position", receipt.position() if receipt is not None else ""),
+        ]
+        letter = DeadLetter(flight, msgspec.structs.replace(env, headers=headers, receipt=None), flight.plan)
+        dl.sink.submit(letter, dl)
+
+    def dead_letter_done(self, flight: Flight, error: BaseException | None) -> None:
+        """The dead-letter write of ``flight`` ended; ``error`` if it failed for good too."""
+        if error is None and not flight.released:
+            self.stats.failed += 1
+            self.stats.dead_lettered += 1
+            self._log("route.dead_lettered", flight.error)
+        elif flight.released:
+            self.stats.dropped_released += 1
+        else:
+            flight.plan = RoutePlan(self, flight.plan.deliveries, None)  # no second dead letter
+            flight.error = error
+            self.finish(flight)
+            return
+        self._close(flight)
+
+    # -- overflow, release and state ----------------------------------------------------------
+    def _evict_oldest(self) -> bool:
+        """drop_oldest: give up the oldest message still waiting in this route's sink.
+
+        Only for single-target routes: a fan-out message may already be written to one of its
+        sinks, and what a broker has cannot be taken back (fan-out routes drop the newest instead).
+        """
+        if len(self.targets) != 1 or self.targets[0].sink is None:
+            return False
+        item = self.targets[0].sink.take_first(lambda it: type(it[0]) is Flight and it[0].route is self)
+        if item is None:
+            return False
+        self.stats.dropped_overflow += 1
+        self._close(item[0])
+        return True
+
+    def release(self) -> int:
+        """Give up everything still waiting in this route's sinks or retry timers (slow-consumer cut)."""
+        timers, self._timers = self._timers, {}
+        for handle, flight in timers.items():
+            handle.cancel()
+            flight.release()
+        released = len(timers)
+        sinks = {t.sink for t in (*self.targets, self.dead_letter) if t is not None and t.sink is not None}
+        for sink in sinks:
+            for flight, _ in sink.take_all(lambda it: it[0].route is self):
+                flight.release()
+                released += 1
+        return released
+
+    def hold_gate(self) -> None:
+        """Stop this route's source (once; other routes on the same gate hold it independently)."""
+        if not self._holds_gate and self.gate is not None:
+            self._holds_gate = True
+            self.gate.close()
+
+    def free_gate(self) -> None:
+        if self._holds_gate and self.gate is not None:
+            self._holds_gate = False
+            self.gate.open()
+
+    def stop(self, reason: str) -> None:
+        """on_error: stop: the source stops for good (until the gateway restarts or reloads the route)."""
+        if self.state is RouteState.STOPPED:
+            return
+        self.state = RouteState.STOPPED
+        self.hold_gate()
+        log.error("route.stopped", route=self.name, reason=reason)
+
+    def cancel_timers(self) -> None:
+        """Shutdown: retries not yet due are abandoned (their messages stay unacknowledged)."""
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+
+    async def drained(self) -> None:
+        """Until nothing is in flight (shutdown drains with this)."""
+        while self.in_flight:
+            self._idle = asyncio.get_running_loop().create_future()
+            await self._idle
+
+    def room(self) -> int:
+        """How many more messages the budget admits before the route saturates."""
+        return max(0, self.max_in_flight - self.in_flight)
+
+    def _log(self, event: str, error: BaseException | None) -> None:
+        # Failures can come in floods (a poison topic): log the first, then a count every few seconds.
+        now = time.monotonic()
+        self._unlogged += 1
+        if now - self._last_log >= _LOG_INTERVAL:
+            log.warning(event, route=self.name, error=str(error), error_type=type(error).__name__, count=self._unlogged)
+            self._last_log = now
+            self._unlogged = 0
