@@ -6,30 +6,30 @@ its config Struct (tagged by ``type``), the Structs of its route endpoints
 talks to the broker. The core knows these shapes and nothing of the broker
 libraries behind them.
 
-A :class:`Connector` runs one connection *session* at a time: connect, serve
-the routes that read from it and the sink that writes to it, and return or
-raise :class:`ConnectorError` when the connection is lost. The base class
-owns the lifecycle around it: state, reconnects with full-jitter backoff, and
-an orderly close.
+A :class:`Connector` keeps one or more connections up, each a
+:class:`~gateway.channel.Channel` running one *session* at a time: connect,
+serve, and return or raise :class:`ConnectorError` when the connection is
+lost. Most connectors have one channel (:meth:`Connector.session`); MQTT
+gives every source route its own session, so that one route can be cut off
+without touching the others. The channels own the lifecycle: state,
+reconnects with full-jitter backoff, and an orderly close.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, ClassVar
 
 import msgspec
 import structlog
 
 from gateway.backoff import Backoff
+from gateway.channel import Channel, ConnectorState
 from gateway.dispatch import Route
-from gateway.errors import ConnectorError
 from gateway.patterns import SourcePattern, TopicSyntax
 from gateway.sink import Sink
 
@@ -96,15 +96,6 @@ class ConnectorPlugin:
         return cls
 
 
-class ConnectorState(Enum):
-    NEW = "new"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    BACKOFF = "backoff"
-    CLOSING = "closing"
-    CLOSED = "closed"
-
-
 @dataclass(frozen=True, slots=True)
 class ConnectorContext:
     """What the gateway tells every connector."""
@@ -115,24 +106,54 @@ class ConnectorContext:
 
 
 class Connector(ABC):
-    """A broker connection that serves the routes reading from it and the sink writing to it."""
+    """The connections to one broker, serving the routes reading from it and the sink writing to it."""
 
     def __init__(self, name: str, config: Any, context: ConnectorContext) -> None:
         self.name = name
         self.config = config
         self.context = context
-        self.state = ConnectorState.NEW
-        self.reconnects = 0
-        self.last_error: str | None = None
         self.connected = asyncio.Event()
-        """Set while a session is up: what readiness checks wait on (never sleep for it)."""
+        """Set while every channel that is not held down is connected: what readiness waits on."""
         self.routes: tuple[Route, ...] = ()
+        self.channels: list[Channel] = []
         self.log = structlog.get_logger("gateway.connector").bind(connector=name)
         self._closing = asyncio.Event()
+        self._closed = False
         self.intake_stopped = asyncio.Event()
         """Set when the gateway stops taking new messages (shutdown): sources stop reading."""
         self._sink: Sink | None = None
 
+    # -- state, aggregated over the channels ---------------------------------------------------
+    @property
+    def state(self) -> ConnectorState:
+        if self._closed:
+            return ConnectorState.CLOSED
+        if not self.channels:
+            return ConnectorState.NEW
+        states = [c.state for c in self.channels if not c.held]
+        for worst in (ConnectorState.CLOSING, ConnectorState.BACKOFF, ConnectorState.CONNECTING, ConnectorState.NEW):
+            if worst in states:
+                return worst
+        return ConnectorState.CONNECTED
+
+    @property
+    def reconnects(self) -> int:
+        return sum(c.reconnects for c in self.channels)
+
+    @property
+    def last_error(self) -> str | None:
+        errors = [c.last_error for c in self.channels if c.last_error]
+        return errors[-1] if errors else None
+
+    def channel_changed(self) -> None:
+        """Channels call this when they connect or lose their connection."""
+        up = [c.connected.is_set() for c in self.channels if not c.held]
+        if up and all(up):
+            self.connected.set()
+        else:
+            self.connected.clear()
+
+    # -- sink ----------------------------------------------------------------------------------
     @property
     def sink(self) -> Sink:
         """This connector's sink, created on first use."""
@@ -144,15 +165,20 @@ class Connector(ABC):
     def has_sink(self) -> bool:
         return self._sink is not None
 
+    @abstractmethod
+    def make_sink(self) -> Sink: ...
+
+    # -- hooks -----------------------------------------------------------------------------------
     def stop_intake(self) -> None:
         self.intake_stopped.set()
 
     async def release_route(self, route: Route) -> None:  # noqa: B027 - optional hook
         """A route reading from here was cut off as a slow consumer: let go of what it holds.
 
-        Its flights are already released (receipts not acknowledged); a connector
-        makes sure that what was not acknowledged comes back when the route resumes
-        (e.g. closes the route's session or rewinds its partitions).
+        Its flights are already released (receipts not acknowledged), and what arrives for it
+        meanwhile is released at admission; a connector makes sure that what was not
+        acknowledged comes back when the route resumes (e.g. closes the route's session or
+        rewinds its partitions).
         """
 
     async def resume_route(self, route: Route) -> None:  # noqa: B027 - optional hook
@@ -164,90 +190,39 @@ class Connector(ABC):
         Most sources stop at once; a pull consumer may have a request in flight.
         """
 
-    @abstractmethod
-    def make_sink(self) -> Sink: ...
+    def make_channels(self) -> list[Channel]:
+        """The connections to keep up; by default one, running :meth:`session`."""
+        return [Channel(self, self.name, self.session, self.finish)]
 
     @abstractmethod
     async def session(self) -> None:
         """Connect, serve ``self.routes`` and the sink until the connection is lost or closing.
 
-        Set ``self.connected`` once up. Raise :class:`ConnectorError` (or return)
-        when the connection is lost; the base class reconnects.
+        Call :meth:`mark_connected` once up. Raise :class:`ConnectorError` (or return)
+        when the connection is lost; the channel reconnects.
         """
 
     async def finish(self) -> None:  # noqa: B027 - optional hook, most connectors need it
         """Called inside the last session when closing: final acks/commits, then disconnect."""
 
-    async def run(self, routes: Sequence[Route]) -> None:
-        """Keep a session up until :meth:`close`; reconnect with full-jitter backoff."""
-        self.routes = tuple(routes)
-        attempt = 0
-        while not self._closing.is_set():
-            self.state = ConnectorState.CONNECTING
-            session = asyncio.ensure_future(self.session())
-            closing = asyncio.ensure_future(self._closing.wait())
-            try:
-                await asyncio.wait({session, closing}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                session.cancel()
-                raise
-            finally:
-                closing.cancel()
-            if not session.done():
-                # Closing: let the session send its last acks and disconnect, then stop it.
-                self.state = ConnectorState.CLOSING
-                try:
-                    await asyncio.wait_for(self.finish(), timeout=10)
-                except Exception as exc:  # a failed goodbye must not stop the shutdown
-                    self.log.warning("connector.finish_failed", error=repr(exc))
-                finally:
-                    session.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await session
-            if (
-                session.done()
-                and not session.cancelled()
-                and session.exception() is None
-                and self.intake_stopped.is_set()
-            ):
-                # Its sources finished after intake stopped: not a lost connection; wait to be closed.
-                await self._closing.wait()
-                continue
-            lost = None if session.cancelled() else session.exception()
-            while isinstance(lost, BaseExceptionGroup):  # from a session's TaskGroup: report the cause
-                lost = lost.exceptions[0]
-            if lost is not None and not isinstance(lost, ConnectorError | OSError | TimeoutError):
-                # A bug, not a broker problem: say so loudly, then recover like from a lost connection.
-                self.log.error("connector.session_crashed", exc_info=lost)
-            was_connected = self.connected.is_set()
-            self.connected.clear()
-            if self._closing.is_set():
-                break
-            if was_connected:
-                attempt = 0
-                self.reconnects += 1
-            self.last_error = f"{type(lost).__name__}: {lost}" if lost is not None else "connection closed"
-            delay = self.context.backoff.delay(attempt)
-            attempt += 1
-            self.state = ConnectorState.BACKOFF
-            self.log.warning(
-                "connector.disconnected" if was_connected else "connector.connect_failed",
-                error=self.last_error,
-                attempt=attempt,
-                retry_in=round(delay, 3),
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), timeout=delay)
-        self.state = ConnectorState.CLOSED
-
     def mark_connected(self, **info: Any) -> None:
-        """Sessions call this once the broker accepted them."""
-        self.state = ConnectorState.CONNECTED
-        self.last_error = None
-        self.connected.set()
-        self.log.info("connector.connected", reconnects=self.reconnects, **info)
+        """The default channel's session calls this once the broker accepted it."""
+        self.channels[0].mark_connected(**info)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def run(self, routes: Sequence[Route]) -> None:
+        """Keep every channel up until :meth:`close`."""
+        self.routes = tuple(routes)
+        self.channels = self.make_channels()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for channel in self.channels:
+                    tg.create_task(channel.run(self._closing), name=f"channel:{channel.name}")
+        finally:
+            self._closed = True
+            self.connected.clear()
 
     async def close(self) -> None:
-        """Finish the session (acks, commits), disconnect, and make :meth:`run` return. Idempotent."""
+        """Finish the sessions (acks, commits), disconnect, and make :meth:`run` return. Idempotent."""
         self.intake_stopped.set()
         self._closing.set()

@@ -275,6 +275,11 @@ class Route:
     def admit(self, env: Envelope, plan: RoutePlan) -> None:
         nbytes = len(env.payload)
         self.stats.received += 1
+        if self.state is not RouteState.RUNNING:
+            # Cut off or stopped: what still arrives goes back (redelivered by durable sources).
+            self.stats.dropped_released += 1
+            self._settle(env.receipt, released=True)
+            return
         if (
             self._drop
             and (self.in_flight >= self.max_in_flight or self.in_flight_bytes + nbytes > self.max_in_flight_bytes)

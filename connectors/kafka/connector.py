@@ -138,6 +138,11 @@ class KafkaConnector(Connector):
         for source in self._sources:
             await source.stopped.wait()
 
+    async def resume_route(self, route: Route) -> None:
+        for source in self._sources:
+            if route in source.dispatcher.routes and (n := source.rewind()):
+                self.log.info("kafka.rewound", route=route.name, group=source.group, partitions=n)
+
     async def finish(self) -> None:
         for source in self._sources:
             await source.commit()

@@ -33,7 +33,7 @@ _PAUSE_AFTER = 1.0
 class PartitionTracker:
     """Settled-prefix tracking of one assigned partition."""
 
-    __slots__ = ("committable", "committed", "pending", "revoked", "tp")
+    __slots__ = ("committable", "committed", "pending", "revoked", "rewind", "tp")
 
     def __init__(self, tp: TopicPartition) -> None:
         self.tp = tp
@@ -42,6 +42,8 @@ class PartitionTracker:
         """Next offset to commit (last settled contiguous offset + 1); -1 until one settled."""
         self.committed = -1
         self.revoked = False
+        self.rewind: int | None = None
+        """The lowest released offset: where to read again from when the route resumes."""
 
     def advance(self) -> None:
         pending = self.pending
@@ -64,6 +66,12 @@ class KafkaReceipt(Receipt):
         tracker = self.tracker
         if tracker.pending and tracker.pending[0] is self:
             tracker.advance()
+
+    def release(self) -> None:
+        # Never settled: the committed offset stops below it; the partition is rewound to it on resume.
+        tracker = self.tracker
+        if tracker.rewind is None or self.offset < tracker.rewind:
+            tracker.rewind = self.offset
 
     def position(self) -> str:
         tp = self.tracker.tp
@@ -167,6 +175,19 @@ class GroupSource:
                             receipt,
                         )
                     )
+
+    def rewind(self) -> int:
+        """Read released records again: seek each partition back to its lowest released offset."""
+        count = 0
+        for tp, tracker in list(self.trackers.items()):
+            if tracker.rewind is None or tracker.revoked:
+                continue
+            self.consumer.seek(tp, tracker.rewind)
+            fresh = PartitionTracker(tp)
+            fresh.committable, fresh.committed = tracker.committable, tracker.committed
+            self.trackers[tp] = fresh  # receipts of the old one settle into nothing
+            count += 1
+        return count
 
     async def run_committer(self) -> None:
         """Commit the settled prefix every ``commit_interval`` until cancelled (also while paused or stopping)."""

@@ -1,24 +1,66 @@
-"""The MQTT connector: one connection per session, serving every route that reads or writes here."""
+"""The MQTT connector: a publisher session for the sink, and one persistent session per source route.
+
+Every route that reads from MQTT gets its own connection and persistent session
+(client id ``<client_id>-<route>``): its own receive window, its own flow
+control, and its own backlog at the broker. Stopping one route's reading (a
+full budget) or cutting it off (a slow consumer) therefore never stalls
+another route, and whatever it did not acknowledge the broker keeps and
+redelivers. The connector's ``client_id`` is the publisher's.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from mqtt5 import ConnAckReasonCode, PublishPacket
+from mqtt5 import ConnAckPacket, ConnAckReasonCode, PublishPacket
 
 from connectors.mqtt.client import MqttConnection, open_connection
 from connectors.mqtt.codec import codec_for
 from connectors.mqtt.config import MqttConfig, MqttSource
 from connectors.mqtt.sink import MqttSink, PacketIds
 from connectors.mqtt.source import Subscriber
+from gateway.channel import Channel
 from gateway.connector import Connector, ConnectorContext
-from gateway.dispatch import Dispatcher
+from gateway.dispatch import Dispatcher, Route
 from gateway.errors import ConnectorError
 from gateway.patterns import MQTT
 from gateway.redact import redact_url
 from gateway.sink import Sink
+
+_CLIENT_ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class _Publisher:
+    """PacketHandler of the publisher session: acknowledgements of our publishes."""
+
+    def __init__(self, sink: MqttSink | None) -> None:
+        self.sink = sink
+
+    def on_publish(self, packet: PublishPacket) -> None:
+        pass  # the publisher subscribes to nothing
+
+    def on_ack(self, kind: int, packet_id: int, reason: int) -> None:
+        if self.sink is not None:
+            self.sink.on_ack(kind, packet_id, reason)
+
+
+class _RouteSession:
+    """PacketHandler and state of one source route's session."""
+
+    def __init__(self) -> None:
+        self.subscriber: Subscriber | None = None
+        self.conn: MqttConnection | None = None
+
+    def on_publish(self, packet: PublishPacket) -> None:
+        if self.subscriber is not None:
+            self.subscriber.on_publish(packet)
+
+    def on_ack(self, kind: int, packet_id: int, reason: int) -> None:
+        pass  # a source session publishes nothing
 
 
 class MqttConnector(Connector):
@@ -34,61 +76,51 @@ class MqttConnector(Connector):
         self.username, self.password = config.credentials
         self.codec = codec_for(config.version)
         self.ids = PacketIds()
-        self.conn: MqttConnection | None = None
-        self._subscriber: Subscriber | None = None
-        self._dispatcher: Dispatcher | None = None
+        self._publisher: MqttConnection | None = None
+        self._sessions: dict[str, _RouteSession] = {}
+        self._dispatchers: dict[str, Dispatcher] = {}
+        self._channels: dict[str, Channel] = {}
 
     def make_sink(self) -> Sink:
         return MqttSink(self.config, self.codec, self.ids)
 
-    # PacketHandler: the connection calls these for every incoming packet.
-    def on_publish(self, packet: PublishPacket) -> None:
-        sub = self._subscriber
-        if sub is not None:
-            sub.on_publish(packet)
+    def route_client_id(self, route: Route) -> str:
+        return f"{self.client_id}-{_CLIENT_ID_CHARS.sub('_', route.name)}"
 
-    def on_ack(self, kind: int, packet_id: int, reason: int) -> None:
-        sink = self._sink
-        if isinstance(sink, MqttSink):
-            sink.on_ack(kind, packet_id, reason)
-
-    def _filters(self) -> list[tuple[str, int]]:
-        qos: dict[str, int] = {}
+    def make_channels(self) -> list[Channel]:
+        channels: list[Channel] = []
+        if self.has_sink:
+            channels.append(Channel(self, self.name, self.session, self.finish))
         for route in self.routes:
-            spec: MqttSource = route.spec
-            f = route.patterns[0].native_filter()
-            if spec.share_group:
-                f = f"$share/{spec.share_group}/{f}"
-            qos[f] = max(qos.get(f, 0), spec.qos)
-        return list(qos.items())
+            rs = self._sessions[route.name] = _RouteSession()
+            ch = self._channels[route.name] = Channel(
+                self,
+                f"{self.name}/{route.name}",
+                lambda route=route, rs=rs: self._route_session(route, rs),  # type: ignore[misc]
+                lambda rs=rs: _disconnect(rs.conn),  # type: ignore[misc]
+            )
+            channels.append(ch)
+        return channels
 
-    async def session(self) -> None:
+    async def _connect(
+        self,
+        client_id: str,
+        handler: _Publisher | _RouteSession,
+        prepare: Callable[[MqttConnection], None] | None = None,
+    ) -> tuple[MqttConnection, ConnAckPacket]:
+        """TCP connect, CONNECT, CONNACK. ``prepare`` runs before CONNECT goes out: a resumed session's
+        backlog can arrive in the same read as the CONNACK, so whoever takes it must be there first."""
         cfg = self.config
         try:
-            conn = await open_connection(self.host, self.port, self.codec, self, timeout=cfg.connect_timeout)
+            conn = await open_connection(self.host, self.port, self.codec, handler, timeout=cfg.connect_timeout)
         except (OSError, TimeoutError) as exc:
             raise ConnectorError(f"cannot connect to {self.address}: {type(exc).__name__}: {exc}") from exc
-        self.conn = conn
-        sink = self._sink if isinstance(self._sink, MqttSink) else None
-        if self.routes and self._dispatcher is None:
-            self._dispatcher = Dispatcher(MQTT, self.routes, cache_size=self.context.cache_size)
-        dispatcher = self._dispatcher
-
-        def on_gate(is_open: bool) -> None:
-            if is_open and not self.intake_stopped.is_set():
-                conn.resume_reading()
-            elif not is_open:
-                conn.pause_reading()
-
         try:
-            if dispatcher is not None:
-                self._subscriber = Subscriber(conn, dispatcher)
-                dispatcher.gate.add_listener(on_gate)
-                if not dispatcher.gate.is_open:
-                    conn.pause_reading()
+            if prepare is not None:
+                prepare(conn)
             conn.write(
                 self.codec.connect(
-                    self.client_id,
+                    client_id,
                     clean_start=cfg.clean_start,
                     keepalive=cfg.keepalive,
                     session_expiry=cfg.session_expiry,
@@ -104,36 +136,87 @@ class MqttConnector(Connector):
                 raise ConnectorError(f"no CONNACK from {self.address}: {str(exc) or 'timed out'}") from exc
             if connack.reason_code != ConnAckReasonCode.SUCCESS:
                 raise ConnectorError(f"{self.address} refused the connection: {connack.reason_code.name}")
+        except BaseException:
+            conn.abort("connect failed")
+            raise
+        return conn, connack
+
+    async def session(self) -> None:
+        """The publisher session (the sink)."""
+        sink = self._sink if isinstance(self._sink, MqttSink) else None
+        conn, connack = await self._connect(self.client_id, _Publisher(sink))
+        self._publisher = conn
+        try:
             resent = 0
             if sink is not None:
                 resent = sink.attach(conn, connack.receive_max, connack.max_packet_size)
-            if dispatcher is not None:
-                await self._subscribe(conn)
             self.mark_connected(
                 url=self.address, client_id=self.client_id, session_present=connack.session_present, resent=resent
             )
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._watch(conn), name=f"{self.name}:watch")
-                tg.create_task(conn.keepalive(cfg.keepalive), name=f"{self.name}:keepalive")
+                tg.create_task(_watch(conn), name=f"{self.name}:watch")
+                tg.create_task(conn.keepalive(self.config.keepalive), name=f"{self.name}:keepalive")
                 if sink is not None:
                     tg.create_task(sink.run_writer(), name=f"{self.name}:writer")
-                if dispatcher is not None:
-                    tg.create_task(self._stop_reading_on_intake_stop(conn), name=f"{self.name}:intake")
         finally:
-            self.conn = None
-            self._subscriber = None
-            if dispatcher is not None:
-                dispatcher.gate.remove_listener(on_gate)
+            self._publisher = None
             if sink is not None:
                 sink.detach()
             conn.abort("session ended")
 
-    async def _subscribe(self, conn: MqttConnection) -> None:
-        filters = self._filters()
+    async def finish(self) -> None:
+        await _disconnect(self._publisher)
+
+    async def _route_session(self, route: Route, rs: _RouteSession) -> None:
+        """One source route's persistent session."""
+        spec: MqttSource = route.spec
+        dispatcher = self._dispatchers.get(route.name)
+        if dispatcher is None:
+            dispatcher = self._dispatchers[route.name] = Dispatcher(MQTT, [route], cache_size=self.context.cache_size)
+        client_id = self.route_client_id(route)
+
+        def prepare(conn: MqttConnection) -> None:
+            rs.conn = conn
+            rs.subscriber = Subscriber(conn, dispatcher)
+
+        try:
+            conn, connack = await self._connect(client_id, rs, prepare)
+        except BaseException:
+            rs.subscriber = rs.conn = None
+            raise
+
+        def on_gate(is_open: bool) -> None:
+            if is_open and not self.intake_stopped.is_set():
+                conn.resume_reading()
+            elif not is_open:
+                conn.pause_reading()
+
+        dispatcher.gate.add_listener(on_gate)
+        try:
+            if not dispatcher.gate.is_open:
+                conn.pause_reading()
+            topic = route.patterns[0].native_filter()
+            if spec.share_group:
+                topic = f"$share/{spec.share_group}/{topic}"
+            await self._subscribe(conn, topic, spec.qos)
+            self._channels[route.name].mark_connected(
+                url=self.address, client_id=client_id, session_present=connack.session_present, topic=topic
+            )
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(_watch(conn), name=f"{self.name}/{route.name}:watch")
+                tg.create_task(conn.keepalive(self.config.keepalive), name=f"{self.name}/{route.name}:keepalive")
+                tg.create_task(self._stop_on_intake_stop(rs), name=f"{self.name}/{route.name}:intake")
+        finally:
+            dispatcher.gate.remove_listener(on_gate)
+            rs.subscriber = None
+            rs.conn = None
+            conn.abort("session ended")
+
+    async def _subscribe(self, conn: MqttConnection, topic: str, qos: int) -> None:
         pid = self.ids.take()
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         conn.subacks[pid] = fut  # type: ignore[assignment]
-        conn.write(self.codec.subscribe(pid, filters))
+        conn.write(self.codec.subscribe(pid, [(topic, qos)]))
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 suback = await fut
@@ -141,22 +224,36 @@ class MqttConnector(Connector):
             raise ConnectorError(f"no SUBACK from {self.address}: {str(exc) or 'timed out'}") from exc
         finally:
             self.ids.free(pid)
-        for (flt, _), code in zip(filters, suback.reason_codes, strict=False):  # type: ignore[attr-defined]
-            if int(code) >= 0x80:
-                self.log.error("connector.subscribe_refused", filter=flt, reason=code.name)
+        code = suback.reason_codes[0]  # type: ignore[attr-defined]
+        if int(code) >= 0x80:
+            # A refused subscription (ACL) is a configuration problem, not a connection one.
+            self.log.error("connector.subscribe_refused", filter=topic, reason=code.name)
 
-    async def _watch(self, conn: MqttConnection) -> None:
-        reason = await asyncio.shield(conn.closed)
-        raise ConnectorError(reason)
-
-    async def _stop_reading_on_intake_stop(self, conn: MqttConnection) -> None:
+    async def _stop_on_intake_stop(self, rs: _RouteSession) -> None:
         await self.intake_stopped.wait()
-        if self._subscriber is not None:
-            self._subscriber.stopped = True
-        conn.pause_reading()
+        if rs.subscriber is not None:
+            rs.subscriber.stopped = True
+        if rs.conn is not None:
+            rs.conn.pause_reading()
 
-    async def finish(self) -> None:
-        conn = self.conn
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
+    async def release_route(self, route: Route) -> None:
+        """Close the route's session: the broker keeps what it did not acknowledge, and resends it."""
+        channel = self._channels.get(route.name)
+        if channel is not None:
+            channel.cut()
+
+    async def resume_route(self, route: Route) -> None:
+        channel = self._channels.get(route.name)
+        if channel is not None:
+            channel.resume()
+
+
+async def _watch(conn: MqttConnection) -> None:
+    reason = await asyncio.shield(conn.closed)
+    raise ConnectorError(reason)
+
+
+async def _disconnect(conn: MqttConnection | None) -> None:
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            await conn.disconnect()

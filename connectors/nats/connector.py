@@ -17,17 +17,16 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.errors import SlowConsumerError
 
+from connectors.nats import wire
 from connectors.nats.config import NatsConfig, NatsSource
 from connectors.nats.sink import NatsSink
 from connectors.nats.source import CoreSource, JetStreamSource, durable_name
 from gateway.connector import Connector, ConnectorContext
-from gateway.dispatch import Dispatcher
+from gateway.dispatch import Dispatcher, Route
 from gateway.errors import ConnectorError
 from gateway.patterns import NATS
 from gateway.redact import redact_url
 from gateway.sink import Sink
-
-_ACK = b"+ACK"
 
 
 class NatsConnector(Connector):
@@ -38,17 +37,20 @@ class NatsConnector(Connector):
         self.nc: Client | None = None
         self.slow_consumer_events = 0
         """Times the client dropped messages because a subscription's pending limits were full."""
-        self._acks: list[str] = []
+        self._acks: list[tuple[str, bytes]] = []
         self._ack_wakeup = asyncio.Event()
         self._dispatchers: dict[str, Dispatcher] = {}
         self._last_slow_log = 0.0
         self._pulls: list[JetStreamSource] = []
+        self._core: dict[str, CoreSource] = {}
+        self.server_slow_consumer = 0
+        """Times nats-server cut this connection off as a slow consumer."""
 
     def make_sink(self) -> Sink:
         return NatsSink(self.config)
 
-    def _ack(self, reply: str) -> None:
-        self._acks.append(reply)
+    def _ack(self, reply: str, verdict: bytes) -> None:
+        self._acks.append((reply, verdict))
         self._ack_wakeup.set()
 
     def _dispatcher(self, route_name: str) -> Dispatcher:
@@ -65,6 +67,11 @@ class NatsConnector(Connector):
             if now - self._last_slow_log > 10:
                 self._last_slow_log = now
                 self.log.warning("connector.slow_consumer", subject=exc.subject, total=self.slow_consumer_events)
+            return
+        if "slow consumer" in str(exc).lower():
+            # nats-server found us too slow to read and is closing the connection; the channel reconnects.
+            self.server_slow_consumer += 1
+            self.log.warning("connector.server_slow_consumer", error=str(exc), total=self.server_slow_consumer)
             return
         if self.connected.is_set():  # while connecting, connect_failed says it once per attempt
             self.log.warning("connector.client_error", error=f"{type(exc).__name__}: {exc}")
@@ -106,6 +113,7 @@ class NatsConnector(Connector):
             if sink is not None:
                 await sink.attach(nc)
             sources: list[tuple[str, CoreSource | JetStreamSource]] = []
+            self._core = {}
             self._pulls = []
             for route in self.routes:
                 spec: NatsSource = route.spec
@@ -116,9 +124,10 @@ class NatsConnector(Connector):
                     self._pulls.append(source)
                 else:
                     source = CoreSource(nc, cfg, route, dispatcher)
+                    self._core[route.name] = source
                 await self._guard(source.start(self.intake_stopped))
                 sources.append((route.name, source))
-            await self._guard(nc.flush(timeout=max(1, int(cfg.connect_timeout))))  # subscriptions are live
+            await self._guard(wire.barrier(nc, cfg.connect_timeout))  # the subscriptions are live
             self.mark_connected(
                 server=redact_url(nc.connected_url.geturl() if nc.connected_url else ""), max_payload=nc.max_payload
             )
@@ -163,12 +172,23 @@ class NatsConnector(Connector):
 
     async def _send_acks(self, nc: Client) -> None:
         acks, self._acks = self._acks, []
-        for i, reply in enumerate(acks):
+        for i, (reply, verdict) in enumerate(acks):
             try:
-                await nc.publish(reply, _ACK)
+                await nc.publish(reply, verdict)
             except BaseException:
                 self._acks[:0] = acks[i:]  # keep them for the next connection
                 raise
+
+    async def release_route(self, route: Route) -> None:
+        """Core subscriptions unsubscribe; JetStream messages are NAKed as their flights release."""
+        source = self._core.get(route.name)
+        if source is not None:
+            await source.pause()
+
+    async def resume_route(self, route: Route) -> None:
+        source = self._core.get(route.name)
+        if source is not None and source.sub is None and not self.intake_stopped.is_set():
+            await source.start(self.intake_stopped)
 
     async def quiesce(self) -> None:
         """Until the JetStream sources' last pulls ended (their late deliveries NAKed)."""
@@ -180,5 +200,5 @@ class NatsConnector(Connector):
         if nc is None:
             return
         await self._send_acks(nc)
-        await nc.flush(timeout=5)
+        await wire.barrier(nc, 5)
         await nc.close()

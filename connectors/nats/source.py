@@ -28,6 +28,8 @@ from gateway.envelope import Envelope, Receipt
 from gateway.errors import ConnectorError
 
 _STATUS = "Status"
+_ACK = b"+ACK"
+_NAK = b"-NAK"
 
 
 def headers_of(msg: Msg) -> list[tuple[str, str]] | None:
@@ -44,6 +46,7 @@ class CoreSource:
         self.route = route
         self.dispatcher = dispatcher
         self.spec: NatsSource = route.spec
+        self.sub: Any = None
 
     async def start(self, intake_stopped: asyncio.Event) -> None:
         """Subscribe (before the connector reports itself ready)."""
@@ -69,22 +72,31 @@ class CoreSource:
             pending_bytes_limit=self.config.pending_bytes_limit,
         )
 
+    async def pause(self) -> None:
+        """Unsubscribe (the route was cut off; at-most-once: what is published meanwhile is not ours)."""
+        if self.sub is not None:
+            sub, self.sub = self.sub, None
+            await sub.unsubscribe()
+
     async def run(self, intake_stopped: asyncio.Event) -> None:
         await intake_stopped.wait()
-        await self.sub.unsubscribe()
+        await self.pause()
 
 
 class JetStreamReceipt(Receipt):
     __slots__ = ("acks", "reply")
 
-    def __init__(self, reply: str, acks: Callable[[str], None]) -> None:
+    def __init__(self, reply: str, acks: Callable[[str, bytes], None]) -> None:
         self.pending = 0  # Receipt.__init__, inlined: one receipt per message
         self.released = False
         self.reply = reply
         self.acks = acks
 
     def settle(self) -> None:
-        self.acks(self.reply)
+        self.acks(self.reply, _ACK)
+
+    def release(self) -> None:
+        self.acks(self.reply, _NAK)  # redeliver now, not after ack_wait
 
     def position(self) -> str:
         # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>
@@ -105,7 +117,7 @@ class JetStreamSource:
         nc: Client,
         route: Route,
         dispatcher: Dispatcher,
-        acks: Callable[[str], None],
+        acks: Callable[[str, bytes], None],
         durable: str,
     ) -> None:
         self.nc = nc

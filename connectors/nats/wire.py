@@ -65,6 +65,17 @@ def append_pub(out: bytearray, subject: str, payload: bytes, reply: str = "", he
 
 
 async def send(nc: Any, out: bytearray) -> None:
-    """Queue ``out`` on the client's connection and wake its flusher."""
+    """Hand ``out`` to the client and wait until its flusher wrote it to the socket.
+
+    Waiting matters: nats-py writes a PING straight to the socket while queued
+    commands wait for the flusher, so without it the PONG that confirms a batch
+    could come back before the batch was even sent.
+    """
     await nc._send_command(bytes(out))
-    await nc._flush_pending()
+    await nc._flush_pending(force_flush=True)
+
+
+async def barrier(nc: Any, timeout: float) -> None:
+    """Until the server processed everything sent so far (queued commands first, then PING/PONG)."""
+    await nc._flush_pending(force_flush=True)
+    await nc.flush(timeout)

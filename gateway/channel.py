@@ -1,0 +1,156 @@
+"""One broker connection of a connector, kept up by its own reconnect loop.
+
+A channel runs its connector's session coroutine, and when that ends (a lost
+connection, a refused connect) waits a full-jitter backoff and runs it again,
+without limit, until the gateway closes. On close it lets the session send its
+last acknowledgements (``finish``) before cancelling it. A channel can also be
+*cut* (a slow-consumer disconnect of the route it serves): its session is
+cancelled at once and it stays down until :meth:`Channel.resume`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from gateway.errors import ConnectorError
+
+if TYPE_CHECKING:
+    from gateway.connector import Connector
+
+
+class ConnectorState(Enum):
+    NEW = "new"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    BACKOFF = "backoff"
+    HELD = "held"
+    """Cut off as a slow consumer; waits to be resumed."""
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class Channel:
+    def __init__(
+        self,
+        connector: Connector,
+        name: str,
+        session: Callable[[], Awaitable[None]],
+        finish: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.connector = connector
+        self.name = name
+        self._session = session
+        self._finish = finish
+        self.state = ConnectorState.NEW
+        self.reconnects = 0
+        self.last_error: str | None = None
+        self.connected = asyncio.Event()
+        self.held = False
+        self._kick = asyncio.Event()
+        self._resume = asyncio.Event()
+        self.log = connector.log if name == connector.name else connector.log.bind(channel=name)
+
+    def mark_connected(self, **info: Any) -> None:
+        """The session calls this once the broker accepted it."""
+        self.state = ConnectorState.CONNECTED
+        self.last_error = None
+        self.connected.set()
+        self.connector.channel_changed()
+        self.log.info("connector.connected", reconnects=self.reconnects, **info)
+
+    def cut(self) -> None:
+        """Drop the connection now and stay down until :meth:`resume`."""
+        self.held = True
+        self._resume.clear()
+        self._kick.set()
+
+    def resume(self) -> None:
+        self.held = False
+        self._resume.set()
+
+    async def run(self, closing: asyncio.Event) -> None:
+        attempt = 0
+        while not closing.is_set():
+            if self.held:
+                self.state = ConnectorState.HELD
+                self.connector.channel_changed()
+                await _first(self._resume.wait(), closing.wait())
+                continue
+            self.state = ConnectorState.CONNECTING
+            self._kick.clear()
+            session = asyncio.ensure_future(self._session())
+            stop = asyncio.ensure_future(closing.wait())
+            kick = asyncio.ensure_future(self._kick.wait())
+            try:
+                await asyncio.wait({session, stop, kick}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                session.cancel()
+                raise
+            finally:
+                stop.cancel()
+                kick.cancel()
+            if not session.done():
+                if closing.is_set() and self._finish is not None:
+                    # Closing: let the session send its last acks and disconnect, then stop it.
+                    self.state = ConnectorState.CLOSING
+                    try:
+                        await asyncio.wait_for(self._finish(), timeout=10)
+                    except Exception as exc:  # a failed goodbye must not stop the shutdown
+                        self.log.warning("connector.finish_failed", error=repr(exc))
+                session.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await session
+                if not closing.is_set():  # cut as a slow consumer
+                    self.connected.clear()
+                    self.connector.channel_changed()
+                    continue
+            if (
+                session.done()
+                and not session.cancelled()
+                and session.exception() is None
+                and self.connector.intake_stopped.is_set()
+            ):
+                # Its sources finished after intake stopped: not a lost connection; wait to be closed.
+                await closing.wait()
+                continue
+            lost = None if session.cancelled() else session.exception()
+            while isinstance(lost, BaseExceptionGroup):  # from a session's TaskGroup: report the cause
+                lost = lost.exceptions[0]
+            if lost is not None and not isinstance(lost, ConnectorError | OSError | TimeoutError):
+                # A bug, not a broker problem: say so loudly, then recover like from a lost connection.
+                self.log.error("connector.session_crashed", exc_info=lost)
+            was_connected = self.connected.is_set()
+            self.connected.clear()
+            self.connector.channel_changed()
+            if closing.is_set():
+                break
+            if was_connected:
+                attempt = 0
+                self.reconnects += 1
+            self.last_error = f"{type(lost).__name__}: {lost}" if lost is not None else "connection closed"
+            delay = self.connector.context.backoff.delay(attempt)
+            attempt += 1
+            self.state = ConnectorState.BACKOFF
+            self.log.warning(
+                "connector.disconnected" if was_connected else "connector.connect_failed",
+                error=self.last_error,
+                attempt=attempt,
+                retry_in=round(delay, 3),
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_first(closing.wait(), self._kick.wait()), timeout=delay)
+        self.state = ConnectorState.CLOSED
+
+
+async def _first(*aws: Awaitable[Any]) -> None:
+    """Until the first of ``aws`` completes; the others are cancelled."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
