@@ -198,8 +198,12 @@ class Flight:
 
     def fail(self, delivery: Delivery, error: BaseException) -> None:
         """A target refused or could not take the message; retriable errors are tried again later."""
-        if isinstance(error, SinkError) and error.retriable and self.route.schedule_retry(self, delivery, error):
-            return
+        if isinstance(error, SinkError) and error.retriable:
+            if self.route.state is RouteState.DISCONNECTED:
+                self.release()  # cut off meanwhile: give it back rather than call it a failure
+                return
+            if self.route.schedule_retry(self, delivery, error):
+                return
         if self.error is None:
             self.error = error
         self.pending -= 1

@@ -139,7 +139,7 @@ class Sinks:
                 await close()
 
 
-async def _prepare_source(route: Route, ep: Endpoints) -> None:
+async def _prepare_source(route: Route, ep: Endpoints, kind: str = "gateway") -> None:
     if route.source == "kafka":
         await kafka_create(ep.kafka, ep.kafka_src)
     elif route.source == "jetstream":
@@ -147,7 +147,9 @@ async def _prepare_source(route: Route, ep: Endpoints) -> None:
         await nc.add_stream(ep.js_stream, [ep.js_subject])
         await nc.close()
     elif route.source == "mqtt":
-        await mqtt_session(ep.mqtt_port, ep.client_id, ep.mqtt_src)
+        # The gateway reads each MQTT source route through its own session, <client_id>-<route>.
+        client_id = f"{ep.client_id}-{route.name.partition('_kafkadriver_')[0]}" if kind == "gateway" else ep.client_id
+        await mqtt_session(ep.mqtt_port, client_id, ep.mqtt_src)
 
 
 async def _publish(route: Route, ep: Endpoints, n: int, size: int, rate: float | None) -> float:
@@ -184,7 +186,7 @@ async def throughput(
     profile: Path | None = None,
 ) -> dict[str, Any]:
     ep = brokers.endpoints()
-    await _prepare_source(route, ep)
+    await _prepare_source(route, ep, kind)
     sinks = Sinks(route, ep, n)
     await sinks.start()
     preload = None
@@ -275,7 +277,7 @@ async def latency(
     """Latency through the bridge at ``rate``, and the same clients straight to the sink broker."""
     n = int(rate * seconds)
     ep = brokers.endpoints()
-    await _prepare_source(route, ep)
+    await _prepare_source(route, ep, kind)
     sinks = Sinks(route, ep, n)
     await sinks.start()
     bridge = _bridge(kind, route, ep, brokers.workdir)
