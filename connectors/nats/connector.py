@@ -12,10 +12,9 @@ import contextlib
 import time
 from typing import Any
 
-import nats
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
-from nats.errors import SlowConsumerError
+from nats.errors import NoServersError, SlowConsumerError, StaleConnectionError
 
 from connectors.nats import wire
 from connectors.nats.config import NatsConfig, NatsSource
@@ -43,8 +42,9 @@ class NatsConnector(Connector):
         self._last_slow_log = 0.0
         self._pulls: list[JetStreamSource] = []
         self._core: dict[str, CoreSource] = {}
-        self.server_slow_consumer = 0
-        """Times nats-server cut this connection off as a slow consumer."""
+        self.server_closed = 0
+        """Times the server closed the connection, or stopped answering PINGs. nats-server cuts a slow
+        consumer off this way (``max_pending``, ``write_deadline``) without sending a reason."""
 
     def make_sink(self) -> Sink:
         return NatsSink(self.config)
@@ -68,11 +68,8 @@ class NatsConnector(Connector):
                 self._last_slow_log = now
                 self.log.warning("connector.slow_consumer", subject=exc.subject, total=self.slow_consumer_events)
             return
-        if "slow consumer" in str(exc).lower():
-            # nats-server found us too slow to read and is closing the connection; the channel reconnects.
-            self.server_slow_consumer += 1
-            self.log.warning("connector.server_slow_consumer", error=str(exc), total=self.server_slow_consumer)
-            return
+        if isinstance(exc, StaleConnectionError):
+            return  # counted and reported once the session ends (see _watch)
         if self.connected.is_set():  # while connecting, connect_failed says it once per attempt
             self.log.warning("connector.client_error", error=f"{type(exc).__name__}: {exc}")
 
@@ -88,23 +85,30 @@ class NatsConnector(Connector):
             options.update(user=cfg.user, password=cfg.password)
         if cfg.token is not None:
             options["token"] = cfg.token
+        # nats-py annotates these as int but takes seconds as floats.
+        options.update(reconnect_time_wait=0.01, connect_timeout=cfg.connect_timeout, ping_interval=cfg.ping_interval)
+        nc = Client()
         try:
-            nc = await nats.connect(
+            await nc.connect(
                 servers=cfg.servers,
                 name=cfg.name or f"{self.context.gateway_id}-{self.name}",
                 allow_reconnect=False,
                 # One pass over the servers per attempt; the session loop does the backoff.
                 max_reconnect_attempts=1,
-                reconnect_time_wait=0.01,
-                connect_timeout=cfg.connect_timeout,
-                ping_interval=cfg.ping_interval,
                 max_outstanding_pings=cfg.max_outstanding_pings,
                 error_cb=self._on_error,
                 disconnected_cb=on_lost,
                 closed_cb=on_lost,
                 **options,
             )
-        except (NatsError, OSError, TimeoutError) as exc:
+        except BaseException as exc:
+            # nats-py leaves the socket of a failed attempt open (a timeout waiting for INFO, say).
+            with contextlib.suppress(Exception):
+                await nc.close()
+            if not isinstance(exc, NatsError | OSError | TimeoutError):
+                raise
+            if isinstance(exc, NoServersError) and nc.last_error is not None:
+                exc = nc.last_error  # "no servers available" hides why: the last attempt's own error
             servers = ", ".join(redact_url(u) for u in cfg.servers)
             raise ConnectorError(f"cannot connect to {servers}: {type(exc).__name__}: {exc}") from exc
         self.nc = nc
@@ -132,7 +136,7 @@ class NatsConnector(Connector):
                 server=redact_url(nc.connected_url.geturl() if nc.connected_url else ""), max_payload=nc.max_payload
             )
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._watch(lost), name=f"{self.name}:watch")
+                tg.create_task(self._watch(lost, nc), name=f"{self.name}:watch")
                 tg.create_task(self._acker(nc), name=f"{self.name}:acker")
                 if sink is not None:
                     tg.create_task(sink.run_writer(), name=f"{self.name}:writer")
@@ -154,8 +158,17 @@ class NatsConnector(Connector):
         except NatsError as exc:
             raise ConnectorError(f"{type(exc).__name__}: {exc}") from exc
 
-    async def _watch(self, lost: asyncio.Event) -> None:
+    async def _watch(self, lost: asyncio.Event, nc: Client) -> None:
         await lost.wait()
+        if isinstance(nc.last_error, StaleConnectionError):
+            # End of stream, or PINGs unanswered: the server dropped us. nats-server does this to a
+            # slow consumer without a word, so say what to look for rather than guess.
+            self.server_closed += 1
+            raise ConnectorError(
+                f"the server closed the connection ({type(nc.last_error).__name__}); if it repeats while the "
+                "server is up, nats-server may be cutting the gateway off as a slow consumer: look for "
+                "'Slow Consumer' in its log"
+            )
         raise ConnectorError("connection lost")
 
     async def _expire(self, sink: NatsSink) -> None:

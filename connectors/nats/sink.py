@@ -147,12 +147,15 @@ class NatsSink(Sink):
         if nc is None:
             self.requeue(batch)
             raise ConnectorError("not connected")
-        while len(self._unconfirmed) >= _MAX_UNCONFIRMED:
-            self._confirmed.clear()
-            await self._confirmed.wait()
-            if self.nc is not nc:
-                self.requeue(batch)
-                raise ConnectorError("connection lost")
+        try:
+            while len(self._unconfirmed) >= _MAX_UNCONFIRMED:
+                self._confirmed.clear()
+                await self._confirmed.wait()
+                if self.nc is not nc:
+                    raise ConnectorError("connection lost")
+        except BaseException:
+            self.requeue(batch)  # nothing of it was sent; cancelled with its session or cut off
+            raise
         max_payload = nc.max_payload
         prefix = self._prefix
         pending = self._pending
@@ -190,6 +193,10 @@ class NatsSink(Sink):
             if isinstance(exc, NatsError | OSError | TimeoutError):
                 raise ConnectorError(f"NATS publish failed: {type(exc).__name__}: {exc}") from exc
             raise
+        if self.nc is not nc:
+            # Detached while the batch was being written: nothing of it can be confirmed any more.
+            self.requeue(core)
+            raise ConnectorError("connection lost")
         if core:
             flush = asyncio.ensure_future(nc.flush(self.config.flush_timeout))  # type: ignore[arg-type]
             self._unconfirmed.append((flush, core))

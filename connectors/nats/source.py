@@ -76,6 +76,13 @@ class CoreSource:
         """Unsubscribe (the route was cut off; at-most-once: what is published meanwhile is not ours)."""
         if self.sub is not None:
             sub, self.sub = self.sub, None
+            # Messages nats-py still buffers for the callback die with the subscription: the server
+            # handed them over, so they count as received and dropped, never silently lost.
+            buffered = sub.pending_msgs
+            if buffered:
+                stats = self.route.stats
+                stats.received += buffered
+                stats.dropped_released += buffered
             await sub.unsubscribe()
 
     async def run(self, intake_stopped: asyncio.Event) -> None:
