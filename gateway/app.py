@@ -87,6 +87,8 @@ class Gateway:
         self._runner: asyncio.Task[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._started_at = 0.0
+        self.reloads = 0
+        """Configurations applied by reload since start."""
 
     @classmethod
     def from_config(cls, config: Config | str | Path) -> Gateway:
@@ -183,6 +185,15 @@ class Gateway:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+    @property
+    def started_at(self) -> float:
+        """Wall-clock time the gateway started (0 before)."""
+        return self._started_at
+
+    @property
+    def uptime(self) -> float:
+        return time.time() - self._started_at if self._started_at else 0.0
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and states, for status displays."""

@@ -11,10 +11,15 @@ import asyncio
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from gateway import __version__
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+    from gateway.monitor import Monitor
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -111,6 +116,7 @@ async def _serve(config: Config) -> int:
     import structlog
 
     from gateway.app import Gateway
+    from gateway.monitor import Monitor, MonitorError
 
     log = structlog.get_logger("gateway")
     gw = Gateway(config)
@@ -130,6 +136,25 @@ async def _serve(config: Config) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    monitor: Monitor | None = None
+    if config.gateway.http.listen:
+        monitor = Monitor(gw, config.gateway.http.listen)
+        try:
+            await monitor.start()
+        except MonitorError as exc:
+            log.error("gateway.failed", error=str(exc))
+            return EXIT_FAILURE
+    try:
+        return await _until_stopped(gw, stop)
+    finally:
+        if monitor is not None:
+            await monitor.stop()
+
+
+async def _until_stopped(gw: Gateway, stop: asyncio.Event) -> int:
+    import structlog
+
+    log = structlog.get_logger("gateway")
     await gw.start()
     waiter = asyncio.ensure_future(gw.wait())
     stopper = asyncio.ensure_future(stop.wait())

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from gateway.backoff import Backoff
-from gateway.config.model import GatewaySection, RouteSection
+from gateway.config.model import GatewaySection, HttpSection, RouteSection
 from gateway.registry import BUILTIN, plugins
 from gateway.route import RetryPolicy
 
@@ -108,6 +108,10 @@ def render() -> str:
         "### `gateway.reconnect`",
         "",
         struct_table(Backoff),
+        "",
+        "### `gateway.http`",
+        "",
+        struct_table(HttpSection),
         "",
         "## `routes[]`",
         "",

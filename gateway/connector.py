@@ -153,6 +153,14 @@ class Connector(ABC):
         else:
             self.connected.clear()
 
+    def endpoint(self) -> str:
+        """The broker address(es) for status displays, with any password masked."""
+        return ""
+
+    def counters(self) -> dict[str, int]:
+        """Connector-specific event counters for monitoring (monotonic), by name."""
+        return {}
+
     # -- sink ----------------------------------------------------------------------------------
     @property
     def sink(self) -> Sink:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from bisect import bisect_left
 from collections.abc import Sequence
 from enum import Enum
+from time import monotonic_ns
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -120,6 +122,53 @@ class RouteStats:
 
     def as_dict(self) -> dict[str, int]:
         return {**{k: getattr(self, k) for k in self.__slots__}, "dropped": self.dropped}
+
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Upper bounds (seconds) of the end-to-end latency histogram; the last bucket is unbounded."""
+
+
+class Latency:
+    """Source receive → last target confirmed, per acknowledged message: a fixed-bucket histogram.
+
+    One ``bisect`` and two additions per message; read by the monitor, never reset.
+    """
+
+    __slots__ = ("_bounds", "counts", "sum_ns")
+
+    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self._bounds = [int(b * 1e9) for b in buckets]
+        self.counts = [0] * (len(buckets) + 1)
+        """Per bucket (not cumulative); the last one is above every bound."""
+        self.sum_ns = 0
+
+    @property
+    def buckets(self) -> list[float]:
+        return [b / 1e9 for b in self._bounds]
+
+    def observe_ns(self, ns: int) -> None:
+        self.counts[bisect_left(self._bounds, ns)] += 1
+        self.sum_ns += ns
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def quantile(self, q: float) -> float | None:
+        """The ``q`` quantile in seconds, interpolated inside its bucket; None before any message."""
+        total = self.count
+        if total == 0:
+            return None
+        rank = q * total
+        seen = 0
+        lower = 0.0
+        for bound, n in zip(self._bounds, self.counts, strict=False):
+            upper = bound / 1e9
+            if n and seen + n >= rank:
+                return lower + (upper - lower) * (rank - seen) / n
+            seen += n
+            lower = upper
+        return lower  # in the unbounded bucket: at least the largest bound
 
 
 class Target:
@@ -260,6 +309,7 @@ class Route:
         self.in_flight = 0
         self.in_flight_bytes = 0
         self.stats = RouteStats()
+        self.latency = Latency()
         self.state = RouteState.RUNNING
         self.saturated = False
         self.saturated_since = 0.0
@@ -324,6 +374,9 @@ class Route:
             self.stats.dropped_released += 1
         else:
             self.stats.acked += 1
+            received = flight.env.received_ns
+            if received:
+                self.latency.observe_ns(monotonic_ns() - received)
         self._close(flight)
 
     def _close(self, flight: Flight) -> None:

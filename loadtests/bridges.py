@@ -262,7 +262,7 @@ def gateway_config(route: str, ep: Endpoints) -> tuple[str, int]:
         frm, to = sources[source], [sinks[sink]]
     used = {frm["connector"], *(t["connector"] for t in to)}
     doc = {
-        "gateway": {"id": f"lt-{ep.u}", "shutdown_timeout": 10},
+        "gateway": {"id": f"lt-{ep.u}", "shutdown_timeout": 10, "http": {"listen": "127.0.0.1:0"}},
         "connectors": {k: v for k, v in connectors.items() if k in used},
         "routes": [{"name": route, "from": frm, "to": to}],
     }

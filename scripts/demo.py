@@ -15,6 +15,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -133,9 +134,20 @@ async def traffic(mqtt_port: int, nats_url: str, bootstrap: str, tally: Tally, s
         devices.close()
 
 
+def _http_port() -> int:
+    """8080 when it is free, else any free port."""
+    for port in (8080, 0):
+        with contextlib.suppress(OSError), socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free port for the status page")
+
+
 async def run(args: argparse.Namespace, m: Mosquitto, n: NatsServer, k: Tansu, workdir: Path) -> int:
     await prepare(n.url, k.bootstrap)
-    env = {**os.environ, "MQTT_URL": m.url, "NATS_URL": n.url, "KAFKA_BOOTSTRAP": k.bootstrap}
+    http = os.environ.get("GATEWAY_HTTP") or f"127.0.0.1:{_http_port()}"
+    env = {**os.environ, "MQTT_URL": m.url, "NATS_URL": n.url, "KAFKA_BOOTSTRAP": k.bootstrap, "GATEWAY_HTTP": http}
+    print(f"status page: http://{http}/   (metrics: http://{http}/metrics)")
     log_path = workdir / "gateway.log"
     print(f"brokers: MQTT {m.url}  NATS {n.url}  Kafka {k.bootstrap}")
     print(f"gateway: {sys.executable} -m gateway run -c {args.config}   (log: {log_path})")

@@ -36,6 +36,9 @@ class KafkaConnector(Connector):
     def client_id(self) -> str:
         return self.config.client_id or f"{self.context.gateway_id}-{self.name}"
 
+    def endpoint(self) -> str:
+        return ",".join(self.config.bootstrap_servers)
+
     def make_sink(self) -> Sink:
         if self.config.driver == "confluent":
             from connectors.kafka.confluent_sink import ConfluentSink  # native wheel: only when chosen

@@ -60,6 +60,9 @@ class MemoryConnector(Connector):
         super().__init__(name, config, context)
         self.broker = MemoryBroker.named(config.broker)
 
+    def endpoint(self) -> str:
+        return f"memory:{self.config.broker}"
+
     def make_sink(self) -> Sink:
         return MemorySink(self.broker)
 

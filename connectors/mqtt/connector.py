@@ -81,6 +81,9 @@ class MqttConnector(Connector):
         self._dispatchers: dict[str, Dispatcher] = {}
         self._channels: dict[str, Channel] = {}
 
+    def endpoint(self) -> str:
+        return redact_url(self.config.url)
+
     def make_sink(self) -> Sink:
         return MqttSink(self.config, self.codec, self.ids)
 

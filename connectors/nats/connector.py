@@ -46,6 +46,12 @@ class NatsConnector(Connector):
         """Times the server closed the connection, or stopped answering PINGs. nats-server cuts a slow
         consumer off this way (``max_pending``, ``write_deadline``) without sending a reason."""
 
+    def endpoint(self) -> str:
+        return ", ".join(redact_url(u) for u in self.config.servers)
+
+    def counters(self) -> dict[str, int]:
+        return {"server_closed": self.server_closed, "client_slow_consumer_drops": self.slow_consumer_events}
+
     def make_sink(self) -> Sink:
         return NatsSink(self.config)
 

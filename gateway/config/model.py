@@ -24,6 +24,17 @@ Seconds = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 
 
+Listen = Annotated[str, msgspec.Meta(pattern=r"^$|^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}$")]
+
+
+class HttpSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The ``gateway.http:`` section: the monitoring endpoint."""
+
+    listen: Listen = "127.0.0.1:8080"
+    """``host:port`` of the HTTP endpoint (/healthz, /readyz, /metrics, /varz, /routez, /connz and the status
+    page at /); port 0 picks a free one; an empty string disables it. Bind to 0.0.0.0 only behind a firewall."""
+
+
 class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The ``gateway:`` section: settings of the process itself."""
 
@@ -35,6 +46,8 @@ class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     """Distinct topics per source whose routing decision is cached (the oldest is evicted)."""
     reconnect: Backoff = Backoff()
     """Backoff between reconnect attempts, for every connector."""
+    http: HttpSection = HttpSection()
+    """The monitoring endpoint."""
 
 
 class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, rename={"from_": "from"}):

@@ -255,6 +255,12 @@ class GatewayProcess:
             e for e in evs if (name is None or e.get("event") == name) and all(e.get(k) == v for k, v in fields.items())
         ]
 
+    @property
+    def http_url(self) -> str | None:
+        """Base URL of the monitoring endpoint of the current run, once it is listening."""
+        found = self.events("http.listening")
+        return str(found[-1]["url"]).rstrip("/") if found else None
+
     def problems(self) -> list[str]:
         """Error-level events, tracebacks and stdlib ERROR lines of the current run."""
         evs, other = parse_log(self.log_text())
@@ -394,7 +400,12 @@ def kafka_connector(bootstrap: str, **extra: Any) -> dict[str, Any]:
 
 def gateway_config(gateway_id: str, connectors: dict[str, Any], routes: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        "gateway": {"id": gateway_id, "shutdown_timeout": 15, "reconnect": {"initial": 0.1, "max": 2.0}},
+        "gateway": {
+            "id": gateway_id,
+            "shutdown_timeout": 15,
+            "reconnect": {"initial": 0.1, "max": 2.0},
+            "http": {"listen": "127.0.0.1:0"},  # a free port: see GatewayProcess.http_url
+        },
         "connectors": connectors,
         "routes": routes,
     }

@@ -29,7 +29,7 @@ MISSING_ENV = "E2E_GATEWAY_SURELY_UNSET_VARIABLE"
 def base_config() -> dict[str, Any]:
     """A valid config (nothing needs to listen: it is only validated)."""
     return {
-        "gateway": {"id": "cli-e2e"},
+        "gateway": {"id": "cli-e2e", "http": {"listen": "127.0.0.1:0"}},
         "connectors": {
             "mq": {"type": "mqtt", "url": "mqtt://127.0.0.1:1883", "client_id": "cli-e2e"},
             "bus": {"type": "nats", "servers": ["nats://127.0.0.1:4222"]},
