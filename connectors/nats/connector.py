@@ -42,6 +42,7 @@ class NatsConnector(Connector):
         self._last_slow_log = 0.0
         self._pulls: list[JetStreamSource] = []
         self._core: dict[str, CoreSource] = {}
+        self._last_client_error: Exception | None = None
         self.server_closed = 0
         """Times the server closed the connection, or stopped answering PINGs. nats-server cuts a slow
         consumer off this way (``max_pending``, ``write_deadline``) without sending a reason."""
@@ -67,6 +68,7 @@ class NatsConnector(Connector):
         return d
 
     async def _on_error(self, exc: Exception) -> None:
+        self._last_client_error = exc
         if isinstance(exc, SlowConsumerError):
             self.slow_consumer_events += 1
             now = time.monotonic()
@@ -93,6 +95,7 @@ class NatsConnector(Connector):
             options["token"] = cfg.token
         # nats-py annotates these as int but takes seconds as floats.
         options.update(reconnect_time_wait=0.01, connect_timeout=cfg.connect_timeout, ping_interval=cfg.ping_interval)
+        self._last_client_error = None
         nc = Client()
         try:
             await nc.connect(
@@ -113,8 +116,8 @@ class NatsConnector(Connector):
                 await nc.close()
             if not isinstance(exc, NatsError | OSError | TimeoutError):
                 raise
-            if isinstance(exc, NoServersError) and nc.last_error is not None:
-                exc = nc.last_error  # "no servers available" hides why: the last attempt's own error
+            if isinstance(exc, NoServersError) and self._last_client_error is not None:
+                exc = self._last_client_error  # "no servers available" hides why: the attempt's own error
             servers = ", ".join(redact_url(u) for u in cfg.servers)
             raise ConnectorError(f"cannot connect to {servers}: {type(exc).__name__}: {exc}") from exc
         self.nc = nc

@@ -54,6 +54,8 @@ def load_config(path: str | Path, *, environ: dict[str, str] | None = None) -> C
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read {p}: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read {p}: not UTF-8 text (byte {exc.start})")]) from None
     return parse_config(text, source=str(p), environ=environ, base_dir=p.parent)
 
 
