@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both set up what they need first.
-.PHONY: setup demo test lint unit loadtest
+.PHONY: setup demo test lint unit loadtest docs
 
 setup:
 	@scripts/setup.sh
@@ -17,6 +17,11 @@ test: lint
 
 unit: setup
 	.venv/bin/python -m pytest tests/unit
+
+# Regenerate what is generated from the config Structs (tests check both are current).
+docs: setup
+	.venv/bin/python -m gateway.configdoc > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
+	.venv/bin/python -m gateway.schema > config/schema.json.tmp && mv config/schema.json.tmp config/schema.json
 
 loadtest: setup
 	.venv/bin/pip install -q -e '.[dev,loadtest]'

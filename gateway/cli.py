@@ -2,16 +2,21 @@
 
 Exit codes: 0 success, 1 runtime failure, 2 invalid config or usage.
 A user mistake prints what is wrong, one line per problem, never a traceback.
+``validate --json`` and ``explain --json`` print one JSON document on stdout
+instead (errors as ``{path, message}``), with the same exit codes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from gateway import __version__
 from gateway.config import Config, load_config
@@ -40,11 +45,13 @@ def _parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check a config file; exit 2 and list every problem if invalid")
     val.add_argument("-c", "--config", required=True, metavar="FILE")
+    val.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
 
     exp = sub.add_parser("explain", help="show which routes a topic matches and what their targets render to")
     exp.add_argument("-c", "--config", required=True, metavar="FILE")
     exp.add_argument("--from", dest="connector", required=True, metavar="CONNECTOR", help="source connector name")
     exp.add_argument("topic", help="topic or subject as the source broker spells it")
+    exp.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
 
     sub.add_parser("version", help="print the version")
     return p
@@ -55,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"gateway {__version__}")
         return EXIT_OK
+    if args.command in ("validate", "explain") and args.json:
+        return _json_report(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -74,31 +83,162 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _explain(config: Config, connector: str, topic: str) -> int:
+    if connector not in config.connectors:
+        print(_unknown_connector(config, connector), file=sys.stderr)
+        return EXIT_CONFIG
+    report = _explanation(config, config.source, connector, topic)
+    n = len(report.routes)
+    print(f"{topic!r} from {connector} ({report.kind}): {n} route{'s' if n != 1 else ''}")
+    for route in report.routes:
+        print(f"  route {route.name} (from {', '.join(route.patterns)})")
+        for d in (*route.targets, *((route.dead_letter,) if route.dead_letter is not None else ())):
+            if d.error is not None:
+                print(f"    -> {d.connector} ({d.kind}): cannot render: {d.error}")
+                continue
+            key = f" key={d.key!r}" if d.key is not None else ""
+            arrow = "-> dead letter:" if d is route.dead_letter else "->"
+            print(f"    {arrow} {d.connector} ({d.kind}) {d.address_key}={d.address!r}{key}")
+    return EXIT_OK
+
+
+# -- --json output of validate and explain ------------------------------------------------------
+
+
+class _Issue(msgspec.Struct, frozen=True):
+    path: str
+    """Key path of the problem (``routes[0].to.subject``); empty for the file as a whole."""
+    message: str
+
+
+class _Invalid(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool = False
+    config: str
+    errors: list[_Issue]
+
+
+class _ConnectorInfo(msgspec.Struct, frozen=True):
+    name: str
+    kind: str
+
+
+class _RouteInfo(msgspec.Struct, frozen=True, kw_only=True, rename={"from_": "from"}):
+    name: str
+    from_: str
+    to: list[str]
+    dead_letter: str | None
+
+
+class _Valid(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool = True
+    config: str
+    sha256: str
+    connectors: list[_ConnectorInfo]
+    routes: list[_RouteInfo]
+
+
+class _Rendered(msgspec.Struct, frozen=True, kw_only=True):
+    connector: str
+    kind: str
+    address_key: str
+    address: str | None
+    """The rendered topic or subject; null when it cannot be rendered (see ``error``)."""
+    key: str | None
+    error: str | None
+
+
+class _RouteMatch(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    patterns: list[str]
+    targets: list[_Rendered]
+    dead_letter: _Rendered | None
+
+
+class _Explanation(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool = True
+    config: str
+    sha256: str
+    connector: str
+    kind: str
+    topic: str
+    routes: list[_RouteMatch]
+
+
+def _unknown_connector(config: Config, connector: str) -> str:
+    return f"unknown connector {connector!r} (connectors: {', '.join(sorted(config.connectors))})"
+
+
+def _explanation(config: Config, source: str, connector: str, topic: str) -> _Explanation:
     from gateway.app import build_routes
     from gateway.dispatch import Dispatcher
     from gateway.registry import plugins
+    from gateway.route import Delivery
 
-    if connector not in config.connectors:
-        print(f"unknown connector {connector!r} (connectors: {', '.join(sorted(config.connectors))})", file=sys.stderr)
-        return EXIT_CONFIG
+    def rendered(d: Delivery) -> _Rendered:
+        t = d.target
+        return _Rendered(
+            connector=t.connector,
+            kind=config.kind(t.connector),
+            address_key=t.spec.address_key,
+            address=d.address if d.error is None else None,
+            key=d.key.decode(errors="replace") if d.key is not None and d.error is None else None,
+            error=str(d.error) if d.error is not None else None,
+        )
+
     kind = config.kind(connector)
     routes = [r for r in build_routes(config).values() if r.source == connector]
     plan = Dispatcher(plugins()[kind].syntax, routes).plan(topic)
-    print(f"{topic!r} from {connector} ({kind}): {len(plan)} route{'s' if len(plan) != 1 else ''}")
-    for rp in plan:
-        route = rp.route
-        patterns = ", ".join(p.text for p in route.patterns)
-        print(f"  route {route.name} (from {patterns})")
-        for d in (*rp.deliveries, *((rp.dead_letter,) if rp.dead_letter else ())):
-            t = d.target
-            tkind = config.kind(t.connector)
-            if d.error is not None:
-                print(f"    -> {t.connector} ({tkind}): cannot render: {d.error}")
-                continue
-            key = f" key={d.key.decode(errors='replace')!r}" if d.key is not None else ""
-            arrow = "-> dead letter:" if t.index < 0 else "->"
-            print(f"    {arrow} {t.connector} ({tkind}) {t.spec.address_key}={d.address!r}{key}")
-    return EXIT_OK
+    return _Explanation(
+        config=source,
+        sha256=config.digest,
+        connector=connector,
+        kind=kind,
+        topic=topic,
+        routes=[
+            _RouteMatch(
+                name=rp.route.name,
+                patterns=[p.text for p in rp.route.patterns],
+                targets=[rendered(d) for d in rp.deliveries],
+                dead_letter=rendered(rp.dead_letter) if rp.dead_letter is not None else None,
+            )
+            for rp in plan
+        ],
+    )
+
+
+def _json_report(args: argparse.Namespace) -> int:
+    """``validate --json`` / ``explain --json``: one JSON document on stdout, whatever happens; exit 0 or 2."""
+    report: _Valid | _Invalid | _Explanation
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        report = _Invalid(config=args.config, errors=[_Issue(i.path, i.message) for i in exc.issues])
+    except UnicodeDecodeError as exc:
+        report = _Invalid(
+            config=args.config,
+            errors=[_Issue("", f"cannot read {args.config}: not UTF-8 text ({exc.reason} at byte {exc.start})")],
+        )
+    else:
+        if args.command == "validate":
+            report = _Valid(
+                config=args.config,
+                sha256=config.digest,
+                connectors=[_ConnectorInfo(name, config.kind(name)) for name in config.connectors],
+                routes=[
+                    _RouteInfo(
+                        name=r.name,
+                        from_=r.source.connector,
+                        to=[t.spec.connector for t in r.targets],
+                        dead_letter=r.dead_letter.spec.connector if r.dead_letter is not None else None,
+                    )
+                    for r in config.routes
+                ],
+            )
+        elif args.connector not in config.connectors:
+            report = _Invalid(config=args.config, errors=[_Issue("", _unknown_connector(config, args.connector))])
+        else:
+            report = _explanation(config, args.config, args.connector, args.topic)
+    print(json.dumps(msgspec.to_builtins(report), indent=2))  # ASCII: safe on any stdout encoding
+    return EXIT_CONFIG if isinstance(report, _Invalid) else EXIT_OK
 
 
 def _run(config: Config, level: str, fmt: str) -> int:
