@@ -206,7 +206,7 @@ class GatewayCollector:
         for r in routes:
             lat = r.latency
             cumulative, buckets = 0, []
-            for bound, n in zip([*lat.buckets, float("inf")], lat.counts, strict=True):
+            for bound, n in zip([*lat.buckets, float("inf")], lat.bucket_counts(), strict=True):
                 cumulative += n
                 buckets.append((_le(bound), cumulative))
             hist.add_metric([r.name], buckets, lat.sum_ns / 1e9)

@@ -201,6 +201,12 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _hotpath() -> str:
+    """The hand-kept before/after measurements of changes to the per-message path."""
+    path = Path(__file__).with_name("HOTPATH.md")
+    return path.read_text() if path.exists() else ""
+
+
 def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     chart(rows, out / "throughput.png")
     text = f"""# Load-test results
@@ -242,6 +248,7 @@ use `fetch_max_wait_ms: 2` here because Tansu holds every empty fetch for the wh
 ## Router micro-benchmark
 
 {_router(rows)}
-{_profile(rows)}"""
+{_profile(rows)}
+{_hotpath()}"""
     (out / "RESULTS.md").write_text(text)
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
