@@ -14,6 +14,7 @@ or ``async with Gateway.from_config(path) as gw: ...``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from enum import Enum
 from pathlib import Path
@@ -25,7 +26,7 @@ import structlog
 from gateway.config import Config, load_config
 from gateway.connector import Connector, ConnectorContext
 from gateway.registry import plugins
-from gateway.route import Overflow, Route, RoutePolicy, Target
+from gateway.route import Overflow, Route, RoutePolicy, RouteState, Target
 from gateway.supervisor import Supervisor
 
 log = structlog.get_logger("gateway")
@@ -75,16 +76,17 @@ class Gateway:
             cache_size=config.gateway.max_cached_topics,
             backoff=config.gateway.reconnect,
         )
-        kinds = plugins()
+        self._context = context
         self.connectors: dict[str, Connector] = {}
-        for name, cfg in config.connectors.items():
-            self.connectors[name] = kinds[config.kind(name)].load()(name, cfg, context)
+        for name in config.connectors:
+            self.connectors[name] = self._make_connector(config, name)
         self.routes = build_routes(config)
         for route in self.routes.values():
-            for target in (*route.targets, route.dead_letter):
-                if target is not None:
-                    target.sink = self.connectors[target.connector].sink
+            self._bind(route)
         self._runner: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._connector_tasks: dict[str, asyncio.Task[None]] = {}
+        self._reloading = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
         self._started_at = 0.0
         self.reloads = 0
@@ -119,13 +121,29 @@ class Gateway:
             config_sha256=self.config.digest[:12],
         )
 
+    def _make_connector(self, config: Config, name: str) -> Connector:
+        return plugins()[config.kind(name)].load()(name, config.connectors[name], self._context)
+
+    def _bind(self, route: Route) -> None:
+        for target in (*route.targets, route.dead_letter):
+            if target is not None:
+                target.sink = self.connectors[target.connector].sink
+
+    def _own(self, name: str) -> list[Route]:
+        return [r for r in self.routes.values() if r.source == name]
+
+    def _start_connector(self, name: str) -> None:
+        conn = self.connectors[name]
+        own = self._own(name)
+        if (own or conn.has_sink) and self._tg is not None:
+            self._connector_tasks[name] = self._tg.create_task(conn.run(own), name=f"connector:{name}")
+
     async def _run(self) -> None:
         async with asyncio.TaskGroup() as tg:
+            self._tg = tg
             self._supervisor = tg.create_task(Supervisor(self.routes, self.connectors).run(), name="supervisor")
-            for name, conn in self.connectors.items():
-                own = [r for r in self.routes.values() if r.source == name]
-                if own or conn.has_sink:
-                    tg.create_task(conn.run(own), name=f"connector:{name}")
+            for name in self.connectors:
+                self._start_connector(name)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until every used connector is connected (raises TimeoutError)."""
@@ -176,6 +194,134 @@ class Gateway:
         self.state = GatewayState.STOPPED
         log.info("gateway.stopped", drained=drained)
         return drained
+
+    # -- reload ----------------------------------------------------------------------------------
+    async def reload(self, config: Config) -> dict[str, list[str]]:
+        """Apply a new config while running; returns what changed.
+
+        Connectors whose config is unchanged stay connected. Routes whose section and connectors are
+        unchanged keep running untouched (same object, same counters). Removed and changed routes
+        stop taking messages and drain (for up to ``shutdown_timeout``; what is left is released,
+        so durable sources redeliver it, to the changed route if it reads the same session or
+        consumer); changed routes then start again with the new config, new ones start.
+        A connector restarts when its config changed, or when its source routes changed and its
+        kind cannot change them live (Kafka, memory), or when a route now writes to it and it had
+        no sink: every route that uses a restarted connector restarts with it.
+        """
+        if self.state is not GatewayState.RUNNING:
+            raise RuntimeError(f"cannot reload a gateway that is {self.state.value}")
+        async with self._reloading:
+            return await self._reload(config)
+
+    async def _reload(self, config: Config) -> dict[str, list[str]]:
+        old = self.config
+        new_rc = {rc.section.name: rc for rc in config.routes}
+        old_rc = {rc.section.name: rc for rc in old.routes}
+        common = old.connectors.keys() & config.connectors.keys()
+        restart = {n for n in common if old.kind(n) != config.kind(n) or old.connectors[n] != config.connectors[n]}
+        removed_conns = old.connectors.keys() - config.connectors.keys()
+        added_conns = config.connectors.keys() - old.connectors.keys()
+
+        def uses(rc: Any) -> set[str]:
+            names = {rc.source.connector, *(t.spec.connector for t in rc.targets)}
+            if rc.dead_letter is not None:
+                names.add(rc.dead_letter.spec.connector)
+            return names
+
+        keep = {n for n, rc in new_rc.items() if n in old_rc and old_rc[n].section == rc.section}
+        while True:  # restarting a connector restarts its routes, which may change another's sources
+            keep = {n for n in keep if not uses(new_rc[n]) & (restart | removed_conns)}
+            more = set()
+            for n, conn in self.connectors.items():
+                if n in restart or n in removed_conns:
+                    continue
+                sources_before = {r.name for r in self._own(n)}
+                sources_after = {k for k, rc in new_rc.items() if rc.source.connector == n}
+                changed_sources = sources_before != sources_after or any(
+                    k not in keep for k in sources_after & sources_before
+                )
+                if changed_sources and not conn.changes_routes_live and n in self._connector_tasks:
+                    more.add(n)
+                writes = any(n in uses(rc) - {rc.source.connector} for rc in new_rc.values())
+                if writes and not conn.has_sink and n in self._connector_tasks:
+                    more.add(n)  # its sessions were started without a sink
+            if not more - restart:
+                break
+            restart |= more
+
+        going = [r for n, r in self.routes.items() if n not in keep]
+        await self._retire(going, config.gateway.shutdown_timeout)
+        for r in going:
+            del self.routes[r.name]
+        for n in sorted(restart | removed_conns):
+            await self._stop_connector(n)
+        for n in sorted(restart | added_conns):
+            self.connectors[n] = self._make_connector(config, n)
+        built = build_routes(config)
+        final = {n: self.routes[n] if n in keep else built[n] for n in new_rc}
+        self.routes.clear()
+        self.routes.update(final)
+        for n, route in final.items():
+            if n not in keep:
+                self._bind(route)
+        self.config = config
+        for n, conn in self.connectors.items():
+            if n in self._connector_tasks and conn.changes_routes_live:
+                own = self._own(n)
+                if [r.name for r in own] != [r.name for r in conn.routes] or any(
+                    a is not b for a, b in zip(own, conn.routes, strict=False)
+                ):
+                    await conn.set_routes(own)
+        for n in self.connectors:
+            if n not in self._connector_tasks:
+                self._start_connector(n)
+        self.reloads += 1
+        summary = {
+            "routes_added": sorted(new_rc.keys() - old_rc.keys()),
+            "routes_changed": sorted(
+                n for n in new_rc.keys() & old_rc.keys() if new_rc[n].section != old_rc[n].section
+            ),
+            "routes_restarted": sorted(
+                n for n in (new_rc.keys() & old_rc.keys()) - keep if new_rc[n].section == old_rc[n].section
+            ),
+            "routes_removed": sorted(old_rc.keys() - new_rc.keys()),
+            "routes_kept": sorted(keep),
+            "connectors_restarted": sorted(n for n in restart - added_conns if n in self._connector_tasks),
+            "connectors_stopped": sorted(n for n in restart - added_conns if n not in self._connector_tasks),
+            "connectors_added": sorted(added_conns),
+            "connectors_removed": sorted(removed_conns),
+        }
+        if old.gateway != config.gateway:
+            log.warning("gateway.reload_partial", reason="the gateway section changes only on restart")
+        log.info("gateway.reloaded", config_sha256=config.digest[:12], **summary)
+        return summary
+
+    async def _retire(self, routes: list[Route], timeout: float) -> None:
+        """Stop taking messages for ``routes`` and wait until what they hold is delivered (bounded)."""
+        for route in routes:
+            route.hold_gate()
+        try:
+            async with asyncio.timeout(timeout):
+                for route in routes:
+                    await route.drained()
+        except TimeoutError:
+            left = {r.name: r.in_flight for r in routes if r.in_flight}
+            log.warning("gateway.reload_drain_timeout", in_flight=left)
+        for route in routes:
+            route.state = RouteState.STOPPED  # what still arrives is released, not admitted
+            route.cancel_timers()
+            route.release()
+
+    async def _stop_connector(self, name: str) -> None:
+        conn = self.connectors.pop(name)
+        conn.stop_intake()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await conn.quiesce()
+        await conn.close()
+        task = self._connector_tasks.pop(name, None)
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
 
     async def __aenter__(self) -> Gateway:
         await self.start()

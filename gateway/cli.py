@@ -1,4 +1,4 @@
-"""``gateway run | validate | explain | version`` (also ``python -m gateway``).
+"""``gateway run | validate | explain | reload | version`` (also ``python -m gateway``).
 
 Exit codes: 0 success, 1 runtime failure, 2 invalid config or usage.
 A user mistake prints what is wrong, one line per problem, never a traceback.
@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -33,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gateway", description="Bridge MQTT, NATS and Kafka under config-file routes.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the gateway until SIGTERM/SIGINT")
+    run = sub.add_parser("run", help="run the gateway until SIGTERM/SIGINT; SIGHUP reloads the config file")
     run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    run.add_argument("--pid-file", metavar="FILE", help="write the process id here (for `gateway reload`)")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument(
         "--log-format",
@@ -53,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("topic", help="topic or subject as the source broker spells it")
     exp.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
 
+    rel = sub.add_parser("reload", help="make a running gateway reload its config file")
+    how = rel.add_mutually_exclusive_group(required=True)
+    how.add_argument("--pid-file", metavar="FILE", help="send SIGHUP to the process named in this file")
+    how.add_argument("--url", metavar="URL", help="POST /reload to this monitoring endpoint; prints the outcome")
+
     sub.add_parser("version", help="print the version")
     return p
 
@@ -64,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command in ("validate", "explain") and args.json:
         return _json_report(args)
+    if args.command == "reload":
+        return _signal_reload(args.pid_file, args.url)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -79,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "explain":
         return _explain(config, args.connector, args.topic)
-    return _run(config, args.log_level, args.log_format)
+    return _run(config, args.log_level, args.log_format, args.config, args.pid_file)
 
 
 def _explain(config: Config, connector: str, topic: str) -> int:
@@ -241,18 +254,66 @@ def _json_report(args: argparse.Namespace) -> int:
     return EXIT_CONFIG if isinstance(report, _Invalid) else EXIT_OK
 
 
-def _run(config: Config, level: str, fmt: str) -> int:
+def _signal_reload(pid_file: str | None, url: str | None) -> int:
+    """``gateway reload``: SIGHUP by pid file, or POST /reload and print the outcome."""
+    if pid_file is not None:
+        try:
+            pid = int(Path(pid_file).read_text().strip())
+            os.kill(pid, signal.SIGHUP)
+        except (OSError, ValueError) as exc:
+            print(f"cannot signal the gateway named in {pid_file}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"sent SIGHUP to {pid}; the gateway logs gateway.reloaded (or gateway.reload_invalid)")
+        return EXIT_OK
+    assert url is not None
+    request = urllib.request.Request(url.rstrip("/") + "/reload", method="POST")  # noqa: S310 - the user's URL
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:  # noqa: S310
+            body = resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode(), file=sys.stderr)
+        return EXIT_CONFIG if exc.code == 400 else EXIT_FAILURE
+    except OSError as exc:
+        print(f"cannot reach the gateway at {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(body)
+    return EXIT_OK
+
+
+def _run(config: Config, level: str, fmt: str, path: str, pid_file: str | None) -> int:
     from gateway.logs import configure
 
     configure(level, fmt)  # type: ignore[arg-type]
+    if pid_file is not None:
+        Path(pid_file).write_text(f"{os.getpid()}\n")
     try:
-        import uvloop
-    except ImportError:  # pure-Python installs run on the default loop
-        return asyncio.run(_serve(config))
-    return uvloop.run(_serve(config))
+        try:
+            import uvloop
+        except ImportError:  # pure-Python installs run on the default loop
+            return asyncio.run(_serve(config, path))
+        return uvloop.run(_serve(config, path))
+    finally:
+        if pid_file is not None:
+            with contextlib.suppress(OSError):
+                Path(pid_file).unlink()
 
 
-async def _serve(config: Config) -> int:
+async def reload_from(gw: Gateway, path: str) -> tuple[bool, dict[str, Any]]:
+    """Read and check ``path``, then apply it; an invalid file changes nothing (each problem is logged)."""
+    import structlog
+
+    log = structlog.get_logger("gateway")
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            log.error("gateway.reload_invalid", config=path, problem=str(issue))
+        return False, {"ok": False, "config": path, "errors": [str(i) for i in exc.issues]}
+    summary = await gw.reload(config)
+    return True, {"ok": True, "config": path, "sha256": config.digest, **summary}
+
+
+async def _serve(config: Config, path: str) -> int:
     import structlog
 
     from gateway.app import Gateway
@@ -276,9 +337,18 @@ async def _serve(config: Config) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def on_hangup() -> None:
+        log.info("gateway.signal", signal="SIGHUP", action="reload", config=path)
+        task = asyncio.ensure_future(reload_from(gw, path))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     monitor: Monitor | None = None
     if config.gateway.http.listen:
-        monitor = Monitor(gw, config.gateway.http.listen)
+        monitor = Monitor(gw, config.gateway.http.listen, reload=lambda: reload_from(gw, path))
         try:
             await monitor.start()
         except MonitorError as exc:

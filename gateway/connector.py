@@ -122,6 +122,8 @@ class Connector(ABC):
         self.intake_stopped = asyncio.Event()
         """Set when the gateway stops taking new messages (shutdown): sources stop reading."""
         self._sink: Sink | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._channel_runs: dict[Channel, tuple[asyncio.Event, asyncio.Task[None]]] = {}
 
     # -- state, aggregated over the channels ---------------------------------------------------
     @property
@@ -224,13 +226,51 @@ class Connector(ABC):
         self.channels = self.make_channels()
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 for channel in self.channels:
-                    tg.create_task(channel.run(self._closing), name=f"channel:{channel.name}")
+                    self._start_channel(channel)
         finally:
+            self._tg = None
             self._closed = True
             self.connected.clear()
+
+    def _start_channel(self, channel: Channel) -> None:
+        """Run ``channel`` until the connector closes or :meth:`retire_channel` retires it."""
+        assert self._tg is not None, "the connector is not running"
+        closing = asyncio.Event()
+        if self._closing.is_set():
+            closing.set()
+        task = self._tg.create_task(channel.run(closing), name=f"channel:{channel.name}")
+        self._channel_runs[channel] = (closing, task)
+
+    def add_channel(self, channel: Channel) -> None:
+        """Start one more channel while running (a source route added by a reload)."""
+        self.channels.append(channel)
+        self._start_channel(channel)
+
+    async def retire_channel(self, channel: Channel) -> None:
+        """Finish and disconnect one channel while the others stay up (a source route removed by a reload)."""
+        closing, task = self._channel_runs.pop(channel)
+        closing.set()
+        await asyncio.gather(task, return_exceptions=True)
+        self.channels.remove(channel)
+        self.channel_changed()
+
+    changes_routes_live = False
+    """True when :meth:`set_routes` can add and remove source routes while connected; otherwise a reload
+    that changes this connector's source routes restarts it (and every route that uses it)."""
+
+    async def set_routes(self, routes: Sequence[Route]) -> None:
+        """Serve a new set of source routes without disconnecting what stays (a reload).
+
+        Called only when :attr:`changes_routes_live`, after the routes that go away have drained.
+        A route kept by the reload is the same object in ``routes``; a changed one is a new object.
+        """
+        raise NotImplementedError
 
     async def close(self) -> None:
         """Finish the sessions (acks, commits), disconnect, and make :meth:`run` return. Idempotent."""
         self.intake_stopped.set()
         self._closing.set()
+        for closing, _ in self._channel_runs.values():
+            closing.set()

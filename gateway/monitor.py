@@ -14,6 +14,7 @@ over the routes and connectors).
 ``/varz``    the process: id, version, uptime, config digest, totals
 ``/routez``  per route: state, budget, counters, latency quantiles
 ``/connz``   per connector: kind, broker address, state, reconnects, last error
+``/reload``  POST: re-read the config file and apply it (what ``SIGHUP`` does)
 ==========  ==================================================================
 """
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -253,9 +254,15 @@ def _dumps(data: Any) -> str:
 class Monitor:
     """The HTTP endpoint of one gateway; ``start()`` binds, ``stop()`` closes."""
 
-    def __init__(self, gw: Gateway, listen: str) -> None:
+    def __init__(
+        self,
+        gw: Gateway,
+        listen: str,
+        reload: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]] | None = None,
+    ) -> None:
         self.gw = gw
         self.listen = listen
+        self._reload = reload
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GatewayCollector(gw))
         ProcessCollector(registry=self.registry)
@@ -272,6 +279,7 @@ class Monitor:
         app.router.add_get("/varz", self._varz)
         app.router.add_get("/routez", self._routez)
         app.router.add_get("/connz", self._connz)
+        app.router.add_post("/reload", self._reload_config)
         return app
 
     async def start(self) -> None:
@@ -300,6 +308,13 @@ class Monitor:
     async def _index(self, request: web.Request) -> web.Response:
         page = resources.files("gateway").joinpath("status.html").read_text(encoding="utf-8")
         return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+    async def _reload_config(self, request: web.Request) -> web.Response:
+        """Re-read the config file and apply it: 200 with what changed, 400 with the problems."""
+        if self._reload is None:
+            return _json({"ok": False, "errors": ["reload is not available here"]}, 404)
+        ok, body = await self._reload()
+        return _json(body, 200 if ok else 400)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return _json({"status": "ok", "uptime_seconds": self.gw.uptime})

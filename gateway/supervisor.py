@@ -40,7 +40,7 @@ class Supervisor:
             await self.check(time.monotonic())
 
     async def check(self, now: float) -> None:
-        for route in self.routes.values():
+        for route in list(self.routes.values()):  # a reload may change the routes meanwhile
             if route.state is RouteState.RUNNING:
                 if route.saturated and self._overdue(route, now):
                     await self.disconnect(route, now)

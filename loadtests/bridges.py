@@ -15,6 +15,8 @@ from typing import Any
 
 import psutil
 
+from tests.support.brokers import pdeathsig_preexec
+
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON = ROOT / "loadtests" / ".venv-peer" / "bin" / "python"
 PEER_RUNNER = ROOT / "loadtests" / "peer" / "run_mqbridge.py"
@@ -121,7 +123,8 @@ class BridgeProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
         out = subprocess.PIPE if self.kind == "peer" else log
-        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=log, cwd=ROOT)
+        # Dies with the harness, even when the harness is killed.
+        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=log, cwd=ROOT, preexec_fn=pdeathsig_preexec())
         log.close()
         self.sampler = Sampler(self.proc.pid)
         self.sampler.start()

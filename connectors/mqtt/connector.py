@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 from mqtt5 import ConnAckPacket, ConnAckReasonCode, PublishPacket
@@ -94,16 +94,35 @@ class MqttConnector(Connector):
         channels: list[Channel] = []
         if self.has_sink:
             channels.append(Channel(self, self.name, self.session, self.finish))
-        for route in self.routes:
-            rs = self._sessions[route.name] = _RouteSession()
-            ch = self._channels[route.name] = Channel(
-                self,
-                f"{self.name}/{route.name}",
-                lambda route=route, rs=rs: self._route_session(route, rs),  # type: ignore[misc]
-                lambda rs=rs: _disconnect(rs.conn),  # type: ignore[misc]
-            )
-            channels.append(ch)
+        channels.extend(self._route_channel(route) for route in self.routes)
         return channels
+
+    def _route_channel(self, route: Route) -> Channel:
+        rs = self._sessions[route.name] = _RouteSession()
+        ch = self._channels[route.name] = Channel(
+            self,
+            f"{self.name}/{route.name}",
+            lambda: self._route_session(route, rs),
+            lambda: _disconnect(rs.conn),
+        )
+        return ch
+
+    changes_routes_live = True
+
+    async def set_routes(self, routes: Sequence[Route]) -> None:
+        """Each source route has its own session: open those added, close those removed, keep the rest."""
+        keep = {r.name: r for r in routes}
+        for name, old in list(self._channels.items()):
+            route = next((r for r in self.routes if r.name == name), None)
+            if keep.get(name) is not route:  # removed, or replaced by a changed route of the same name
+                del self._channels[name]
+                self._sessions.pop(name, None)
+                self._dispatchers.pop(name, None)
+                await self.retire_channel(old)
+        for route in routes:
+            if route.name not in self._channels:
+                self.add_channel(self._route_channel(route))
+        self.routes = tuple(routes)
 
     async def _connect(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from nats.aio.client import Client
@@ -42,6 +43,9 @@ class NatsConnector(Connector):
         self._last_slow_log = 0.0
         self._pulls: list[JetStreamSource] = []
         self._core: dict[str, CoreSource] = {}
+        self._live: dict[str, tuple[CoreSource | JetStreamSource, asyncio.Task[None]]] = {}
+        """Per source route in the current session: its source and the task running it."""
+        self._session_tg: asyncio.TaskGroup | None = None
         self._last_client_error: Exception | None = None
         self.server_closed = 0
         """Times the server closed the connection, or stopped answering PINGs. nats-server cuts a slow
@@ -125,41 +129,80 @@ class NatsConnector(Connector):
         try:
             if sink is not None:
                 await sink.attach(nc)
-            sources: list[tuple[str, CoreSource | JetStreamSource]] = []
             self._core = {}
             self._pulls = []
-            for route in self.routes:
-                spec: NatsSource = route.spec
-                dispatcher = self._dispatcher(route.name)
-                source: CoreSource | JetStreamSource
-                if spec.stream is not None:
-                    source = JetStreamSource(nc, route, dispatcher, self._ack, durable_name(route))
-                    self._pulls.append(source)
-                else:
-                    source = CoreSource(nc, cfg, route, dispatcher)
-                    self._core[route.name] = source
-                await self._guard(source.start(self.intake_stopped))
-                sources.append((route.name, source))
+            self._live = {}
+            sources = [await self._start_source(nc, route) for route in self.routes]
             await self._guard(wire.barrier(nc, cfg.connect_timeout))  # the subscriptions are live
             self.mark_connected(
                 server=redact_url(nc.connected_url.geturl() if nc.connected_url else ""), max_payload=nc.max_payload
             )
             async with asyncio.TaskGroup() as tg:
+                self._session_tg = tg
                 tg.create_task(self._watch(lost, nc), name=f"{self.name}:watch")
                 tg.create_task(self._acker(nc), name=f"{self.name}:acker")
                 if sink is not None:
                     tg.create_task(sink.run_writer(), name=f"{self.name}:writer")
                     tg.create_task(sink.run_confirmer(), name=f"{self.name}:confirmer")
                     tg.create_task(self._expire(sink), name=f"{self.name}:expire")
-                for name, source in sources:
-                    tg.create_task(self._guard(source.run(self.intake_stopped)), name=f"{self.name}:{name}")
+                for source in sources:
+                    self._run_source(source)
         finally:
+            self._session_tg = None
+            self._live = {}
             self.nc = None
             if sink is not None:
                 sink.detach()
             if not nc.is_closed:
                 with contextlib.suppress(Exception):
                     await nc.close()
+
+    async def _start_source(self, nc: Client, route: Route) -> CoreSource | JetStreamSource:
+        """Subscribe (core) or make sure the durable consumer exists (JetStream) for one route."""
+        spec: NatsSource = route.spec
+        dispatcher = self._dispatcher(route.name)
+        source: CoreSource | JetStreamSource
+        if spec.stream is not None:
+            source = JetStreamSource(nc, route, dispatcher, self._ack, durable_name(route))
+            self._pulls.append(source)
+        else:
+            source = CoreSource(nc, self.config, route, dispatcher)
+            self._core[route.name] = source
+        await self._guard(source.start(self.intake_stopped))
+        return source
+
+    def _run_source(self, source: CoreSource | JetStreamSource) -> None:
+        assert self._session_tg is not None
+        name = source.route.name
+        task = self._session_tg.create_task(self._guard(source.run(self.intake_stopped)), name=f"{self.name}:{name}")
+        self._live[name] = (source, task)
+
+    changes_routes_live = True
+
+    async def set_routes(self, routes: Sequence[Route]) -> None:
+        """Subscriptions and pull consumers are per route: stop those removed, start those added."""
+        keep = {r.name: r for r in routes}
+        for route in self.routes:
+            if keep.get(route.name) is route:
+                continue
+            self._dispatchers.pop(route.name, None)
+            core = self._core.pop(route.name, None)
+            if core is not None:
+                await core.pause()
+            live = self._live.pop(route.name, None)
+            if live is not None:
+                source, task = live
+                if isinstance(source, JetStreamSource):
+                    self._pulls.remove(source)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        added = [r for r in routes if self._live.get(r.name) is None]
+        self.routes = tuple(routes)
+        nc = self.nc
+        if nc is not None and self._session_tg is not None:
+            for route in added:
+                self._run_source(await self._start_source(nc, route))
+            await self._guard(wire.barrier(nc, self.config.connect_timeout))
 
     async def _guard(self, coro: Any) -> None:
         try:

@@ -20,19 +20,19 @@ are never confused with those of an earlier one.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.support.brokers import pdeathsig_preexec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,24 +45,6 @@ class GatewayNotReady(AssertionError):
 
 class GatewayFailed(AssertionError):
     """The gateway process ended badly (non-zero exit, would not stop)."""
-
-
-def _pdeathsig() -> Callable[[], None] | None:
-    """preexec_fn: the gateway dies with the test process (Linux, main thread only)."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
 
 
 def used_connectors(config: Mapping[str, Any]) -> set[str]:
@@ -105,6 +87,7 @@ class GatewayProcess:
         name: str = "gateway",
         env: Mapping[str, str] | None = None,
         log_level: str = "info",
+        args: Iterable[str] = (),
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +98,8 @@ class GatewayProcess:
         self.connectors = used_connectors(self.config)
         self.extra_env = dict(env or {})
         self.log_level = log_level
+        self.args = list(args)
+        """More ``gateway run`` arguments (``--pid-file`` ...)."""
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.log_path = self.workdir / f"{name}.0.log"
@@ -145,6 +130,7 @@ class GatewayProcess:
             "json",
             "--log-level",
             self.log_level,
+            *self.args,
         ]
 
     def spawn(self) -> None:
@@ -164,7 +150,7 @@ class GatewayProcess:
             stderr=subprocess.STDOUT,
             cwd=REPO,
             env=env,
-            preexec_fn=_pdeathsig(),  # see _pdeathsig
+            preexec_fn=pdeathsig_preexec(),  # dies with the test process
             close_fds=True,
         )
 

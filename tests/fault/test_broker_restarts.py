@@ -70,6 +70,9 @@ from paho.mqtt.properties import Properties
 
 from gateway import Gateway
 from gateway.config import parse_config
+from tests.e2e.gateway_process import kafka_connector as e2e_kafka
+from tests.e2e.gateway_process import mqtt_connector as e2e_mqtt
+from tests.e2e.gateway_process import nats_connector as e2e_nats
 from tests.support.brokers import BrokerProcess, Mosquitto, NatsServer, Tansu
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(180)]
@@ -677,30 +680,15 @@ def gateway_config(u: str, connectors: dict[str, Any], route: dict[str, Any]) ->
 
 
 def mqtt_connector(url: str, client_id: str) -> dict[str, Any]:
-    return {
-        "type": "mqtt",
-        "url": url,
-        "client_id": client_id,
-        "connect_timeout": 3,
-        "keepalive": 5,
-        "receive_maximum": WINDOW,
-    }
+    return e2e_mqtt(url, client_id, keepalive=5, receive_maximum=WINDOW)
 
 
 def nats_connector(url: str) -> dict[str, Any]:
-    return {"type": "nats", "servers": [url], "connect_timeout": 2}
+    return e2e_nats(url, connect_timeout=2)
 
 
 def kafka_connector(bootstrap: str) -> dict[str, Any]:
-    """Tansu: no producer ids (``idempotent: false``); a group joins after ~half the session timeout."""
-    return {
-        "type": "kafka",
-        "bootstrap_servers": [bootstrap],
-        "idempotent": False,
-        "session_timeout_ms": 6000,
-        "heartbeat_interval_ms": 1000,
-        "request_timeout_ms": 10000,
-    }
+    return e2e_kafka(bootstrap, request_timeout_ms=10000)
 
 
 @contextlib.asynccontextmanager

@@ -144,7 +144,7 @@ def _cleanup_at_exit() -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
+def pdeathsig_preexec() -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes the child die with this process (Linux).
 
     PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so
@@ -294,7 +294,7 @@ class BrokerProcess:
                 f"{self.host}:{self.port}: {' '.join(cmd)}\n".encode()
             )
             log.flush()
-            preexec = _pdeathsig_preexec() if self.kill_with_parent else None
+            preexec = pdeathsig_preexec() if self.kill_with_parent else None
             t0 = time.monotonic()
             proc = subprocess.Popen(
                 cmd,
@@ -303,7 +303,7 @@ class BrokerProcess:
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
                 env=self._env(),
-                preexec_fn=preexec,  # see _pdeathsig_preexec
+                preexec_fn=preexec,  # see pdeathsig_preexec
                 close_fds=True,
             )
         self._proc = proc
