@@ -109,10 +109,12 @@ def _details(rows: list[dict[str, Any]]) -> str:
             if errors:
                 runs += f" ({len(errors)} failed: {errors[0]['error'][:60]})"
             allr = small + large
+            idle = [r for r in rows if r["test"] == "latency" and r.get("kind") == kind and r["route"] == route.name]
             out.append(
                 f"| {route.label} | {kind} | {runs} | {_fmt(_median(large, 'steady_msgs_s'))} | "
                 f"{max((r['lost'] for r in allr), default=0)} | {max((r['duplicates'] for r in allr), default=0)} | "
-                f"{_median(small, 'idle_rss_mb')} | {max((r['peak_rss_mb'] for r in allr), default=0)} | "
+                f"{_median(idle, 'idle_rss_mb') or _median(small, 'idle_rss_mb')} | "
+                f"{max((r['peak_rss_mb'] for r in allr), default=0)} | "
                 f"{_median(small, 'cpu_s_per_100k')} |"
             )
     return "\n".join(out)
@@ -232,6 +234,9 @@ as separate processes beside the brokers and the harness on the same 2 cores.
 ![throughput per route](throughput.png)
 
 ## Throughput details
+
+*Idle RSS* is sampled 1 s after the bridge connected with nothing to move (the latency runs' start);
+*peak RSS* is the highest sample over the throughput runs, which start on a preloaded backlog.
 
 {_details(rows)}
 

@@ -283,6 +283,10 @@ async def latency(
     bridge = _bridge(kind, route, ep, brokers.workdir)
     try:
         await bridge.start()
+        # Idle RSS: connected, nothing to move yet (the throughput runs start on a preloaded backlog).
+        await asyncio.sleep(1.0)
+        assert bridge.sampler is not None
+        idle_rss = bridge.sampler.rss()
         # Let a consumer group settle before offering load (Kafka sources join after ~3 s on Tansu).
         if route.source == "kafka":
             await _publish(route, ep, 1, size, None)
@@ -306,6 +310,7 @@ async def latency(
         "size": size,
         "n": n,
         "received": got,
+        "idle_rss_mb": round(idle_rss / 2**20, 1),
         **_percentiles(warm),
         "direct": direct,
     }

@@ -21,7 +21,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from connectors.kafka.config import KafkaConfig
-from connectors.kafka.sink import ProducerSink
+from connectors.kafka.producer import ProducerSink
 from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
 from gateway.sink import Item
 
@@ -47,6 +47,8 @@ def producer_config(cfg: KafkaConfig, client_id: str) -> dict[str, Any]:
 
 class ConfluentSink(ProducerSink):
     """``driver: confluent`` (the default)."""
+
+    errors = (KafkaException,)
 
     def __init__(self, config: KafkaConfig) -> None:
         super().__init__(config)

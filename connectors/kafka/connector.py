@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable
-
-from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaError
+from typing import TYPE_CHECKING
 
 from connectors.kafka.config import KafkaConfig, KafkaSource
-from connectors.kafka.sink import KafkaSink, ProducerSink
-from connectors.kafka.source import GroupSource
+from connectors.kafka.producer import ProducerSink
 from gateway.connector import Connector, ConnectorContext
 from gateway.dispatch import Dispatcher, Route
 from gateway.errors import ConnectorError
 from gateway.patterns import KAFKA
 from gateway.sink import Sink
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer
+
+    from connectors.kafka.source import GroupSource
 
 
 def group_of(route: Route) -> str:
@@ -44,6 +46,8 @@ class KafkaConnector(Connector):
             from connectors.kafka.confluent_sink import ConfluentSink  # native wheel: only when chosen
 
             return ConfluentSink(self.config)
+        from connectors.kafka.sink import KafkaSink  # aiokafka: only when chosen
+
         return KafkaSink(self.config)
 
     def _groups(self) -> dict[str, list[Route]]:
@@ -53,6 +57,8 @@ class KafkaConnector(Connector):
         return groups
 
     def _consumer(self, group: str, routes: list[Route]) -> AIOKafkaConsumer:
+        from aiokafka import AIOKafkaConsumer  # only a gateway that reads from Kafka loads aiokafka
+
         cfg = self.config
         specs: list[KafkaSource] = [r.spec for r in routes]
         session_timeout = max((s.session_timeout_ms or cfg.session_timeout_ms) for s in specs)
@@ -85,7 +91,7 @@ class KafkaConnector(Connector):
         self._sources = []
         try:
             if sink is not None:
-                await _started(sink.open(self.client_id), cfg.bootstrap_servers)
+                await _started(sink.open(self.client_id), cfg.bootstrap_servers, sink.errors)
             for group, routes in self._groups().items():
                 consumer = self._consumer(group, routes)
                 consumers.append(consumer)
@@ -94,6 +100,8 @@ class KafkaConnector(Connector):
                     dispatcher = self._dispatchers[group] = Dispatcher(
                         KAFKA, routes, cache_size=self.context.cache_size
                     )
+                from connectors.kafka.source import GroupSource  # aiokafka, as in _consumer
+
                 source = GroupSource(
                     consumer,
                     group,
@@ -107,7 +115,7 @@ class KafkaConnector(Connector):
                 else:
                     assert pattern is not None
                     consumer.subscribe(pattern=f"^(?:{pattern})$", listener=source.listener)
-                await _started(consumer.start(), cfg.bootstrap_servers)
+                await _started(consumer.start(), cfg.bootstrap_servers, _consumer_errors())
                 self._sources.append(source)
             self.mark_connected(bootstrap=",".join(cfg.bootstrap_servers), groups=len(consumers))
             async with asyncio.TaskGroup() as tg:
@@ -133,7 +141,7 @@ class KafkaConnector(Connector):
     async def _guard(self, coro: Awaitable[None]) -> None:
         try:
             await coro
-        except KafkaError as exc:
+        except _consumer_errors() as exc:
             raise ConnectorError(f"{type(exc).__name__}: {exc}") from exc
 
     async def quiesce(self) -> None:
@@ -154,8 +162,15 @@ class KafkaConnector(Connector):
             await sink.flush()
 
 
-async def _started(start: Awaitable[None], servers: list[str]) -> None:
+def _consumer_errors() -> tuple[type[BaseException], ...]:
+    from aiokafka.errors import KafkaError  # reached only once consumers exist: aiokafka is loaded
+
+    return (KafkaError,)
+
+
+async def _started(start: Awaitable[None], servers: list[str], errors: tuple[type[BaseException], ...]) -> None:
+    caught: tuple[type[BaseException], ...] = (*errors, OSError)
     try:
         await start
-    except (KafkaError, OSError) as exc:
+    except caught as exc:
         raise ConnectorError(f"cannot reach Kafka at {', '.join(servers)}: {type(exc).__name__}: {exc}") from exc

@@ -11,46 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from abc import abstractmethod
-from collections.abc import Coroutine
-from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from connectors.kafka.config import KafkaConfig
+from connectors.kafka.producer import ProducerSink
 from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
-from gateway.sink import Item, Sink
-
-
-class ProducerSink(Sink):
-    """What the Kafka connector needs of a producer driver, per session."""
-
-    def __init__(self, config: KafkaConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.broken: asyncio.Event = asyncio.Event()
-        """Set when a delivery failed in a way that needs a new session."""
-
-    @abstractmethod
-    async def open(self, client_id: str) -> None:
-        """Start a producer for a new session (raise if no broker answers)."""
-
-    @abstractmethod
-    async def close(self) -> None:
-        """End of a session: records not confirmed go back to the queue."""
-
-    @abstractmethod
-    async def flush(self) -> None:
-        """Until what was handed over is confirmed (or failed)."""
-
-    def background(self) -> list[Coroutine[Any, Any, None]]:
-        """What must run beside the writer while a session is up."""
-        return []
+from gateway.sink import Item
 
 
 class KafkaSink(ProducerSink):
     """``driver: aiokafka``: pure Python, for installs without native wheels."""
+
+    errors = (KafkaError,)
 
     def __init__(self, config: KafkaConfig) -> None:
         super().__init__(config)
