@@ -113,7 +113,7 @@ def _details(rows: list[dict[str, Any]]) -> str:
             out.append(
                 f"| {route.label} | {kind} | {runs} | {_fmt(_median(large, 'steady_msgs_s'))} | "
                 f"{max((r['lost'] for r in allr), default=0)} | {max((r['duplicates'] for r in allr), default=0)} | "
-                f"{_median(idle, 'idle_rss_mb') or _median(small, 'idle_rss_mb')} | "
+                f"{round(_median(idle, 'idle_rss_mb') or _median(small, 'idle_rss_mb'), 1)} | "
                 f"{max((r['peak_rss_mb'] for r in allr), default=0)} | "
                 f"{_median(small, 'cpu_s_per_100k')} |"
             )
