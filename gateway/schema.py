@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 
-from gateway.config.loader import _NAME as CONNECTOR_NAME  # the loader's own rule, not a copy of it
+from gateway.config.loader import CONNECTOR_NAME  # the loader's own rule, not a copy of it
 from gateway.config.model import FileSection, GatewaySection, RouteSection
 from gateway.configdoc import field_docs
 from gateway.connector import ConnectorPlugin

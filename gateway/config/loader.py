@@ -25,7 +25,7 @@ from gateway.templates import compile_template
 
 _INTERP = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 _MSGSPEC_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+CONNECTOR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -207,7 +207,7 @@ def _connectors(raw: dict[str, dict[str, Any]], issues: list[ConfigIssue]) -> di
     out: dict[str, tuple[Any, ConnectorPlugin]] = {}
     for name, body in raw.items():
         path = f"connectors.{name}"
-        if not _NAME.match(name):
+        if not CONNECTOR_NAME.match(name):
             issues.append(ConfigIssue(path, "connector names use letters, digits, '_', '-' and '.'"))
             continue
         if not isinstance(body, dict):

@@ -14,11 +14,12 @@ import pytest
 import yaml
 from jsonschema.exceptions import best_match
 
-from gateway.config.loader import _NAME, parse_config
+from gateway.config.loader import CONNECTOR_NAME, parse_config
 from gateway.configdoc import field_docs
 from gateway.errors import ConfigError
 from gateway.registry import BUILTIN, plugins
 from gateway.schema import main, render, schema
+from tests.unit.test_config import MEMORY
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_FILE = ROOT / "config" / "schema.json"
@@ -139,7 +140,7 @@ def test_every_connector_kind_is_selected_by_type() -> None:
     chosen = {b["if"]["properties"]["type"]["const"]: b["then"]["$ref"] for b in connector["allOf"]}
     assert chosen == {kind: f"#/$defs/{plugins()[kind].config.__name__}" for kind in BUILTIN}
     assert doc["properties"]["connectors"]["additionalProperties"] == {"$ref": "#/$defs/Connector"}
-    assert doc["properties"]["connectors"]["propertyNames"]["pattern"] == _NAME.pattern
+    assert doc["properties"]["connectors"]["propertyNames"]["pattern"] == CONNECTOR_NAME.pattern
 
 
 def test_route_endpoints_are_any_kind_of_endpoint() -> None:
@@ -208,16 +209,8 @@ def test_full_config_conforms(validator: jsonschema.Draft202012Validator, tmp_pa
 
 
 def test_memory_only_config_conforms(validator: jsonschema.Draft202012Validator) -> None:
-    text = """\
-connectors:
-  a: {type: memory}
-routes:
-  - name: r
-    from: {connector: a, topic: "in/{x}"}
-    to: {connector: a, topic: "out/{x}"}
-"""
-    parse_config(text, environ={})
-    assert errors_of(validator, yaml.safe_load(text)) == []
+    parse_config(MEMORY, environ={})
+    assert errors_of(validator, yaml.safe_load(MEMORY)) == []
     assert errors_of(validator, {"connectors": {}}) == []
 
 
