@@ -222,11 +222,14 @@ class Gateway:
         removed_conns = old.connectors.keys() - config.connectors.keys()
         added_conns = config.connectors.keys() - old.connectors.keys()
 
-        def uses(rc: Any) -> set[str]:
-            names = {rc.source.connector, *(t.spec.connector for t in rc.targets)}
+        def writes_to(rc: Any) -> set[str]:
+            names = {t.spec.connector for t in rc.targets}
             if rc.dead_letter is not None:
                 names.add(rc.dead_letter.spec.connector)
             return names
+
+        def uses(rc: Any) -> set[str]:
+            return {rc.source.connector, *writes_to(rc)}
 
         keep = {n for n, rc in new_rc.items() if n in old_rc and old_rc[n].section == rc.section}
         while True:  # restarting a connector restarts its routes, which may change another's sources
@@ -242,7 +245,7 @@ class Gateway:
                 )
                 if changed_sources and not conn.changes_routes_live and n in self._connector_tasks:
                     more.add(n)
-                writes = any(n in uses(rc) - {rc.source.connector} for rc in new_rc.values())
+                writes = any(n in writes_to(rc) for rc in new_rc.values())
                 if writes and not conn.has_sink and n in self._connector_tasks:
                     more.add(n)  # its sessions were started without a sink
             if not more - restart:

@@ -90,3 +90,26 @@ async def test_reload_refuses_a_stopped_gateway() -> None:
     gw = Gateway(config(R1))
     with pytest.raises(RuntimeError, match="new"):
         await gw.reload(config(R1))
+
+
+async def test_a_running_connector_that_becomes_a_target_restarts_with_a_sink() -> None:
+    r4 = """\
+  - name: r4
+    from: {connector: d, topic: "back/#"}
+    to: {connector: a, topic: "back/{#}"}
+"""
+    gw = Gateway(config(R1))
+    await gw.start()
+    try:
+        await gw.wait_ready(5)
+        assert not gw.connectors["a"].has_sink
+
+        summary = await gw.reload(config(R1 + r4))
+
+        assert summary["connectors_restarted"] == ["a"] and summary["routes_restarted"] == ["r1"]
+        assert summary["connectors_added"] == [] and summary["routes_added"] == ["r4"]
+        await gw.wait_ready(5)
+        MemoryBroker.named("D").publish("back/1", b"to a")
+        await until(lambda: [r.topic for r in MemoryBroker.named("A").received] == ["back/1"])
+    finally:
+        await gw.stop(5)
