@@ -62,6 +62,23 @@ class Channel:
         self.connector.channel_changed()
         self.log.info("connector.connected", reconnects=self.reconnects, **info)
 
+    def mark_unreachable(self, error: str) -> None:
+        """The session stays up but its client library lost the broker (and reconnects by itself)."""
+        if not self.connected.is_set():
+            return
+        self.state = ConnectorState.CONNECTING
+        self.last_error = error
+        self.connected.clear()
+        self.connector.channel_changed()
+        self.log.warning("connector.unreachable", error=error)
+
+    def mark_reachable(self, **info: Any) -> None:
+        """The client library got the broker back after :meth:`mark_unreachable`."""
+        if self.connected.is_set() or self.state is not ConnectorState.CONNECTING:
+            return
+        self.reconnects += 1
+        self.mark_connected(**info)
+
     def cut(self) -> None:
         """Drop the connection now and stay down until :meth:`resume`."""
         self.held = True

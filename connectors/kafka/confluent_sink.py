@@ -26,6 +26,8 @@ from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
 from gateway.sink import Item
 
 _POLL_INTERVAL = 0.001
+_IDLE_POLL = 1.0
+"""Seconds between polls while nothing is outstanding: librdkafka reports a lost broker through poll()."""
 _PURGED = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
 
 
@@ -56,12 +58,16 @@ class ConfluentSink(ProducerSink):
         self.outstanding = 0
         """Records handed to librdkafka whose delivery report has not come back."""
         self._reports = asyncio.Event()
+        self.unreachable = False
+        """librdkafka reported every broker down; cleared by the next delivery or a metadata answer."""
 
     def _delivered(self, item: Item, err: KafkaError | None, msg: Any) -> None:
         self.outstanding -= 1
         flight, d = item
         if err is None:
             flight.done()
+            if self.unreachable:
+                self._reachable()
         elif err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
             limit = self.config.max_request_size
             flight.fail(d, PayloadTooLarge(len(flight.env.payload), limit, "Kafka max_request_size"))
@@ -73,17 +79,45 @@ class ConfluentSink(ProducerSink):
         else:
             flight.fail(d, SinkError(f"Kafka refused the record: {err.str()}", retriable=False))
 
+    def on_error(self, err: KafkaError) -> None:
+        """librdkafka's error_cb (served inside poll(), on the loop): it reconnects by itself, we report it."""
+        if err.code() == KafkaError._ALL_BROKERS_DOWN and not self.unreachable:
+            self.unreachable = True
+            if self.reachability is not None:
+                self.reachability(False, f"all brokers down: {err.str()}")
+
+    def _reachable(self) -> None:
+        self.unreachable = False
+        if self.reachability is not None:
+            self.reachability(True, "")
+
     async def run_poller(self) -> None:
-        """Serve delivery reports on the event loop while any are outstanding. Owned by the session."""
+        """Serve delivery reports on the event loop while any are outstanding, and errors every second
+        while none are. Owned by the session."""
         while True:
             producer = self.producer
             if producer is None or self.outstanding <= 0:
                 self._reports.clear()
-                await self._reports.wait()
+                try:
+                    await asyncio.wait_for(self._reports.wait(), _IDLE_POLL)
+                except TimeoutError:
+                    if producer is not None:
+                        producer.poll(0)
+                        if self.unreachable:
+                            await self._probe(producer)
                 continue
             producer.poll(0)
             if self.outstanding > 0:
                 await asyncio.sleep(_POLL_INTERVAL)
+
+    async def _probe(self, producer: Producer) -> None:
+        """While unreachable and idle: a metadata request tells when a broker answers again."""
+        try:
+            await asyncio.to_thread(producer.list_topics, timeout=_IDLE_POLL)
+        except KafkaException:
+            return
+        if self.unreachable and self.producer is producer:
+            self._reachable()
 
     async def write_batch(self, batch: list[Item]) -> None:
         producer = self.producer
@@ -133,9 +167,10 @@ class ConfluentSink(ProducerSink):
 
     async def open(self, client_id: str) -> None:
         """Create the producer and make sure a broker answers (librdkafka itself connects lazily)."""
-        producer = Producer(producer_config(self.config, client_id))
+        producer = Producer({**producer_config(self.config, client_id), "error_cb": self.on_error})
         await asyncio.to_thread(producer.list_topics, timeout=self.config.request_timeout_ms / 1000)
         self.producer = producer
+        self.unreachable = False
         self.broken.clear()
 
     def background(self) -> list[Coroutine[Any, Any, None]]:

@@ -118,6 +118,8 @@ class KafkaConnector(Connector):
                 await _started(consumer.start(), cfg.bootstrap_servers, _consumer_errors())
                 self._sources.append(source)
             self.mark_connected(bootstrap=",".join(cfg.bootstrap_servers), groups=len(consumers))
+            if sink is not None:
+                sink.reachability = self._reachability
             async with asyncio.TaskGroup() as tg:
                 if sink is not None:
                     tg.create_task(sink.run_writer(), name=f"{self.name}:writer")
@@ -133,6 +135,13 @@ class KafkaConnector(Connector):
                     await consumer.stop()
             if sink is not None:
                 await sink.close()
+
+    def _reachability(self, up: bool, why: str) -> None:
+        channel = self.channels[0]
+        if up:
+            channel.mark_reachable(bootstrap=",".join(self.config.bootstrap_servers), recovered=True)
+        else:
+            channel.mark_unreachable(why)
 
     async def _watch(self, broken: asyncio.Event) -> None:
         await broken.wait()

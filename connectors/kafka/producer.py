@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import abstractmethod
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
 from connectors.kafka.config import KafkaConfig
@@ -24,6 +24,9 @@ class ProducerSink(Sink):
         self.config = config
         self.broken: asyncio.Event = asyncio.Event()
         """Set when a delivery failed in a way that needs a new session."""
+
+    reachability: Callable[[bool, str], None] | None = None
+    """Set by the connector: told when the driver loses all brokers (False, why) and gets one back."""
 
     errors: ClassVar[tuple[type[BaseException], ...]] = ()
     """The driver's exceptions that mean "no broker answered" when a session opens."""
