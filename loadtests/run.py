@@ -176,7 +176,13 @@ def main() -> int:
             print(f"{exc}, or pass --no-peer", file=sys.stderr)
             return 2
     command = "python -m loadtests.run " + " ".join(sys.argv[1:])
-    out = OUT / "out" / "quick" if args.quick else OUT  # a quick run never replaces RESULTS.md
+    # Only a full run (every route, with the peer) replaces RESULTS.md; others write under out/.
+    if args.quick:
+        out = OUT / "out" / "quick"
+    elif args.routes or not args.peer:
+        out = OUT / "out" / "partial"
+    else:
+        out = OUT
     out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="loadtest-"))
     started = dt.datetime.now(dt.UTC)

@@ -92,23 +92,28 @@ class ConfluentSink(ProducerSink):
             self.reachability(True, "")
 
     async def run_poller(self) -> None:
-        """Serve delivery reports on the event loop while any are outstanding, and errors every second
-        while none are. Owned by the session."""
+        """Serve delivery reports on the event loop while any are outstanding. Owned by the session."""
         while True:
             producer = self.producer
             if producer is None or self.outstanding <= 0:
                 self._reports.clear()
-                try:
-                    await asyncio.wait_for(self._reports.wait(), _IDLE_POLL)
-                except TimeoutError:
-                    if producer is not None:
-                        producer.poll(0)
-                        if self.unreachable:
-                            await self._probe(producer)
+                await self._reports.wait()
                 continue
             producer.poll(0)
             if self.outstanding > 0:
                 await asyncio.sleep(_POLL_INTERVAL)
+
+    async def run_idle_poller(self) -> None:
+        """Every second while nothing is outstanding, poll for errors (librdkafka reports a lost broker
+        through poll()), and while unreachable, probe for its return. Off the per-batch path."""
+        while True:
+            await asyncio.sleep(_IDLE_POLL)
+            producer = self.producer
+            if producer is None or self.outstanding > 0:
+                continue  # run_poller is polling
+            producer.poll(0)
+            if self.unreachable:
+                await self._probe(producer)
 
     async def _probe(self, producer: Producer) -> None:
         """While unreachable and idle: a metadata request tells when a broker answers again."""
@@ -174,7 +179,7 @@ class ConfluentSink(ProducerSink):
         self.broken.clear()
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
-        return [self.run_poller()]
+        return [self.run_poller(), self.run_idle_poller()]
 
     async def flush(self) -> None:
         producer = self.producer
