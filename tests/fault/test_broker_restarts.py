@@ -54,7 +54,7 @@ import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -860,6 +860,49 @@ async def close_all(*things: Any) -> None:
                 await thing.close()
 
 
+async def restart_scenario(
+    label: str,
+    victim: BrokerProcess,
+    how: str,
+    config: str,
+    collector: Collector,
+    connect: Callable[[], Awaitable[Any]],
+    *,
+    allowance: int,
+    notes: Callable[[Any], str],
+    read_source: Callable[[], Awaitable[Counter[int]]] | None = None,
+    library_reconnects: bool = False,
+) -> Result:
+    """The gateway on ``config``; the publisher ``connect()`` makes; the victim restarted; the outcome.
+
+    ``allowance``: duplicates the test's own clients may cause; ``read_source``: the source's own
+    copies where it can be read (a Kafka topic); ``notes``: figures of the publisher worth printing.
+    """
+    publisher = None
+    try:
+        async with running_gateway(config) as (gw, runner):
+            publisher = await connect()
+            accepted, timings, reconnects, seen_down = await fault_run(
+                label, victim, how, gw, runner, "victim", publisher, collector
+            )
+            return Result(
+                label,
+                accepted,
+                collector.copies(),
+                await read_source() if read_source is not None else None,
+                allowance=allowance,
+                timings=timings,
+                reconnects=reconnects,
+                disconnected_seen=seen_down,
+                runner_alive=not runner.done(),
+                stats=route_stats(gw),
+                notes=notes(publisher),
+                library_reconnects=library_reconnects,
+            )
+    finally:
+        await close_all(publisher)
+
+
 # ------------------------------------------------------------------ the scenarios
 
 
@@ -867,11 +910,9 @@ async def close_all(*things: Any) -> None:
 async def test_mosquitto_source_restart(tmp_path: Any, nats_server: NatsServer, unique: str, how: str) -> None:
     """Mosquitto (victim) → JetStream: MQTT QoS 1 through the gateway's persistent session."""
     u = unique
-    label = f"mosquitto-source {how}"
     stream = f"FA_{u}"
     victim = durable_mosquitto(tmp_path)
     victim.start()
-    publisher: MqttPublisher | None = None
     collector: JetStreamCollector | None = None
     try:
         await add_stream(nats_server.url, stream, [f"fa.{u}.>"])
@@ -884,28 +925,18 @@ async def test_mosquitto_source_restart(tmp_path: Any, nats_server: NatsServer, 
                 "to": {"connector": "js", "subject": f"fa.{u}.{{dev}}", "jetstream": True},
             },
         )
-        async with running_gateway(config) as (gw, runner):
-            publisher = await asyncio.to_thread(
-                MqttPublisher(victim.port, f"pub-{u}", lambda s: f"fa/{u}/dev{s % 5}").connect
-            )
-            accepted, timings, reconnects, seen_down = await fault_run(
-                label, victim, how, gw, runner, "victim", publisher, collector
-            )
-            result = Result(
-                label,
-                accepted,
-                collector.copies(),
-                None,
-                allowance=PUB_INFLIGHT,  # paho resends its unacknowledged window; Mosquitto stores QoS 1 twice
-                timings=timings,
-                reconnects=reconnects,
-                disconnected_seen=seen_down,
-                runner_alive=not runner.done(),
-                stats=route_stats(gw),
-                notes=f"publisher_reconnects={publisher.retries}",
-            )
+        result = await restart_scenario(
+            f"mosquitto-source {how}",
+            victim,
+            how,
+            config,
+            collector,
+            lambda: asyncio.to_thread(MqttPublisher(victim.port, f"pub-{u}", lambda s: f"fa/{u}/dev{s % 5}").connect),
+            allowance=PUB_INFLIGHT,  # paho resends its unacknowledged window; Mosquitto stores QoS 1 twice
+            notes=lambda pub: f"publisher_reconnects={pub.retries}",
+        )
     finally:
-        await close_all(publisher, collector)
+        await close_all(collector)
         await asyncio.to_thread(victim.stop)
     check(result)
 
@@ -914,15 +945,14 @@ async def test_mosquitto_source_restart(tmp_path: Any, nats_server: NatsServer, 
 async def test_mosquitto_sink_restart(tmp_path: Any, nats_server: NatsServer, unique: str, how: str) -> None:
     """JetStream → Mosquitto (victim), collected by a paho client with a persistent session."""
     u = unique
-    label = f"mosquitto-sink {how}"
     stream = f"FB_{u}"
     victim = durable_mosquitto(tmp_path)
     victim.start()
-    publisher: JetStreamPublisher | None = None
     collector: MqttCollector | None = None
     try:
         await add_stream(nats_server.url, stream, [f"fb.{u}.>"])
         collector = await asyncio.to_thread(MqttCollector(victim.port, f"col-{u}", f"fb/{u}/#").connect)
+        col = collector
         config = gateway_config(
             u,
             {"js": nats_connector(nats_server.url), "victim": mqtt_connector(victim.url, f"gw-{u}")},
@@ -931,29 +961,21 @@ async def test_mosquitto_sink_restart(tmp_path: Any, nats_server: NatsServer, un
                 "to": {"connector": "victim", "topic": f"fb/{u}/{{dev}}", "qos": 1},
             },
         )
-        async with running_gateway(config) as (gw, runner):
-            publisher = await JetStreamPublisher(nats_server.url, lambda s: f"fb.{u}.dev{s % 5}", u).connect()
-            accepted, timings, reconnects, seen_down = await fault_run(
-                label, victim, how, gw, runner, "victim", publisher, collector
-            )
-            result = Result(
-                label,
-                accepted,
-                collector.copies(),
-                None,
-                allowance=SUB_RECEIVE_MAX,  # redelivered to the subscriber: what it had not acknowledged
-                timings=timings,
-                reconnects=reconnects,
-                disconnected_seen=seen_down,
-                runner_alive=not runner.done(),
-                stats=route_stats(gw),
-                notes=(
-                    f"subscriber: DUP-flagged={collector.marked_dup} sessions_resumed={collector.sessions_resumed} "
-                    f"publisher_retries={publisher.retries}"
-                ),
-            )
+        result = await restart_scenario(
+            f"mosquitto-sink {how}",
+            victim,
+            how,
+            config,
+            collector,
+            lambda: JetStreamPublisher(nats_server.url, lambda s: f"fb.{u}.dev{s % 5}", u).connect(),
+            allowance=SUB_RECEIVE_MAX,  # redelivered to the subscriber: what it had not acknowledged
+            notes=lambda pub: (
+                f"subscriber: DUP-flagged={col.marked_dup} sessions_resumed={col.sessions_resumed} "
+                f"publisher_retries={pub.retries}"
+            ),
+        )
     finally:
-        await close_all(publisher, collector)
+        await close_all(collector)
         await asyncio.to_thread(victim.stop)
     check(result)
 
@@ -962,11 +984,9 @@ async def test_mosquitto_sink_restart(tmp_path: Any, nats_server: NatsServer, un
 async def test_nats_source_restart(tmp_path: Any, kafka_broker: Tansu, unique: str, how: str) -> None:
     """JetStream on nats-server (victim) → Kafka: the durable consumer resumes after the restart."""
     u = unique
-    label = f"nats-source {how}"
     stream, topic = f"FC_{u}", f"fc-{u}"
     victim = NatsServer(workdir=tmp_path / "nats")
     victim.start()
-    publisher: JetStreamPublisher | None = None
     collector: KafkaCollector | None = None
     try:
         await add_stream(victim.url, stream, [f"fc.{u}.>"])
@@ -980,26 +1000,18 @@ async def test_nats_source_restart(tmp_path: Any, kafka_broker: Tansu, unique: s
                 "to": {"connector": "kafka", "topic": topic, "key": "{dev}"},
             },
         )
-        async with running_gateway(config) as (gw, runner):
-            publisher = await JetStreamPublisher(victim.url, lambda s: f"fc.{u}.dev{s % 5}", u).connect()
-            accepted, timings, reconnects, seen_down = await fault_run(
-                label, victim, how, gw, runner, "victim", publisher, collector
-            )
-            result = Result(
-                label,
-                accepted,
-                collector.copies(),
-                None,  # Nats-Msg-Id dedups the publisher's retries: one copy per seq in the source stream
-                allowance=0,
-                timings=timings,
-                reconnects=reconnects,
-                disconnected_seen=seen_down,
-                runner_alive=not runner.done(),
-                stats=route_stats(gw),
-                notes=f"publisher_retries={publisher.retries}",
-            )
+        result = await restart_scenario(
+            f"nats-source {how}",
+            victim,
+            how,
+            config,
+            collector,
+            lambda: JetStreamPublisher(victim.url, lambda s: f"fc.{u}.dev{s % 5}", u).connect(),
+            allowance=0,  # Nats-Msg-Id dedups the publisher's retries: one copy per seq in the source stream
+            notes=lambda pub: f"publisher_retries={pub.retries}",
+        )
     finally:
-        await close_all(publisher, collector)
+        await close_all(collector)
         await asyncio.to_thread(victim.stop)
     check(result)
 
@@ -1008,11 +1020,9 @@ async def test_nats_source_restart(tmp_path: Any, kafka_broker: Tansu, unique: s
 async def test_nats_sink_restart(tmp_path: Any, kafka_broker: Tansu, unique: str, how: str) -> None:
     """Kafka → JetStream on nats-server (victim): the stream's file store keeps what it acknowledged."""
     u = unique
-    label = f"nats-sink {how}"
     stream, topic = f"FD_{u}", f"fd-{u}"
     victim = NatsServer(workdir=tmp_path / "nats")
     victim.start()
-    publisher: KafkaPublisher | None = None
     collector: JetStreamCollector | None = None
     try:
         await add_stream(victim.url, stream, [f"fd.{u}.>"])
@@ -1026,27 +1036,19 @@ async def test_nats_sink_restart(tmp_path: Any, kafka_broker: Tansu, unique: str
                 "to": {"connector": "victim", "subject": f"fd.{u}.data", "jetstream": True},
             },
         )
-        async with running_gateway(config) as (gw, runner):
-            publisher = await KafkaPublisher(kafka_broker.bootstrap, topic).connect()
-            accepted, timings, reconnects, seen_down = await fault_run(
-                label, victim, how, gw, runner, "victim", publisher, collector
-            )
-            source = await read_topic(kafka_broker.bootstrap, topic)
-            result = Result(
-                label,
-                accepted,
-                collector.copies(),
-                source,
-                allowance=0,
-                timings=timings,
-                reconnects=reconnects,
-                disconnected_seen=seen_down,
-                runner_alive=not runner.done(),
-                stats=route_stats(gw),
-                notes=f"publisher_retries={publisher.retries}",
-            )
+        result = await restart_scenario(
+            f"nats-sink {how}",
+            victim,
+            how,
+            config,
+            collector,
+            lambda: KafkaPublisher(kafka_broker.bootstrap, topic).connect(),
+            allowance=0,
+            notes=lambda pub: f"publisher_retries={pub.retries}",
+            read_source=lambda: read_topic(kafka_broker.bootstrap, topic),
+        )
     finally:
-        await close_all(publisher, collector)
+        await close_all(collector)
         await asyncio.to_thread(victim.stop)
     check(result)
 
@@ -1055,11 +1057,9 @@ async def test_nats_sink_restart(tmp_path: Any, kafka_broker: Tansu, unique: str
 async def test_tansu_source_restart(tmp_path: Any, nats_server: NatsServer, unique: str, how: str) -> None:
     """Durable Tansu (victim, S3 storage) → JetStream: the consumer group resumes from its committed offset."""
     u = unique
-    label = f"tansu-source {how}"
     stream, topic = f"FE_{u}", f"fe-{u}"
     victim = Tansu(storage="s3", workdir=tmp_path / "tansu")
     victim.start()
-    publisher: KafkaPublisher | None = None
     collector: JetStreamCollector | None = None
     try:
         await create_topic(victim.bootstrap, topic)
@@ -1073,28 +1073,20 @@ async def test_tansu_source_restart(tmp_path: Any, nats_server: NatsServer, uniq
                 "to": {"connector": "js", "subject": f"fe.{u}.data", "jetstream": True},
             },
         )
-        async with running_gateway(config) as (gw, runner):
-            publisher = await KafkaPublisher(victim.bootstrap, topic).connect()
-            accepted, timings, reconnects, seen_down = await fault_run(
-                label, victim, how, gw, runner, "victim", publisher, collector
-            )
-            source = await read_topic(victim.bootstrap, topic)
-            result = Result(
-                label,
-                accepted,
-                collector.copies(),
-                source,
-                allowance=0,
-                timings=timings,
-                reconnects=reconnects,
-                disconnected_seen=seen_down,
-                runner_alive=not runner.done(),
-                stats=route_stats(gw),
-                notes=f"publisher_retries={publisher.retries}",
-                library_reconnects=True,
-            )
+        result = await restart_scenario(
+            f"tansu-source {how}",
+            victim,
+            how,
+            config,
+            collector,
+            lambda: KafkaPublisher(victim.bootstrap, topic).connect(),
+            allowance=0,
+            notes=lambda pub: f"publisher_retries={pub.retries}",
+            read_source=lambda: read_topic(victim.bootstrap, topic),
+            library_reconnects=True,
+        )
     finally:
-        await close_all(publisher, collector)
+        await close_all(collector)
         await asyncio.to_thread(victim.stop)
     check(result)
 
@@ -1103,15 +1095,14 @@ async def test_tansu_source_restart(tmp_path: Any, nats_server: NatsServer, uniq
 async def test_tansu_sink_restart(tmp_path: Any, mosquitto: Mosquitto, unique: str, how: str) -> None:
     """MQTT QoS 1 → durable Tansu (victim, S3 storage): records it acknowledged survive, the rest is resent."""
     u = unique
-    label = f"tansu-sink {how}"
     topic = f"ff-{u}"
     victim = Tansu(storage="s3", workdir=tmp_path / "tansu")
     victim.start()
-    publisher: MqttPublisher | None = None
     collector: KafkaCollector | None = None
     try:
         await create_topic(victim.bootstrap, topic)
         collector = await KafkaCollector(victim.bootstrap, topic).start()
+        col = collector
         config = gateway_config(
             u,
             {"mq": mqtt_connector(mosquitto.url, f"gw-{u}"), "victim": kafka_connector(victim.bootstrap)},
@@ -1120,27 +1111,19 @@ async def test_tansu_sink_restart(tmp_path: Any, mosquitto: Mosquitto, unique: s
                 "to": {"connector": "victim", "topic": topic, "key": "{dev}"},
             },
         )
-        async with running_gateway(config) as (gw, runner):
-            publisher = await asyncio.to_thread(
+        result = await restart_scenario(
+            f"tansu-sink {how}",
+            victim,
+            how,
+            config,
+            collector,
+            lambda: asyncio.to_thread(
                 MqttPublisher(mosquitto.port, f"pub-{u}", lambda s: f"ff/{u}/dev{s % 5}").connect
-            )
-            accepted, timings, reconnects, seen_down = await fault_run(
-                label, victim, how, gw, runner, "victim", publisher, collector
-            )
-            result = Result(
-                label,
-                accepted,
-                collector.copies(),
-                None,
-                allowance=0,  # the publisher's broker stays up: it never resends
-                timings=timings,
-                reconnects=reconnects,
-                disconnected_seen=seen_down,
-                runner_alive=not runner.done(),
-                stats=route_stats(gw),
-                notes=f"collector_errors={len(collector.errors)}",
-            )
+            ),
+            allowance=0,  # the publisher's broker stays up: it never resends
+            notes=lambda pub: f"collector_errors={len(col.errors)}",
+        )
     finally:
-        await close_all(publisher, collector)
+        await close_all(collector)
         await asyncio.to_thread(victim.stop)
     check(result)
