@@ -322,70 +322,56 @@ async def latency(
     return result
 
 
-async def direct_latency(sink: str, brokers: Brokers, *, rate: float, seconds: float, size: int) -> dict[str, float]:
-    n = int(rate * seconds)
+async def _direct(
+    sink: str, brokers: Brokers, *, n: int, size: int, rate: float | None, timeout: float, idle: float
+) -> tuple[Counter, float]:
+    """The harness's own clients straight into the sink broker, counted like a bridge's output.
+
+    Publishes ``n`` messages at ``rate`` (``None``: as fast as the client can); returns the counter
+    and the publisher's own rate.
+    """
     ep = brokers.endpoints()
     counter = Counter(n)
     closers: list[Any] = []
-    if sink == "kafka":
-        await kafka_create(ep.kafka, ep.kafka_dst)
-        kc = KafkaCount(ep.kafka, ep.kafka_dst, 4, counter)
-        await kc.start()
-        closers.append(kc.stop)
-        await asyncio.sleep(0.5)
-        await asyncio.to_thread(kafka_produce, ep.kafka, ep.kafka_dst, n, size, rate=rate)
-    elif sink == "nats":
-        nc = NatsCount(ep.nats_url, ep.nats_dst, counter)
-        await nc.start()
-        closers.append(nc.stop)
-        pub = await Nats(ep.nats_url).connect()
-        await pub.publish(ep.nats_dst, n, size, rate=rate)
-        closers.append(pub.close)
-    else:
-        sub = Mqtt(ep.mqtt_port, f"lt-dsub-{ep.u}")
-        sub.on_message = counter.add
-        await sub.connect()
-        await sub.subscribe(ep.mqtt_dst, 1)
-        closers.append(sub.close)
-        pub2 = await Mqtt(ep.mqtt_port, f"lt-dpub-{ep.u}").connect()
-        await pub2.publish(ep.mqtt_dst, n, size, rate=rate)
-        closers.append(pub2.close)
-    await wait_count(counter, timeout=30, idle=3)
-    for close in closers:
-        await close()
+    try:
+        if sink == "kafka":
+            await kafka_create(ep.kafka, ep.kafka_dst)
+            kc = KafkaCount(ep.kafka, ep.kafka_dst, 4, counter)
+            await kc.start()
+            closers.append(kc.stop)
+            await asyncio.sleep(0.5)  # the consumer is assigned its partitions
+            published = await asyncio.to_thread(kafka_produce, ep.kafka, ep.kafka_dst, n, size, rate=rate)
+        elif sink == "nats":
+            nc = NatsCount(ep.nats_url, ep.nats_dst, counter)
+            await nc.start()
+            closers.append(nc.stop)
+            pub = await Nats(ep.nats_url).connect()
+            closers.append(pub.close)
+            published = await pub.publish(ep.nats_dst, n, size, rate=rate)
+        else:
+            sub = Mqtt(ep.mqtt_port, f"lt-dsub-{ep.u}")
+            sub.on_message = counter.add
+            await sub.connect()
+            closers.append(sub.close)
+            await sub.subscribe(ep.mqtt_dst, 1)
+            mpub = await Mqtt(ep.mqtt_port, f"lt-dpub-{ep.u}").connect()
+            closers.append(mpub.close)
+            published = await mpub.publish(ep.mqtt_dst, n, size, rate=rate)
+        await wait_count(counter, timeout=timeout, idle=idle)
+    finally:
+        for close in reversed(closers):
+            await close()
+    return counter, published
+
+
+async def direct_latency(sink: str, brokers: Brokers, *, rate: float, seconds: float, size: int) -> dict[str, float]:
+    counter, _ = await _direct(sink, brokers, n=int(rate * seconds), size=size, rate=rate, timeout=30, idle=3)
     return _percentiles(counter.latencies_ns[len(counter.latencies_ns) // 10 :])
 
 
 async def direct_throughput(sink: str, brokers: Brokers, *, n: int, size: int) -> dict[str, Any]:
     """The sink broker's limit with the harness's own clients: publish as fast as they can, count."""
-    ep = brokers.endpoints()
-    counter = Counter(n)
-    closers: list[Any] = []
-    if sink == "kafka":
-        await kafka_create(ep.kafka, ep.kafka_dst)
-        kc = KafkaCount(ep.kafka, ep.kafka_dst, 4, counter)
-        await kc.start()
-        closers.append(kc.stop)
-        rate = await asyncio.to_thread(kafka_produce, ep.kafka, ep.kafka_dst, n, size)
-    elif sink == "nats":
-        nc = NatsCount(ep.nats_url, ep.nats_dst, counter)
-        await nc.start()
-        closers.append(nc.stop)
-        pub = await Nats(ep.nats_url).connect()
-        rate = await pub.publish(ep.nats_dst, n, size)
-        closers.append(pub.close)
-    else:
-        sub = Mqtt(ep.mqtt_port, f"lt-dsub-{ep.u}")
-        sub.on_message = counter.add
-        await sub.connect()
-        await sub.subscribe(ep.mqtt_dst, 1)
-        closers.append(sub.close)
-        pub2 = await Mqtt(ep.mqtt_port, f"lt-dpub-{ep.u}").connect()
-        rate = await pub2.publish(ep.mqtt_dst, n, size)
-        closers.append(pub2.close)
-    await wait_count(counter, timeout=60, idle=5)
-    for close in closers:
-        await close()
+    counter, rate = await _direct(sink, brokers, n=n, size=size, rate=None, timeout=60, idle=5)
     return {
         "sink": sink,
         "size": size,
