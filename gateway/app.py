@@ -39,6 +39,16 @@ class GatewayState(Enum):
     STOPPED = "stopped"
 
 
+def _connector_limit(config: Config, name: str) -> int | None:
+    limit: int | None = getattr(config.connectors[name], "max_payload", None)
+    return limit
+
+
+def _smallest(*limits: int | None) -> int | None:
+    given = [n for n in limits if n is not None]
+    return min(given) if given else None
+
+
 def build_routes(config: Config) -> dict[str, Route]:
     """The run-time routes of a config, with their targets not yet bound to sinks."""
     routes: dict[str, Route] = {}
@@ -53,14 +63,22 @@ def build_routes(config: Config) -> dict[str, Route]:
             retry=s.retry,
             on_error=s.on_error,
             reconnect=config.gateway.reconnect,
+            max_payload=_smallest(s.max_payload, _connector_limit(config, rc.source.connector)),
+            max_headers=config.gateway.max_headers,
+            max_header_bytes=config.gateway.max_header_bytes,
         )
         route = Route(s.name, rc.source.connector, rc.source, rc.patterns, policy)
         route.targets.extend(
-            Target(route, i, tc.spec.connector, tc.spec, tc.address, tc.key) for i, tc in enumerate(rc.targets)
+            Target(
+                route, i, tc.spec.connector, tc.spec, tc.address, tc.key, _connector_limit(config, tc.spec.connector)
+            )
+            for i, tc in enumerate(rc.targets)
         )
         if rc.dead_letter is not None:
             dl = rc.dead_letter
-            route.dead_letter = Target(route, -1, dl.spec.connector, dl.spec, dl.address, dl.key)
+            route.dead_letter = Target(
+                route, -1, dl.spec.connector, dl.spec, dl.address, dl.key, _connector_limit(config, dl.spec.connector)
+            )
         routes[s.name] = route
     return routes
 

@@ -64,3 +64,13 @@ class PayloadTooLarge(SinkError):
         super().__init__(f"payload of {size} bytes exceeds {target} limit of {limit} bytes", retriable=False)
         self.size = size
         self.limit = limit
+
+
+class HeadersTooLarge(SinkError):
+    """The message carries more headers, or more header bytes, than the gateway forwards."""
+
+    def __init__(self, count: int, size: int, max_count: int, max_bytes: int) -> None:
+        super().__init__(
+            f"{count} headers of {size} bytes exceed the limits of {max_count} headers / {max_bytes} bytes",
+            retriable=False,
+        )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
+
+from gateway.redact import scrub
 
 Format = Literal["auto", "json", "console"]
 
@@ -29,12 +31,29 @@ def configure(level: str = "info", fmt: Format = "auto") -> None:
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*shared, _scrubbed(renderer)],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     # Broker libraries log through the stdlib; keep their warnings, in the same stream.
-    logging.basicConfig(
-        level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ScrubbingFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=max(numeric, logging.WARNING), handlers=[handler])
+
+
+def _scrubbed(renderer: structlog.types.Processor) -> structlog.types.Processor:
+    """The renderer, then every registered secret masked in the rendered line (tracebacks included)."""
+
+    def render(logger: Any, method: str, event: Any) -> Any:
+        out = renderer(logger, method, event)
+        return scrub(out) if isinstance(out, str) else out
+
+    return render
+
+
+class _ScrubbingFormatter(logging.Formatter):
+    """Masks registered secrets in what the broker libraries log through the stdlib."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(super().format(record))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 MASK = "***"
@@ -19,3 +20,35 @@ def redact_url(url: str) -> str:
     user, sep, _ = userinfo.partition(":")
     masked = f"{user}:{MASK}" if sep else MASK
     return urlunsplit((parts.scheme, f"{masked}@{hostport}", parts.path, parts.query, parts.fragment))
+
+
+_secrets: set[str] = set()
+MIN_SECRET_LENGTH = 4
+"""Shorter values are not scrubbed from text: they would mask unrelated words (and are no secret)."""
+
+
+def register_secret(value: str | None) -> None:
+    """Remember a secret (a password, token, key) so that :func:`scrub` masks it wherever it appears."""
+    if value and len(value) >= MIN_SECRET_LENGTH:
+        _secrets.add(value)
+
+
+def scrub(text: str) -> str:
+    """``text`` with every registered secret replaced by ``***``."""
+    if not _secrets:
+        return text
+    for secret in sorted(_secrets, key=len, reverse=True):  # longest first: a secret may contain another
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def scrub_event(_logger: object, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: mask registered secrets in every string of a log event."""
+    if _secrets:
+        for key, value in event.items():
+            if isinstance(value, str):
+                event[key] = scrub(value)
+            elif isinstance(value, BaseException):
+                event[key] = scrub(f"{type(value).__name__}: {value}")
+    return event

@@ -30,7 +30,7 @@ import structlog
 
 from gateway.backoff import Backoff
 from gateway.envelope import Envelope
-from gateway.errors import GatewayError, SinkError, TemplateError
+from gateway.errors import GatewayError, HeadersTooLarge, PayloadTooLarge, SinkError, TemplateError
 from gateway.flow import FlowGate
 from gateway.patterns import SourcePattern
 from gateway.templates import Match, Template
@@ -74,6 +74,10 @@ class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
         return Backoff(initial=self.initial, max=self.max).delay(attempt)
 
 
+_NO_LIMIT = 1 << 62
+"""``max_payload`` when none is set: one integer comparison per message either way."""
+
+
 class RoutePolicy(msgspec.Struct, frozen=True):
     """The flow-control and error settings of one route, resolved from its config."""
 
@@ -84,6 +88,10 @@ class RoutePolicy(msgspec.Struct, frozen=True):
     retry: RetryPolicy = RetryPolicy()
     on_error: str = "drop"
     reconnect: Backoff = Backoff(initial=0.5, max=30.0)
+    max_payload: int | None = None
+    """The route's own limit and its source connector's, the smaller; None: none."""
+    max_headers: int = 64
+    max_header_bytes: int = 16 * 1024
 
 
 class RouteStats:
@@ -181,10 +189,17 @@ class Latency:
 class Target:
     """One compiled ``to`` entry (or the ``dead_letter``) of a route."""
 
-    __slots__ = ("address", "connector", "index", "key", "route", "sink", "spec")
+    __slots__ = ("address", "connector", "index", "key", "max_payload", "route", "sink", "spec")
 
     def __init__(
-        self, route: Route, index: int, connector: str, spec: Any, address: Template, key: Template | None
+        self,
+        route: Route,
+        index: int,
+        connector: str,
+        spec: Any,
+        address: Template,
+        key: Template | None,
+        max_payload: int | None = None,
     ) -> None:
         self.route = route
         self.index = index
@@ -195,6 +210,8 @@ class Target:
         self.key = key
         self.sink: Sink | None = None
         """Bound by the gateway when the connector is built."""
+        self.max_payload = max_payload if max_payload is not None else _NO_LIMIT
+        """The target connector's ``max_payload``: larger messages fail here, never reach its sink."""
 
     def render(self, match: Match) -> Delivery:
         try:
@@ -208,11 +225,12 @@ class Target:
 class Delivery:
     """A target rendered for one source topic; cached with the topic's plan."""
 
-    __slots__ = ("address", "error", "key", "sink", "target")
+    __slots__ = ("address", "error", "key", "max_payload", "sink", "target")
 
     def __init__(self, target: Target, address: str, key: bytes | None, error: GatewayError | None) -> None:
         self.target = target
         self.sink = target.sink
+        self.max_payload = target.max_payload
         self.address = address
         self.key = key
         self.error = error
@@ -311,6 +329,9 @@ class Route:
         self.policy = policy or RoutePolicy()
         self.max_in_flight = self.policy.max_in_flight
         self.max_in_flight_bytes = self.policy.max_in_flight_bytes
+        self.max_payload = self.policy.max_payload if self.policy.max_payload is not None else _NO_LIMIT
+        self.max_headers = self.policy.max_headers
+        self.max_header_bytes = self.policy.max_header_bytes
         self.targets: list[Target] = []
         self.dead_letter: Target | None = None
         self.in_flight = 0
@@ -360,11 +381,27 @@ class Route:
             if not self._drop:
                 self.hold_gate()
         flight = Flight(self, env, plan, nbytes)
+        if nbytes > self.max_payload:
+            self._refuse(flight, PayloadTooLarge(nbytes, self.max_payload, f"route {self.name!r} max_payload"))
+            return
+        headers = env.headers
+        if headers is not None and (
+            len(headers) > self.max_headers or sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes
+        ):
+            size = sum(len(k) + len(v) for k, v in headers)
+            self._refuse(flight, HeadersTooLarge(len(headers), size, self.max_headers, self.max_header_bytes))
+            return
         for d in plan.deliveries:
-            if d.error is None:
+            if d.error is None and nbytes <= d.max_payload:
                 d.sink.submit(flight, d)  # type: ignore[union-attr]  # bound before any dispatch
             else:
-                flight.fail(d, d.error)
+                flight.fail(d, d.error or PayloadTooLarge(nbytes, d.max_payload, f"{d.target.connector} max_payload"))
+
+    @staticmethod
+    def _refuse(flight: Flight, error: SinkError) -> None:
+        """A message over the route's limits: every target fails it, nothing is published."""
+        for d in flight.plan.deliveries:
+            flight.fail(d, error)
 
     def finish(self, flight: Flight) -> None:
         error = flight.error

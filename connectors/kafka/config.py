@@ -8,9 +8,33 @@ import msgspec
 
 from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.patterns import KAFKA, SourcePattern, TopicSyntax, compile_pattern, compile_regex
+from gateway.redact import register_secret
+from gateway.tls import TlsConfig, read_secret
 
 OffsetReset = Literal["earliest", "latest"]
 Millis = Annotated[int, msgspec.Meta(ge=1)]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+
+
+class SaslConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """SASL authentication to Kafka (use it over TLS: ``security_protocol: SASL_SSL``)."""
+
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    """SASL mechanism."""
+    username: str
+    """SASL user name."""
+    password: str | None = None
+    """Password; use ``password_file``, ``${ENV}`` or ``${file:PATH}`` rather than a literal."""
+    password_file: str | None = None
+    """File holding the password, read at each connect."""
+
+    def __post_init__(self) -> None:
+        if (self.password is None) == (self.password_file is None):
+            raise ValueError("set exactly one of password or password_file")
+        register_secret(self.password)
+
+    def secret(self) -> str:
+        return read_secret(self.password_file) if self.password_file is not None else self.password or ""
 
 
 class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag="kafka", tag_field="type"):
@@ -18,6 +42,17 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 
     bootstrap_servers: list[str]
     """``host:port`` of one or more brokers."""
+    security_protocol: SecurityProtocol | None = None
+    """``PLAINTEXT``, ``SSL``, ``SASL_PLAINTEXT`` or ``SASL_SSL``. Default: from the ``tls`` and ``sasl`` blocks
+    (both → ``SASL_SSL``, ``tls`` → ``SSL``, ``sasl`` → ``SASL_PLAINTEXT``, neither → ``PLAINTEXT``)."""
+    tls: TlsConfig | None = None
+    """TLS settings (CA, client certificate for mTLS). The broker's name is checked against the advertised
+    host names, so ``server_name`` is not available here."""
+    sasl: SaslConfig | None = None
+    """SASL authentication: ``mechanism`` (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512), ``username``, ``password_file``."""
+    max_payload: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Largest payload in bytes read from or written to this connector; larger messages fail before they are
+    produced (counted, dead-lettered). ``max_request_size`` applies as well."""
     driver: Literal["confluent", "aiokafka"] = "confluent"
     """Producer client: ``confluent`` (librdkafka, the default: ~9x aiokafka's produce rate here) or
     ``aiokafka`` (pure Python, for installs without native wheels). Consumers use aiokafka."""
@@ -50,6 +85,25 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     def __post_init__(self) -> None:
         if not self.bootstrap_servers:
             raise ValueError("bootstrap_servers: at least one host:port is needed")
+        protocol = self.protocol
+        if self.tls is not None and "SSL" not in protocol:
+            raise ValueError(f"tls is set but security_protocol is {protocol}: use SSL or SASL_SSL")
+        if self.sasl is None and protocol.startswith("SASL"):
+            raise ValueError(f"security_protocol {protocol} needs a sasl block (mechanism, username, password)")
+        if self.sasl is not None and not protocol.startswith("SASL"):
+            raise ValueError(f"sasl is set but security_protocol is {protocol}: use SASL_SSL (or SASL_PLAINTEXT)")
+        if self.tls is not None and self.tls.server_name is not None:
+            raise ValueError(
+                "tls.server_name is not supported for Kafka: brokers are checked by their advertised names"
+            )
+
+    @property
+    def protocol(self) -> SecurityProtocol:
+        if self.security_protocol is not None:
+            return self.security_protocol
+        if self.sasl is not None:
+            return "SASL_SSL" if self.tls is not None else "SASL_PLAINTEXT"
+        return "SSL" if self.tls is not None else "PLAINTEXT"
 
 
 class KafkaSource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=True):

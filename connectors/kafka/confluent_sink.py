@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Coroutine
 from typing import Any
 
@@ -22,6 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from connectors.kafka.config import KafkaConfig
 from connectors.kafka.producer import ProducerSink
+from connectors.kafka.security import librdkafka_security
 from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
 from gateway.sink import Item
 
@@ -29,6 +31,10 @@ _POLL_INTERVAL = 0.001
 _IDLE_POLL = 1.0
 """Seconds between polls while nothing is outstanding: librdkafka reports a lost broker through poll()."""
 _PURGED = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
+_REFUSED = (KafkaError._AUTHENTICATION, KafkaError._SSL, KafkaError.SASL_AUTHENTICATION_FAILED)
+"""Errors that another attempt with the same settings will not fix: reported as the reason at once."""
+_LOG = logging.getLogger("librdkafka")
+"""librdkafka's own log lines, served by poll() into the stdlib logging (and its secret scrubbing)."""
 
 
 def producer_config(cfg: KafkaConfig, client_id: str) -> dict[str, Any]:
@@ -44,6 +50,7 @@ def producer_config(cfg: KafkaConfig, client_id: str) -> dict[str, Any]:
         # Unbounded retries within the delivery timeout; after it the record goes back to the queue.
         "delivery.timeout.ms": max(cfg.request_timeout_ms * 2, 60_000),
         "queue.buffering.max.messages": 1_000_000,
+        **librdkafka_security(cfg),
     }
 
 
@@ -58,6 +65,10 @@ class ConfluentSink(ProducerSink):
         self.outstanding = 0
         """Records handed to librdkafka whose delivery report has not come back."""
         self._reports = asyncio.Event()
+        self.refused: str | None = None
+        """The last TLS/SASL refusal librdkafka reported."""
+        self.last_error: str | None = None
+        """The last error librdkafka reported, whatever it was (the reason a session could not open)."""
         self.unreachable = False
         """librdkafka reported every broker down; cleared by the next delivery or a metadata answer."""
 
@@ -79,8 +90,17 @@ class ConfluentSink(ProducerSink):
         else:
             flight.fail(d, SinkError(f"Kafka refused the record: {err.str()}", retriable=False))
 
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        """librdkafka's log lines (served by poll()): into the stdlib logging; a failure is kept as a reason."""
+        if level >= logging.WARNING:
+            self.last_error = msg % args if args else msg
+        _LOG.log(level, msg, *args)
+
     def on_error(self, err: KafkaError) -> None:
         """librdkafka's error_cb (served inside poll(), on the loop): it reconnects by itself, we report it."""
+        if err.code() in _REFUSED or err.fatal() or (err.code() == KafkaError._TRANSPORT and "SSL" in err.str()):
+            self.refused = err.str()  # TLS alerts (a certificate required, a protocol mismatch) come as _TRANSPORT
+        self.last_error = err.str()
         if err.code() == KafkaError._ALL_BROKERS_DOWN and not self.unreachable:
             self.unreachable = True
             if self.reachability is not None:
@@ -172,8 +192,24 @@ class ConfluentSink(ProducerSink):
 
     async def open(self, client_id: str) -> None:
         """Create the producer and make sure a broker answers (librdkafka itself connects lazily)."""
-        producer = Producer({**producer_config(self.config, client_id), "error_cb": self.on_error})
-        await asyncio.to_thread(producer.list_topics, timeout=self.config.request_timeout_ms / 1000)
+        producer = Producer({**producer_config(self.config, client_id), "error_cb": self.on_error, "logger": self})
+        self.refused = self.last_error = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.request_timeout_ms / 1000
+        while True:  # short attempts, serving error_cb between them: a TLS or SASL refusal is said at once
+            try:
+                await asyncio.to_thread(producer.list_topics, timeout=_IDLE_POLL)
+                break
+            except KafkaException:
+                producer.poll(0)
+                if self.refused is not None:
+                    servers = ", ".join(self.config.bootstrap_servers)
+                    raise ConnectorError(f"cannot reach Kafka at {servers}: {self.refused}") from None
+                if loop.time() >= deadline:
+                    if self.last_error is None:
+                        raise
+                    servers = ", ".join(self.config.bootstrap_servers)
+                    raise ConnectorError(f"cannot reach Kafka at {servers}: {self.last_error}") from None
         self.producer = producer
         self.unreachable = False
         self.broken.clear()

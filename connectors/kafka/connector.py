@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING
 
 from connectors.kafka.config import KafkaConfig, KafkaSource
 from connectors.kafka.producer import ProducerSink
+from connectors.kafka.security import aiokafka_security, warn_if_exposed
 from gateway.connector import Connector, ConnectorContext
 from gateway.dispatch import Dispatcher, Route
 from gateway.errors import ConnectorError
 from gateway.patterns import KAFKA
 from gateway.sink import Sink
+from gateway.tls import describe_ssl_error
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer
@@ -74,6 +76,7 @@ class KafkaConnector(Connector):
             request_timeout_ms=cfg.request_timeout_ms,
             max_poll_records=cfg.fetch_max_records,
             fetch_max_wait_ms=cfg.fetch_max_wait_ms,
+            **aiokafka_security(cfg),
         )
 
     @staticmethod
@@ -89,11 +92,15 @@ class KafkaConnector(Connector):
         sink = self._sink if isinstance(self._sink, ProducerSink) else None
         consumers: list[AIOKafkaConsumer] = []
         self._sources = []
+        warn_if_exposed(cfg, self.log)
         try:
             if sink is not None:
                 await _started(sink.open(self.client_id), cfg.bootstrap_servers, sink.errors)
             for group, routes in self._groups().items():
-                consumer = self._consumer(group, routes)
+                try:
+                    consumer = self._consumer(group, routes)  # reads the secret files
+                except (OSError, ValueError) as exc:
+                    raise ConnectorError(f"cannot connect to Kafka: {describe_ssl_error(exc)}") from exc
                 consumers.append(consumer)
                 dispatcher = self._dispatchers.get(group)
                 if dispatcher is None:
@@ -182,4 +189,4 @@ async def _started(start: Awaitable[None], servers: list[str], errors: tuple[typ
     try:
         await start
     except caught as exc:
-        raise ConnectorError(f"cannot reach Kafka at {', '.join(servers)}: {type(exc).__name__}: {exc}") from exc
+        raise ConnectorError(f"cannot reach Kafka at {', '.join(servers)}: {describe_ssl_error(exc)}") from exc

@@ -17,6 +17,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from connectors.kafka.config import KafkaConfig
 from connectors.kafka.producer import ProducerSink
+from connectors.kafka.security import aiokafka_security
 from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
 from gateway.sink import Item
 
@@ -41,6 +42,7 @@ class KafkaSink(ProducerSink):
             max_batch_size=cfg.max_batch_size,
             max_request_size=cfg.max_request_size,
             request_timeout_ms=cfg.request_timeout_ms,
+            **aiokafka_security(cfg),
         )
         try:
             await producer.start()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
@@ -15,6 +17,8 @@ class MemoryConfig(
 
     broker: str = "default"
     """Name of the in-process broker; connectors with the same name share it."""
+    max_payload: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Largest payload in bytes read from or written to this connector (as for the broker connectors)."""
 
 
 class MemorySource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=True):

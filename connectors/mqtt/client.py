@@ -13,6 +13,7 @@ session state (packet ids, windows, ack order) lives in ``sink`` and
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 from typing import Protocol, cast
@@ -211,11 +212,23 @@ class MqttConnection(asyncio.Protocol):
 
 
 async def open_connection(
-    host: str, port: int, codec: Codec5, handler: PacketHandler, *, timeout: float
+    host: str,
+    port: int,
+    codec: Codec5,
+    handler: PacketHandler,
+    *,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> MqttConnection:
-    """TCP connect; the caller sends CONNECT and awaits ``connack``."""
+    """TCP connect (and the TLS handshake with ``tls``); the caller sends CONNECT and awaits ``connack``."""
     loop = asyncio.get_running_loop()
     factory: Callable[[], MqttConnection] = lambda: MqttConnection(codec, handler)  # noqa: E731
     async with asyncio.timeout(timeout):
-        _, protocol = await loop.create_connection(factory, host, port)
+        if tls is None:
+            _, protocol = await loop.create_connection(factory, host, port)
+        else:
+            _, protocol = await loop.create_connection(
+                factory, host, port, ssl=tls, server_hostname=server_name or host, ssl_handshake_timeout=timeout
+            )
     return protocol

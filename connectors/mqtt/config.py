@@ -9,16 +9,23 @@ import msgspec
 
 from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.patterns import MQTT, SourcePattern, TopicSyntax, compile_pattern
-from gateway.redact import redact_url
+from gateway.redact import redact_url, register_secret
+from gateway.tls import TlsConfig, read_secret
 
 QoS = Literal[0, 1, 2]
+_PLAIN = ("mqtt", "tcp")
+_TLS = ("mqtts", "ssl")
 
 
 class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag="mqtt", tag_field="type"):
     """One MQTT connection, used by every route that reads from or writes to this connector."""
 
     url: str = "mqtt://127.0.0.1:1883"
-    """Broker address, ``mqtt://host:port`` (``mqtt://user:password@host:port`` also works; logs mask it)."""
+    """Broker address: ``mqtt://host:port`` (plaintext, port 1883 by default) or ``mqtts://host:port`` (TLS, port
+    8883 by default). ``mqtt://user:password@host:port`` also works; logs mask the password."""
+    tls: TlsConfig | None = None
+    """TLS settings (CA, client certificate for mTLS, server name); needs an ``mqtts://`` URL. ``mqtts://``
+    without this block verifies the broker against the system's trust store."""
     client_id: str = ""
     """Fixed client id: the broker keys the persistent session on it. Default: ``<gateway id>-<connector name>``."""
     protocol: Literal[5, "5", "3.1.1"] = 5
@@ -32,7 +39,12 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     username: str | None = None
     """MQTT user name; use ``${ENV}`` or ``${file:PATH}`` rather than a literal."""
     password: str | None = None
-    """MQTT password; use ``${ENV}`` or ``${file:PATH}`` rather than a literal."""
+    """MQTT password; use ``password_file``, ``${ENV}`` or ``${file:PATH}`` rather than a literal."""
+    password_file: str | None = None
+    """File holding the MQTT password, read at each connect (so a rotated password is picked up)."""
+    max_payload: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Largest payload in bytes read from or written to this connector; larger messages fail before they are
+    published (counted, dead-lettered). Default: no limit of the gateway's own."""
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1024
     """Unacknowledged QoS 1/2 messages the broker may send us at once (MQTT 5; Mosquitto also caps it with
     its ``max_inflight_messages``)."""
@@ -47,14 +59,28 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError:
             parts = None
-        if parts is None or parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-            raise ValueError(f"url {redact_url(self.url)!r}: expected mqtt://host:port")
+        if parts is None or parts.scheme not in (*_PLAIN, *_TLS) or not parts.hostname:
+            raise ValueError(f"url {redact_url(self.url)!r}: expected mqtt://host:port or mqtts://host:port")
+        if self.tls is not None and parts.scheme in _PLAIN:
+            raise ValueError(f"tls is set but url {redact_url(self.url)!r} is plaintext: use mqtts://")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs username")
+        register_secret(self.password)
+        register_secret(unquote(parts.password) if parts.password else None)
+
+    @property
+    def uses_tls(self) -> bool:
+        return urlsplit(self.url).scheme in _TLS
 
     @property
     def credentials(self) -> tuple[str | None, str | None]:
-        """``username``/``password``, else the ones in the URL (``mqtt://user:pass@host``)."""
+        """``username``/``password`` (or ``password_file``, read now), else the ones in the URL."""
         parts = urlsplit(self.url)
         if self.username is not None:
+            if self.password_file is not None:
+                return self.username, read_secret(self.password_file)
             return self.username, self.password
         return (
             unquote(parts.username) if parts.username else None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import ssl
 from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
@@ -30,6 +31,7 @@ from gateway.errors import ConnectorError
 from gateway.patterns import MQTT
 from gateway.redact import redact_url
 from gateway.sink import Sink
+from gateway.tls import client_context, describe_ssl_error
 
 _CLIENT_ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -70,10 +72,9 @@ class MqttConnector(Connector):
         super().__init__(name, config, context)
         url = urlsplit(config.url)
         self.host = url.hostname or "127.0.0.1"
-        self.port = url.port or 1883
+        self.port = url.port or (8883 if config.uses_tls else 1883)
         self.client_id = config.client_id or f"{context.gateway_id}-{name}"
         self.address = redact_url(config.url)
-        self.username, self.password = config.credentials
         self.codec = codec_for(config.version)
         self.ids = PacketIds()
         self._publisher: MqttConnection | None = None
@@ -86,6 +87,10 @@ class MqttConnector(Connector):
 
     def make_sink(self) -> Sink:
         return MqttSink(self.config, self.codec, self.ids)
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """A fresh context per connect (renewed certificate files are picked up), or None for plaintext."""
+        return client_context(self.config.tls, self.log) if self.config.uses_tls else None
 
     def route_client_id(self, route: Route) -> str:
         return f"{self.client_id}-{_CLIENT_ID_CHARS.sub('_', route.name)}"
@@ -134,9 +139,25 @@ class MqttConnector(Connector):
         backlog can arrive in the same read as the CONNACK, so whoever takes it must be there first."""
         cfg = self.config
         try:
-            conn = await open_connection(self.host, self.port, self.codec, handler, timeout=cfg.connect_timeout)
+            username, password = cfg.credentials  # a password_file is read at each connect
+            tls = self._tls_context()
+        except (OSError, ValueError) as exc:
+            raise ConnectorError(f"cannot connect to {self.address}: {describe_ssl_error(exc)}") from exc
+        try:
+            conn = await open_connection(
+                self.host,
+                self.port,
+                self.codec,
+                handler,
+                timeout=cfg.connect_timeout,
+                tls=tls,
+                server_name=cfg.tls.server_name if cfg.tls is not None else None,
+            )
         except (OSError, TimeoutError) as exc:
-            raise ConnectorError(f"cannot connect to {self.address}: {type(exc).__name__}: {exc}") from exc
+            why = describe_ssl_error(exc)
+            if tls is not None and isinstance(exc, ConnectionResetError | ssl.SSLEOFError):
+                why += " during the TLS handshake (does this port speak TLS?)"
+            raise ConnectorError(f"cannot connect to {self.address}: {why}") from exc
         try:
             if prepare is not None:
                 prepare(conn)
@@ -147,8 +168,8 @@ class MqttConnector(Connector):
                     keepalive=cfg.keepalive,
                     session_expiry=cfg.session_expiry,
                     receive_maximum=cfg.receive_maximum,
-                    username=self.username,
-                    password=self.password,
+                    username=username,
+                    password=password,
                 )
             )
             try:

@@ -3,26 +3,43 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 
 from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.patterns import NATS, SourcePattern, TopicSyntax, compile_pattern
+from gateway.redact import redact_url, register_secret
+from gateway.tls import TlsConfig
 
 
 class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag="nats", tag_field="type"):
     """One NATS connection, used by every route that reads from or writes to this connector."""
 
     servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
-    """Server URLs, ``nats://host:port``; the client picks one and fails over to the next."""
+    """Server URLs, ``nats://host:port`` or ``tls://host:port``; the client picks one and fails over to the next."""
+    tls: TlsConfig | None = None
+    """TLS settings (CA, client certificate for mTLS, server name). TLS is required, never negotiated away,
+    when this block is present or a server URL is ``tls://``: a server that does not offer it is refused."""
     name: str = ""
     """Client name shown in the server's ``/connz``. Default: ``<gateway id>-<connector name>``."""
     user: str | None = None
     """User name (with ``password``)."""
     password: str | None = None
-    """Password; use ``${ENV}`` or ``${file:PATH}`` rather than a literal."""
+    """Password; use ``password_file``, ``${ENV}`` or ``${file:PATH}`` rather than a literal."""
+    password_file: str | None = None
+    """File holding the password, read at each connect."""
     token: str | None = None
-    """Authentication token; use ``${ENV}`` or ``${file:PATH}`` rather than a literal."""
+    """Authentication token; use ``token_file``, ``${ENV}`` or ``${file:PATH}`` rather than a literal."""
+    token_file: str | None = None
+    """File holding the authentication token, read at each connect."""
+    nkey_seed_file: str | None = None
+    """NKey authentication: file holding the user's seed (``SU...``); the server knows its public key."""
+    creds_file: str | None = None
+    """JWT authentication (decentralized / operator mode): a ``.creds`` file holding the user JWT and seed."""
+    max_payload: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Largest payload in bytes read from or written to this connector; larger messages fail before they are
+    published (counted, dead-lettered). The server's own ``max_payload`` applies as well."""
     connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     """Seconds to wait for a connection to be accepted."""
     ping_interval: Annotated[float, msgspec.Meta(gt=0)] = 20.0
@@ -41,6 +58,36 @@ class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     def __post_init__(self) -> None:
         if not self.servers:
             raise ValueError("servers: at least one server URL is needed")
+        for url in self.servers:
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError:
+                parts = None
+            if parts is None or parts.scheme not in ("nats", "tls") or not parts.hostname:
+                raise ValueError(f"servers: {redact_url(url)!r}: expected nats://host:port or tls://host:port")
+            register_secret(unquote(parts.password) if parts.password else None)
+            register_secret(unquote(parts.username) if parts.username and not parts.password else None)  # a token
+        methods = {
+            "password": self.password is not None or self.password_file is not None,
+            "token": self.token is not None or self.token_file is not None,
+            "nkey_seed_file": self.nkey_seed_file is not None,
+            "creds_file": self.creds_file is not None,
+        }
+        chosen = [k for k, on in methods.items() if on]
+        if len(chosen) > 1:
+            raise ValueError(f"choose one authentication method, got {' and '.join(chosen)}")
+        for key in ("password", "token"):
+            if getattr(self, key) is not None and getattr(self, f"{key}_file") is not None:
+                raise ValueError(f"set {key} or {key}_file, not both")
+        if (self.password is not None or self.password_file is not None) and self.user is None:
+            raise ValueError("password needs user")
+        register_secret(self.password)
+        register_secret(self.token)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls is not None or any(u.startswith("tls://") for u in self.servers)
 
 
 class NatsSource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=True):

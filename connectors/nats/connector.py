@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client
@@ -27,6 +28,32 @@ from gateway.errors import ConnectorError
 from gateway.patterns import NATS
 from gateway.redact import redact_url
 from gateway.sink import Sink
+from gateway.tls import client_context, describe_ssl_error, read_secret
+
+
+async def _discard(nc: Client) -> None:
+    """Close the client of a failed attempt. nats-py leaves its socket open (a timeout waiting for INFO),
+    and after a failed TLS handshake its close() never returns: bounded, then the socket is dropped."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            await nc.close()
+    transport = getattr(nc, "_transport", None)
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.close()
+
+
+class _TlsOnlyClient(Client):
+    """A client that refuses a server whose INFO does not require TLS, before any credential is sent.
+
+    nats-py upgrades to TLS only when the server's INFO says ``tls_required``; a server that does not say
+    it (or someone in the middle removing it) would get the CONNECT, credentials included, in plaintext.
+    """
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        if initial_connection and not info.get("tls_required"):
+            raise NatsError("the server does not require TLS; refusing to continue in plaintext (tls is configured)")
+        await super()._process_info(info, initial_connection)
 
 
 class NatsConnector(Connector):
@@ -85,6 +112,25 @@ class NatsConnector(Connector):
         if self.connected.is_set():  # while connecting, connect_failed says it once per attempt
             self.log.warning("connector.client_error", error=f"{type(exc).__name__}: {exc}")
 
+    def _auth_options(self) -> dict[str, Any]:
+        """Credentials and TLS for ``connect()``; secret files are read now, at each connect."""
+        cfg = self.config
+        options: dict[str, Any] = {}
+        if cfg.user is not None:
+            password = read_secret(cfg.password_file) if cfg.password_file is not None else cfg.password
+            options.update(user=cfg.user, password=password)
+        if cfg.token is not None or cfg.token_file is not None:
+            options["token"] = read_secret(cfg.token_file) if cfg.token_file is not None else cfg.token
+        if cfg.nkey_seed_file is not None:
+            options["nkeys_seed"] = str(Path(cfg.nkey_seed_file).expanduser())
+        if cfg.creds_file is not None:
+            options["user_credentials"] = str(Path(cfg.creds_file).expanduser())
+        if cfg.uses_tls:
+            options["tls"] = client_context(cfg.tls, self.log)
+            if cfg.tls is not None and cfg.tls.server_name:
+                options["tls_hostname"] = cfg.tls.server_name
+        return options
+
     async def session(self) -> None:
         cfg = self.config
         lost = asyncio.Event()
@@ -92,15 +138,15 @@ class NatsConnector(Connector):
         async def on_lost() -> None:
             lost.set()
 
-        options: dict[str, Any] = {}
-        if cfg.user is not None:
-            options.update(user=cfg.user, password=cfg.password)
-        if cfg.token is not None:
-            options["token"] = cfg.token
+        servers = ", ".join(redact_url(u) for u in cfg.servers)
+        try:
+            options = self._auth_options()
+        except (OSError, ValueError) as exc:
+            raise ConnectorError(f"cannot connect to {servers}: {describe_ssl_error(exc)}") from exc
         # nats-py annotates these as int but takes seconds as floats.
         options.update(reconnect_time_wait=0.01, connect_timeout=cfg.connect_timeout, ping_interval=cfg.ping_interval)
         self._last_client_error = None
-        nc = Client()
+        nc = _TlsOnlyClient() if cfg.uses_tls else Client()
         try:
             await nc.connect(
                 servers=cfg.servers,
@@ -115,15 +161,12 @@ class NatsConnector(Connector):
                 **options,
             )
         except BaseException as exc:
-            # nats-py leaves the socket of a failed attempt open (a timeout waiting for INFO, say).
-            with contextlib.suppress(Exception):
-                await nc.close()
+            await _discard(nc)
             if not isinstance(exc, NatsError | OSError | TimeoutError):
                 raise
             if isinstance(exc, NoServersError) and self._last_client_error is not None:
                 exc = self._last_client_error  # "no servers available" hides why: the attempt's own error
-            servers = ", ".join(redact_url(u) for u in cfg.servers)
-            raise ConnectorError(f"cannot connect to {servers}: {type(exc).__name__}: {exc}") from exc
+            raise ConnectorError(f"cannot connect to {servers}: {describe_ssl_error(exc)}") from exc
         self.nc = nc
         sink = self._sink if isinstance(self._sink, NatsSink) else None
         try:

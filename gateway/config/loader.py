@@ -19,9 +19,11 @@ import yaml
 from gateway.config.model import Config, FileSection, RouteConfig, RouteSection, TargetConfig
 from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.errors import ConfigError, ConfigIssue
+from gateway.loops import echo
 from gateway.patterns import SourcePattern
 from gateway.registry import plugins
 from gateway.templates import compile_template
+from gateway.tls import check_files
 
 _INTERP = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 _MSGSPEC_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
@@ -223,9 +225,14 @@ def _connectors(raw: dict[str, dict[str, Any]], issues: list[ConfigIssue]) -> di
                 ConfigIssue(f"{path}.type", f"unknown connector type {kind!r} (known: {', '.join(sorted(known))})")
             )
             continue
+        unresolved = any(i.path.startswith((f"{path}.", f"{path}[")) for i in issues)
+        before = len(issues)
         cfg = _convert(body, plugin.config, path, issues)
+        if unresolved:
+            del issues[before:]  # an unset ${VAR} or unreadable ${file:} inside: said once, not again as a bad value
         if cfg is not None:
             out[name] = (cfg, plugin)
+            issues.extend(ConfigIssue(f"{path}.{key}", problem) for key, problem in check_files(cfg))
     return out
 
 
@@ -263,9 +270,40 @@ def _routes(
         dead_letter = None
         if section.dead_letter is not None:
             dead_letter = _target(section.dead_letter, patterns, connectors, broken, f"{path}.dead_letter", issues)
+        if source is not None and not section.allow_loop:
+            _check_loops(source, patterns, targets, dead_letter, section, path, issues)
         if source is not None and len(targets) == len(to) and (dead_letter is not None or section.dead_letter is None):
             routes.append(RouteConfig(section, source, tuple(patterns), tuple(targets), dead_letter))
     return routes
+
+
+def _check_loops(
+    source: SourceSpec,
+    patterns: list[SourcePattern],
+    targets: list[TargetConfig],
+    dead_letter: TargetConfig | None,
+    section: RouteSection,
+    path: str,
+    issues: list[ConfigIssue],
+) -> None:
+    """Reject a target that publishes into the route's own source pattern on the same connector."""
+    entries = [(f"to[{j}]" if isinstance(section.to, list) else "to", t) for j, t in enumerate(targets)]
+    if dead_letter is not None:
+        entries.append(("dead_letter", dead_letter))
+    for key, target in entries:
+        if target.spec.connector != source.connector:
+            continue
+        for pattern in patterns:
+            topic = echo(pattern, target.address)
+            if topic is not None:
+                issues.append(
+                    ConfigIssue(
+                        f"{path}.{key}.{target.spec.address_key}",
+                        f"publishes {topic!r}, which this route's source {pattern.text!r} reads again on connector "
+                        f"{source.connector!r}: an echo loop (set allow_loop: true if that is intended)",
+                    )
+                )
+                break
 
 
 def _as_list(to: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:

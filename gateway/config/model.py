@@ -16,8 +16,10 @@ import msgspec
 from gateway.backoff import Backoff
 from gateway.connector import SourceSpec, TargetSpec
 from gateway.patterns import SourcePattern
+from gateway.redact import register_secret
 from gateway.route import RetryPolicy
 from gateway.templates import Template
+from gateway.tls import read_secret
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -32,7 +34,24 @@ class HttpSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 
     listen: Listen = "127.0.0.1:8080"
     """``host:port`` of the HTTP endpoint (/healthz, /readyz, /metrics, /varz, /routez, /connz and the status
-    page at /); port 0 picks a free one; an empty string disables it. Bind to 0.0.0.0 only behind a firewall."""
+    page at /); port 0 picks a free one; an empty string disables it. Bind beyond loopback only with a token
+    (or behind a firewall): the gateway warns at start otherwise."""
+    token: str | None = None
+    """Bearer token required on every path but /healthz, /readyz and the page at / (``Authorization: Bearer
+    <token>``; the page takes it as ``/#token=...``). Use ``token_file`` or ``${file:PATH}``, not a literal."""
+    token_file: str | None = None
+    """File holding the bearer token (read at start)."""
+
+    def __post_init__(self) -> None:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set token or token_file, not both")
+        if self.token is not None and len(self.token) < 16:
+            raise ValueError("token: use at least 16 characters")
+        register_secret(self.token)
+
+    def bearer(self) -> str | None:
+        """The token (read from ``token_file`` now), or None when the endpoint is open."""
+        return read_secret(self.token_file) if self.token_file is not None else self.token
 
 
 class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -43,7 +62,13 @@ class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     shutdown_timeout: Seconds = 30.0
     """Seconds to drain in-flight messages on SIGTERM before closing anyway."""
     max_cached_topics: Positive = 10_000
-    """Distinct topics per source whose routing decision is cached (the oldest is evicted)."""
+    """Distinct topics per source whose routing decision is cached (the oldest is evicted): a flood of new
+    topic names costs lookups, not memory."""
+    max_headers: Positive = 64
+    """Headers (MQTT 5 user properties, NATS or Kafka headers) a message may carry; more fails the message
+    (counted, dead-lettered) instead of forwarding a header flood."""
+    max_header_bytes: Positive = 16 * 1024
+    """Total bytes of a message's header names and values; more fails the message like ``max_headers``."""
     reconnect: Backoff = Backoff()
     """Backoff between reconnect attempts, for every connector."""
     http: HttpSection = HttpSection()
@@ -78,6 +103,12 @@ class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     on_error: Literal["drop", "stop"] = "drop"
     """Without a dead letter: `drop` acknowledges a message that failed for good (counted as failed); `stop`
     stops the route and leaves it unacknowledged (redelivered once the route runs again)."""
+    max_payload: Positive | None = None
+    """Largest payload in bytes this route carries; a larger message fails before it is published (counted as
+    failed, dead-lettered when a dead letter is set). The connectors' own ``max_payload`` apply as well."""
+    allow_loop: bool = False
+    """Let a target publish to topics the route's own source reads (same connector). Off: such a route is
+    rejected, since an echo loop republishes every message forever."""
     description: str = ""
     """Free text for the people reading the config."""
 
