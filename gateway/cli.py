@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     how = rel.add_mutually_exclusive_group(required=True)
     how.add_argument("--pid-file", metavar="FILE", help="send SIGHUP to the process named in this file")
     how.add_argument("--url", metavar="URL", help="POST /reload to this monitoring endpoint; prints the outcome")
+    rel.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="with --url: file holding gateway.http.token (default: $GATEWAY_HTTP_TOKEN, if set)",
+    )
 
     sub.add_parser("version", help="print the version")
     return p
@@ -76,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("validate", "explain") and args.json:
         return _json_report(args)
     if args.command == "reload":
-        return _signal_reload(args.pid_file, args.url)
+        return _signal_reload(args.pid_file, args.url, args.token_file)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -254,7 +259,7 @@ def _json_report(args: argparse.Namespace) -> int:
     return EXIT_CONFIG if isinstance(report, _Invalid) else EXIT_OK
 
 
-def _signal_reload(pid_file: str | None, url: str | None) -> int:
+def _signal_reload(pid_file: str | None, url: str | None, token_file: str | None = None) -> int:
     """``gateway reload``: SIGHUP by pid file, or POST /reload and print the outcome."""
     if pid_file is not None:
         try:
@@ -266,7 +271,15 @@ def _signal_reload(pid_file: str | None, url: str | None) -> int:
         print(f"sent SIGHUP to {pid}; the gateway logs gateway.reloaded (or gateway.reload_invalid)")
         return EXIT_OK
     assert url is not None
-    request = urllib.request.Request(url.rstrip("/") + "/reload", method="POST")  # noqa: S310 - the user's URL
+    try:
+        token = (
+            Path(token_file).read_text(encoding="utf-8").strip() if token_file else os.environ.get("GATEWAY_HTTP_TOKEN")
+        )
+    except OSError as exc:
+        print(f"cannot read {token_file}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url.rstrip("/") + "/reload", method="POST", headers=headers)  # noqa: S310
     try:
         with urllib.request.urlopen(request, timeout=120) as resp:  # noqa: S310
             body = resp.read().decode()
@@ -348,7 +361,12 @@ async def _serve(config: Config, path: str) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     monitor: Monitor | None = None
     if config.gateway.http.listen:
-        monitor = Monitor(gw, config.gateway.http.listen, reload=lambda: reload_from(gw, path))
+        try:
+            token = config.gateway.http.bearer()
+        except OSError as exc:
+            log.error("gateway.failed", error=f"cannot read gateway.http.token_file: {exc.strerror or exc}")
+            return EXIT_FAILURE
+        monitor = Monitor(gw, config.gateway.http.listen, reload=lambda: reload_from(gw, path), token=token)
         try:
             await monitor.start()
         except MonitorError as exc:

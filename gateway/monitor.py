@@ -20,6 +20,8 @@ over the routes and connectors).
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import os
 import socket
 import time
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -259,10 +262,12 @@ class Monitor:
         gw: Gateway,
         listen: str,
         reload: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]] | None = None,
+        token: str | None = None,
     ) -> None:
         self.gw = gw
         self.listen = listen
         self._reload = reload
+        self._token = token.encode() if token else None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GatewayCollector(gw))
         ProcessCollector(registry=self.registry)
@@ -270,8 +275,22 @@ class Monitor:
         self.port = 0
         """The port actually bound (useful with port 0)."""
 
+    @web.middleware
+    async def _authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """With a token: every path but the probes and the (data-free) page needs ``Authorization: Bearer``."""
+        if self._token is None or request.path in _OPEN_PATHS:
+            return await handler(request)
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token):
+            return await handler(request)
+        return web.json_response(
+            {"ok": False, "errors": ["this endpoint needs Authorization: Bearer <gateway.http.token>"]},
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="gateway"'},
+        )
+
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._authorize])
         app.router.add_get("/", self._index)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -298,7 +317,14 @@ class Monitor:
             ) from exc
         self._runner = runner
         self.port = int(runner.addresses[0][1]) if runner.addresses else int(port)
-        log.info("http.listening", url=f"http://{_hostport(host, self.port)}/")
+        log.info("http.listening", url=f"http://{_hostport(host, self.port)}/", token=self._token is not None)
+        if self._token is None and not _loopback(host):
+            log.warning(
+                "http.unauthenticated",
+                listen=self.listen,
+                hint="anyone who reaches this address can read the status and POST /reload: "
+                "set gateway.http.token_file or listen on 127.0.0.1",
+            )
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -335,6 +361,18 @@ class Monitor:
 
     async def _connz(self, request: web.Request) -> web.Response:
         return _json({"connectors": [connector_view(self.gw, n) for n in self.gw.connectors]})
+
+
+_OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _hostport(host: str, port: int) -> str:
