@@ -465,7 +465,7 @@ def test_a_duplicate_key_is_an_issue_not_a_silent_override() -> None:
 
 
 def test_a_config_error_does_not_echo_a_secret() -> None:
-    text = edit(EXAMPLE, 'url: "mqtt://127.0.0.1:1883"', 'url: "mqtts://gw:${MQTT_PASSWORD}@broker:8883"')
+    text = edit(EXAMPLE, 'url: "mqtt://127.0.0.1:1883"', 'url: "ftp://gw:${MQTT_PASSWORD}@broker:8883"')
 
     issue = only_issue(text, {"MQTT_PASSWORD": "s3cr3t-pw"})
 
