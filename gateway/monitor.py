@@ -40,6 +40,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from gateway import __version__
 from gateway.channel import ConnectorState
 from gateway.errors import GatewayError
+from gateway.redact import scrub
 from gateway.route import Route, RouteState
 
 if TYPE_CHECKING:
@@ -251,7 +252,8 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 def _dumps(data: Any) -> str:
-    return msgspec.json.encode(data).decode()
+    """JSON, with any registered secret that reached a field (a library's error text, say) masked."""
+    return scrub(msgspec.json.encode(data).decode())
 
 
 class Monitor:

@@ -233,3 +233,10 @@ async def test_http_token_guards_everything_but_the_probes_and_the_page() -> Non
                 assert resp.status == 401
     finally:
         await monitor.stop()
+
+
+def test_served_json_masks_a_secret_that_reached_an_error_text() -> None:
+    from gateway.monitor import _dumps
+
+    parse_config(one("{type: nats, token: json-secret-token-31}"), environ={})
+    assert json.loads(_dumps({"last_error": "refused json-secret-token-31"})) == {"last_error": "refused ***"}
