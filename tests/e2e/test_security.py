@@ -3,12 +3,14 @@
 The brokers come from ``tests/support/secure.py``: Mosquitto with a TLS
 listener, a password file and ``require_certificate``; nats-server with TLS and
 user/password, NKey, token (with client certificates) or operator-mode JWT
-users; Tansu behind stunnel for Kafka over TLS / mTLS.
+users; Tansu behind stunnel for Kafka over TLS / mTLS, and behind the test SASL
+proxy (``tests/support/sasl_proxy.py``) for Kafka SASL.
 
 1. One gateway joins all three over mTLS with secrets from files (an encrypted
    Kafka client key included): MQTT traffic reaches NATS and Kafka, and no
    secret appears in its log or in any JSON it serves (which needs the token).
-2. Each NATS authentication method carries traffic.
+2. Each NATS authentication method carries traffic; Kafka SASL (SCRAM over TLS,
+   PLAIN) carries it both ways (librdkafka producing, aiokafka consuming).
 3. Every refusal — wrong CA, wrong host name, missing client certificate,
    wrong password, a plaintext server, SASL refused — fails with a clear
    reason, never a plaintext fallback, and the gateway keeps retrying.
@@ -27,6 +29,7 @@ from typing import Any
 
 import aiohttp
 import confluent_kafka as ck
+import confluent_kafka.admin
 import nats
 import pytest
 import yaml
@@ -43,6 +46,7 @@ from tests.e2e.gateway_process import (
     run_cli,
 )
 from tests.support.brokers import Mosquitto, NatsServer, Tansu
+from tests.support.sasl_proxy import TansuSasl
 from tests.support.secure import GW_PASSWORD, GW_USER, NATS_TOKEN, Pki, SecureMosquitto, SecureNatsServer, TansuTls
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -70,6 +74,8 @@ def brokers(pki: Pki) -> Iterator[dict[str, Any]]:
         "plain_mqtt": lambda: Mosquitto(),
         "plain_nats": lambda: NatsServer(),
         "plain_kafka": lambda: Tansu(),
+        "kafka_sasl_ssl": lambda: TansuSasl(tls=pki),
+        "kafka_sasl_plaintext": lambda: TansuSasl(),
     }
 
     class Lazy(dict[str, Any]):
@@ -307,6 +313,74 @@ async def test_each_nats_auth_method_carries_traffic(
     await gw.astop()
 
 
+# ---------------------------------------------------------------- 2b. Kafka SASL
+
+
+@pytest.mark.parametrize(
+    ("broker", "mechanism"), [("kafka_sasl_ssl", "SCRAM-SHA-512"), ("kafka_sasl_plaintext", "PLAIN")]
+)
+async def test_kafka_sasl_login_carries_traffic_both_ways(
+    broker: str,
+    mechanism: str,
+    brokers: dict[str, Any],
+    pki: Pki,
+    tmp_path: Path,
+    gateways: Callable[..., GatewayProcess],
+) -> None:
+    """SASL to a Kafka-protocol broker (the test SASL proxy in front of Tansu): librdkafka produces, aiokafka
+    consumes, each logs in with the password from a file. Over TLS (SASL_SSL) unless the broker is plaintext."""
+    kf: TansuSasl = brokers[broker]
+    topic = f"sasl-{mechanism.lower()}"
+    admin = ck.admin.AdminClient(
+        {k: v for k, v in kf.librdkafka_config(mechanism).items() if k != "enable.idempotence"}
+    )
+    for future in admin.create_topics([ck.admin.NewTopic(topic, 1)]).values():
+        future.result(timeout=20)  # the consumer subscribes to an existing topic
+    logins_before = kf.logins_ok
+    with NatsServer() as ns:
+        sasl = {"mechanism": mechanism, "username": GW_USER, "password_file": secret_file(tmp_path, "pw", GW_PASSWORD)}
+        platform = kafka_connector(kf.bootstrap, sasl=sasl)
+        if kf.security_protocol == "SASL_SSL":
+            platform["tls"] = tls(pki, client=False)
+        config = gateway_config(
+            f"gw-sasl-{mechanism}",
+            {"bus": nats_connector(ns.url), "platform": platform},
+            [
+                {
+                    "name": "out",
+                    "from": {"connector": "bus", "subject": "in.{x}"},
+                    "to": {"connector": "platform", "topic": topic},
+                },
+                {
+                    "name": "back",
+                    "from": {"connector": "platform", "topic": topic},
+                    "to": {"connector": "bus", "subject": "back.all"},
+                },
+            ],
+        )
+        gw = gateways(config)
+        await gw.astart(60)
+        nc = await nats_connect(ns.url)
+        got: list[bytes] = []
+
+        async def on_msg(msg: Any) -> None:
+            got.append(msg.data)
+
+        try:
+            await nc.subscribe("back.>", cb=on_msg)
+            await nc.flush()
+            for i in range(100):
+                await nc.publish("in.d1", str(i).encode())
+            await nc.flush()
+            await gw.await_until(lambda: len(set(got)) >= 100, 60, "all 100 back through Kafka")
+        finally:
+            await nc.close()
+        await gw.astop()
+    assert {int(v) for v in got} == set(range(100))
+    assert kf.logins_ok > logins_before, "the gateway logged in over SASL"
+    assert GW_PASSWORD not in gw.log_text()
+
+
 # ---------------------------------------------------------------- 3. refusals
 
 
@@ -413,6 +487,16 @@ def refusal_cases() -> dict[str, tuple[str, Callable[[dict[str, Any], Pki, Path]
             ),
             "sink",
             ["SASL", "Authentication", "authentication"],
+        ),
+        "kafka-sasl-wrong-password": (
+            "kafka_sasl_ssl",
+            lambda b, p, t: kafka_connector(
+                b["kafka_sasl_ssl"].bootstrap,
+                tls=tls(p, client=False),
+                sasl={"mechanism": "SCRAM-SHA-512", "username": GW_USER, "password": "not-the-password"},
+            ),
+            "sink",
+            ["SASL authentication error", "Authentication failed"],
         ),
         "kafka-plaintext-broker": (
             "plain_kafka",
