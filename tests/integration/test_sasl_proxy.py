@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
 from tests.support.brokers import _recv_exact
+from tests.support.clients import kafka_roundtrip
 from tests.support.sasl_proxy import (
     ALL_MECHANISMS,
     API_SASL_AUTHENTICATE,
@@ -71,23 +72,6 @@ def kafka_tls(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ta
 # ------------------------------------------------------------------ helpers
 
 
-def _roundtrip(conf: dict[str, Any], topic: str, payload: bytes) -> bytes:
-    """Produce ``payload`` to partition 0 of ``topic`` and read it back (assign(), no group join)."""
-    producer = ck.Producer(conf)
-    delivered: list[ck.KafkaError | None] = []
-    producer.produce(topic, payload, partition=0, on_delivery=lambda err, msg: delivered.append(err))
-    assert producer.flush(15) == 0
-    assert delivered == [None]
-    consumer = ck.Consumer({**conf, "group.id": f"g-{topic}", "enable.auto.commit": False})
-    try:
-        consumer.assign([ck.TopicPartition(topic, 0, ck.OFFSET_BEGINNING)])
-        msg = consumer.poll(15)
-        assert msg is not None and msg.error() is None, msg and msg.error()
-        return bytes(msg.value() or b"")
-    finally:
-        consumer.close()
-
-
 def _first_error(conf: dict[str, Any], timeout: float = 10.0) -> ck.KafkaError:
     """The first error librdkafka reports for a producer with ``conf``."""
     errors: list[ck.KafkaError] = []
@@ -107,7 +91,7 @@ def test_confluent_sasl_plaintext(kafka: TansuSasl, mechanism: str, unique: str)
     ok, failed = kafka.logins_ok, kafka.logins_failed
     conf = kafka.librdkafka_config(mechanism)
     assert conf["security.protocol"] == "SASL_PLAINTEXT"
-    assert _roundtrip(conf, f"sasl-{unique}", mechanism.encode()) == mechanism.encode()
+    assert kafka_roundtrip(conf, f"sasl-{unique}", mechanism.encode()) == mechanism.encode()
     assert kafka.logins_ok > ok
     assert kafka.logins_failed == failed
     assert f"ok {mechanism} {GW_USER}" in kafka.auth_log
@@ -134,7 +118,7 @@ def test_confluent_unknown_user_and_disabled_mechanism(tmp_path: Path) -> None:
 def test_confluent_sasl_ssl(kafka_tls: TansuSasl, pki: Pki, unique: str) -> None:
     conf = kafka_tls.librdkafka_config("SCRAM-SHA-512")
     assert conf["security.protocol"] == "SASL_SSL"
-    assert _roundtrip(conf, f"sasl-ssl-{unique}", b"over sasl_ssl") == b"over sasl_ssl"
+    assert kafka_roundtrip(conf, f"sasl-ssl-{unique}", b"over sasl_ssl") == b"over sasl_ssl"
     assert kafka_tls.logins_ok >= 1
     err = _first_error(kafka_tls.librdkafka_config("PLAIN", password="wrong"))
     assert err.code() == ck.KafkaError._AUTHENTICATION, err
@@ -198,7 +182,7 @@ def test_raw_tokens_confluent(kafka_legacy: TansuSasl, unique: str) -> None:
     assert versions[API_SASL_HANDSHAKE] == (0, 0) and API_SASL_AUTHENTICATE not in versions
     for mechanism in ("PLAIN", "SCRAM-SHA-256"):
         conf = kafka_legacy.librdkafka_config(mechanism)
-        assert _roundtrip(conf, f"raw-{mechanism}-{unique}", b"raw") == b"raw"
+        assert kafka_roundtrip(conf, f"raw-{mechanism}-{unique}", b"raw") == b"raw"
     failed = kafka_legacy.logins_failed
     _first_error(kafka_legacy.librdkafka_config("SCRAM-SHA-512", password="wrong"))  # raw framing: just closed
     assert kafka_legacy.logins_failed > failed

@@ -22,6 +22,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.support.clients import kafka_roundtrip
 from tests.support.secure import (
     CLIENT_CN,
     GW_PASSWORD,
@@ -261,22 +262,6 @@ def _kafka_conf(broker: TansuTls, pki: Pki, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _kafka_roundtrip(conf: dict[str, Any], topic: str) -> bytes:
-    producer = ck.Producer(conf)
-    delivered: list[ck.KafkaError | None] = []
-    producer.produce(topic, b"over tls", partition=0, on_delivery=lambda err, msg: delivered.append(err))
-    assert producer.flush(15) == 0
-    assert delivered == [None]
-    consumer = ck.Consumer({**conf, "group.id": f"g-{topic}", "enable.auto.commit": False})
-    try:
-        consumer.assign([ck.TopicPartition(topic, 0, ck.OFFSET_BEGINNING)])
-        msg = consumer.poll(15)
-        assert msg is not None and msg.error() is None
-        return bytes(msg.value() or b"")
-    finally:
-        consumer.close()
-
-
 def _kafka_first_error(conf: dict[str, Any], timeout: float = 10.0) -> str:
     """The first error librdkafka reports for a producer with ``conf`` (fails if none in ``timeout``)."""
     errors: list[ck.KafkaError] = []
@@ -291,7 +276,7 @@ def _kafka_first_error(conf: dict[str, Any], timeout: float = 10.0) -> str:
 def test_kafka_tls(pki: Pki, tmp_path: Path, unique: str) -> None:
     with TansuTls(pki, workdir=tmp_path) as broker:
         assert broker.bootstrap == f"localhost:{broker.port}"
-        assert _kafka_roundtrip(_kafka_conf(broker, pki), f"tls-{unique}") == b"over tls"
+        assert kafka_roundtrip(_kafka_conf(broker, pki), f"tls-{unique}", b"over tls") == b"over tls"
         assert "certificate verify failed" in _kafka_first_error(
             _kafka_conf(broker, pki, **{"ssl.ca.location": str(pki.other_ca)})
         )
@@ -309,7 +294,7 @@ def test_kafka_mtls_encrypted_key(pki: Pki, tmp_path: Path, unique: str) -> None
                 "ssl.key.password": pki.client_key_password,
             },
         )
-        assert _kafka_roundtrip(conf, f"mtls-{unique}") == b"over tls"
+        assert kafka_roundtrip(conf, f"mtls-{unique}", b"over tls") == b"over tls"
         assert "certificate required" in _kafka_first_error(_kafka_conf(broker, pki))
 
 

@@ -202,6 +202,18 @@ def _recv_line(sock: socket.socket, limit: int = 65536) -> bytes:
 # --------------------------------------------------------------------------
 
 
+def make_workdir(workdir: Path | None, prefix: str) -> Path:
+    """``workdir`` (created), or a new temporary directory deleted at exit (see the module docstring)."""
+    if workdir is None:
+        made = Path(tempfile.mkdtemp(prefix=prefix))
+        with _registry_lock:
+            _owned_workdirs.append(made)
+        return made.resolve()
+    path = Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
 class BrokerProcess:
     """A broker subprocess on ``host:port`` with its own work directory.
 
@@ -220,14 +232,7 @@ class BrokerProcess:
 
     def __init__(self, *, port: int | None = None, workdir: Path | None = None) -> None:
         self.port = port if port is not None else free_port()
-        if workdir is None:
-            workdir = Path(tempfile.mkdtemp(prefix=f"test-{self.name}-"))
-            with _registry_lock:
-                _owned_workdirs.append(workdir)
-        else:
-            workdir = Path(workdir)
-            workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir = workdir.resolve()
+        self.workdir = make_workdir(workdir, f"test-{self.name}-")
         self._proc: subprocess.Popen[bytes] | None = None
         self._starts = 0
         #: seconds the last successful start() took (spawn -> ready)
@@ -1168,6 +1173,30 @@ def _kafka_request(sock: socket.socket, api_key: int, api_version: int, corr: in
     return resp[4:]
 
 
+def kafka_check(sock: socket.socket, advertised_port: int, *, metadata: bool) -> bool:
+    """ApiVersions v0 over ``sock``; with ``metadata``, Metadata v0 too, whose brokers must include
+    ``advertised_port`` (clients can bootstrap). Raises ConnectionError otherwise."""
+    body = _kafka_request(sock, 18, 0, 1, b"")
+    (err,) = struct.unpack(">h", body[:2])
+    if err != 0:
+        raise ConnectionError(f"ApiVersions error_code {err}")
+    if not metadata:
+        return True
+    body = _kafka_request(sock, 3, 0, 2, struct.pack(">i", 0))
+    (n_brokers,) = struct.unpack(">i", body[:4])
+    off = 4
+    ports = []
+    for _ in range(n_brokers):
+        (hlen,) = struct.unpack(">h", body[off + 4 : off + 6])
+        off += 6 + hlen
+        (bport,) = struct.unpack(">i", body[off : off + 4])
+        off += 4
+        ports.append(bport)
+    if advertised_port not in ports:
+        raise ConnectionError(f"metadata advertises ports {ports}, not {advertised_port}")
+    return True
+
+
 #: Tansu storage backends: ``"memory"`` (lost on restart) or ``"s3"`` (durable).
 TansuStorage = Literal["memory", "s3"]
 
@@ -1286,26 +1315,7 @@ class Tansu(BrokerProcess):
 
     def _probe(self) -> bool:
         with socket.create_connection((self.host, self.port), timeout=_PROBE_TIMEOUT) as s:
-            # ApiVersions v0: error_code int16 first.
-            body = _kafka_request(s, 18, 0, 1, b"")
-            (err,) = struct.unpack(">h", body[:2])
-            if err != 0:
-                raise ConnectionError(f"ApiVersions error_code {err}")
-            # Metadata v0 (empty topic list = all topics): brokers must
-            # advertise our port, i.e. clients will be able to bootstrap.
-            body = _kafka_request(s, 3, 0, 2, struct.pack(">i", 0))
-            (n_brokers,) = struct.unpack(">i", body[:4])
-            off = 4
-            ports = []
-            for _ in range(n_brokers):
-                (hlen,) = struct.unpack(">h", body[off + 4 : off + 6])
-                off += 6 + hlen
-                (bport,) = struct.unpack(">i", body[off : off + 4])
-                off += 4
-                ports.append(bport)
-            if self.port not in ports:
-                raise ConnectionError(f"metadata advertises ports {ports}, not {self.port}")
-        return True
+            return kafka_check(s, self.port, metadata=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import confluent_kafka as ck
 import nats
 import paho.mqtt.client as paho
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -186,3 +187,21 @@ class KafkaClient:
         finally:
             await consumer.stop()
         return out
+
+
+def kafka_roundtrip(conf: dict[str, Any], topic: str, payload: bytes) -> bytes:
+    """Produce ``payload`` to partition 0 of ``topic`` with librdkafka settings ``conf`` and read it back
+    (assign(), no group join: Tansu's joins are slow)."""
+    producer = ck.Producer(conf)
+    delivered: list[ck.KafkaError | None] = []
+    producer.produce(topic, payload, partition=0, on_delivery=lambda err, msg: delivered.append(err))
+    assert producer.flush(15) == 0
+    assert delivered == [None]
+    consumer = ck.Consumer({**conf, "group.id": f"g-{topic}", "enable.auto.commit": False})
+    try:
+        consumer.assign([ck.TopicPartition(topic, 0, ck.OFFSET_BEGINNING)])
+        msg = consumer.poll(15)
+        assert msg is not None and msg.error() is None, msg and msg.error()
+        return bytes(msg.value() or b"")
+    finally:
+        consumer.close()

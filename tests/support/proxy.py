@@ -84,6 +84,23 @@ _PACE_SLICE = 0.02
 _CLOSE_TIMEOUT = 5.0
 
 
+def run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Body of a proxy's thread: run ``loop`` until stopped, then cancel what is left and close it."""
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        try:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyStats:
     """A consistent snapshot of the proxy's counters.
@@ -251,9 +268,7 @@ class TcpProxy:
             self._lsock = self._bind()
             loop = asyncio.SelectorEventLoop()
             loop.set_exception_handler(self._on_loop_error)
-            thread = threading.Thread(
-                target=self._thread_main, args=(loop,), name=f"tcp-proxy-{self.port}", daemon=True
-            )
+            thread = threading.Thread(target=run_loop, args=(loop,), name=f"tcp-proxy-{self.port}", daemon=True)
             self._loop = loop
             self._thread = thread
             thread.start()
@@ -416,21 +431,6 @@ class TcpProxy:
         return self._control_sync(self._snapshot, self._snapshot)
 
     # ------------------------------------------------------ thread plumbing
-
-    def _thread_main(self, loop: asyncio.AbstractEventLoop) -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_forever()
-        finally:
-            try:
-                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-                for t in pending:
-                    t.cancel()
-                if pending:
-                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            finally:
-                asyncio.set_event_loop(None)
-                loop.close()
 
     def _teardown_thread(self, timeout: float) -> None:
         loop, thread = self._loop, self._thread

@@ -67,7 +67,6 @@ import secrets
 import socket
 import ssl
 import struct
-import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
 from dataclasses import dataclass
@@ -79,11 +78,11 @@ from tests.support.brokers import (
     _PROBE_TIMEOUT,
     LOOPBACK,
     TansuStorage,
-    _owned_workdirs,
     _recv_exact,
-    _registry_lock,
     free_port,
+    make_workdir,
 )
+from tests.support.proxy import run_loop
 from tests.support.secure import GW_PASSWORD, GW_USER, SERVER_NAME, Pki, _BackendTansu
 
 __all__ = [
@@ -603,9 +602,7 @@ class SaslProxy:
                 return
             loop = asyncio.new_event_loop()
             loop.set_exception_handler(self._on_loop_error)
-            thread = threading.Thread(
-                target=self._thread_main, args=(loop,), name=f"sasl-proxy-{self.port}", daemon=True
-            )
+            thread = threading.Thread(target=run_loop, args=(loop,), name=f"sasl-proxy-{self.port}", daemon=True)
             self._loop, self._thread = loop, thread
             thread.start()
             try:
@@ -639,21 +636,6 @@ class SaslProxy:
         return f"<SaslProxy {self.host}:{self.port}{tls} -> {self.target[0]}:{self.target[1]} {state}>"
 
     # ------------------------------------------------------ thread plumbing
-
-    def _thread_main(self, loop: asyncio.AbstractEventLoop) -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_forever()
-        finally:
-            try:
-                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-                for t in pending:
-                    t.cancel()
-                if pending:
-                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            finally:
-                asyncio.set_event_loop(None)
-                loop.close()
 
     def _teardown(self, timeout: float) -> None:
         loop, thread = self._loop, self._thread
@@ -1055,14 +1037,7 @@ class TansuSasl:
         storage: TansuStorage = "memory",
         handshake_max_version: int = 1,
     ) -> None:
-        if workdir is None:
-            workdir = Path(tempfile.mkdtemp(prefix="test-tansu-sasl-"))
-            with _registry_lock:
-                _owned_workdirs.append(workdir)
-        else:
-            workdir = Path(workdir)
-            workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir = workdir.resolve()
+        self.workdir = make_workdir(workdir, "test-tansu-sasl-")
         self.tls = tls
         self.port = port if port else free_port()
         self.host = LOOPBACK

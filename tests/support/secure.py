@@ -52,9 +52,9 @@ from tests.support.brokers import (
     NatsServer,
     Tansu,
     TansuStorage,
-    _kafka_request,
     _recv_exact,
     _recv_line,
+    kafka_check,
 )
 
 __all__ = [
@@ -586,29 +586,6 @@ def _stunnel_bin() -> str:
     raise RuntimeError("stunnel not installed: apt-get install -y stunnel4")
 
 
-def _kafka_check(sock: socket.socket, advertised_port: int, *, metadata: bool) -> bool:
-    """ApiVersions (and Metadata: the broker advertises ``advertised_port``) over ``sock``."""
-    body = _kafka_request(sock, 18, 0, 1, b"")
-    (err,) = struct.unpack(">h", body[:2])
-    if err != 0:
-        raise ConnectionError(f"ApiVersions error_code {err}")
-    if not metadata:
-        return True
-    body = _kafka_request(sock, 3, 0, 2, struct.pack(">i", 0))
-    (n_brokers,) = struct.unpack(">i", body[:4])
-    off = 4
-    ports = []
-    for _ in range(n_brokers):
-        (hlen,) = struct.unpack(">h", body[off + 4 : off + 6])
-        off += 6 + hlen
-        (bport,) = struct.unpack(">i", body[off : off + 4])
-        off += 4
-        ports.append(bport)
-    if advertised_port not in ports:
-        raise ConnectionError(f"metadata advertises ports {ports}, not {advertised_port}")
-    return True
-
-
 class _BackendTansu(Tansu):
     """Tansu on an internal loopback port, advertising the TLS front end's ``localhost:<port>``."""
 
@@ -635,7 +612,7 @@ class _BackendTansu(Tansu):
 
     def _probe(self) -> bool:
         with socket.create_connection(self.address, timeout=_PROBE_TIMEOUT) as s:
-            return _kafka_check(s, self.advertised_port, metadata=not self.authentication)
+            return kafka_check(s, self.advertised_port, metadata=not self.authentication)
 
 
 class TansuTls(BrokerProcess):
@@ -723,7 +700,7 @@ class TansuTls(BrokerProcess):
         with _tls_connect(
             self.address, self.pki, server_name=self.tls_server_name, client_cert=self.verify_client
         ) as s:
-            return _kafka_check(s, self.port, metadata=not self.authentication)
+            return kafka_check(s, self.port, metadata=not self.authentication)
 
     def start(self, timeout: float = 20.0) -> None:
         """Start Tansu (if not running), then stunnel."""
