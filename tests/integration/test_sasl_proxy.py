@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
 from tests.support.brokers import _recv_exact
-from tests.support.clients import kafka_roundtrip
+from tests.support.clients import kafka_errors, kafka_roundtrip
 from tests.support.sasl_proxy import (
     ALL_MECHANISMS,
     API_SASL_AUTHENTICATE,
@@ -72,17 +71,6 @@ def kafka_tls(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ta
 # ------------------------------------------------------------------ helpers
 
 
-def _first_error(conf: dict[str, Any], timeout: float = 10.0) -> ck.KafkaError:
-    """The first error librdkafka reports for a producer with ``conf``."""
-    errors: list[ck.KafkaError] = []
-    producer = ck.Producer({**conf, "error_cb": errors.append, "log_level": 0})
-    deadline = time.monotonic() + timeout
-    while not errors and time.monotonic() < deadline:
-        producer.poll(0.05)
-    assert errors, "expected the connection to fail"
-    return errors[0]
-
-
 # ------------------------------------------------------------------ confluent-kafka (librdkafka)
 
 
@@ -100,7 +88,7 @@ def test_confluent_sasl_plaintext(kafka: TansuSasl, mechanism: str, unique: str)
 @pytest.mark.parametrize("mechanism", ALL_MECHANISMS)
 def test_confluent_wrong_password(kafka: TansuSasl, mechanism: str) -> None:
     failed = kafka.logins_failed
-    err = _first_error(kafka.librdkafka_config(mechanism, password="wrong"))
+    err = kafka_errors(kafka.librdkafka_config(mechanism, password="wrong"))[0]
     assert err.code() == ck.KafkaError._AUTHENTICATION, err
     assert "Authentication failed" in err.str()
     assert kafka.logins_failed > failed
@@ -108,9 +96,9 @@ def test_confluent_wrong_password(kafka: TansuSasl, mechanism: str) -> None:
 
 def test_confluent_unknown_user_and_disabled_mechanism(tmp_path: Path) -> None:
     with TansuSasl(mechanisms=("SCRAM-SHA-512",), workdir=tmp_path) as k:
-        err = _first_error(k.librdkafka_config("SCRAM-SHA-512", username="nobody"))
+        err = kafka_errors(k.librdkafka_config("SCRAM-SHA-512", username="nobody"))[0]
         assert err.code() == ck.KafkaError._AUTHENTICATION, err
-        err = _first_error(k.librdkafka_config("PLAIN"))
+        err = kafka_errors(k.librdkafka_config("PLAIN"))[0]
         assert "PLAIN" in err.str() and "SCRAM-SHA-512" in err.str(), err  # "... not supported by broker"
         assert k.logins_ok == 0 and k.logins_failed >= 2
 
@@ -120,10 +108,10 @@ def test_confluent_sasl_ssl(kafka_tls: TansuSasl, pki: Pki, unique: str) -> None
     assert conf["security.protocol"] == "SASL_SSL"
     assert kafka_roundtrip(conf, f"sasl-ssl-{unique}", b"over sasl_ssl") == b"over sasl_ssl"
     assert kafka_tls.logins_ok >= 1
-    err = _first_error(kafka_tls.librdkafka_config("PLAIN", password="wrong"))
+    err = kafka_errors(kafka_tls.librdkafka_config("PLAIN", password="wrong"))[0]
     assert err.code() == ck.KafkaError._AUTHENTICATION, err
     # SASL without TLS on the TLS port does not get anywhere
-    _first_error({**kafka_tls.librdkafka_config("PLAIN"), "security.protocol": "SASL_PLAINTEXT"})
+    kafka_errors({**kafka_tls.librdkafka_config("PLAIN"), "security.protocol": "SASL_PLAINTEXT"})[0]
 
 
 # ------------------------------------------------------------------ aiokafka
@@ -184,7 +172,7 @@ def test_raw_tokens_confluent(kafka_legacy: TansuSasl, unique: str) -> None:
         conf = kafka_legacy.librdkafka_config(mechanism)
         assert kafka_roundtrip(conf, f"raw-{mechanism}-{unique}", b"raw") == b"raw"
     failed = kafka_legacy.logins_failed
-    _first_error(kafka_legacy.librdkafka_config("SCRAM-SHA-512", password="wrong"))  # raw framing: just closed
+    kafka_errors(kafka_legacy.librdkafka_config("SCRAM-SHA-512", password="wrong"))  # raw framing: just closed
     assert kafka_legacy.logins_failed > failed
     with kafka_legacy.connect() as sock:
         api_versions(sock)

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import queue
 import ssl
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import confluent_kafka as ck
 import nats
 import paho.mqtt.client as paho
 import pytest
 from nats.aio.client import Client as NatsClient
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support.clients import kafka_roundtrip
+from tests.support.clients import kafka_errors, kafka_roundtrip
 from tests.support.secure import (
     CLIENT_CN,
     GW_PASSWORD,
@@ -263,14 +261,7 @@ def _kafka_conf(broker: TansuTls, pki: Pki, **extra: Any) -> dict[str, Any]:
 
 
 def _kafka_first_error(conf: dict[str, Any], timeout: float = 10.0) -> str:
-    """The first error librdkafka reports for a producer with ``conf`` (fails if none in ``timeout``)."""
-    errors: list[ck.KafkaError] = []
-    producer = ck.Producer({**conf, "error_cb": errors.append, "log_level": 0})
-    deadline = time.monotonic() + timeout
-    while not errors and time.monotonic() < deadline:
-        producer.poll(0.05)
-    assert errors, "expected the connection to fail"
-    return "; ".join(f"{e.name()}: {e.str()}" for e in errors)
+    return "; ".join(f"{e.name()}: {e.str()}" for e in kafka_errors(conf, timeout))
 
 
 def test_kafka_tls(pki: Pki, tmp_path: Path, unique: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,3 +206,14 @@ def kafka_roundtrip(conf: dict[str, Any], topic: str, payload: bytes) -> bytes:
         return bytes(msg.value() or b"")
     finally:
         consumer.close()
+
+
+def kafka_errors(conf: dict[str, Any], timeout: float = 10.0) -> list[ck.KafkaError]:
+    """The errors librdkafka reports for a producer with ``conf`` once it reports any (fails if none)."""
+    errors: list[ck.KafkaError] = []
+    producer = ck.Producer({**conf, "error_cb": errors.append, "log_level": 0})
+    deadline = time.monotonic() + timeout
+    while not errors and time.monotonic() < deadline:
+        producer.poll(0.05)
+    assert errors, "expected the connection to fail"
+    return errors
