@@ -482,9 +482,14 @@ class Route:
         dl = flight.plan.dead_letter
         assert dl is not None and dl.sink is not None
         env = flight.env
+        if len(env.payload) > dl.max_payload:  # the dead letter's connector has its own limit
+            self.dead_letter_done(
+                flight, PayloadTooLarge(len(env.payload), dl.max_payload, f"{dl.target.connector} max_payload")
+            )
+            return
         receipt = env.receipt
         headers = [
-            *(env.headers or ()),
+            *(env.headers if env.headers and not isinstance(error, HeadersTooLarge) else ()),  # not a flood again
             ("x-gateway-route", self.name),
             ("x-gateway-error", str(error)[:1000]),
             ("x-gateway-error-type", type(error).__name__),

@@ -206,3 +206,35 @@ def test_loops_per_protocol(connector: str, source: str, target: str, loops: boo
             parse_config(text, environ={})
     else:
         parse_config(text, environ={})
+
+
+async def test_a_flood_is_dead_lettered_without_its_headers(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(route(DLQ))
+    MemoryBroker.named("A").publish("in/d1", b"flood", [("h", "v")] * 100)
+    await until(lambda: gw.routes["r"].stats.dead_lettered == 1)
+    [letter] = MemoryBroker.named("C").received
+    assert letter.headers is not None
+    assert all(k.startswith("x-gateway-") for k, _ in letter.headers), "the flood is not forwarded again"
+
+
+async def test_a_dead_letter_connector_limit_applies_too(start_raw: Start) -> None:
+    gw = await start_raw(
+        """\
+connectors:
+  a: {type: memory, broker: A}
+  b: {type: memory, broker: B, max_payload: 4}
+  c: {type: memory, broker: C, max_payload: 4}
+routes:
+  - name: r
+    from: {connector: a, topic: "in/{device}"}
+    to: {connector: b, topic: "out/{device}"}
+    dead_letter: {connector: c, topic: "dlq/{device}"}
+"""
+    )
+    a = MemoryBroker.named("A")
+    a.publish("in/d1", b"12345")
+    r = gw.routes["r"]
+    await until(lambda: r.stats.failed == 1)
+    assert MemoryBroker.named("B").received == [] and MemoryBroker.named("C").received == []
+    assert r.stats.dead_lettered == 0
+    assert a.acked == {0}, "on_error: drop (the default) acknowledges what neither target nor dead letter took"
