@@ -27,6 +27,7 @@ from gateway.config import Config, load_config
 from gateway.connector import Connector, ConnectorContext
 from gateway.registry import plugins
 from gateway.route import Overflow, Route, RoutePolicy, RouteState, Target
+from gateway.spooled import SpooledRoute
 from gateway.supervisor import Supervisor
 
 log = structlog.get_logger("gateway")
@@ -67,7 +68,11 @@ def build_routes(config: Config) -> dict[str, Route]:
             max_headers=config.gateway.max_headers,
             max_header_bytes=config.gateway.max_header_bytes,
         )
-        route = Route(s.name, rc.source.connector, rc.source, rc.patterns, policy)
+        route = (
+            Route(s.name, rc.source.connector, rc.source, rc.patterns, policy)
+            if s.spool is None
+            else SpooledRoute(s.name, rc.source.connector, rc.source, rc.patterns, policy, s.spool)
+        )
         route.targets.extend(
             Target(
                 route, i, tc.spec.connector, tc.spec, tc.address, tc.key, _connector_limit(config, tc.spec.connector)
@@ -160,6 +165,9 @@ class Gateway:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             self._supervisor = tg.create_task(Supervisor(self.routes, self.connectors).run(), name="supervisor")
+            for route in self.routes.values():
+                if isinstance(route, SpooledRoute):
+                    route.start(tg)
             for name in self.connectors:
                 self._start_connector(name)
 
@@ -192,11 +200,16 @@ class Gateway:
         in_flight = sum(r.in_flight for r in self.routes.values())
         log.info("gateway.draining", in_flight=in_flight, timeout=budget)
         drained = True
+        spooled = [r for r in self.routes.values() if isinstance(r, SpooledRoute)]
         try:
             async with asyncio.timeout(budget):
                 await asyncio.gather(*(c.quiesce() for c in self.connectors.values()))
+                for sr in spooled:
+                    await sr.stop_spool()  # written and acknowledged before the sources close
+                    sr.release()  # its deliveries stay in the spool, uncommitted: replayed at the next start
                 for route in self.routes.values():
-                    await route.drained()
+                    if not isinstance(route, SpooledRoute):
+                        await route.drained()
         except TimeoutError:
             drained = False
             left = {r.name: r.in_flight for r in self.routes.values() if r.in_flight}
@@ -205,6 +218,8 @@ class Gateway:
             route.cancel_timers()
         for conn in self.connectors.values():
             await conn.close()
+        for sr in spooled:
+            await sr.close_spool()
         if self._supervisor is not None:
             self._supervisor.cancel()
         if self._runner is not None:
@@ -285,6 +300,8 @@ class Gateway:
         for n, route in final.items():
             if n not in keep:
                 self._bind(route)
+                if isinstance(route, SpooledRoute) and self._tg is not None:
+                    route.start(self._tg)
         self.config = config
         for n, conn in self.connectors.items():
             if n in self._connector_tasks and conn.changes_routes_live:
@@ -321,6 +338,8 @@ class Gateway:
         """Stop taking messages for ``routes`` and wait until what they hold is delivered (bounded)."""
         for route in routes:
             route.hold_gate()
+            if isinstance(route, SpooledRoute):
+                await route.stop_spool()
         try:
             async with asyncio.timeout(timeout):
                 for route in routes:
@@ -332,6 +351,8 @@ class Gateway:
             route.state = RouteState.STOPPED  # what still arrives is released, not admitted
             route.cancel_timers()
             route.release()
+            if isinstance(route, SpooledRoute):
+                await route.close_spool()  # the changed route opens it again
 
     async def _stop_connector(self, name: str) -> None:
         conn = self.connectors.pop(name)

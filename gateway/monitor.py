@@ -42,6 +42,7 @@ from gateway.channel import ConnectorState
 from gateway.errors import GatewayError
 from gateway.redact import scrub
 from gateway.route import Route, RouteState
+from gateway.spooled import SpooledRoute
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -73,6 +74,7 @@ def route_view(route: Route) -> dict[str, Any]:
         "max_in_flight_bytes": route.max_in_flight_bytes,
         "overflow": route.policy.overflow.value,
         **s.as_dict(),
+        **({"spool": route.spool_view()} if isinstance(route, SpooledRoute) else {}),
         "latency": {
             "count": lat.count,
             "sum_seconds": lat.sum_ns / 1e9,

@@ -245,6 +245,7 @@ def _routes(
     """Validate routes; endpoints on a ``broken`` connector (already reported) are skipped quietly."""
     routes: list[RouteConfig] = []
     names: dict[str, int] = {}
+    spools: dict[str, int] = {}
     for i, body in enumerate(raw):
         path = f"routes[{i}]"
         section = _convert(body, RouteSection, path, issues)
@@ -257,6 +258,11 @@ def _routes(
                 )
             )
         names.setdefault(section.name, i)
+        if section.spool is not None:
+            where = os.path.realpath(section.spool.path)
+            if where in spools:
+                issues.append(ConfigIssue(f"{path}.spool.path", f"also the spool of routes[{spools[where]}]"))
+            spools.setdefault(where, i)
         source, patterns = _source(section.from_, connectors, broken, f"{path}.from", issues)
         to = _as_list(section.to)
         if not to:

@@ -18,6 +18,7 @@ from gateway.connector import SourceSpec, TargetSpec
 from gateway.patterns import SourcePattern
 from gateway.redact import register_secret
 from gateway.route import RetryPolicy
+from gateway.spooled import SpoolConfig
 from gateway.templates import Template
 from gateway.tls import read_secret
 
@@ -106,11 +107,18 @@ class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     max_payload: Positive | None = None
     """Largest payload in bytes this route carries; a larger message fails before it is published (counted as
     failed, dead-lettered when a dead letter is set). The connectors' own ``max_payload`` apply as well."""
+    spool: SpoolConfig | None = None
+    """Store and forward: ``{path, max_bytes, fsync}``. The source is acknowledged once a message is on
+    local disk; it is delivered from there in order, also after a restart (see README, Deploying)."""
     allow_loop: bool = False
     """Let a target publish to topics the route's own source reads (same connector). Off: such a route is
     rejected, since an echo loop republishes every message forever."""
     description: str = ""
     """Free text for the people reading the config."""
+
+    def __post_init__(self) -> None:
+        if self.spool is not None and self.overflow == "disconnect":
+            raise ValueError("overflow: disconnect does not apply to a spooled route (use block or drop_*)")
 
 
 class FileSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
