@@ -14,14 +14,13 @@ import itertools
 import re
 import sys
 import textwrap
+import typing
 from typing import Any
 
 import msgspec
 
-from gateway.backoff import Backoff
-from gateway.config.model import GatewaySection, HttpSection, RouteSection
+from gateway.config.model import GatewaySection, RouteSection
 from gateway.registry import BUILTIN, plugins
-from gateway.route import RetryPolicy
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -51,6 +50,7 @@ def _type_name(t: Any) -> str:
     text = re.sub(
         r"\b(typing|msgspec|collections\.abc|builtins)\.", "", repr(t) if not isinstance(t, type) else t.__name__
     )
+    text = re.sub(r"\b(?:[a-z_][a-z0-9_]*\.)+(?=[A-Z])", "", text)  # gateway.tls.TlsConfig -> TlsConfig
     text = re.sub(r"Annotated\[(\w+), Meta\(([^)]*)\)\]", lambda m: f"{m.group(1)} ({m.group(2)})", text)
     text = re.sub(r"^Optional\[(.*)\]$", r"\1 | None", text)
     text = re.sub(r"\bNone(Type)?\b", "null", text).replace("Literal", "one of ")
@@ -90,6 +90,24 @@ def struct_table(cls: type[msgspec.Struct], *, skip: tuple[str, ...] = ()) -> st
     return "\n".join(rows)
 
 
+def _nested(t: Any) -> type[msgspec.Struct] | None:
+    """The Struct behind a field typed ``S`` or ``S | None``, else None."""
+    candidates = [t, *typing.get_args(t)]
+    structs = [c for c in candidates if isinstance(c, type) and issubclass(c, msgspec.Struct)]
+    return structs[0] if len(structs) == 1 else None
+
+
+def sections(cls: type[msgspec.Struct], title: str, level: int, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """The table of ``cls``, then one sub-section per field that is itself a Struct (``tls``, ``retry`` ...)."""
+    out = [struct_table(cls, skip=skip), ""]
+    for f in msgspec.structs.fields(cls):
+        sub = _nested(f.type)
+        if sub is not None and f.name not in skip:
+            key = f"{title}.{f.encode_name}"
+            out += [f"{'#' * level} `{key}`", "", *sections(sub, key, level + 1)]
+    return out
+
+
 def render() -> str:
     out = [
         "# Configuration reference",
@@ -103,24 +121,10 @@ def render() -> str:
         "",
         "## `gateway`",
         "",
-        struct_table(GatewaySection),
-        "",
-        "### `gateway.reconnect`",
-        "",
-        struct_table(Backoff),
-        "",
-        "### `gateway.http`",
-        "",
-        struct_table(HttpSection),
-        "",
+        *sections(GatewaySection, "gateway", 3),
         "## `routes[]`",
         "",
-        struct_table(RouteSection),
-        "",
-        "### `routes[].retry`",
-        "",
-        struct_table(RetryPolicy),
-        "",
+        *sections(RouteSection, "routes[]", 3),
         "`from` and `to` take `connector: NAME` plus the keys of that connector's kind, listed below.",
         "",
     ]
@@ -133,8 +137,7 @@ def render() -> str:
             "",
             f"### `connectors.NAME` with `type: {kind}`",
             "",
-            struct_table(plugin.config),
-            "",
+            *sections(plugin.config, "connectors.NAME", 4),
             f"### `from` a `{kind}` connector",
             "",
             struct_table(plugin.source, skip=("connector",)),
