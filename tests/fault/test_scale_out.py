@@ -1,0 +1,814 @@
+"""Scale-out on the brokers' own distribution: three gateway processes on ONE config file.
+
+The three processes run ``gateway run -c scale-out.yaml`` on the very same file
+and differ only in the environment: ``gateway.id: ${GATEWAY_ID}``, from which
+every client identity derives (MQTT client ids ``<id>-mq`` / ``<id>-mq-r``,
+NATS connection names, Kafka client ids), and the sink subject
+``so.<u>.<kind>.${GATEWAY_ID}``, which tells which gateway delivered a message.
+Each source kind splits its messages between them by the broker's own means:
+
+==========  ===============================================  =============
+source      how the three share it                           guarantee
+==========  ===============================================  =============
+MQTT QoS 1  ``share_group`` → ``$share/<group>/<filter>``    at-least-once
+core NATS   ``queue`` (queue group)                          at-most-once
+JetStream   one ``durable`` consumer, pulled by all three    at-least-once
+Kafka       one consumer ``group``, topic of 3 partitions    at-least-once
+==========  ===============================================  =============
+
+Every route writes to a JetStream stream (``jetstream: true``: confirmed by the
+PubAck, durable, read back exactly at the end). A core subscription of the test
+on the same subjects sees every publish, also those the stream deduplicated by
+``Nats-Msg-Id`` (JetStream and Kafka sources set it from the source position),
+so "raw" duplicates are what the gateways delivered more than once and
+"stored" duplicates what the stream kept twice.
+
+1. **Spread**: ``N`` sequence-numbered messages with the three up and the
+   distribution settled (Kafka: 1 partition each). Every message arrives (the
+   core NATS route may lose, which is reported), no duplicates on the durable
+   routes (nothing rebalanced), and every gateway took a share (per gateway:
+   first copies in the sink, and its own ``/routez`` ``acked`` counter).
+2. **Failover** (durable routes, and core NATS for its loss figure): ``M``
+   more messages and one gateway SIGKILLed once a third of them arrived, while
+   its route holds messages (``/routez`` ``in_flight`` > 0: the sink is put
+   ``SINK_LATENCY_MS`` away behind a proxy for this phase). Publishing spans
+   the kill (MQTT, Kafka and core NATS paced; JetStream unpaced, so the stream
+   keeps a backlog). Nothing accepted by the source broker may be lost, the
+   killed gateway delivers nothing handed over after its death, and
+   duplicates are bounded by the route budget and counted. What happens to
+   the killed member's share depends on the broker:
+
+   - JetStream: its unacknowledged messages are redelivered to the survivors
+     after ``ack_wait`` (2 s here).
+   - Kafka: its partition moves to the survivors after the session timeout
+     (6 s) and Tansu's join (about half of it); uncommitted offsets are re-read.
+   - MQTT: Mosquitto 2.0 keeps a persistent shared-subscription member's
+     in-flight messages *and keeps assigning it new ones* round-robin while it
+     is offline, in its session; nothing is handed to the other members (see
+     eclipse-mosquitto/mosquitto#1747, #2662). The test measures how many wait
+     in the dead member's session once the survivors drained theirs, then
+     starts the killed gateway again with the same id (same session) and
+     requires that everything arrives. (Should the session expire first,
+     Mosquitto 2.0.11 discards what it queued there instead of handing it to
+     the other members: keep the default ``session_expiry`` of a day, and bring
+     a dead member back under the same ``GATEWAY_ID``.)
+   - core NATS: the server drops the dead member from the queue group when its
+     connection closes; what it held is lost, and reported.
+
+Figures are printed (``pytest -s``): one line per kind and phase with sent,
+accepted, delivered unique, duplicates (stored / raw), lost, per-gateway
+shares, ``/routez`` acked, and seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiokafka import AIOKafkaProducer
+from nats.aio.client import Client as NatsClient
+
+from tests.e2e.clients import (
+    JetStreamPublisher,
+    MqttPublisher,
+    Received,
+    create_topics,
+    device_of,
+    nats_connect,
+    nats_subscriptions,
+    parse_payload,
+    payload,
+    stream_messages,
+    wait_until,
+)
+from tests.e2e.gateway_process import (
+    GatewayProcess,
+    gateway_config,
+    kafka_connector,
+    mqtt_connector,
+    nats_connector,
+)
+from tests.support.brokers import Mosquitto, NatsServer, Tansu
+from tests.support.proxy import TcpProxy
+
+pytestmark = [pytest.mark.e2e, pytest.mark.fault, pytest.mark.broker, pytest.mark.timeout(120)]
+
+N = 30_000
+"""Messages per source kind in the spread phase (the issue's figure)."""
+M = 10_000
+"""Messages of the failover phase (seqs N .. N+M-1)."""
+GATEWAYS = 3
+DEVICES = 6
+PARTITIONS = 3
+BUDGET = 1_000
+"""Each route's ``max_in_flight`` (durable routes): what one gateway can hold when it is killed."""
+ACK_WAIT = 2.0
+MQTT_RATE = 2_500.0
+"""MQTT publishes per second in the failover phase: Mosquitto picks the shared-subscription member when a
+message is published, so the stream must span the kill to show who gets the messages published after it."""
+KAFKA_RATE = 2_000.0
+"""Records per second in Kafka's failover phase: traffic goes on while the group notices the death."""
+NATS_RATE = 15_000.0
+"""core NATS publishes per second (at-most-once: paced so that no gateway overflows its budget)."""
+SINK_LATENCY_MS = 30.0
+"""One-way delay to the sink in the failover phase (each direction): PubAcks come ~60 ms after the publish."""
+STALL = 6.0
+"""A wait for deliveries ends when nothing new arrived for this long (it then names what is missing)."""
+
+
+# ------------------------------------------------------------------ three gateways, one file
+
+
+class Trio:
+    """Three ``gateway run`` processes on one config file, ``GATEWAY_ID`` = ``so-<u>-<i>``."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any], u: str) -> None:
+        self.ids = [f"so-{u}-{i}" for i in range(GATEWAYS)]
+        self.config_path = workdir / "scale-out.yaml"
+        self.gws = [
+            GatewayProcess(workdir, config, name=f"gw{i}", env={"GATEWAY_ID": gid}) for i, gid in enumerate(self.ids)
+        ]
+        # GatewayProcess writes <name>.yaml; all three run the one shared file instead.
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        for gw in self.gws:
+            gw.config_path.unlink(missing_ok=True)
+            gw.config_path = self.config_path
+
+    async def start(self, timeout: float = 45.0) -> None:
+        for gw in self.gws:
+            gw.spawn()
+        for gw in self.gws:
+            await gw.await_connected(timeout)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(gw.astop() for gw in self.gws if gw.running))
+
+    def cleanup(self) -> None:
+        for gw in self.gws:
+            gw.cleanup()
+
+    def tails(self) -> str:
+        return "\n".join(gw.log_tail(40) for gw in self.gws)
+
+    async def acked(self) -> dict[str, int | None]:
+        """Each running gateway's ``/routez`` ``acked`` of route ``r`` (None: not running)."""
+        views = await asyncio.gather(*(asyncio.to_thread(route_view, gw) for gw in self.gws))
+        return {gid: None if v is None else int(v["acked"]) for gid, v in zip(self.ids, views, strict=True)}
+
+    async def kill(self, i: int) -> int:
+        """SIGKILL gateway ``i`` while its route holds messages (or after 2 s); returns its last ``in_flight``."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            view = await asyncio.to_thread(route_view, self.gws[i])
+            held = int(view["in_flight"]) if view is not None else -1
+            if held != 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.005)
+        self.gws[i].kill()
+        return held
+
+
+def route_view(gw: GatewayProcess) -> dict[str, Any] | None:
+    """Route ``r`` as the gateway's ``/routez`` shows it (None: not running)."""
+    url = gw.http_url
+    if not gw.running or url is None:
+        return None
+    with urllib.request.urlopen(url + "/routez", timeout=5) as resp:
+        routes = json.load(resp)["routes"]
+    return dict(next(r for r in routes if r["name"] == "r"))
+
+
+# ------------------------------------------------------------------ the sink
+
+
+class Sink:
+    """The JetStream stream all three write to, and a core subscription of the test on the same subjects.
+
+    The gateways reach the sink's nats-server through a proxy (connector ``bus``), so that the failover
+    phase can put the sink ``SINK_LATENCY_MS`` away: each gateway then holds messages in flight (received,
+    not yet confirmed by the PubAck) when it is killed. The test's own connection is direct.
+    """
+
+    def __init__(self, nc: NatsClient, u: str, kind: str, server: NatsServer) -> None:
+        self.nc = nc
+        self.proxy = TcpProxy(server.address)
+        self.stream = f"SO_{u}_{kind.upper()}"
+        self.prefix = f"so.{u}.{kind}"
+        self.copies: Counter[int] = Counter()
+        """seq -> copies the gateways published (raw: before the stream's deduplication)."""
+        self.seen: set[int] = set()
+        self.last_at = 0.0
+        """When the last copy arrived (monotonic)."""
+
+    def connector(self) -> dict[str, Any]:
+        return nats_connector(self.proxy.url("nats"))
+
+    def far_away(self) -> None:
+        self.proxy.latency(SINK_LATENCY_MS)
+
+    def target(self) -> dict[str, Any]:
+        return {"connector": "bus", "subject": self.prefix + ".${GATEWAY_ID}", "jetstream": True}
+
+    async def start(self) -> Sink:
+        await asyncio.to_thread(self.proxy.start)
+        await self.nc.jetstream().add_stream(name=self.stream, subjects=[self.prefix + ".>"])
+        await self.nc.subscribe(
+            self.prefix + ".>", cb=self._on_msg, pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30
+        )
+        await self.nc.flush()
+        return self
+
+    async def _on_msg(self, msg: Any) -> None:
+        seq = parse_payload(msg.data)[1]
+        self.copies[seq] += 1
+        self.seen.add(seq)
+        self.last_at = time.monotonic()
+
+    def count_in(self, seqs: range) -> int:
+        return sum(1 for s in self.seen if s in seqs)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.proxy.stop)
+
+    async def stored(self) -> list[Received]:
+        n = (await self.nc.jetstream().stream_info(self.stream)).state.messages
+        return await stream_messages(self.nc, self.stream, self.prefix + ".>", n, timeout=60)
+
+
+async def wait_delivered(sink: Sink, expected: set[int], *, timeout: float = 90.0, stall: float = STALL) -> float:
+    """Until every expected seq reached the sink, or nothing new came for ``stall`` s. Returns seconds."""
+    t0 = time.monotonic()
+    last, last_change = -1, t0
+    while True:
+        now = time.monotonic()
+        if expected <= sink.seen:
+            return now - t0
+        if len(sink.seen) != last:
+            last, last_change = len(sink.seen), now
+        if now - t0 > timeout or now - last_change > stall:
+            return now - t0
+        await asyncio.sleep(0.05)
+
+
+# ------------------------------------------------------------------ outcome
+
+
+@dataclass
+class Outcome:
+    label: str
+    seqs: range
+    accepted: set[int]
+    stored: list[Received]
+    raw: Counter[int]
+    gateway_ids: list[str]
+    seconds: float
+    acked: dict[str, int | None]
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        mine = [m for m in self.stored if m.seq in self.seqs]
+        self.first_by: dict[int, str] = {}
+        for m in mine:
+            self.first_by.setdefault(m.seq, m.where.rsplit(".", 1)[1])
+        self.stored_copies = len(mine)
+        self.raw_copies = sum(c for s, c in self.raw.items() if s in self.seqs)
+        self.raw_unique = sum(1 for s in self.raw if s in self.seqs)
+
+    @property
+    def unique(self) -> int:
+        return len(self.first_by)
+
+    @property
+    def lost(self) -> list[int]:
+        return sorted(self.accepted - self.first_by.keys())
+
+    @property
+    def duplicates(self) -> int:
+        return self.stored_copies - self.unique
+
+    @property
+    def raw_duplicates(self) -> int:
+        return self.raw_copies - self.raw_unique
+
+    def shares(self) -> Counter[str]:
+        return Counter(self.first_by.values())
+
+    def report(self) -> str:
+        shares = self.shares()
+        share = " ".join(f"{g[-1]}={shares[g]}" for g in self.gateway_ids)
+        acked = " ".join(f"{g[-1]}={self.acked.get(g)}" for g in self.gateway_ids)
+        rate = self.unique / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"SCALE-OUT {self.label}: sent={len(self.seqs)} accepted={len(self.accepted)} "
+            f"delivered_unique={self.unique} duplicates={self.duplicates} (raw {self.raw_duplicates}) "
+            f"lost={len(self.lost)} shares[{share}] routez_acked[{acked}] "
+            f"{self.seconds:.1f}s ({rate:,.0f} msg/s) {self.notes}".rstrip()
+        )
+
+
+async def outcome(
+    label: str,
+    sink: Sink,
+    seqs: range,
+    accepted: set[int],
+    trio: Trio,
+    seconds: float,
+    notes: str = "",
+) -> Outcome:
+    # /routez counts a message once its PubAck is back, a moment after the test saw the publish: settle.
+    acked = await trio.acked()
+    for _ in range(25):
+        await asyncio.sleep(0.2)
+        again = await trio.acked()
+        if again == acked:
+            break
+        acked = again
+    result = Outcome(label, seqs, accepted, await sink.stored(), Counter(sink.copies), trio.ids, seconds, acked, notes)
+    print(result.report())
+    return result
+
+
+def assert_spread(result: Outcome, *, min_share: float, durable: bool = True) -> None:
+    """Phase 1: all accepted arrived (durable), no duplicates, and every gateway took part."""
+    if durable:
+        assert not result.lost, f"{result.label}: {len(result.lost)} lost (first {result.lost[:20]})"
+        assert result.duplicates == 0 and result.raw_duplicates == 0, f"{result.label}: duplicates without rebalance"
+    shares = result.shares()
+    for gid in result.gateway_ids:
+        assert shares[gid] >= min_share * len(result.seqs), f"{result.label}: {gid} took {shares[gid]} ({shares})"
+        assert (result.acked.get(gid) or 0) > 0, f"{result.label}: {gid} acked nothing per /routez"
+
+
+# ------------------------------------------------------------------ publishers
+
+
+def mqtt_publish(pub: MqttPublisher, u: str, seqs: Iterable[int], rate: float | None) -> None:
+    t0 = time.monotonic()
+    for i, seq in enumerate(seqs):
+        pub.publish(f"so/{u}/{device_of(seq, DEVICES)}", seq, DEVICES)
+        if rate is not None and i % 50 == 49:
+            ahead = t0 + (i + 1) / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+CHUNK = 100
+
+
+class Handed:
+    """Seqs below ``upto`` were handed to the publishing client (a chunk in progress may be partly)."""
+
+    upto = 0
+
+    def after_kill(self, end: int) -> range:
+        """Seqs surely handed over after this moment: a gateway killed now can never have seen them."""
+        return range(self.upto + CHUNK, end)
+
+
+async def paced(
+    seqs: Sequence[int], rate: float | None, send: Callable[[Sequence[int]], Any], handed: Handed | None = None
+) -> None:
+    """``await send(chunk)`` for chunks of ``CHUNK`` seqs, at ``rate`` messages per second (None: at once)."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for i in range(0, len(seqs), CHUNK):
+        await send(seqs[i : i + CHUNK])
+        if handed is not None:
+            handed.upto = seqs[min(i + CHUNK, len(seqs)) - 1] + 1
+        if rate is not None:
+            ahead = t0 + (i + CHUNK) / rate - loop.time()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+
+
+async def kafka_send(producer: AIOKafkaProducer, topic: str, seqs: Sequence[int], accepted: set[int]) -> None:
+    futs = [
+        (
+            seq,
+            await producer.send(
+                topic, payload(seq, DEVICES), key=device_of(seq, DEVICES).encode(), partition=seq % PARTITIONS
+            ),
+        )
+        for seq in seqs
+    ]
+    for seq, fut in futs:
+        await fut
+        accepted.add(seq)
+
+
+async def wait_for_share(sink: Sink, seqs: range, fraction: float, trio: Trio) -> None:
+    """Until ``fraction`` of ``seqs`` reached the sink (the moment to kill a gateway)."""
+    want = int(len(seqs) * fraction)
+    await wait_until(
+        lambda: sink.count_in(seqs) >= want,
+        60,
+        lambda: f"only {sink.count_in(seqs)} of {want} arrived\n{trio.tails()}",
+    )
+
+
+def survivors_only(result: Outcome, killed: str, after: Iterable[int]) -> int:
+    """First copies of ``after`` delivered by the killed gateway (must be none once it is dead)."""
+    return sum(1 for s in after if result.first_by.get(s) == killed)
+
+
+# ------------------------------------------------------------------ MQTT: share_group
+
+
+async def test_mqtt_share_group(tmp_path: Path, mosquitto: Mosquitto, nats_server: NatsServer, unique: str) -> None:
+    u = unique
+    nc = await nats_connect(nats_server.url)
+    sink = await Sink(nc, u, "mqtt", nats_server).start()
+    config = gateway_config(
+        "${GATEWAY_ID}",
+        {"mq": mqtt_connector(mosquitto.url, "${GATEWAY_ID}-mq"), "bus": sink.connector()},
+        [
+            {
+                "name": "r",
+                "max_in_flight": BUDGET,
+                "from": {"connector": "mq", "topic": f"so/{u}/{{device}}", "qos": 1, "share_group": f"g-{u}"},
+                "to": sink.target(),
+            }
+        ],
+    )
+    trio = Trio(tmp_path, config, u)
+    pub = MqttPublisher(mosquitto.port, f"so-pub-{u}")
+    try:
+        await trio.start()
+        for gw in trio.gws:
+            topic = gw.events("connector.connected", connector="mq")[-1]["topic"]
+            assert topic == f"$share/g-{u}/so/{u}/+", topic
+        await asyncio.to_thread(pub.connect)
+
+        # 1. spread
+        seqs = range(N)
+        t0 = time.monotonic()
+        await asyncio.to_thread(mqtt_publish, pub, u, seqs, None)
+        await asyncio.to_thread(pub.wait_accepted, N, 60)
+        accepted = set(seqs) & pub.accepted
+        await wait_delivered(sink, accepted)
+        spread = await outcome("mqtt share_group spread", sink, seqs, accepted, trio, time.monotonic() - t0)
+        assert_spread(spread, min_share=0.25)
+
+        # 2. failover: SIGKILL gateway 1 a third into the stream
+        sink.far_away()
+        seqs = range(N, N + M)
+        killed = trio.gws[1]
+        killed_id = trio.ids[1]
+        t0 = time.monotonic()
+        publisher = asyncio.ensure_future(asyncio.to_thread(mqtt_publish, pub, u, seqs, MQTT_RATE))
+        await wait_for_share(sink, seqs, 1 / 3, trio)
+        held_at_kill = await trio.kill(1)
+        t_kill = time.monotonic()
+        published_at_kill = pub.published - N
+        await publisher
+        await asyncio.to_thread(pub.wait_accepted, N + M, 60)
+        accepted = set(seqs) & pub.accepted
+        # The survivors deliver what Mosquitto gives them; the dead member's session keeps its part.
+        await wait_delivered(sink, accepted, stall=4.0)
+        survivors_done = sink.last_at - t_kill
+        held = accepted - sink.seen
+        after_kill = range(N + published_at_kill, N + M)
+        by_survivors = sum(1 for s in after_kill if s in sink.seen)
+        acked_before_restart = list((await trio.acked()).values())
+        t_restart = time.monotonic()
+        await killed.astart()
+        resumed = killed.events("connector.connected", connector="mq")[-1]
+        assert resumed.get("session_present") is True, f"the killed member's session was not kept: {resumed}"
+        await wait_delivered(sink, accepted)
+        waited = sink.last_at - t_restart
+        failover = await outcome(
+            "mqtt share_group failover",
+            sink,
+            seqs,
+            accepted,
+            trio,
+            time.monotonic() - t0,
+            f"published_at_kill={published_at_kill} in_flight_at_kill={held_at_kill} "
+            f"survivors_last_delivery_after_kill={survivors_done:.1f}s "
+            f"published_after_kill={len(after_kill)} (survivors delivered {by_survivors}) "
+            f"routez_acked_before_restart={acked_before_restart} "
+            f"held_in_dead_session={len(held)} (all delivered {waited:.1f}s after the restart began)",
+        )
+        by_restarted = sum(1 for s in held if failover.first_by.get(s) == killed_id)
+        print(
+            f"SCALE-OUT mqtt: of the {len(held)} messages held in the dead member's session, {by_restarted} came "
+            f"through it after its restart; {sum(1 for s in held if s < N + published_at_kill)} were published "
+            f"before the kill"
+        )
+        await trio.stop()
+    except BaseException:
+        print(trio.tails())
+        raise
+    finally:
+        trio.cleanup()
+        await asyncio.to_thread(pub.close)
+        await sink.close()
+        await nc.close()
+    assert not failover.lost, f"mqtt failover: {len(failover.lost)} lost (first {failover.lost[:20]})"
+    assert failover.duplicates <= BUDGET, f"mqtt failover: {failover.duplicates} duplicates > the route budget"
+    # Mosquitto hands the survivors their round-robin turns (2 of 3), not the dead member's.
+    assert len(after_kill) >= M // 3, f"only {len(after_kill)} published after the kill: the stream must span it"
+    assert by_survivors >= len(after_kill) // 2, f"survivors delivered {by_survivors} of {len(after_kill)}"
+
+
+# ------------------------------------------------------------------ core NATS: queue group
+
+
+async def test_nats_queue_group(tmp_path: Path, nats_server: NatsServer, unique: str) -> None:
+    u = unique
+    nc = await nats_connect(nats_server.url)
+    pub_nc = await nats_connect(nats_server.url)
+    sink = await Sink(nc, u, "nats", nats_server).start()
+    source = f"sq.{u}.{{device}}"
+    config = gateway_config(
+        "${GATEWAY_ID}",
+        {"src": nats_connector(nats_server.url), "bus": sink.connector()},
+        [{"name": "r", "from": {"connector": "src", "subject": source, "queue": f"q-{u}"}, "to": sink.target()}],
+    )
+    trio = Trio(tmp_path, config, u)
+    handed = Handed()
+
+    async def send(chunk: Sequence[int]) -> None:
+        for seq in chunk:
+            await pub_nc.publish(f"sq.{u}.{device_of(seq, DEVICES)}", payload(seq, DEVICES))
+
+    def queue_members() -> int:
+        return sum(1 for s in nats_subscriptions(nats_server.monitor_url) if s.get("qgroup") == f"q-{u}")
+
+    try:
+        await trio.start()
+        deadline = time.monotonic() + 20
+        while await asyncio.to_thread(queue_members) < GATEWAYS:
+            assert time.monotonic() < deadline, f"queue group incomplete\n{trio.tails()}"
+            await asyncio.sleep(0.05)
+
+        # 1. spread (at-most-once: paced so that nobody overflows; losses are reported, not forbidden)
+        seqs = range(N)
+        t0 = time.monotonic()
+        await paced(list(seqs), NATS_RATE, send)
+        await pub_nc.flush()
+        await wait_delivered(sink, set(seqs), stall=3.0)
+        spread = await outcome("nats queue spread", sink, seqs, set(seqs), trio, time.monotonic() - t0)
+        assert_spread(spread, min_share=0.25, durable=False)
+        assert spread.duplicates == 0, "a queue group delivers each message to one member"
+
+        # 2. a member killed: the server drops it from the group; what it held is lost (reported)
+        sink.far_away()
+        seqs = range(N, N + M)
+        killed = trio.gws[1]
+        t0 = time.monotonic()
+        publisher = asyncio.ensure_future(paced(list(seqs), NATS_RATE, send, handed))
+        await wait_for_share(sink, seqs, 1 / 3, trio)
+        held_at_kill = await trio.kill(1)
+        after_kill = handed.after_kill(N + M)  # the process is reaped: what is handed over now never reaches it
+        await publisher
+        await pub_nc.flush()
+        await wait_delivered(sink, set(seqs), stall=3.0)
+        failover = await outcome(
+            "nats queue failover",
+            sink,
+            seqs,
+            set(seqs),
+            trio,
+            time.monotonic() - t0,
+            f"in_flight_at_kill={held_at_kill} handed_to_client_at_kill~{after_kill.start - N} (at-most-once)",
+        )
+        await trio.stop()
+    except BaseException:
+        print(trio.tails())
+        raise
+    finally:
+        trio.cleanup()
+        await pub_nc.close()
+        await sink.close()
+        await nc.close()
+    # Once it is dead, only the survivors deliver.
+    late = survivors_only(failover, killed.extra_env["GATEWAY_ID"], after_kill)
+    assert late == 0, f"the killed gateway delivered {late} messages sent after its death"
+    assert len(failover.lost) <= M // 2, f"nats failover: survivors did not take over: {failover.report()}"
+
+
+# ------------------------------------------------------------------ JetStream: one shared durable
+
+
+async def test_jetstream_shared_durable(tmp_path: Path, nats_server: NatsServer, unique: str) -> None:
+    u = unique
+    stream = f"SJ_{u}"
+    nc = await nats_connect(nats_server.url)
+    pub_nc = await nats_connect(nats_server.url)
+    await nc.jetstream().add_stream(name=stream, subjects=[f"sj.{u}.>"])
+    sink = await Sink(nc, u, "js", nats_server).start()
+    config = gateway_config(
+        "${GATEWAY_ID}",
+        {"src": nats_connector(nats_server.url), "bus": sink.connector()},
+        [
+            {
+                "name": "r",
+                "max_in_flight": BUDGET,
+                "from": {
+                    "connector": "src",
+                    "stream": stream,
+                    "subject": f"sj.{u}.{{device}}",
+                    "durable": f"shared-{u}",
+                    "ack_wait": ACK_WAIT,
+                },
+                "to": sink.target(),
+            }
+        ],
+    )
+    trio = Trio(tmp_path, config, u)
+    jspub = await JetStreamPublisher(pub_nc).start()
+
+    async def send(chunk: Sequence[int]) -> None:
+        await jspub.publish(((f"sj.{u}.{device_of(s, DEVICES)}", s) for s in chunk), devices=DEVICES)
+
+    try:
+        await trio.start()  # all three at once: they race to create the one durable
+
+        # 1. spread
+        seqs = range(N)
+        t0 = time.monotonic()
+        await paced(list(seqs), None, send)
+        await jspub.wait_acks(N, timeout=60)
+        accepted = set(seqs) & jspub.accepted
+        await wait_delivered(sink, accepted)
+        spread = await outcome("jetstream durable spread", sink, seqs, accepted, trio, time.monotonic() - t0)
+        assert_spread(spread, min_share=0.15)
+
+        # 2. failover: unpaced, so that the killed gateway holds a full pull when it dies
+        sink.far_away()
+        seqs = range(N, N + M)
+        t0 = time.monotonic()
+        handed = Handed()
+        publisher = asyncio.ensure_future(paced(list(seqs), None, send, handed))
+        await wait_for_share(sink, seqs, 1 / 3, trio)
+        held_at_kill = await trio.kill(1)
+        after_kill = handed.after_kill(N + M)
+        t_kill = time.monotonic()
+        pending_at_kill = (await nc.jetstream().consumer_info(stream, f"shared-{u}")).num_ack_pending
+        await publisher
+        await jspub.wait_acks(N + M, timeout=60)
+        accepted = set(seqs) & jspub.accepted
+        await wait_delivered(sink, accepted)
+        last_after_kill = sink.last_at - t_kill
+        info = await nc.jetstream().consumer_info(stream, f"shared-{u}")
+        deadline = time.monotonic() + 10
+        while (info.num_pending or info.num_ack_pending) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            info = await nc.jetstream().consumer_info(stream, f"shared-{u}")
+        failover = await outcome(
+            "jetstream durable failover",
+            sink,
+            seqs,
+            accepted,
+            trio,
+            time.monotonic() - t0,
+            f"in_flight_at_kill={held_at_kill} durable_ack_pending_at_kill={pending_at_kill} "
+            f"last_delivery_after_kill={last_after_kill:.1f}s (ack_wait {ACK_WAIT:g}s) "
+            f"durable_after=(pending {info.num_pending}, ack_pending {info.num_ack_pending}) "
+            "stored duplicates deduplicated by Nats-Msg-Id",
+        )
+        await trio.stop()
+    except BaseException:
+        print(trio.tails())
+        raise
+    finally:
+        trio.cleanup()
+        await jspub.close()
+        await pub_nc.close()
+        await sink.close()
+        await nc.close()
+    assert not failover.lost, f"jetstream failover: {len(failover.lost)} lost (first {failover.lost[:20]})"
+    assert failover.duplicates == 0, "Nats-Msg-Id from the stream sequence should dedup the redeliveries"
+    assert failover.raw_duplicates <= BUDGET, "more redelivered than the killed gateway could hold"
+    assert info.num_pending == 0 and info.num_ack_pending == 0, f"durable not fully acknowledged: {info}"
+    late = survivors_only(failover, trio.ids[1], after_kill)
+    assert late == 0, f"the killed gateway delivered {late} messages published after its death"
+
+
+# ------------------------------------------------------------------ Kafka: one consumer group
+
+
+def last_assignment(gw: GatewayProcess) -> int | None:
+    found = gw.events("kafka.partitions_assigned")
+    return int(found[-1]["partitions"]) if found else None
+
+
+async def test_kafka_consumer_group(tmp_path: Path, nats_server: NatsServer, kafka_broker: Tansu, unique: str) -> None:
+    u = unique
+    topic = f"sk-{u}"
+    await create_topics(kafka_broker.bootstrap, [topic], PARTITIONS)
+    nc = await nats_connect(nats_server.url)
+    sink = await Sink(nc, u, "kafka", nats_server).start()
+    config = gateway_config(
+        "${GATEWAY_ID}",
+        {"kafka": kafka_connector(kafka_broker.bootstrap), "bus": sink.connector()},
+        [
+            {
+                "name": "r",
+                "max_in_flight": BUDGET,
+                "from": {"connector": "kafka", "topic": topic, "group": f"g-{u}"},
+                "to": sink.target(),
+            }
+        ],
+    )
+    trio = Trio(tmp_path, config, u)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    accepted_all: set[int] = set()
+
+    async def send(chunk: Sequence[int]) -> None:
+        await kafka_send(producer, topic, chunk, accepted_all)
+
+    try:
+        t_start = time.monotonic()
+        await trio.start()
+        await wait_until(
+            lambda: [last_assignment(gw) for gw in trio.gws] == [1] * GATEWAYS,
+            60,
+            lambda: f"group not settled: {[last_assignment(gw) for gw in trio.gws]}\n{trio.tails()}",
+        )
+        settled = time.monotonic() - t_start
+
+        # 1. spread: one partition each, produced evenly
+        seqs = range(N)
+        t0 = time.monotonic()
+        await paced(list(seqs), None, send)
+        accepted = set(seqs) & accepted_all
+        await wait_delivered(sink, accepted)
+        spread = await outcome(
+            "kafka group spread",
+            sink,
+            seqs,
+            accepted,
+            trio,
+            time.monotonic() - t0,
+            f"group_settled_after_start={settled:.1f}s",
+        )
+        assert_spread(spread, min_share=0.25)
+
+        # 2. failover: the killed member's partition moves to the survivors
+        sink.far_away()
+        seqs = range(N, N + M)
+        killed = trio.gws[1]
+        survivors = [gw for gw in trio.gws if gw is not killed]
+        events_before = {gw.name: len(gw.events("kafka.partitions_assigned")) for gw in survivors}
+        t0 = time.monotonic()
+        handed = Handed()
+        publisher = asyncio.ensure_future(paced(list(seqs), KAFKA_RATE, send, handed))
+        await wait_for_share(sink, seqs, 1 / 3, trio)
+        held_at_kill = await trio.kill(1)
+        after_kill = handed.after_kill(N + M)
+        t_kill = time.monotonic()
+
+        def taken_over() -> bool:
+            if any(len(gw.events("kafka.partitions_assigned")) <= events_before[gw.name] for gw in survivors):
+                return False
+            return sum(last_assignment(gw) or 0 for gw in survivors) == PARTITIONS
+
+        await wait_until(taken_over, 45, lambda: f"no rebalance to the survivors\n{trio.tails()}")
+        rebalanced = time.monotonic() - t_kill
+        await publisher
+        accepted = set(seqs) & accepted_all
+        await wait_delivered(sink, accepted)
+        recovered = sink.last_at - t_kill
+        failover = await outcome(
+            "kafka group failover",
+            sink,
+            seqs,
+            accepted,
+            trio,
+            time.monotonic() - t0,
+            f"in_flight_at_kill={held_at_kill} rebalanced_after_kill={rebalanced:.1f}s "
+            f"last_delivery_after_kill={recovered:.1f}s "
+            f"survivor_partitions={[last_assignment(gw) for gw in survivors]}",
+        )
+        await trio.stop()
+    except BaseException:
+        print(trio.tails())
+        raise
+    finally:
+        trio.cleanup()
+        await producer.stop()
+        await sink.close()
+        await nc.close()
+    assert not failover.lost, f"kafka failover: {len(failover.lost)} lost (first {failover.lost[:20]})"
+    assert failover.duplicates == 0, "Nats-Msg-Id from the Kafka offset should dedup the re-read records"
+    # The killed member's partition (the one it read in the spread phase) moved to the survivors.
+    killed_id = killed.extra_env["GATEWAY_ID"]
+    parts = {s % PARTITIONS for s, g in spread.first_by.items() if g == killed_id}
+    assert len(parts) == 1, f"{killed_id} read partitions {parts} in the spread phase"
+    moved = Counter(failover.first_by[s] for s in seqs if s % PARTITIONS in parts and s in failover.first_by)
+    print(f"SCALE-OUT kafka partition {parts.pop()} of {killed_id} in the failover phase, by gateway: {dict(moved)}")
+    assert set(moved) - {killed_id}, "the killed member's partition was not taken over"
+    late = survivors_only(failover, killed_id, after_kill)
+    assert late == 0, f"the killed gateway delivered {late} records produced after its death"
