@@ -215,3 +215,21 @@ def test_spool_settings_are_checked(tmp_path: Path) -> None:
     two = config(tmp_path) + config(tmp_path).split("routes:\n")[1].replace("name: r", "name: r2")
     with pytest.raises(ConfigError, match=r"also the spool of routes\[0\]"):
         parse_config(two, environ={})
+
+
+async def test_a_reloaded_spooled_route_reopens_its_spool(start: Start, tmp_path: Path) -> None:
+    b = MemoryBroker.named("B")
+    b.hold = True
+    gw = await start(config(tmp_path))
+    a = MemoryBroker.named("A")
+    for i in range(20):
+        a.publish(f"in/d{i % 3}", str(i).encode())
+    await until(lambda: len(a.acked) == 20)
+    changed = config(tmp_path).replace("name: r\n", "name: r\n    description: changed\n")
+    summary = await gw.reload(parse_config(changed, environ={}))
+    assert summary["routes_changed"] == ["r"]
+    route = gw.routes["r"]
+    assert isinstance(route, SpooledRoute)
+    await until(lambda: route.spool is not None and route.spool_view()["backlog"] == 20)
+    b.release()
+    await until(lambda: len({r.payload for r in b.received}) == 20)
