@@ -107,6 +107,8 @@ N = 30_000
 M = 10_000
 """Messages of the failover phase (seqs N .. N+M-1)."""
 GATEWAYS = 3
+KILLED = 1
+"""The gateway SIGKILLed in the failover phase."""
 DEVICES = 6
 PARTITIONS = 3
 BUDGET = 1_000
@@ -337,10 +339,14 @@ async def outcome(
     return result
 
 
+def assert_none_lost(result: Outcome) -> None:
+    assert not result.lost, f"{result.label}: {len(result.lost)} lost (first {result.lost[:20]})"
+
+
 def assert_spread(result: Outcome, *, min_share: float, durable: bool = True) -> None:
     """Phase 1: all accepted arrived (durable), no duplicates, and every gateway took part."""
     if durable:
-        assert not result.lost, f"{result.label}: {len(result.lost)} lost (first {result.lost[:20]})"
+        assert_none_lost(result)
         assert result.duplicates == 0 and result.raw_duplicates == 0, f"{result.label}: duplicates without rebalance"
     shares = result.shares()
     for gid in result.gateway_ids:
@@ -415,284 +421,373 @@ async def wait_for_share(sink: Sink, seqs: range, fraction: float, trio: Trio) -
     )
 
 
-def survivors_only(result: Outcome, killed: str, after: Iterable[int]) -> int:
-    """First copies of ``after`` delivered by the killed gateway (must be none once it is dead)."""
-    return sum(1 for s in after if result.first_by.get(s) == killed)
+# ------------------------------------------------------------------ the scenario, once for every kind
+
+
+class ScaleOut:
+    """One source kind on three gateways: ``run`` is the sequence they share, the methods above it its hooks.
+
+    ``run``: the sink; the kind's own clients and source (``open``); the three on one config (the kind's
+    ``connectors``, route ``r`` reading ``source`` into the sink); the distribution settled (``ready``); the
+    spread and failover phases; everything stopped and closed (the gateways' log tails printed on any
+    failure); then the kind's assertions on both outcomes (``check``). A phase publishes (``send`` in
+    chunks, paced at the phase's rate), takes what the broker ``accepted`` and waits until that reached the
+    sink; the failover phase kills gateway ``KILLED`` meanwhile (``before_kill``, ``on_kill``) and ends
+    with ``after_failover``, which returns the figures printed with its outcome.
+    """
+
+    kind: str
+    """The sink's name for it: ``so.<u>.<kind>.<gateway id>``."""
+    label: str
+    """The start of its printed lines."""
+    min_share: float
+    """The least fraction of the spread phase each gateway must deliver."""
+    durable = True
+    """Not at-most-once: the route has a ``max_in_flight`` budget and the spread phase may lose nothing."""
+    spread_rate: float | None = None
+    failover_rate: float | None = None
+    """Publishes per second in each phase (None: at once)."""
+    spread_stall = failover_stall = STALL
+    spread_notes = ""
+    connectors: dict[str, Any]
+    source: dict[str, Any]
+    """Route ``r``'s ``from``."""
+
+    nc: NatsClient
+    sink: Sink
+    trio: Trio
+    started_at: float
+    held_at_kill: int
+    """The killed gateway's last ``/routez`` ``in_flight``."""
+    t_kill: float
+    after_kill: range
+    """Failover seqs handed over once the killed gateway was dead: it cannot have received them."""
+
+    def __init__(self, tmp_path: Path, nats_server: NatsServer, u: str) -> None:
+        self.tmp_path, self.nats_server, self.u = tmp_path, nats_server, u
+
+    @property
+    def killed(self) -> GatewayProcess:
+        return self.trio.gws[KILLED]
+
+    @property
+    def killed_id(self) -> str:
+        return self.trio.ids[KILLED]
+
+    def late(self, failover: Outcome) -> int:
+        """First copies of ``after_kill`` delivered by the killed gateway (must be none once it is dead)."""
+        return sum(1 for s in self.after_kill if failover.first_by.get(s) == self.killed_id)
+
+    # -------------------------------------------------------------- hooks
+
+    async def open(self) -> None:
+        """The kind's own clients and source (stream, topic)."""
+
+    async def close(self) -> None:
+        """Whatever ``open`` or the constructor made."""
+
+    async def ready(self) -> None:
+        """After the three started: until the broker's distribution settled."""
+
+    async def send(self, chunk: Sequence[int]) -> None:
+        raise NotImplementedError
+
+    async def publish(self, seqs: range, rate: float | None, handed: Handed | None = None) -> None:
+        await paced(list(seqs), rate, self.send, handed)
+
+    async def accepted(self, seqs: range) -> set[int]:
+        """Once ``seqs`` were published: those the source broker accepted (its acks awaited)."""
+        raise NotImplementedError
+
+    def check_spread(self, spread: Outcome) -> None:
+        assert_spread(spread, min_share=self.min_share, durable=self.durable)
+
+    def before_kill(self) -> None:
+        """Before the failover phase publishes."""
+
+    async def on_kill(self) -> None:
+        """Right after the kill, while publishing goes on."""
+
+    async def after_failover(self, accepted: set[int]) -> str:
+        """Once the survivors delivered: the failover figures to print."""
+        raise NotImplementedError
+
+    def check(self, spread: Outcome, failover: Outcome) -> None:
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- the sequence
+
+    async def run(self) -> None:
+        self.nc = await nats_connect(self.nats_server.url)
+        self.sink = sink = await Sink(self.nc, self.u, self.kind, self.nats_server).start()
+        await self.open()
+        route = {"name": "r", "max_in_flight": BUDGET, "from": self.source, "to": sink.target()}
+        if not self.durable:
+            del route["max_in_flight"]
+        config = gateway_config("${GATEWAY_ID}", {**self.connectors, "bus": sink.connector()}, [route])
+        self.trio = trio = Trio(self.tmp_path, config, self.u)
+        try:
+            self.started_at = time.monotonic()
+            await trio.start()  # all three at once (JetStream: they race to create the one durable)
+            await self.ready()
+            spread = await self.spread()
+            failover = await self.failover()
+            await trio.stop()
+        except BaseException:
+            print(trio.tails())
+            raise
+        finally:
+            trio.cleanup()
+            await self.close()
+            await sink.close()
+            await self.nc.close()
+        self.check(spread, failover)
+
+    async def spread(self) -> Outcome:
+        """Phase 1: ``N`` messages with the three up and the distribution settled."""
+        seqs = range(N)
+        t0 = time.monotonic()
+        await self.publish(seqs, self.spread_rate)
+        accepted = await self.accepted(seqs)
+        await wait_delivered(self.sink, accepted, stall=self.spread_stall)
+        seconds = time.monotonic() - t0
+        spread = await outcome(f"{self.label} spread", self.sink, seqs, accepted, self.trio, seconds, self.spread_notes)
+        self.check_spread(spread)
+        return spread
+
+    async def failover(self) -> Outcome:
+        """Phase 2: ``M`` more messages, gateway ``KILLED`` SIGKILLed a third into them, the sink far away."""
+        sink, trio = self.sink, self.trio
+        sink.far_away()
+        seqs = range(N, N + M)
+        self.before_kill()
+        t0 = time.monotonic()
+        handed = Handed()
+        publisher = asyncio.ensure_future(self.publish(seqs, self.failover_rate, handed))
+        await wait_for_share(sink, seqs, 1 / 3, trio)
+        self.held_at_kill = await trio.kill(KILLED)
+        self.t_kill = time.monotonic()
+        self.after_kill = handed.after_kill(N + M)  # the process is reaped: what is handed over now never reaches it
+        await self.on_kill()
+        await publisher
+        accepted = await self.accepted(seqs)
+        await wait_delivered(sink, accepted, stall=self.failover_stall)
+        notes = await self.after_failover(accepted)
+        return await outcome(f"{self.label} failover", sink, seqs, accepted, trio, time.monotonic() - t0, notes)
 
 
 # ------------------------------------------------------------------ MQTT: share_group
 
 
-async def test_mqtt_share_group(tmp_path: Path, mosquitto: Mosquitto, nats_server: NatsServer, unique: str) -> None:
-    u = unique
-    nc = await nats_connect(nats_server.url)
-    sink = await Sink(nc, u, "mqtt", nats_server).start()
-    config = gateway_config(
-        "${GATEWAY_ID}",
-        {"mq": mqtt_connector(mosquitto.url, "${GATEWAY_ID}-mq"), "bus": sink.connector()},
-        [
-            {
-                "name": "r",
-                "max_in_flight": BUDGET,
-                "from": {"connector": "mq", "topic": f"so/{u}/{{device}}", "qos": 1, "share_group": f"g-{u}"},
-                "to": sink.target(),
-            }
-        ],
-    )
-    trio = Trio(tmp_path, config, u)
-    pub = MqttPublisher(mosquitto.port, f"so-pub-{u}")
-    try:
-        await trio.start()
-        for gw in trio.gws:
+class MqttShareGroup(ScaleOut):
+    """The killed member's session keeps its share (and new ones) until it is back under its id."""
+
+    kind, label, min_share = "mqtt", "mqtt share_group", 0.25
+    failover_rate = MQTT_RATE
+    failover_stall = 4.0  # the survivors deliver what Mosquitto gives them; the dead member's session keeps its part
+
+    def __init__(self, tmp_path: Path, nats_server: NatsServer, u: str, mosquitto: Mosquitto) -> None:
+        super().__init__(tmp_path, nats_server, u)
+        self.connectors = {"mq": mqtt_connector(mosquitto.url, "${GATEWAY_ID}-mq")}
+        self.source = {"connector": "mq", "topic": f"so/{u}/{{device}}", "qos": 1, "share_group": f"g-{u}"}
+        self.pub = MqttPublisher(mosquitto.port, f"so-pub-{u}")
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.pub.close)
+
+    async def ready(self) -> None:
+        for gw in self.trio.gws:
             topic = gw.events("connector.connected", connector="mq")[-1]["topic"]
-            assert topic == f"$share/g-{u}/so/{u}/+", topic
-        await asyncio.to_thread(pub.connect)
+            assert topic == f"$share/g-{self.u}/so/{self.u}/+", topic
+        await asyncio.to_thread(self.pub.connect)
 
-        # 1. spread
-        seqs = range(N)
-        t0 = time.monotonic()
-        await asyncio.to_thread(mqtt_publish, pub, u, seqs, None)
-        await asyncio.to_thread(pub.wait_accepted, N, 60)
-        accepted = set(seqs) & pub.accepted
-        await wait_delivered(sink, accepted)
-        spread = await outcome("mqtt share_group spread", sink, seqs, accepted, trio, time.monotonic() - t0)
-        assert_spread(spread, min_share=0.25)
+    async def publish(self, seqs: range, rate: float | None, handed: Handed | None = None) -> None:
+        # paho publishes from a thread and counts what it published itself (``on_kill``)
+        await asyncio.to_thread(mqtt_publish, self.pub, self.u, seqs, rate)
 
-        # 2. failover: SIGKILL gateway 1 a third into the stream
-        sink.far_away()
-        seqs = range(N, N + M)
-        killed = trio.gws[1]
-        killed_id = trio.ids[1]
-        t0 = time.monotonic()
-        publisher = asyncio.ensure_future(asyncio.to_thread(mqtt_publish, pub, u, seqs, MQTT_RATE))
-        await wait_for_share(sink, seqs, 1 / 3, trio)
-        held_at_kill = await trio.kill(1)
-        t_kill = time.monotonic()
-        published_at_kill = pub.published - N
-        await publisher
-        await asyncio.to_thread(pub.wait_accepted, N + M, 60)
-        accepted = set(seqs) & pub.accepted
-        # The survivors deliver what Mosquitto gives them; the dead member's session keeps its part.
-        await wait_delivered(sink, accepted, stall=4.0)
-        survivors_done = sink.last_at - t_kill
-        held = accepted - sink.seen
-        after_kill = range(N + published_at_kill, N + M)
-        by_survivors = sum(1 for s in after_kill if s in sink.seen)
-        acked_before_restart = list((await trio.acked()).values())
+    async def accepted(self, seqs: range) -> set[int]:
+        await asyncio.to_thread(self.pub.wait_accepted, seqs.stop, 60)
+        return set(seqs) & self.pub.accepted
+
+    async def on_kill(self) -> None:
+        self.published_at_kill = self.pub.published - N
+        self.after_kill = range(N + self.published_at_kill, N + M)
+
+    async def after_failover(self, accepted: set[int]) -> str:
+        sink = self.sink
+        survivors_done = sink.last_at - self.t_kill
+        self.held = accepted - sink.seen
+        self.by_survivors = sum(1 for s in self.after_kill if s in sink.seen)
+        acked_before_restart = list((await self.trio.acked()).values())
         t_restart = time.monotonic()
-        await killed.astart()
-        resumed = killed.events("connector.connected", connector="mq")[-1]
+        await self.killed.astart()
+        resumed = self.killed.events("connector.connected", connector="mq")[-1]
         assert resumed.get("session_present") is True, f"the killed member's session was not kept: {resumed}"
         await wait_delivered(sink, accepted)
         waited = sink.last_at - t_restart
-        failover = await outcome(
-            "mqtt share_group failover",
-            sink,
-            seqs,
-            accepted,
-            trio,
-            time.monotonic() - t0,
-            f"published_at_kill={published_at_kill} in_flight_at_kill={held_at_kill} "
+        return (
+            f"published_at_kill={self.published_at_kill} in_flight_at_kill={self.held_at_kill} "
             f"survivors_last_delivery_after_kill={survivors_done:.1f}s "
-            f"published_after_kill={len(after_kill)} (survivors delivered {by_survivors}) "
+            f"published_after_kill={len(self.after_kill)} (survivors delivered {self.by_survivors}) "
             f"routez_acked_before_restart={acked_before_restart} "
-            f"held_in_dead_session={len(held)} (all delivered {waited:.1f}s after the restart began)",
+            f"held_in_dead_session={len(self.held)} (all delivered {waited:.1f}s after the restart began)"
         )
-        by_restarted = sum(1 for s in held if failover.first_by.get(s) == killed_id)
+
+    def check(self, spread: Outcome, failover: Outcome) -> None:
+        held, after_kill = self.held, self.after_kill
+        by_restarted = sum(1 for s in held if failover.first_by.get(s) == self.killed_id)
         print(
             f"SCALE-OUT mqtt: of the {len(held)} messages held in the dead member's session, {by_restarted} came "
-            f"through it after its restart; {sum(1 for s in held if s < N + published_at_kill)} were published "
+            f"through it after its restart; {sum(1 for s in held if s < N + self.published_at_kill)} were published "
             f"before the kill"
         )
-        await trio.stop()
-    except BaseException:
-        print(trio.tails())
-        raise
-    finally:
-        trio.cleanup()
-        await asyncio.to_thread(pub.close)
-        await sink.close()
-        await nc.close()
-    assert not failover.lost, f"mqtt failover: {len(failover.lost)} lost (first {failover.lost[:20]})"
-    assert failover.duplicates <= BUDGET, f"mqtt failover: {failover.duplicates} duplicates > the route budget"
-    # Mosquitto hands the survivors their round-robin turns (2 of 3), not the dead member's.
-    assert len(after_kill) >= M // 3, f"only {len(after_kill)} published after the kill: the stream must span it"
-    assert by_survivors >= len(after_kill) // 2, f"survivors delivered {by_survivors} of {len(after_kill)}"
+        assert_none_lost(failover)
+        assert failover.duplicates <= BUDGET, f"mqtt failover: {failover.duplicates} duplicates > the route budget"
+        # Mosquitto hands the survivors their round-robin turns (2 of 3), not the dead member's.
+        assert len(after_kill) >= M // 3, f"only {len(after_kill)} published after the kill: the stream must span it"
+        assert self.by_survivors >= len(after_kill) // 2, (
+            f"survivors delivered {self.by_survivors} of {len(after_kill)}"
+        )
+
+
+async def test_mqtt_share_group(tmp_path: Path, mosquitto: Mosquitto, nats_server: NatsServer, unique: str) -> None:
+    await MqttShareGroup(tmp_path, nats_server, unique, mosquitto).run()
 
 
 # ------------------------------------------------------------------ core NATS: queue group
 
 
-async def test_nats_queue_group(tmp_path: Path, nats_server: NatsServer, unique: str) -> None:
-    u = unique
-    nc = await nats_connect(nats_server.url)
-    pub_nc = await nats_connect(nats_server.url)
-    sink = await Sink(nc, u, "nats", nats_server).start()
-    source = f"sq.{u}.{{device}}"
-    config = gateway_config(
-        "${GATEWAY_ID}",
-        {"src": nats_connector(nats_server.url), "bus": sink.connector()},
-        [{"name": "r", "from": {"connector": "src", "subject": source, "queue": f"q-{u}"}, "to": sink.target()}],
-    )
-    trio = Trio(tmp_path, config, u)
-    handed = Handed()
+class NatsQueueGroup(ScaleOut):
+    """At-most-once, paced so that nobody overflows: losses are reported, not forbidden.
 
-    async def send(chunk: Sequence[int]) -> None:
-        for seq in chunk:
-            await pub_nc.publish(f"sq.{u}.{device_of(seq, DEVICES)}", payload(seq, DEVICES))
+    When a member is killed, the server drops it from the group; what it held is lost (reported).
+    """
 
-    def queue_members() -> int:
-        return sum(1 for s in nats_subscriptions(nats_server.monitor_url) if s.get("qgroup") == f"q-{u}")
+    kind, label, min_share = "nats", "nats queue", 0.25
+    durable = False
+    spread_rate = failover_rate = NATS_RATE
+    spread_stall = failover_stall = 3.0
 
-    try:
-        await trio.start()
+    def __init__(self, tmp_path: Path, nats_server: NatsServer, u: str) -> None:
+        super().__init__(tmp_path, nats_server, u)
+        self.connectors = {"src": nats_connector(nats_server.url)}
+        self.source = {"connector": "src", "subject": f"sq.{u}.{{device}}", "queue": f"q-{u}"}
+
+    async def open(self) -> None:
+        self.pub_nc = await nats_connect(self.nats_server.url)
+
+    async def close(self) -> None:
+        await self.pub_nc.close()
+
+    def queue_members(self) -> int:
+        return sum(1 for s in nats_subscriptions(self.nats_server.monitor_url) if s.get("qgroup") == f"q-{self.u}")
+
+    async def ready(self) -> None:
         deadline = time.monotonic() + 20
-        while await asyncio.to_thread(queue_members) < GATEWAYS:
-            assert time.monotonic() < deadline, f"queue group incomplete\n{trio.tails()}"
+        while await asyncio.to_thread(self.queue_members) < GATEWAYS:
+            assert time.monotonic() < deadline, f"queue group incomplete\n{self.trio.tails()}"
             await asyncio.sleep(0.05)
 
-        # 1. spread (at-most-once: paced so that nobody overflows; losses are reported, not forbidden)
-        seqs = range(N)
-        t0 = time.monotonic()
-        await paced(list(seqs), NATS_RATE, send)
-        await pub_nc.flush()
-        await wait_delivered(sink, set(seqs), stall=3.0)
-        spread = await outcome("nats queue spread", sink, seqs, set(seqs), trio, time.monotonic() - t0)
-        assert_spread(spread, min_share=0.25, durable=False)
+    async def send(self, chunk: Sequence[int]) -> None:
+        for seq in chunk:
+            await self.pub_nc.publish(f"sq.{self.u}.{device_of(seq, DEVICES)}", payload(seq, DEVICES))
+
+    async def accepted(self, seqs: range) -> set[int]:
+        await self.pub_nc.flush()
+        return set(seqs)
+
+    def check_spread(self, spread: Outcome) -> None:
+        super().check_spread(spread)
         assert spread.duplicates == 0, "a queue group delivers each message to one member"
 
-        # 2. a member killed: the server drops it from the group; what it held is lost (reported)
-        sink.far_away()
-        seqs = range(N, N + M)
-        killed = trio.gws[1]
-        t0 = time.monotonic()
-        publisher = asyncio.ensure_future(paced(list(seqs), NATS_RATE, send, handed))
-        await wait_for_share(sink, seqs, 1 / 3, trio)
-        held_at_kill = await trio.kill(1)
-        after_kill = handed.after_kill(N + M)  # the process is reaped: what is handed over now never reaches it
-        await publisher
-        await pub_nc.flush()
-        await wait_delivered(sink, set(seqs), stall=3.0)
-        failover = await outcome(
-            "nats queue failover",
-            sink,
-            seqs,
-            set(seqs),
-            trio,
-            time.monotonic() - t0,
-            f"in_flight_at_kill={held_at_kill} handed_to_client_at_kill~{after_kill.start - N} (at-most-once)",
-        )
-        await trio.stop()
-    except BaseException:
-        print(trio.tails())
-        raise
-    finally:
-        trio.cleanup()
-        await pub_nc.close()
-        await sink.close()
-        await nc.close()
-    # Once it is dead, only the survivors deliver.
-    late = survivors_only(failover, killed.extra_env["GATEWAY_ID"], after_kill)
-    assert late == 0, f"the killed gateway delivered {late} messages sent after its death"
-    assert len(failover.lost) <= M // 2, f"nats failover: survivors did not take over: {failover.report()}"
+    async def after_failover(self, accepted: set[int]) -> str:
+        handed_at_kill = self.after_kill.start - N
+        return f"in_flight_at_kill={self.held_at_kill} handed_to_client_at_kill~{handed_at_kill} (at-most-once)"
+
+    def check(self, spread: Outcome, failover: Outcome) -> None:
+        # Once it is dead, only the survivors deliver.
+        late = self.late(failover)
+        assert late == 0, f"the killed gateway delivered {late} messages sent after its death"
+        assert len(failover.lost) <= M // 2, f"nats failover: survivors did not take over: {failover.report()}"
+
+
+async def test_nats_queue_group(tmp_path: Path, nats_server: NatsServer, unique: str) -> None:
+    await NatsQueueGroup(tmp_path, nats_server, unique).run()
 
 
 # ------------------------------------------------------------------ JetStream: one shared durable
 
 
-async def test_jetstream_shared_durable(tmp_path: Path, nats_server: NatsServer, unique: str) -> None:
-    u = unique
-    stream = f"SJ_{u}"
-    nc = await nats_connect(nats_server.url)
-    pub_nc = await nats_connect(nats_server.url)
-    await nc.jetstream().add_stream(name=stream, subjects=[f"sj.{u}.>"])
-    sink = await Sink(nc, u, "js", nats_server).start()
-    config = gateway_config(
-        "${GATEWAY_ID}",
-        {"src": nats_connector(nats_server.url), "bus": sink.connector()},
-        [
-            {
-                "name": "r",
-                "max_in_flight": BUDGET,
-                "from": {
-                    "connector": "src",
-                    "stream": stream,
-                    "subject": f"sj.{u}.{{device}}",
-                    "durable": f"shared-{u}",
-                    "ack_wait": ACK_WAIT,
-                },
-                "to": sink.target(),
-            }
-        ],
-    )
-    trio = Trio(tmp_path, config, u)
-    jspub = await JetStreamPublisher(pub_nc).start()
+class JetStreamSharedDurable(ScaleOut):
+    """The killed member's unacknowledged messages go to the survivors after ``ack_wait``.
 
-    async def send(chunk: Sequence[int]) -> None:
-        await jspub.publish(((f"sj.{u}.{device_of(s, DEVICES)}", s) for s in chunk), devices=DEVICES)
+    The failover phase is unpaced, so that the killed gateway holds a full pull when it dies (and the stream
+    keeps a backlog); the sink deduplicates the redeliveries by ``Nats-Msg-Id``.
+    """
 
-    try:
-        await trio.start()  # all three at once: they race to create the one durable
+    kind, label, min_share = "js", "jetstream durable", 0.15
 
-        # 1. spread
-        seqs = range(N)
-        t0 = time.monotonic()
-        await paced(list(seqs), None, send)
-        await jspub.wait_acks(N, timeout=60)
-        accepted = set(seqs) & jspub.accepted
-        await wait_delivered(sink, accepted)
-        spread = await outcome("jetstream durable spread", sink, seqs, accepted, trio, time.monotonic() - t0)
-        assert_spread(spread, min_share=0.15)
+    def __init__(self, tmp_path: Path, nats_server: NatsServer, u: str) -> None:
+        super().__init__(tmp_path, nats_server, u)
+        self.stream, self.consumer = f"SJ_{u}", f"shared-{u}"
+        self.connectors = {"src": nats_connector(nats_server.url)}
+        self.source = {
+            "connector": "src",
+            "stream": self.stream,
+            "subject": f"sj.{u}.{{device}}",
+            "durable": self.consumer,
+            "ack_wait": ACK_WAIT,
+        }
 
-        # 2. failover: unpaced, so that the killed gateway holds a full pull when it dies
-        sink.far_away()
-        seqs = range(N, N + M)
-        t0 = time.monotonic()
-        handed = Handed()
-        publisher = asyncio.ensure_future(paced(list(seqs), None, send, handed))
-        await wait_for_share(sink, seqs, 1 / 3, trio)
-        held_at_kill = await trio.kill(1)
-        after_kill = handed.after_kill(N + M)
-        t_kill = time.monotonic()
-        pending_at_kill = (await nc.jetstream().consumer_info(stream, f"shared-{u}")).num_ack_pending
-        await publisher
-        await jspub.wait_acks(N + M, timeout=60)
-        accepted = set(seqs) & jspub.accepted
-        await wait_delivered(sink, accepted)
-        last_after_kill = sink.last_at - t_kill
-        info = await nc.jetstream().consumer_info(stream, f"shared-{u}")
+    async def open(self) -> None:
+        self.pub_nc = await nats_connect(self.nats_server.url)
+        await self.nc.jetstream().add_stream(name=self.stream, subjects=[f"sj.{self.u}.>"])
+        self.jspub = await JetStreamPublisher(self.pub_nc).start()
+
+    async def close(self) -> None:
+        await self.jspub.close()
+        await self.pub_nc.close()
+
+    async def send(self, chunk: Sequence[int]) -> None:
+        await self.jspub.publish(((f"sj.{self.u}.{device_of(s, DEVICES)}", s) for s in chunk), devices=DEVICES)
+
+    async def accepted(self, seqs: range) -> set[int]:
+        await self.jspub.wait_acks(seqs.stop, timeout=60)
+        return set(seqs) & self.jspub.accepted
+
+    async def consumer_info(self) -> Any:
+        return await self.nc.jetstream().consumer_info(self.stream, self.consumer)
+
+    async def on_kill(self) -> None:
+        self.pending_at_kill = (await self.consumer_info()).num_ack_pending
+
+    async def after_failover(self, accepted: set[int]) -> str:
+        last_after_kill = self.sink.last_at - self.t_kill
+        info = await self.consumer_info()
         deadline = time.monotonic() + 10
         while (info.num_pending or info.num_ack_pending) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-            info = await nc.jetstream().consumer_info(stream, f"shared-{u}")
-        failover = await outcome(
-            "jetstream durable failover",
-            sink,
-            seqs,
-            accepted,
-            trio,
-            time.monotonic() - t0,
-            f"in_flight_at_kill={held_at_kill} durable_ack_pending_at_kill={pending_at_kill} "
+            info = await self.consumer_info()
+        self.info = info
+        return (
+            f"in_flight_at_kill={self.held_at_kill} durable_ack_pending_at_kill={self.pending_at_kill} "
             f"last_delivery_after_kill={last_after_kill:.1f}s (ack_wait {ACK_WAIT:g}s) "
             f"durable_after=(pending {info.num_pending}, ack_pending {info.num_ack_pending}) "
-            "stored duplicates deduplicated by Nats-Msg-Id",
+            "stored duplicates deduplicated by Nats-Msg-Id"
         )
-        await trio.stop()
-    except BaseException:
-        print(trio.tails())
-        raise
-    finally:
-        trio.cleanup()
-        await jspub.close()
-        await pub_nc.close()
-        await sink.close()
-        await nc.close()
-    assert not failover.lost, f"jetstream failover: {len(failover.lost)} lost (first {failover.lost[:20]})"
-    assert failover.duplicates == 0, "Nats-Msg-Id from the stream sequence should dedup the redeliveries"
-    assert failover.raw_duplicates <= BUDGET, "more redelivered than the killed gateway could hold"
-    assert info.num_pending == 0 and info.num_ack_pending == 0, f"durable not fully acknowledged: {info}"
-    late = survivors_only(failover, trio.ids[1], after_kill)
-    assert late == 0, f"the killed gateway delivered {late} messages published after its death"
+
+    def check(self, spread: Outcome, failover: Outcome) -> None:
+        assert_none_lost(failover)
+        assert failover.duplicates == 0, "Nats-Msg-Id from the stream sequence should dedup the redeliveries"
+        assert failover.raw_duplicates <= BUDGET, "more redelivered than the killed gateway could hold"
+        info = self.info
+        assert info.num_pending == 0 and info.num_ack_pending == 0, f"durable not fully acknowledged: {info}"
+        late = self.late(failover)
+        assert late == 0, f"the killed gateway delivered {late} messages published after its death"
+
+
+async def test_jetstream_shared_durable(tmp_path: Path, nats_server: NatsServer, unique: str) -> None:
+    await JetStreamSharedDurable(tmp_path, nats_server, unique).run()
 
 
 # ------------------------------------------------------------------ Kafka: one consumer group
@@ -703,112 +798,85 @@ def last_assignment(gw: GatewayProcess) -> int | None:
     return int(found[-1]["partitions"]) if found else None
 
 
-async def test_kafka_consumer_group(tmp_path: Path, nats_server: NatsServer, kafka_broker: Tansu, unique: str) -> None:
-    u = unique
-    topic = f"sk-{u}"
-    await create_topics(kafka_broker.bootstrap, [topic], PARTITIONS)
-    nc = await nats_connect(nats_server.url)
-    sink = await Sink(nc, u, "kafka", nats_server).start()
-    config = gateway_config(
-        "${GATEWAY_ID}",
-        {"kafka": kafka_connector(kafka_broker.bootstrap), "bus": sink.connector()},
-        [
-            {
-                "name": "r",
-                "max_in_flight": BUDGET,
-                "from": {"connector": "kafka", "topic": topic, "group": f"g-{u}"},
-                "to": sink.target(),
-            }
-        ],
-    )
-    trio = Trio(tmp_path, config, u)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all", linger_ms=5)
-    await producer.start()
-    accepted_all: set[int] = set()
+class KafkaConsumerGroup(ScaleOut):
+    """One partition each, produced evenly.
 
-    async def send(chunk: Sequence[int]) -> None:
-        await kafka_send(producer, topic, chunk, accepted_all)
+    The killed member's partition moves to the survivors after the session timeout and the group's join;
+    the sink deduplicates the re-read records by ``Nats-Msg-Id``.
+    """
 
-    try:
-        t_start = time.monotonic()
-        await trio.start()
+    kind, label, min_share = "kafka", "kafka group", 0.25
+    failover_rate = KAFKA_RATE
+
+    def __init__(self, tmp_path: Path, nats_server: NatsServer, u: str, kafka_broker: Tansu) -> None:
+        super().__init__(tmp_path, nats_server, u)
+        self.topic, self.bootstrap = f"sk-{u}", kafka_broker.bootstrap
+        self.connectors = {"kafka": kafka_connector(self.bootstrap)}
+        self.source = {"connector": "kafka", "topic": self.topic, "group": f"g-{u}"}
+        self.accepted_all: set[int] = set()
+
+    async def open(self) -> None:
+        await create_topics(self.bootstrap, [self.topic], PARTITIONS)
+        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5)
+        await self.producer.start()
+
+    async def close(self) -> None:
+        await self.producer.stop()
+
+    def assignments(self) -> list[int | None]:
+        return [last_assignment(gw) for gw in self.trio.gws]
+
+    async def ready(self) -> None:
         await wait_until(
-            lambda: [last_assignment(gw) for gw in trio.gws] == [1] * GATEWAYS,
+            lambda: self.assignments() == [1] * GATEWAYS,
             60,
-            lambda: f"group not settled: {[last_assignment(gw) for gw in trio.gws]}\n{trio.tails()}",
+            lambda: f"group not settled: {self.assignments()}\n{self.trio.tails()}",
         )
-        settled = time.monotonic() - t_start
+        self.spread_notes = f"group_settled_after_start={time.monotonic() - self.started_at:.1f}s"
 
-        # 1. spread: one partition each, produced evenly
-        seqs = range(N)
-        t0 = time.monotonic()
-        await paced(list(seqs), None, send)
-        accepted = set(seqs) & accepted_all
-        await wait_delivered(sink, accepted)
-        spread = await outcome(
-            "kafka group spread",
-            sink,
-            seqs,
-            accepted,
-            trio,
-            time.monotonic() - t0,
-            f"group_settled_after_start={settled:.1f}s",
-        )
-        assert_spread(spread, min_share=0.25)
+    async def send(self, chunk: Sequence[int]) -> None:
+        await kafka_send(self.producer, self.topic, chunk, self.accepted_all)
 
-        # 2. failover: the killed member's partition moves to the survivors
-        sink.far_away()
-        seqs = range(N, N + M)
-        killed = trio.gws[1]
-        survivors = [gw for gw in trio.gws if gw is not killed]
-        events_before = {gw.name: len(gw.events("kafka.partitions_assigned")) for gw in survivors}
-        t0 = time.monotonic()
-        handed = Handed()
-        publisher = asyncio.ensure_future(paced(list(seqs), KAFKA_RATE, send, handed))
-        await wait_for_share(sink, seqs, 1 / 3, trio)
-        held_at_kill = await trio.kill(1)
-        after_kill = handed.after_kill(N + M)
-        t_kill = time.monotonic()
+    async def accepted(self, seqs: range) -> set[int]:
+        return set(seqs) & self.accepted_all
 
+    def before_kill(self) -> None:
+        self.survivors = [gw for gw in self.trio.gws if gw is not self.killed]
+        self.events_before = {gw.name: len(gw.events("kafka.partitions_assigned")) for gw in self.survivors}
+
+    async def on_kill(self) -> None:
         def taken_over() -> bool:
-            if any(len(gw.events("kafka.partitions_assigned")) <= events_before[gw.name] for gw in survivors):
+            if any(len(gw.events("kafka.partitions_assigned")) <= self.events_before[gw.name] for gw in self.survivors):
                 return False
-            return sum(last_assignment(gw) or 0 for gw in survivors) == PARTITIONS
+            return sum(last_assignment(gw) or 0 for gw in self.survivors) == PARTITIONS
 
-        await wait_until(taken_over, 45, lambda: f"no rebalance to the survivors\n{trio.tails()}")
-        rebalanced = time.monotonic() - t_kill
-        await publisher
-        accepted = set(seqs) & accepted_all
-        await wait_delivered(sink, accepted)
-        recovered = sink.last_at - t_kill
-        failover = await outcome(
-            "kafka group failover",
-            sink,
-            seqs,
-            accepted,
-            trio,
-            time.monotonic() - t0,
-            f"in_flight_at_kill={held_at_kill} rebalanced_after_kill={rebalanced:.1f}s "
+        await wait_until(taken_over, 45, lambda: f"no rebalance to the survivors\n{self.trio.tails()}")
+        self.rebalanced = time.monotonic() - self.t_kill
+
+    async def after_failover(self, accepted: set[int]) -> str:
+        recovered = self.sink.last_at - self.t_kill
+        return (
+            f"in_flight_at_kill={self.held_at_kill} rebalanced_after_kill={self.rebalanced:.1f}s "
             f"last_delivery_after_kill={recovered:.1f}s "
-            f"survivor_partitions={[last_assignment(gw) for gw in survivors]}",
+            f"survivor_partitions={[last_assignment(gw) for gw in self.survivors]}"
         )
-        await trio.stop()
-    except BaseException:
-        print(trio.tails())
-        raise
-    finally:
-        trio.cleanup()
-        await producer.stop()
-        await sink.close()
-        await nc.close()
-    assert not failover.lost, f"kafka failover: {len(failover.lost)} lost (first {failover.lost[:20]})"
-    assert failover.duplicates == 0, "Nats-Msg-Id from the Kafka offset should dedup the re-read records"
-    # The killed member's partition (the one it read in the spread phase) moved to the survivors.
-    killed_id = killed.extra_env["GATEWAY_ID"]
-    parts = {s % PARTITIONS for s, g in spread.first_by.items() if g == killed_id}
-    assert len(parts) == 1, f"{killed_id} read partitions {parts} in the spread phase"
-    moved = Counter(failover.first_by[s] for s in seqs if s % PARTITIONS in parts and s in failover.first_by)
-    print(f"SCALE-OUT kafka partition {parts.pop()} of {killed_id} in the failover phase, by gateway: {dict(moved)}")
-    assert set(moved) - {killed_id}, "the killed member's partition was not taken over"
-    late = survivors_only(failover, killed_id, after_kill)
-    assert late == 0, f"the killed gateway delivered {late} records produced after its death"
+
+    def check(self, spread: Outcome, failover: Outcome) -> None:
+        assert_none_lost(failover)
+        assert failover.duplicates == 0, "Nats-Msg-Id from the Kafka offset should dedup the re-read records"
+        # The killed member's partition (the one it read in the spread phase) moved to the survivors.
+        killed_id = self.killed_id
+        parts = {s % PARTITIONS for s, g in spread.first_by.items() if g == killed_id}
+        assert len(parts) == 1, f"{killed_id} read partitions {parts} in the spread phase"
+        seqs = failover.seqs
+        moved = Counter(failover.first_by[s] for s in seqs if s % PARTITIONS in parts and s in failover.first_by)
+        print(
+            f"SCALE-OUT kafka partition {parts.pop()} of {killed_id} in the failover phase, by gateway: {dict(moved)}"
+        )
+        assert set(moved) - {killed_id}, "the killed member's partition was not taken over"
+        late = self.late(failover)
+        assert late == 0, f"the killed gateway delivered {late} records produced after its death"
+
+
+async def test_kafka_consumer_group(tmp_path: Path, nats_server: NatsServer, kafka_broker: Tansu, unique: str) -> None:
+    await KafkaConsumerGroup(tmp_path, nats_server, unique, kafka_broker).run()
