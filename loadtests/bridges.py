@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,9 +225,17 @@ def peer_names(route: str, ep: Endpoints) -> tuple[str, str, str]:
     return src, dst, ""
 
 
+def base_route(name: str) -> str:
+    """The route a variant runs: ``mqtt_to_kafka_kafkadriver_aiokafka`` and ``mqtt_to_kafka_spool`` are
+    ``mqtt_to_kafka`` with other gateway settings."""
+    return name.partition("_kafkadriver_")[0].removesuffix("_spool")
+
+
 def gateway_config(route: str, ep: Endpoints) -> tuple[str, int]:
-    """YAML for one harness route, and how many connectors it uses (``*_aiokafka``: that Kafka driver)."""
-    route, _, driver = route.partition("_kafkadriver_")
+    """YAML for one harness route, and how many connectors it uses (``*_kafkadriver_aiokafka``: that Kafka
+    driver; ``*_spool``: the route stores and forwards through a spool, fsync on)."""
+    spooled = route.endswith("_spool")
+    route, _, driver = route.removesuffix("_spool").partition("_kafkadriver_")
     connectors: dict[str, dict[str, Any]] = {
         "mqtt": {
             "type": "mqtt",
@@ -269,4 +278,7 @@ def gateway_config(route: str, ep: Endpoints) -> tuple[str, int]:
         "connectors": {k: v for k, v in connectors.items() if k in used},
         "routes": [{"name": route, "from": frm, "to": to}],
     }
+    if spooled:
+        spool_dir = tempfile.mkdtemp(prefix="lt-spool-")
+        doc["routes"][0]["spool"] = {"path": spool_dir, "max_bytes": 4 * 1024 * 1024 * 1024}
     return json.dumps(doc, indent=1), len(used)

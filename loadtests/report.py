@@ -20,6 +20,7 @@ REQUIRED: dict[str, tuple[str, float]] = {
     "corenats_to_mqtt": ("no loss at 10 000 msgs/s offered", 0),
     "fanout_mqtt": ("—", 0),
     "mqtt_to_kafka_kafkadriver_aiokafka": ("(driver comparison)", 0),
+    "mqtt_to_kafka_spool": ("(store-and-forward cost)", 0),
 }
 SINK_OF = {r.name: r.sinks[0] if len(r.sinks) == 1 else "kafka" for r in ROUTES}
 

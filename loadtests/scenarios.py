@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from loadtests.bridges import BridgeProcess, Endpoints, gateway_process, peer_process
+from loadtests.bridges import BridgeProcess, Endpoints, base_route, gateway_process, peer_process
 from loadtests.drivers import (
     Counter,
     KafkaCount,
@@ -62,6 +62,7 @@ ROUTES = [
     Route("kafka_to_mqtt", "Kafka → MQTT QoS 1", "kafka", ("mqtt",)),
     Route("corenats_to_mqtt", "core NATS → MQTT QoS 1", "corenats", ("mqtt",), offered=10_000),
     Route("fanout_mqtt", "MQTT QoS 1 → Kafka + NATS", "mqtt", ("kafka", "nats")),
+    Route("mqtt_to_kafka_spool", "MQTT QoS 1 → Kafka, `spool` (fsync)", "mqtt", ("kafka",), gateway_only=True),
     Route(
         "mqtt_to_kafka_kafkadriver_aiokafka",
         "MQTT QoS 1 → Kafka, `driver: aiokafka`",
@@ -148,7 +149,7 @@ async def _prepare_source(route: Route, ep: Endpoints, kind: str = "gateway") ->
         await nc.close()
     elif route.source == "mqtt":
         # The gateway reads each MQTT source route through its own session, <client_id>-<route>.
-        client_id = f"{ep.client_id}-{route.name.partition('_kafkadriver_')[0]}" if kind == "gateway" else ep.client_id
+        client_id = f"{ep.client_id}-{base_route(route.name)}" if kind == "gateway" else ep.client_id
         await mqtt_session(ep.mqtt_port, client_id, ep.mqtt_src)
 
 
