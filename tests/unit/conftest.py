@@ -12,6 +12,8 @@ from gateway.config.loader import parse_config
 from tests.unit.harness import memory_config
 
 StartGateway = Callable[[str], Awaitable[Gateway]]
+"""``start(routes)``: a gateway on memory brokers A, B, C with these routes; or, for ``start_config``,
+``start(config_text)``: a gateway from a whole config (connectors with their own settings)."""
 
 
 @pytest.fixture(autouse=True)
@@ -20,11 +22,11 @@ def brokers() -> None:
 
 
 @pytest.fixture
-async def start_gateway() -> AsyncIterator[StartGateway]:
+async def start_config() -> AsyncIterator[StartGateway]:
     started: list[Gateway] = []
 
-    async def start(routes: str) -> Gateway:
-        gw = Gateway(parse_config(memory_config(routes), environ={}))
+    async def start(text: str) -> Gateway:
+        gw = Gateway(parse_config(text, environ={}))
         started.append(gw)
         await gw.start()
         await gw.wait_ready(timeout=5)
@@ -35,3 +37,11 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
         MemoryBroker.named(name).release()
     for gw in started:
         await gw.stop(timeout=5)
+
+
+@pytest.fixture
+def start_gateway(start_config: StartGateway) -> StartGateway:
+    async def start(routes: str) -> Gateway:
+        return await start_config(memory_config(routes))
+
+    return start

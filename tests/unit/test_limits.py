@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-
 import pytest
 
 from connectors.memory.broker import MemoryBroker
-from gateway.app import Gateway
 from gateway.config.loader import parse_config
 from gateway.errors import ConfigError
 from tests.unit.conftest import StartGateway
@@ -22,26 +19,6 @@ def route(extra: str = "", *, to: str = '{connector: b, topic: "out/{device}"}')
     from: {{connector: a, topic: "in/{{device}}"}}
     to: {to}
 {extra}"""
-
-
-Start = Callable[[str], Awaitable[Gateway]]
-
-
-@pytest.fixture
-async def start_raw() -> AsyncIterator[Start]:
-    """A gateway from a whole config text (connectors with their own limits)."""
-    started: list[Gateway] = []
-
-    async def start(text: str) -> Gateway:
-        gw = Gateway(parse_config(text, environ={}))
-        started.append(gw)
-        await gw.start()
-        await gw.wait_ready(timeout=5)
-        return gw
-
-    yield start
-    for gw in started:
-        await gw.stop(timeout=5)
 
 
 def letter_headers(broker: str = "C") -> list[dict[str, str]]:
@@ -72,8 +49,8 @@ async def test_without_a_dead_letter_an_oversized_message_is_counted_failed(star
     assert r.stats.sent == 0
 
 
-async def test_target_connector_limit_fails_only_that_target(start_raw: Start) -> None:
-    gw = await start_raw(
+async def test_target_connector_limit_fails_only_that_target(start_config: StartGateway) -> None:
+    gw = await start_config(
         """\
 connectors:
   a: {type: memory, broker: A}
@@ -94,8 +71,8 @@ routes:
     assert [rec.topic for rec in MemoryBroker.named("C").received] == ["copy/d1"]
 
 
-async def test_source_connector_limit_applies_to_what_is_read(start_raw: Start) -> None:
-    gw = await start_raw(
+async def test_source_connector_limit_applies_to_what_is_read(start_config: StartGateway) -> None:
+    gw = await start_config(
         """\
 connectors:
   a: {type: memory, broker: A, max_payload: 3}
@@ -217,8 +194,8 @@ async def test_a_flood_is_dead_lettered_without_its_headers(start_gateway: Start
     assert all(k.startswith("x-gateway-") for k, _ in letter.headers), "the flood is not forwarded again"
 
 
-async def test_a_dead_letter_connector_limit_applies_too(start_raw: Start) -> None:
-    gw = await start_raw(
+async def test_a_dead_letter_connector_limit_applies_too(start_config: StartGateway) -> None:
+    gw = await start_config(
         """\
 connectors:
   a: {type: memory, broker: A}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from gateway.envelope import Envelope
 from gateway.errors import ConfigError
 from gateway.spool import Pending, Spool, SpoolError
 from gateway.spooled import SpooledRoute
+from tests.unit.conftest import StartGateway
 from tests.unit.harness import until
 
 MiB = 1024 * 1024
@@ -122,36 +122,29 @@ routes:
 {extra}"""
 
 
-Start = Callable[[str], Awaitable[Gateway]]
+Held = tuple[Gateway, SpooledRoute, MemoryBroker, MemoryBroker]
 
 
-@pytest.fixture
-async def start() -> AsyncIterator[Start]:
-    started: list[Gateway] = []
-
-    async def make(text: str) -> Gateway:
-        gw = Gateway(parse_config(text, environ={}))
-        started.append(gw)
-        await gw.start()
-        await gw.wait_ready(timeout=5)
-        return gw
-
-    yield make
-    for name in ("A", "B"):
-        MemoryBroker.named(name).release()
-    for gw in started:
-        await gw.stop(timeout=5)
-
-
-async def test_the_source_is_acknowledged_from_disk_while_the_target_is_down(start: Start, tmp_path: Path) -> None:
+async def held(start: StartGateway, tmp_path: Path, extra: str = "") -> Held:
+    """A gateway with the spooled route ``r`` whose target (broker B) holds every delivery; with brokers A, B."""
     b = MemoryBroker.named("B")
     b.hold = True
-    gw = await start(config(tmp_path))
+    gw = await start(config(tmp_path, extra))
     route = gw.routes["r"]
     assert isinstance(route, SpooledRoute)
-    a = MemoryBroker.named("A")
-    for i in range(200):
-        a.publish(f"in/d{i % 3}", str(i).encode())
+    return gw, route, MemoryBroker.named("A"), b
+
+
+def publish(a: MemoryBroker, n: int, size: int | None = None) -> None:
+    for i in range(n):
+        a.publish(f"in/d{i % 3}", str(i).encode() if size is None else bytes(size))
+
+
+async def test_the_source_is_acknowledged_from_disk_while_the_target_is_down(
+    start_config: StartGateway, tmp_path: Path
+) -> None:
+    _, route, a, b = await held(start_config, tmp_path)
+    publish(a, 200)
     await until(lambda: len(a.acked) == 200)
     assert route.spooled == 200 and b.received == []
     b.release()
@@ -161,47 +154,32 @@ async def test_the_source_is_acknowledged_from_disk_while_the_target_is_down(sta
     assert route.stats.acked == 200
 
 
-async def test_a_restart_delivers_what_the_spool_held(start: Start, tmp_path: Path) -> None:
-    b = MemoryBroker.named("B")
-    b.hold = True
-    gw = await start(config(tmp_path))
-    a = MemoryBroker.named("A")
-    for i in range(50):
-        a.publish(f"in/d{i % 3}", str(i).encode())
+async def test_a_restart_delivers_what_the_spool_held(start_config: StartGateway, tmp_path: Path) -> None:
+    gw, _, a, b = await held(start_config, tmp_path)
+    publish(a, 50)
     await until(lambda: len(a.acked) == 50)
     await gw.stop(timeout=0.5)  # the held target never confirms: the spool keeps all 50
     assert b.received == []
-    MemoryBroker.named("A").log.clear()  # a new gateway must not see them again from the source
+    a.log.clear()  # a new gateway must not see them again from the source
     b.hold = False
-    gw2 = await start(config(tmp_path))
+    gw2 = await start_config(config(tmp_path))
     await until(lambda: len(b.received) == 50)
     assert [int(r.payload) for r in b.received] == list(range(50))
     assert gw2.routes["r"].stats.acked == 50
 
 
-async def test_a_full_spool_drops_the_newest_when_told(start: Start, tmp_path: Path) -> None:
-    MemoryBroker.named("B").hold = True
-    gw = await start(config(tmp_path, "    overflow: drop_newest\n"))
-    route = gw.routes["r"]
-    assert isinstance(route, SpooledRoute)
-    a = MemoryBroker.named("A")
-    for i in range(100):
-        a.publish(f"in/d{i % 3}", bytes(20_000))  # 2 MB offered to a 1 MiB spool
+async def test_a_full_spool_drops_the_newest_when_told(start_config: StartGateway, tmp_path: Path) -> None:
+    _, route, a, _ = await held(start_config, tmp_path, "    overflow: drop_newest\n")
+    publish(a, 100, size=20_000)  # 2 MB offered to a 1 MiB spool
     await until(lambda: len(a.acked) == 100)
     view = route.spool_view()
     assert view["spool_dropped"] > 0 and view["spooled"] + view["spool_dropped"] == 100
     assert view["backlog_bytes"] <= MiB
 
 
-async def test_a_full_spool_blocks_the_source_by_default(start: Start, tmp_path: Path) -> None:
-    b = MemoryBroker.named("B")
-    b.hold = True
-    gw = await start(config(tmp_path))
-    route = gw.routes["r"]
-    assert isinstance(route, SpooledRoute)
-    a = MemoryBroker.named("A")
-    for i in range(100):
-        a.publish(f"in/d{i % 3}", bytes(20_000))
+async def test_a_full_spool_blocks_the_source_by_default(start_config: StartGateway, tmp_path: Path) -> None:
+    _, route, a, b = await held(start_config, tmp_path)
+    publish(a, 100, size=20_000)
     await until(lambda: route.spool_view()["blocked"])
     assert len(a.acked) < 100, "the source is paused, not acknowledged"
     b.release()
@@ -217,13 +195,9 @@ def test_spool_settings_are_checked(tmp_path: Path) -> None:
         parse_config(two, environ={})
 
 
-async def test_a_reloaded_spooled_route_reopens_its_spool(start: Start, tmp_path: Path) -> None:
-    b = MemoryBroker.named("B")
-    b.hold = True
-    gw = await start(config(tmp_path))
-    a = MemoryBroker.named("A")
-    for i in range(20):
-        a.publish(f"in/d{i % 3}", str(i).encode())
+async def test_a_reloaded_spooled_route_reopens_its_spool(start_config: StartGateway, tmp_path: Path) -> None:
+    gw, _, a, b = await held(start_config, tmp_path)
+    publish(a, 20)
     await until(lambda: len(a.acked) == 20)
     changed = config(tmp_path).replace("name: r\n", "name: r\n    description: changed\n")
     summary = await gw.reload(parse_config(changed, environ={}))
