@@ -29,6 +29,7 @@ from gateway.registry import plugins
 from gateway.route import Overflow, Route, RoutePolicy, RouteState, Target
 from gateway.spooled import SpooledRoute
 from gateway.supervisor import Supervisor
+from gateway.transform import Transform
 
 log = structlog.get_logger("gateway")
 
@@ -73,6 +74,7 @@ def build_routes(config: Config) -> dict[str, Route]:
             if s.spool is None
             else SpooledRoute(s.name, rc.source.connector, rc.source, rc.patterns, policy, s.spool)
         )
+        route.transform = Transform.of(s)
         route.targets.extend(
             Target(
                 route, i, tc.spec.connector, tc.spec, tc.address, tc.key, _connector_limit(config, tc.spec.connector)

@@ -175,6 +175,7 @@ class GatewayCollector:
             "failed": "Messages that failed for good (non-retriable error, retries exhausted, unrenderable)",
             "dead_lettered": "Failed messages written to the route's dead-letter target",
             "retried": "Target deliveries tried again after a retriable error",
+            "filtered": "Messages the route's where condition left out (acknowledged, not delivered)",
             "slow_consumer_disconnects": "Times the route was cut off as a slow consumer",
         }
         for key, doc in counters.items():

@@ -34,6 +34,7 @@ from gateway.errors import GatewayError, HeadersTooLarge, PayloadTooLarge, SinkE
 from gateway.flow import FlowGate
 from gateway.patterns import SourcePattern
 from gateway.templates import Match, Template
+from gateway.transform import PayloadError, Transform
 
 if TYPE_CHECKING:
     from gateway.sink import Sink
@@ -95,7 +96,7 @@ class RoutePolicy(msgspec.Struct, frozen=True):
 
 
 class RouteStats:
-    """Monotonic counters of one route. ``received == acked + failed + dropped + in flight``."""
+    """Monotonic counters of one route. ``received == acked + failed + dropped + filtered + in flight``."""
 
     __slots__ = (
         "acked",
@@ -103,6 +104,7 @@ class RouteStats:
         "dropped_overflow",
         "dropped_released",
         "failed",
+        "filtered",
         "received",
         "retried",
         "sent",
@@ -121,6 +123,8 @@ class RouteStats:
         """Target deliveries tried again after a retriable error."""
         self.dropped_overflow = 0
         self.dropped_released = 0
+        self.filtered = 0
+        """Messages the route's ``where`` left out (acknowledged, not delivered)."""
         self.slow_consumer_disconnects = 0
 
     @property
@@ -332,6 +336,8 @@ class Route:
         self.max_payload = self.policy.max_payload if self.policy.max_payload is not None else _NO_LIMIT
         self.max_headers = self.policy.max_headers
         self.max_header_bytes = self.policy.max_header_bytes
+        self.transform: Transform | None = None
+        """The route's where / schema / codec / headers, compiled; None keeps the pass-through path."""
         self.targets: list[Target] = []
         self.dead_letter: Target | None = None
         self.in_flight = 0
@@ -362,6 +368,17 @@ class Route:
             self.stats.dropped_released += 1
             self._settle(env.receipt, released=True)
             return
+        refused: SinkError | None = None
+        if self.transform is not None:  # where / schema / codec / headers: None on the pass-through path
+            try:
+                changed = self.transform.apply(env)
+            except PayloadError as exc:
+                changed, refused = env, exc
+            if changed is None:
+                self.stats.filtered += 1
+                self._settle(env.receipt, released=False)
+                return
+            env = changed
         if (
             self._drop
             and (self.in_flight >= self.max_in_flight or self.in_flight_bytes + nbytes > self.max_in_flight_bytes)
@@ -381,6 +398,9 @@ class Route:
             if not self._drop:
                 self.hold_gate()
         flight = Flight(self, env, plan, nbytes)
+        if refused is not None:
+            self._refuse(flight, refused)
+            return
         if nbytes > self.max_payload:
             self._refuse(flight, PayloadTooLarge(nbytes, self.max_payload, f"route {self.name!r} max_payload"))
             return

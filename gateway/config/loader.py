@@ -24,6 +24,7 @@ from gateway.patterns import SourcePattern
 from gateway.registry import plugins
 from gateway.templates import compile_template
 from gateway.tls import check_files
+from gateway.transform import WhereError, compile_where
 
 _INTERP = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 _MSGSPEC_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
@@ -258,6 +259,12 @@ def _routes(
                 )
             )
         names.setdefault(section.name, i)
+        if section.where is not None:
+            try:
+                compile_where(section.where)
+            except WhereError as exc:
+                location, _, message = str(exc).partition(": ")
+                issues.append(ConfigIssue(f"{path}.{location}", message))
         if section.spool is not None:
             where = os.path.realpath(section.spool.path)
             if where in spools:

@@ -21,6 +21,7 @@ from gateway.route import RetryPolicy
 from gateway.spooled import SpoolConfig
 from gateway.templates import Template
 from gateway.tls import read_secret
+from gateway.transform import Codec, SchemaConfig
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -110,6 +111,18 @@ class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     spool: SpoolConfig | None = None
     """Store and forward: ``{path, max_bytes, fsync}``. The source is acknowledged once a message is on
     local disk; it is delivered from there in order, also after a restart (see README, Deploying)."""
+    where: dict[str, Any] | None = None
+    """Deliver only messages that meet this condition on ``topic``, ``header.NAME`` or ``payload.FIELD``:
+    ``{payload.temp: {gt: 80}}``, combined with ``all`` / ``any`` / ``not``; operators ``eq ne gt ge lt le in
+    exists``. The others are acknowledged and counted as ``filtered``. A payload that is not JSON fails
+    (``on_error``, dead letter)."""
+    schema: SchemaConfig | None = None
+    """Validate the payload (a JSON object, or msgpack with ``codec: msgpack_to_json``) against declared
+    fields; invalid messages fail with the validation error (dead letter), valid ones pass untouched."""
+    codec: Codec = "passthrough"
+    """``passthrough`` (the payload is never decoded), ``json_to_msgpack`` or ``msgpack_to_json``."""
+    headers: dict[str, str] | None = None
+    """Headers added to every message of the route (name → value; ``{topic}`` is the source topic)."""
     allow_loop: bool = False
     """Let a target publish to topics the route's own source reads (same connector). Off: such a route is
     rejected, since an echo loop republishes every message forever."""

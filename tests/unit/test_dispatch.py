@@ -201,6 +201,7 @@ async def test_snapshot_reports_route_counters(start_gateway: StartGateway) -> N
         "dropped": 0,
         "dropped_overflow": 0,
         "dropped_released": 0,
+        "filtered": 0,
         "slow_consumer_disconnects": 0,
         "in_flight": 0,
         "in_flight_bytes": 0,

@@ -1,0 +1,233 @@
+"""What a route may do to a message besides routing it: filter (``where``), validate (``schema``),
+convert (``codec``) and enrich (``headers``). All of it is compiled when the config is loaded.
+
+A route without any of these keeps the pass-through path: the payload is never
+decoded. With them, the payload is decoded at most once per message (JSON, or
+msgpack for ``codec: msgpack_to_json``), and only when a condition, the schema
+or the conversion needs it.
+
+Conditions (``where``) are mappings, combined with ``all`` / ``any`` / ``not``::
+
+    where:
+      all:
+        - {payload.temp: {gt: 80}}
+        - {header.site: {in: [north, south]}}
+        - {payload.alarm: {exists: true}}
+
+A leaf is ``{PATH: {OP: VALUE}}`` or ``{PATH: VALUE}`` (equality); PATH is
+``topic``, ``header.NAME`` or ``payload.FIELD[.FIELD...]``; OP is one of ``eq``,
+``ne``, ``gt``, ``ge``, ``lt``, ``le``, ``in``, ``exists``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any, Literal
+
+import msgspec
+
+from gateway.envelope import Envelope
+from gateway.errors import SinkError
+
+Codec = Literal["passthrough", "json_to_msgpack", "msgpack_to_json"]
+FieldType = Literal["str", "int", "float", "bool", "any", "str?", "int?", "float?", "bool?", "any?"]
+_TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool, "any": Any}
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "gt": operator.gt,
+    "ge": operator.ge,
+    "lt": operator.lt,
+    "le": operator.le,
+    "in": lambda a, b: a in b,
+}
+_MISSING = object()
+
+
+class PayloadError(SinkError):
+    """The payload cannot be decoded, or does not match the route's schema: failed for good."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=False)
+
+
+class SchemaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``schema:`` of a route: the payload must be an object with these fields (JSON, or msgpack with
+    ``codec: msgpack_to_json``). Invalid messages go to the dead letter with the validation error."""
+
+    fields: dict[str, FieldType]
+    """Field name → ``str``, ``int``, ``float``, ``bool`` or ``any``; a ``?`` suffix makes it optional."""
+    extra: bool = True
+    """Accept fields not listed."""
+
+    def __post_init__(self) -> None:
+        if not self.fields:
+            raise ValueError("fields: name at least one field")
+
+
+Condition = Callable[[Envelope, Any], bool]
+"""(envelope, decoded payload or _MISSING) → keep the message?"""
+
+
+class WhereError(ValueError):
+    """A ``where`` that does not compile; the message starts with the key path of the bad part."""
+
+
+def compile_where(spec: Any, path: str = "where") -> tuple[Condition, bool]:
+    """A condition function, and whether it reads the payload. Raises WhereError naming the bad part."""
+    if not isinstance(spec, dict) or not spec:
+        raise WhereError(f"{path}: expected a mapping (a condition, or all/any/not)")
+    if len(spec) != 1:
+        parts = [compile_where({k: v}, path) for k, v in spec.items()]  # several leaves: all of them
+        return _all([p for p, _ in parts]), any(n for _, n in parts)
+    [(key, value)] = spec.items()
+    if key in ("all", "any"):
+        if not isinstance(value, list) or not value:
+            raise WhereError(f"{path}.{key}: expected a non-empty list of conditions")
+        parts = [compile_where(v, f"{path}.{key}[{i}]") for i, v in enumerate(value)]
+        fns = [p for p, _ in parts]
+        return (_all(fns) if key == "all" else _any(fns)), any(n for _, n in parts)
+    if key == "not":
+        inner, needs = compile_where(value, f"{path}.not")
+        return (lambda env, doc: not inner(env, doc)), needs
+    return _leaf(str(key), value, f"{path}.{key}")
+
+
+def _all(fns: list[Condition]) -> Condition:
+    return lambda env, doc: all(f(env, doc) for f in fns)
+
+
+def _any(fns: list[Condition]) -> Condition:
+    return lambda env, doc: any(f(env, doc) for f in fns)
+
+
+def _leaf(field: str, test: Any, path: str) -> tuple[Condition, bool]:
+    op, arg = ("eq", test) if not isinstance(test, dict) else _one_op(test, path)
+    getter, needs_payload = _getter(field, path)
+    if op == "exists":
+        if not isinstance(arg, bool):
+            raise WhereError(f"{path}.exists: expected true or false")
+        return (lambda env, doc: (getter(env, doc) is not _MISSING) is arg), needs_payload
+    if op == "in" and not isinstance(arg, list):
+        raise WhereError(f"{path}.in: expected a list")
+    fn = _OPS[op]
+
+    def check(env: Envelope, doc: Any) -> bool:
+        value = getter(env, doc)
+        if value is _MISSING:
+            return False
+        try:
+            return bool(fn(value, arg))
+        except TypeError:  # "abc" > 80: not comparable, so not a match
+            return False
+
+    return check, needs_payload
+
+
+def _one_op(test: dict[str, Any], path: str) -> tuple[str, Any]:
+    if len(test) != 1:
+        raise WhereError(f"{path}: one operator per condition (got {', '.join(map(str, test))})")
+    [(op, arg)] = test.items()
+    if op not in _OPS and op != "exists":
+        raise WhereError(f"{path}: unknown operator {op!r} (one of: {', '.join([*_OPS, 'exists'])})")
+    return str(op), arg
+
+
+def _getter(field: str, path: str) -> tuple[Callable[[Envelope, Any], Any], bool]:
+    if field == "topic":
+        return (lambda env, doc: env.topic), False
+    kind, _, rest = field.partition(".")
+    if kind == "header" and rest:
+        name = rest.lower()
+
+        def header(env: Envelope, doc: Any) -> Any:
+            for k, v in env.headers or ():
+                if k.lower() == name:
+                    return v
+            return _MISSING
+
+        return header, False
+    if kind == "payload" and rest:
+        keys = rest.split(".")
+
+        def payload(env: Envelope, doc: Any) -> Any:
+            for k in keys:
+                if not isinstance(doc, dict) or k not in doc:
+                    return _MISSING
+                doc = doc[k]
+            return doc
+
+        return payload, True
+    raise WhereError(f"{path}: a condition reads topic, header.NAME or payload.FIELD")
+
+
+class Transform:
+    """The compiled ``where`` / ``schema`` / ``codec`` / ``headers`` of one route."""
+
+    __slots__ = ("_codec", "_decode", "_encode", "_headers", "_schema", "_where", "decodes")
+
+    @classmethod
+    def of(cls, section: Any) -> Transform | None:
+        """The transform of a route section, or None when it has none (the pass-through path)."""
+        if section.where is None and section.schema is None and section.codec == "passthrough" and not section.headers:
+            return None
+        where, reads = compile_where(section.where) if section.where is not None else (None, False)
+        return cls(
+            where=where, where_reads_payload=reads, schema=section.schema, codec=section.codec, headers=section.headers
+        )
+
+    def __init__(
+        self,
+        *,
+        where: Condition | None = None,
+        where_reads_payload: bool = False,
+        schema: SchemaConfig | None = None,
+        codec: Codec = "passthrough",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self._where = where
+        self._codec = codec
+        self._headers = [(k, v, "{topic}" in v) for k, v in (headers or {}).items()]
+        source_msgpack = codec == "msgpack_to_json"
+        self._decode: Callable[[bytes], Any] = msgspec.msgpack.decode if source_msgpack else msgspec.json.decode
+        self._encode: Callable[[Any], bytes] | None = {
+            "json_to_msgpack": msgspec.msgpack.encode,
+            "msgpack_to_json": msgspec.json.encode,
+        }.get(codec)
+        self._schema: Any = None
+        if schema is not None:
+            fields = []
+            for name, t in schema.fields.items():
+                optional = t.endswith("?")
+                typ = _TYPES[t.rstrip("?")]
+                fields.append((name, typ | None, None) if optional else (name, typ))
+            self._schema = msgspec.defstruct("Payload", fields, forbid_unknown_fields=not schema.extra)
+        self.decodes = where_reads_payload or self._schema is not None or self._encode is not None
+        """Whether the payload is decoded (the pass-through path never decodes)."""
+
+    def apply(self, env: Envelope) -> Envelope | None:
+        """The message to deliver (``env`` itself when unchanged), or None when ``where`` filters it out.
+        Raises PayloadError for a payload that cannot be decoded, validated or converted."""
+        doc: Any = _MISSING
+        if self.decodes:
+            try:
+                doc = self._decode(env.payload)
+            except (msgspec.DecodeError, ValueError) as exc:
+                kind = "msgpack" if self._codec == "msgpack_to_json" else "JSON"
+                raise PayloadError(f"payload is not {kind}: {exc}") from None
+        if self._where is not None and not self._where(env, doc):
+            return None
+        if self._schema is not None:
+            try:
+                msgspec.convert(doc, self._schema, strict=True)
+            except msgspec.ValidationError as exc:
+                raise PayloadError(f"payload does not match the schema: {exc}") from None
+        if self._encode is None and not self._headers:
+            return env
+        payload = self._encode(doc) if self._encode is not None else env.payload
+        headers = env.headers
+        if self._headers:
+            topic = env.topic
+            headers = [*(headers or ()), *((k, v.replace("{topic}", topic) if t else v) for k, v, t in self._headers)]
+        return msgspec.structs.replace(env, payload=payload, headers=headers)

@@ -1,0 +1,138 @@
+"""Routes that filter (where), validate (schema), convert (codec) and enrich (headers) messages."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from connectors.memory.broker import MemoryBroker
+from gateway.config.loader import parse_config
+from gateway.errors import ConfigError
+from gateway.transform import Transform
+from tests.unit.conftest import StartGateway
+from tests.unit.harness import memory_config, until
+
+DLQ = '    dead_letter: {connector: c, topic: "dlq/{device}"}\n'
+
+
+def route(extra: str) -> str:
+    return f"""\
+  - name: r
+    from: {{connector: a, topic: "in/{{device}}"}}
+    to: {{connector: b, topic: "out/{{device}}"}}
+{extra}"""
+
+
+def publish(*payloads: bytes, headers: list[tuple[str, str]] | None = None) -> MemoryBroker:
+    a = MemoryBroker.named("A")
+    for i, p in enumerate(payloads):
+        a.publish(f"in/d{i}", p, headers)
+    return a
+
+
+def delivered() -> list[bytes]:
+    return [r.payload for r in MemoryBroker.named("B").received]
+
+
+async def test_where_delivers_what_matches_and_acknowledges_the_rest(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(route("    where: {payload.temp: {gt: 80}}\n"))
+    a = publish(b'{"temp": 85}', b'{"temp": 20}', b'{"temp": 81.5}', b'{"other": 1}', b'{"temp": "hot"}')
+    r = gw.routes["r"]
+    await until(lambda: r.stats.acked + r.stats.filtered == 5)
+    assert delivered() == [b'{"temp": 85}', b'{"temp": 81.5}'], "delivered untouched, in order"
+    assert (r.stats.acked, r.stats.filtered) == (2, 3)
+    assert a.acked == {0, 1, 2, 3, 4}
+
+
+async def test_where_combines_headers_topic_and_payload(start_gateway: StartGateway) -> None:
+    cond = (
+        "    where:\n      all:\n        - {header.site: {in: [north, south]}}\n"
+        "        - any: [{payload.alarm: {exists: true}}, {topic: in/d1}]\n        - not: {payload.test: true}\n"
+    )
+    gw = await start_gateway(route(cond))
+    a = MemoryBroker.named("A")
+    a.publish("in/d0", b'{"alarm": 1}', [("site", "north")])  # yes
+    a.publish("in/d1", b"{}", [("Site", "south")])  # yes: topic, header names ignore case
+    a.publish("in/d2", b'{"alarm": 1}', [("site", "east")])  # no: site
+    a.publish("in/d3", b'{"alarm": 1, "test": true}', [("site", "north")])  # no: a test
+    a.publish("in/d4", b"{}", [("site", "north")])  # no: neither alarm nor d1
+    r = gw.routes["r"]
+    await until(lambda: r.stats.acked + r.stats.filtered == 5)
+    assert [rec.topic for rec in MemoryBroker.named("B").received] == ["out/d0", "out/d1"]
+
+
+async def test_a_payload_that_is_not_json_is_dead_lettered_not_crashed(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(route("    where: {payload.temp: {gt: 80}}\n" + DLQ))
+    publish(b"\xff not json", b'{"temp": 90}')
+    r = gw.routes["r"]
+    await until(lambda: r.stats.acked + r.stats.dead_lettered == 2)
+    [letter] = MemoryBroker.named("C").received
+    headers = dict(letter.headers or [])
+    assert headers["x-gateway-error-type"] == "PayloadError" and "not JSON" in headers["x-gateway-error"]
+    assert delivered() == [b'{"temp": 90}']
+
+
+async def test_schema_passes_valid_payloads_untouched_and_dead_letters_the_rest(start_gateway: StartGateway) -> None:
+    schema = '    schema: {fields: {device_id: str, temp: float, note: "str?"}}\n'
+    gw = await start_gateway(route(schema + DLQ))
+    good = b'{"device_id": "d1", "temp": 21.5,  "extra": [1]}'
+    publish(good, b'{"device_id": "d1"}', b'{"device_id": 7, "temp": 1.0}')
+    r = gw.routes["r"]
+    await until(lambda: r.stats.acked + r.stats.dead_lettered == 3)
+    assert delivered() == [good], "byte for byte"
+    errors = [dict(rec.headers or [])["x-gateway-error"] for rec in MemoryBroker.named("C").received]
+    assert "missing required field `temp`" in errors[0]
+    assert "Expected `str`, got `int` - at `$.device_id`" in errors[1]
+
+
+async def test_codecs_convert_json_and_msgpack_both_ways(start_config: StartGateway) -> None:
+    text = memory_config(
+        '  - {name: pack, from: {connector: a, topic: "j/{x}"}, to: {connector: b, topic: "m/{x}"}, '
+        "codec: json_to_msgpack}\n"
+        '  - {name: unpack, from: {connector: a, topic: "m/{x}"}, to: {connector: c, topic: "j/{x}"}, '
+        "codec: msgpack_to_json}\n"
+    )
+    gw = await start_config(text)
+    a = MemoryBroker.named("A")
+    a.publish("j/1", b'{"a": [1, 2.5, "x"], "b": null}')
+    await until(lambda: gw.routes["pack"].stats.acked == 1)
+    [packed] = MemoryBroker.named("B").received
+    assert msgspec.msgpack.decode(packed.payload) == {"a": [1, 2.5, "x"], "b": None}
+    a.publish("m/1", packed.payload)
+    await until(lambda: gw.routes["unpack"].stats.acked == 1)
+    [back] = MemoryBroker.named("C").received
+    assert msgspec.json.decode(back.payload) == {"a": [1, 2.5, "x"], "b": None}
+
+
+async def test_headers_enrich_every_message(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(route("    headers: {x-gateway: edge-1, x-source-topic: '{topic}'}\n"))
+    publish(b"raw bytes, never decoded", headers=[("h", "1")])
+    await until(lambda: gw.routes["r"].stats.acked == 1)
+    [rec] = MemoryBroker.named("B").received
+    assert rec.payload == b"raw bytes, never decoded"
+    assert rec.headers == [("h", "1"), ("x-gateway", "edge-1"), ("x-source-topic", "in/d0")]
+
+
+def test_a_plain_route_keeps_the_pass_through_path() -> None:
+    config = parse_config(memory_config(route("")), environ={})
+    assert Transform.of(config.routes[0].section) is None
+    transformed = parse_config(memory_config(route("    headers: {a: b}\n")), environ={})
+    tf = Transform.of(transformed.routes[0].section)
+    assert tf is not None and not tf.decodes, "headers alone never decode the payload"
+
+
+@pytest.mark.parametrize(
+    ("where", "path", "message"),
+    [
+        ("{payload.t: {gtt: 1}}", "routes[0].where.payload.t", "unknown operator 'gtt'"),
+        ("{all: []}", "routes[0].where.all", "non-empty list"),
+        ("{any: [{body.x: 1}]}", "routes[0].where.any[0].body.x", "topic, header.NAME or payload.FIELD"),
+        ("{payload.t: {in: 3}}", "routes[0].where.payload.t.in", "expected a list"),
+        ("{payload.t: {gt: 1, lt: 2}}", "routes[0].where.payload.t", "one operator per condition"),
+    ],
+)
+def test_bad_conditions_are_config_errors_with_their_path(where: str, path: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(memory_config(route(f"    where: {where}\n")), environ={})
+    [issue] = info.value.issues
+    assert issue.path == path and message in issue.message, issue
