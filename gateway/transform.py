@@ -22,6 +22,7 @@ A leaf is ``{PATH: {OP: VALUE}}`` or ``{PATH: VALUE}`` (equality); PATH is
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -165,16 +166,27 @@ def _getter(field: str, path: str) -> tuple[Callable[[Envelope, Any], Any], bool
 class Transform:
     """The compiled ``where`` / ``schema`` / ``codec`` / ``headers`` of one route."""
 
-    __slots__ = ("_codec", "_decode", "_encode", "_headers", "_schema", "_where", "decodes")
+    __slots__ = ("_codec", "_decode", "_encode", "_headers", "_schema", "_trace", "_where", "decodes")
 
     @classmethod
     def of(cls, section: Any) -> Transform | None:
         """The transform of a route section, or None when it has none (the pass-through path)."""
-        if section.where is None and section.schema is None and section.codec == "passthrough" and not section.headers:
+        if (
+            section.where is None
+            and section.schema is None
+            and section.codec == "passthrough"
+            and not section.headers
+            and not section.trace
+        ):
             return None
         where, reads = compile_where(section.where) if section.where is not None else (None, False)
         return cls(
-            where=where, where_reads_payload=reads, schema=section.schema, codec=section.codec, headers=section.headers
+            where=where,
+            where_reads_payload=reads,
+            schema=section.schema,
+            codec=section.codec,
+            headers=section.headers,
+            trace=section.trace,
         )
 
     def __init__(
@@ -185,8 +197,10 @@ class Transform:
         schema: SchemaConfig | None = None,
         codec: Codec = "passthrough",
         headers: dict[str, str] | None = None,
+        trace: bool = False,
     ) -> None:
         self._where = where
+        self._trace = trace
         self._codec = codec
         self._headers = [(k, v, "{topic}" in v) for k, v in (headers or {}).items()]
         source_msgpack = codec == "msgpack_to_json"
@@ -223,11 +237,19 @@ class Transform:
                 msgspec.convert(doc, self._schema, strict=True)
             except msgspec.ValidationError as exc:
                 raise PayloadError(f"payload does not match the schema: {exc}") from None
-        if self._encode is None and not self._headers:
+        headers = env.headers
+        if self._trace and not any(k.lower() == "traceparent" for k, _ in headers or ()):
+            headers = [*(headers or ()), ("traceparent", new_traceparent())]
+        elif self._encode is None and not self._headers:
             return env
         payload = self._encode(doc) if self._encode is not None else env.payload
-        headers = env.headers
         if self._headers:
             topic = env.topic
             headers = [*(headers or ()), *((k, v.replace("{topic}", topic) if t else v) for k, v, t in self._headers)]
         return msgspec.structs.replace(env, payload=payload, headers=headers)
+
+
+def new_traceparent() -> str:
+    """A W3C trace context ``traceparent`` starting a new trace (version 00, sampled)."""
+    ids = os.urandom(24).hex()
+    return f"00-{ids[:32]}-{ids[32:]}-01"

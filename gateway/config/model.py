@@ -123,6 +123,9 @@ class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     """``passthrough`` (the payload is never decoded), ``json_to_msgpack`` or ``msgpack_to_json``."""
     headers: dict[str, str] | None = None
     """Headers added to every message of the route (name → value; ``{topic}`` is the source topic)."""
+    trace: bool = False
+    """Give every message without a W3C ``traceparent`` header a new one (a message that has one keeps it:
+    headers always travel), so that it can be followed MQTT → Kafka → NATS."""
     allow_loop: bool = False
     """Let a target publish to topics the route's own source reads (same connector). Off: such a route is
     rejected, since an echo loop republishes every message forever."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 import pytest
 
@@ -136,3 +138,15 @@ def test_bad_conditions_are_config_errors_with_their_path(where: str, path: str,
         parse_config(memory_config(route(f"    where: {where}\n")), environ={})
     [issue] = info.value.issues
     assert issue.path == path and message in issue.message, issue
+
+
+async def test_trace_creates_a_traceparent_only_where_none_travels(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(route("    trace: true\n"))
+    given = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    a = MemoryBroker.named("A")
+    a.publish("in/d0", b"x")
+    a.publish("in/d1", b"y", [("TraceParent", given)])
+    await until(lambda: gw.routes["r"].stats.acked == 2)
+    first, second = (dict(r.headers or []) for r in MemoryBroker.named("B").received)
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", first["traceparent"])
+    assert second == {"TraceParent": given}, "an existing traceparent is carried, not replaced"
