@@ -368,12 +368,14 @@ class Route:
             self.stats.dropped_released += 1
             self._settle(env.receipt, released=True)
             return
-        refused: SinkError | None = None
         if self.transform is not None:  # where / schema / codec / headers: None on the pass-through path
             try:
                 changed = self.transform.apply(env)
             except PayloadError as exc:
-                changed, refused = env, exc
+                self.in_flight += 1
+                self.in_flight_bytes += nbytes
+                self._refuse(Flight(self, env, plan, nbytes), exc)
+                return
             if changed is None:
                 self.stats.filtered += 1
                 self._settle(env.receipt, released=False)
@@ -398,9 +400,6 @@ class Route:
             if not self._drop:
                 self.hold_gate()
         flight = Flight(self, env, plan, nbytes)
-        if refused is not None:
-            self._refuse(flight, refused)
-            return
         if nbytes > self.max_payload:
             self._refuse(flight, PayloadTooLarge(nbytes, self.max_payload, f"route {self.name!r} max_payload"))
             return
