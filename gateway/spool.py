@@ -21,6 +21,7 @@ The spool itself does no I/O scheduling: the route's writer calls
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import struct
@@ -107,7 +108,13 @@ class Spool:
         descriptor written, for the caller to fsync (in a thread) when ``fsync`` is set."""
         fd = self._writer()
         data = b"".join(records)
-        os.write(fd, data)
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+        except OSError:
+            os.ftruncate(fd, self.end - self._segments[-1])  # no partial record stays behind
+            raise
         self.end += len(data)
         self.records += len(records)
         return fd

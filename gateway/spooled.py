@@ -112,6 +112,7 @@ class SpooledRoute(Route):
         self._blocked = False
         self._wake_writer = asyncio.Event()
         self._wake_reader = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self._plans: Dispatcher | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -179,6 +180,10 @@ class SpooledRoute(Route):
             spool.save_commit()
 
     async def _flush(self, spool: Spool) -> None:
+        async with self._flushing:  # the writer loop and stop_spool: one write (and its fsync) at a time
+            await self._write_buffered(spool)
+
+    async def _write_buffered(self, spool: Spool) -> None:
         while self._buffer:
             records, acks = self._buffer, self._acks
             self._buffer, self._acks, self._buffered = [], [], 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,23 @@ async def test_a_reloaded_spooled_route_reopens_its_spool(start_config: StartGat
     await until(lambda: route.spool is not None and route.spool_view()["backlog"] == 20)
     b.release()
     await until(lambda: len({r.payload for r in b.received}) == 20)
+
+
+def test_a_failed_write_leaves_no_partial_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path, max_bytes=MiB, fsync=False)
+    write(spool, 2)
+    real_write = os.write
+
+    def half(fd: int, data: bytes) -> int:  # the disk fills up in the middle of a batch
+        return real_write(fd, data[: len(data) // 2])
+
+    monkeypatch.setattr("gateway.spool.os.write", half)
+    with pytest.raises(OSError, match="short write"):
+        write(spool, 3, start=2)
+    monkeypatch.undo()
+    write(spool, 1, start=5)
+    assert seqs(spool.read(10)) == [0, 1, 5]
+    spool.close()
+    again = Spool(tmp_path, max_bytes=MiB, fsync=False)
+    assert seqs(again.read(10)) == [0, 1, 5]
+    again.close()
