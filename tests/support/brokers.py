@@ -69,6 +69,7 @@ __all__ = [
     "LocalS3",
     "Mosquitto",
     "NatsServer",
+    "StartStop",
     "Tansu",
     "TansuStorage",
     "free_port",
@@ -214,7 +215,26 @@ def make_workdir(workdir: Path | None, prefix: str) -> Path:
     return path.resolve()
 
 
-class BrokerProcess:
+class StartStop:
+    """``with x:`` starts ``x`` and stops it, whatever happens inside (brokers, proxies, their pairs)."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class BrokerProcess(StartStop):
     """A broker subprocess on ``host:port`` with its own work directory.
 
     Subclasses implement :meth:`_command` (argv), optionally :meth:`_prepare`
@@ -390,18 +410,6 @@ class BrokerProcess:
         lines = data.decode("utf-8", errors="replace").splitlines()
         return "\n".join(lines[-n:])
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.running else "stopped"
         return f"<{type(self).__name__} {self.host}:{self.port} {state} {self.workdir}>"
@@ -428,6 +436,16 @@ def _mqtt_connect_packet(client_id: str, keepalive: int = 10) -> bytes:
     remaining = len(variable) + len(payload)
     assert remaining < 128  # single-byte remaining length is enough here
     return bytes([0x10, remaining]) + variable + payload
+
+
+def mqtt_handshake(sock: socket.socket, connect: bytes) -> bool:
+    """Send an MQTT 3.1.1 CONNECT, require a successful CONNACK, DISCONNECT (a broker's readiness probe)."""
+    sock.sendall(connect)
+    connack = _recv_exact(sock, 4)
+    if connack != b"\x20\x02\x00\x00":
+        raise ConnectionError(f"unexpected CONNACK {connack!r}")
+    sock.sendall(b"\xe0\x00")  # DISCONNECT
+    return True
 
 
 class Mosquitto(BrokerProcess):
@@ -507,12 +525,7 @@ class Mosquitto(BrokerProcess):
         self._probe_seq += 1
         client_id = f"brokers-probe-{os.getpid()}-{self._probe_seq}"
         with socket.create_connection((self.host, self.port), timeout=_PROBE_TIMEOUT) as s:
-            s.sendall(_mqtt_connect_packet(client_id))
-            connack = _recv_exact(s, 4)
-            if connack != b"\x20\x02\x00\x00":
-                raise ConnectionError(f"unexpected CONNACK {connack!r}")
-            s.sendall(b"\xe0\x00")  # DISCONNECT
-        return True
+            return mqtt_handshake(s, _mqtt_connect_packet(client_id))
 
 
 # --------------------------------------------------------------------------

@@ -60,10 +60,9 @@ import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Literal, Self, TypeVar
+from typing import Literal, TypeVar
 
-from tests.support.brokers import free_port
+from tests.support.brokers import StartStop, free_port
 
 __all__ = ["Direction", "ProxyStats", "TcpProxy"]
 
@@ -176,7 +175,7 @@ def _expand(direction: Direction) -> tuple[_Dir, ...]:
     raise ValueError(f"direction must be 'upstream', 'downstream' or 'both', not {direction!r}")
 
 
-class TcpProxy:
+class TcpProxy(StartStop):
     """A TCP proxy on ``127.0.0.1:port`` forwarding to ``target`` with injectable faults.
 
     ``buffer_bytes`` bounds unforwarded data per connection and direction (see
@@ -291,18 +290,6 @@ class TcpProxy:
                 self._submit(self._shutdown, timeout)
             finally:
                 self._teardown_thread(timeout)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -71,12 +71,12 @@ import threading
 from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, TypeVar
 
 from tests.support.brokers import (
     _PROBE_TIMEOUT,
     LOOPBACK,
+    StartStop,
     TansuStorage,
     _recv_exact,
     free_port,
@@ -495,7 +495,7 @@ class _Session:
         self.raw_tokens = False
 
 
-class SaslProxy:
+class SaslProxy(StartStop):
     """A Kafka SASL server on ``127.0.0.1:port`` that relays authenticated connections to ``target``.
 
     ``users`` maps user name to password (default ``{"gw": "gw-secret"}``);
@@ -620,15 +620,6 @@ class SaslProxy:
                 self._submit(self._shutdown(), timeout)
             finally:
                 self._teardown(timeout)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -1013,7 +1004,7 @@ def _metadata_ports(sock: socket.socket) -> list[int]:
 # --------------------------------------------------------------------------
 
 
-class TansuSasl:
+class TansuSasl(StartStop):
     """Kafka with SASL (and optionally TLS): :class:`SaslProxy` on ``localhost:<port>`` in front of a private Tansu.
 
     Tansu (``self.backend``, work dir ``workdir/tansu``, no
@@ -1186,15 +1177,6 @@ class TansuSasl:
             self.proxy.stop(timeout=timeout)
         finally:
             self.backend.stop(timeout=timeout)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<TansuSasl {self.bootstrap} {self.security_protocol} mechanisms={list(self.mechanisms)}>"

@@ -52,9 +52,9 @@ from tests.support.brokers import (
     NatsServer,
     Tansu,
     TansuStorage,
-    _recv_exact,
     _recv_line,
     kafka_check,
+    mqtt_handshake,
 )
 
 __all__ = [
@@ -307,12 +307,7 @@ class SecureMosquitto(Mosquitto):
         with _tls_connect(
             self.address, self.pki, server_name=self.tls_server_name, client_cert=self.require_certificate
         ) as s:
-            s.sendall(_mqtt_connect_auth(client_id, self.username, self.password))
-            connack = _recv_exact(s, 4)
-            if connack != b"\x20\x02\x00\x00":
-                raise ConnectionError(f"unexpected CONNACK {connack!r}")
-            s.sendall(b"\xe0\x00")  # DISCONNECT
-        return True
+            return mqtt_handshake(s, _mqtt_connect_auth(client_id, self.username, self.password))
 
 
 # --------------------------------------------------------------------------
