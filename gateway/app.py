@@ -26,6 +26,7 @@ import structlog
 from gateway.config import Config, load_config
 from gateway.connector import Connector, ConnectorContext
 from gateway.registry import plugins
+from gateway.requests import ReplyRoute, Requests
 from gateway.route import Overflow, Route, RoutePolicy, RouteState, Target
 from gateway.spooled import SpooledRoute
 from gateway.supervisor import Supervisor
@@ -69,18 +70,23 @@ def build_routes(config: Config) -> dict[str, Route]:
             max_headers=config.gateway.max_headers,
             max_header_bytes=config.gateway.max_header_bytes,
         )
-        route = (
-            Route(s.name, rc.source.connector, rc.source, rc.patterns, policy)
-            if s.spool is None
-            else SpooledRoute(s.name, rc.source.connector, rc.source, rc.patterns, policy, s.spool)
-        )
+        if rc.request is not None and rc.request.replies_for is not None:
+            route: Route = ReplyRoute(s.name, rc.source.connector, rc.source, rc.patterns, policy)
+        elif s.spool is None:
+            route = Route(s.name, rc.source.connector, rc.source, rc.patterns, policy)
+        else:
+            route = SpooledRoute(s.name, rc.source.connector, rc.source, rc.patterns, policy, s.spool)
         route.transform = Transform.of(s)
+        route.request_leg = rc.request
         route.targets.extend(
             Target(
                 route, i, tc.spec.connector, tc.spec, tc.address, tc.key, _connector_limit(config, tc.spec.connector)
             )
             for i, tc in enumerate(rc.targets)
         )
+        if rc.request is not None and rc.request.replies_for is None and rc.request.responder == "nats":
+            for target in route.targets:
+                target.replies = True  # the NATS sink publishes with the gateway's reply subject
         if rc.dead_letter is not None:
             dl = rc.dead_letter
             route.dead_letter = Target(
@@ -106,8 +112,11 @@ class Gateway:
         for name in config.connectors:
             self.connectors[name] = self._make_connector(config, name)
         self.routes = build_routes(config)
+        self.requests: dict[str, Requests] = {}
+        """Tables of the request routes, by route name (they outlive reloads of their routes)."""
         for route in self.routes.values():
             self._bind(route)
+        self._link_requests()
         self._runner: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._connector_tasks: dict[str, asyncio.Task[None]] = {}
@@ -154,6 +163,28 @@ class Gateway:
             if target is not None:
                 target.sink = self.connectors[target.connector].sink
 
+    def _link_requests(self) -> None:
+        """Give every request route and its companion their shared table (kept across reloads)."""
+        live = set()
+        for route in self.routes.values():
+            leg = route.request_leg
+            if leg is None:
+                continue
+            name = leg.replies_for or route.name
+            table = self.requests.get(name)
+            if table is None:
+                table = self.requests[name] = Requests(name, leg)
+            elif leg.replies_for is None:
+                table.configure(leg)
+            if isinstance(route, ReplyRoute):
+                route.table = table
+                table.reply_route = route
+            else:
+                route.requests = table
+            live.add(name)
+        for name in set(self.requests) - live:
+            self.requests.pop(name).close()
+
     def _own(self, name: str) -> list[Route]:
         return [r for r in self.routes.values() if r.source == name]
 
@@ -199,6 +230,8 @@ class Gateway:
         budget = self.config.gateway.shutdown_timeout if timeout is None else timeout
         for conn in self.connectors.values():
             conn.stop_intake()
+        for table in self.requests.values():
+            table.close()  # what still waits for an answer gets an error reply before the sinks close
         in_flight = sum(r.in_flight for r in self.routes.values())
         log.info("gateway.draining", in_flight=in_flight, timeout=budget)
         drained = True
@@ -299,6 +332,7 @@ class Gateway:
         final = {n: self.routes[n] if n in keep else built[n] for n in new_rc}
         self.routes.clear()
         self.routes.update(final)
+        self._link_requests()
         for n, route in final.items():
             if n not in keep:
                 self._bind(route)

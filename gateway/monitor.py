@@ -75,6 +75,7 @@ def route_view(route: Route) -> dict[str, Any]:
         "overflow": route.policy.overflow.value,
         **s.as_dict(),
         **({"spool": route.spool_view()} if isinstance(route, SpooledRoute) else {}),
+        **({"requests": route.requests.view()} if route.requests is not None else {}),
         "latency": {
             "count": lat.count,
             "sum_seconds": lat.sum_ns / 1e9,
@@ -206,6 +207,22 @@ class GatewayCollector:
             for st in RouteState:
                 state.add_metric([r.name, st.value], float(r.state is st))
         yield state
+        tables = [r.requests for r in routes if r.requests is not None]
+        outcomes = CounterMetricFamily(
+            "gateway_route_requests",
+            "Request routes: requests forwarded, and how each ended (replied, timed_out, rejected, failed); late: "
+            "answers that matched no waiting request",
+            labels=[*lab, "outcome"],
+        )
+        waiting = GaugeMetricFamily(
+            "gateway_route_requests_pending", "Request routes: requests waiting for an answer", labels=lab
+        )
+        for t in tables:
+            for outcome, n in t.stats.as_dict().items():
+                outcomes.add_metric([t.route, outcome], n)
+            waiting.add_metric([t.route], t.pending)
+        yield outcomes
+        yield waiting
         hist = HistogramMetricFamily(
             "gateway_route_latency_seconds",
             "End-to-end latency of acknowledged messages: source receive to the last target's confirmation",

@@ -37,6 +37,7 @@ from gateway.templates import Match, Template
 from gateway.transform import PayloadError, Transform
 
 if TYPE_CHECKING:
+    from gateway.requests import RequestLeg, Requests
     from gateway.sink import Sink
 
 log = structlog.get_logger("gateway.route")
@@ -193,7 +194,7 @@ class Latency:
 class Target:
     """One compiled ``to`` entry (or the ``dead_letter``) of a route."""
 
-    __slots__ = ("address", "connector", "index", "key", "max_payload", "route", "sink", "spec")
+    __slots__ = ("address", "connector", "index", "key", "max_payload", "replies", "route", "sink", "spec")
 
     def __init__(
         self,
@@ -216,6 +217,8 @@ class Target:
         """Bound by the gateway when the connector is built."""
         self.max_payload = max_payload if max_payload is not None else _NO_LIMIT
         """The target connector's ``max_payload``: larger messages fail here, never reach its sink."""
+        self.replies = False
+        """The target publishes ``env.reply`` as the reply address (a request route's NATS target)."""
 
     def render(self, match: Match) -> Delivery:
         try:
@@ -229,12 +232,13 @@ class Target:
 class Delivery:
     """A target rendered for one source topic; cached with the topic's plan."""
 
-    __slots__ = ("address", "error", "key", "max_payload", "sink", "target")
+    __slots__ = ("address", "error", "key", "max_payload", "replies", "sink", "target")
 
     def __init__(self, target: Target, address: str, key: bytes | None, error: GatewayError | None) -> None:
         self.target = target
         self.sink = target.sink
         self.max_payload = target.max_payload
+        self.replies = target.replies
         self.address = address
         self.key = key
         self.error = error
@@ -338,6 +342,10 @@ class Route:
         self.max_header_bytes = self.policy.max_header_bytes
         self.transform: Transform | None = None
         """The route's where / schema / codec / headers, compiled; None keeps the pass-through path."""
+        self.request_leg: RequestLeg | None = None
+        """``request:`` settings (of a request route or of its companion ``.replies`` route)."""
+        self.requests: Requests | None = None
+        """A request route's table of requests waiting for an answer (bound by the gateway)."""
         self.targets: list[Target] = []
         self.dead_letter: Target | None = None
         self.in_flight = 0
@@ -366,6 +374,8 @@ class Route:
         if self.state is not RouteState.RUNNING:
             # Cut off or stopped: what still arrives goes back (redelivered by durable sources).
             self.stats.dropped_released += 1
+            if self.requests is not None and env.reply is not None:
+                self.requests.refuse(env, 503, f"route {self.name!r} is {self.state.value}")
             self._settle(env.receipt, released=True)
             return
         if self.transform is not None:  # where / schema / codec / headers: None on the pass-through path
@@ -381,12 +391,21 @@ class Route:
                 self._settle(env.receipt, released=False)
                 return
             env = changed
+            if self.requests is not None and env.reply is not None:
+                opened = self.requests.open(env, plan)
+                if opened is None:  # too many waiting: the requester got an error reply at once
+                    self.stats.failed += 1
+                    self._settle(env.receipt, released=False)
+                    return
+                env, plan = opened
         if (
             self._drop
             and (self.in_flight >= self.max_in_flight or self.in_flight_bytes + nbytes > self.max_in_flight_bytes)
             and not (self.policy.overflow is Overflow.DROP_OLDEST and self._evict_oldest())
         ):
             self.stats.dropped_overflow += 1
+            if self.requests is not None:
+                self.requests.abort(env, 503, f"route {self.name!r} is full")
             self._settle(env.receipt, released=False)
             return
         self.in_flight += 1
@@ -425,6 +444,8 @@ class Route:
     def finish(self, flight: Flight) -> None:
         error = flight.error
         if error is not None and not flight.released:
+            if self.requests is not None:
+                self.requests.abort(flight.env, 502, f"the request could not be delivered: {error}")
             if flight.plan.dead_letter is not None:
                 self._write_dead_letter(flight, error)
                 return
@@ -435,6 +456,8 @@ class Route:
                 flight.released = True  # not acknowledged: redelivered once the route runs again
         elif flight.released:
             self.stats.dropped_released += 1
+            if self.requests is not None:
+                self.requests.abort(flight.env, 503, f"route {self.name!r} gave the request up")
         else:
             self.stats.acked += 1
             received = flight.env.received_ns
@@ -546,6 +569,8 @@ class Route:
         if item is None:
             return False
         self.stats.dropped_overflow += 1
+        if self.requests is not None:
+            self.requests.abort(item[0].env, 503, f"route {self.name!r} is full")
         self._close(item[0])
         return True
 

@@ -177,6 +177,7 @@ class Transform:
             and section.codec == "passthrough"
             and not section.headers
             and not section.trace
+            and getattr(section, "request", None) is None  # request routes register their requests there
         ):
             return None
         where, reads = compile_where(section.where) if section.where is not None else (None, False)

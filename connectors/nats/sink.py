@@ -167,7 +167,7 @@ class NatsSink(Sink):
             env = flight.env
             spec: NatsTarget = d.target.spec
             headers = env.headers
-            reply = ""
+            reply = (env.reply or "") if d.replies else ""
             if spec.jetstream:
                 receipt = env.receipt
                 if receipt is not None and (pos := receipt.position()):

@@ -6,6 +6,7 @@ every broken entry, each as ``routes[1].to[0].topic: <what is wrong>``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import os
@@ -18,10 +19,11 @@ import yaml
 
 from gateway.config.model import Config, FileSection, RouteConfig, RouteSection, TargetConfig
 from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
-from gateway.errors import ConfigError, ConfigIssue
+from gateway.errors import ConfigError, ConfigIssue, TemplateError
 from gateway.loops import echo
 from gateway.patterns import SourcePattern
 from gateway.registry import plugins
+from gateway.requests import KINDS, RequestLeg, default_reply_to, reply_endpoints, reply_route_name
 from gateway.templates import compile_template
 from gateway.tls import check_files
 from gateway.transform import WhereError, compile_where
@@ -86,7 +88,7 @@ def parse_config(
         raise ConfigError(issues)
     connectors = _connectors(top.connectors, issues)
     broken = set(top.connectors) - set(connectors)
-    routes = _routes(top.routes, connectors, broken, issues)
+    routes = _routes(top.routes, connectors, broken, issues, top.gateway.id)
     if issues:
         raise ConfigError(issues)
     return Config(
@@ -242,6 +244,7 @@ def _routes(
     connectors: dict[str, tuple[Any, ConnectorPlugin]],
     broken: set[str],
     issues: list[ConfigIssue],
+    gateway_id: str = "gateway",
 ) -> list[RouteConfig]:
     """Validate routes; endpoints on a ``broken`` connector (already reported) are skipped quietly."""
     routes: list[RouteConfig] = []
@@ -286,8 +289,122 @@ def _routes(
         if source is not None and not section.allow_loop:
             _check_loops(source, patterns, targets, dead_letter, section, path, issues)
         if source is not None and len(targets) == len(to) and (dead_letter is not None or section.dead_letter is None):
-            routes.append(RouteConfig(section, source, tuple(patterns), tuple(targets), dead_letter))
+            rc = RouteConfig(section, source, tuple(patterns), tuple(targets), dead_letter)
+            if section.request is None:
+                routes.append(rc)
+                continue
+            before = len(issues)
+            replies = _request_routes(rc, connectors, broken, path, issues, gateway_id)
+            if len(issues) == before and replies is not None:
+                companion = replies[1].name
+                if companion in names:
+                    issues.append(
+                        ConfigIssue(
+                            f"{path}.name",
+                            f"{companion!r}, the route carrying the answers, is taken by routes[{names[companion]}]",
+                        )
+                    )
+                names.setdefault(companion, i)
+                routes.extend(replies)
     return routes
+
+
+def _request_routes(
+    rc: RouteConfig,
+    connectors: dict[str, tuple[Any, ConnectorPlugin]],
+    broken: set[str],
+    path: str,
+    issues: list[ConfigIssue],
+    gateway_id: str,
+) -> tuple[RouteConfig, RouteConfig] | None:
+    """A ``request:`` route with its settings resolved, and its companion route that carries the answers."""
+    section, request = rc.section, rc.section.request
+    assert request is not None
+    where = f"{path}.request"
+    source_kind = connectors[rc.source.connector][1].kind
+    if source_kind not in KINDS:
+        issues.append(ConfigIssue(where, f"request/reply needs a NATS or MQTT source, not {source_kind}"))
+        return None
+    if len(rc.targets) != 1:
+        issues.append(ConfigIssue(where, "a request route has exactly one target (the responder's side)"))
+        return None
+    if section.spool is not None:
+        issues.append(ConfigIssue(where, "a request route cannot be spooled (the requester waits for its answer)"))
+        return None
+    if getattr(rc.source, "stream", None) is not None:
+        issues.append(ConfigIssue(where, "request/reply needs a core NATS source (without stream)"))
+        return None
+    target = rc.targets[0].spec
+    target_cfg, target_plugin = connectors[target.connector]
+    responder = target_plugin.kind
+    if responder not in KINDS:
+        issues.append(ConfigIssue(where, f"request/reply needs a NATS or MQTT target, not {responder}"))
+        return None
+    if getattr(target, "jetstream", False) or getattr(target, "kv", None):
+        issues.append(
+            ConfigIssue(where, "request/reply needs a core NATS target (jetstream/kv publishes are not requests)")
+        )
+        return None
+    mode = "subject"
+    if responder == "mqtt":
+        mqtt5 = getattr(target_cfg, "version", 5) == 5
+        mode = request.correlation or ("properties" if mqtt5 else "topic")
+        if mode == "properties" and not mqtt5:
+            issues.append(
+                ConfigIssue(
+                    f"{where}.correlation",
+                    f"properties needs MQTT 5; connector {target.connector!r} speaks 3.1.1 (use correlation: topic)",
+                )
+            )
+            return None
+    elif request.correlation is not None:
+        issues.append(ConfigIssue(f"{where}.correlation", "applies to MQTT targets only"))
+        return None
+    reply_to = request.reply_to or default_reply_to(responder, gateway_id, section.name)
+    try:
+        target_plugin.syntax.check_name(reply_to)
+        if "{" in reply_to or "}" in reply_to:
+            raise TemplateError(f"{reply_to!r}: a reply address is a plain name, without {{placeholders}}")
+    except TemplateError as exc:
+        issues.append(ConfigIssue(f"{where}.reply_to", str(exc)))
+        return None
+    name = reply_route_name(section.name)
+    from_, to = reply_endpoints(
+        request,
+        mode,
+        reply_to=reply_to,
+        source_connector=rc.source.connector,
+        source_kind=source_kind,
+        target_connector=target.connector,
+        target_kind=responder,
+    )
+    companion = RouteSection(
+        name=name,
+        from_=from_,
+        to=to,
+        max_in_flight=section.max_in_flight,
+        max_in_flight_bytes=section.max_in_flight_bytes,
+        allow_loop=True,
+        description=f"answers to the requests of route {section.name!r}",
+    )
+    found: list[ConfigIssue] = []
+    source, patterns = _source(from_, connectors, broken, where, found)
+    reply_target = _target(to, patterns, connectors, broken, where, found) if source is not None else None
+    if found or source is None or reply_target is None:
+        issues.extend(ConfigIssue(f"{where}.reply_to", i.message) for i in found)
+        return None
+    leg = RequestLeg(request, responder, mode, reply_to)
+    return (
+        dataclasses.replace(rc, request=leg),
+        RouteConfig(
+            companion,
+            source,
+            tuple(patterns),
+            (reply_target,),
+            None,
+            dataclasses.replace(leg, replies_for=section.name),
+        ),
+    )
 
 
 def _check_loops(

@@ -17,6 +17,7 @@ from gateway.backoff import Backoff
 from gateway.connector import SourceSpec, TargetSpec
 from gateway.patterns import SourcePattern
 from gateway.redact import register_secret
+from gateway.requests import RequestConfig, RequestLeg
 from gateway.route import RetryPolicy
 from gateway.spooled import SpoolConfig
 from gateway.templates import Template
@@ -123,6 +124,10 @@ class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     """``passthrough`` (the payload is never decoded), ``json_to_msgpack`` or ``msgpack_to_json``."""
     headers: dict[str, str] | None = None
     """Headers added to every message of the route (name → value; ``{topic}`` is the source topic)."""
+    request: RequestConfig | None = None
+    """Request/reply between NATS and MQTT: messages that expect a reply (NATS requests, MQTT 5 publishes with
+    a response topic) get the responder's answer through the gateway, or an error reply (timeout, table
+    full, undeliverable). ``{timeout, max_pending, reply_to, correlation, reply_qos}``; see README."""
     trace: bool = False
     """Give every message without a W3C ``traceparent`` header a new one (a message that has one keeps it:
     headers always travel), so that it can be followed MQTT → Kafka → NATS."""
@@ -163,6 +168,8 @@ class RouteConfig:
     patterns: tuple[SourcePattern, ...]
     targets: tuple[TargetConfig, ...]
     dead_letter: TargetConfig | None = None
+    request: RequestLeg | None = None
+    """A ``request:`` route, or the companion route that carries its answers back (``replies_for``)."""
 
     @property
     def name(self) -> str:

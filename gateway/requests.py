@@ -1,0 +1,307 @@
+"""Request/reply across protocols: a NATS request answered by an MQTT device, an MQTT 5 request answered
+by a NATS service.
+
+A route with ``request:`` forwards every message that expects a reply (a NATS message with a reply
+subject, an MQTT 5 PUBLISH with a response topic) under a gateway-made correlation id, and remembers
+where the requester wants its answer in a bounded table. The responders answer on the gateway's
+reply address; a companion route, ``<route>.replies``, reads that address and publishes each answer
+to its requester. Whatever happens, the requester hears back: the answer, or at once an error reply
+(headers ``Nats-Service-Error-Code`` and ``Nats-Service-Error``, the NATS service convention, also as
+MQTT 5 user properties) when the table is full (503), the request could not be delivered (502) or no
+answer came within the timeout (504).
+
+How the id travels to the responder and back:
+
+- NATS responder: the request is published with reply subject ``<reply_to>.<id>``; the service's
+  answer to it comes back on the gateway's subscription ``<reply_to>.*``;
+- MQTT 5 responder (``correlation: properties``): Response Topic ``<reply_to>``, Correlation Data
+  ``<id>``; the device answers on the response topic with the correlation data, as MQTT 5 asks;
+- MQTT 3.1.1 responder (``correlation: topic``): the request goes to ``<topic>/<id>`` and the device
+  answers on ``<reply_to>/<id>``.
+
+Messages without a reply address pass through the route as one-way messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from gateway.envelope import Envelope
+from gateway.route import Delivery, Route, RoutePlan
+
+KINDS = ("nats", "mqtt")
+"""Connector kinds that carry a reply address."""
+ERROR_CODE = "Nats-Service-Error-Code"
+ERROR_TEXT = "Nats-Service-Error"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class RequestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``request:`` of a route between NATS and MQTT connectors: messages that expect a reply (NATS requests,
+    MQTT 5 publishes with a response topic) are answered through the gateway, or get an error reply."""
+
+    timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    """Seconds to wait for the answer; then the requester gets an error reply (code 504)."""
+    max_pending: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    """Requests waiting for an answer; a request beyond that gets an error reply at once (code 503)."""
+    reply_to: str | None = None
+    """Where responders answer, on the target's connector: the MQTT response topic (default
+    ``gateway/<gateway id>/replies/<route>``) or the NATS subject prefix of reply subjects (default
+    ``_INBOX.<gateway id>.<route>``)."""
+    correlation: Literal["properties", "topic"] | None = None
+    """MQTT targets: ``properties`` (MQTT 5 response topic and correlation data) or ``topic`` (the MQTT 3.1.1
+    convention: the request goes to ``<topic>/<id>``, the device answers on ``<reply_to>/<id>``). Default:
+    ``properties`` on an MQTT 5 connector, ``topic`` on a 3.1.1 one."""
+    reply_qos: Literal[0, 1, 2] = 1
+    """MQTT requesters: QoS of the answer published to their response topic."""
+
+
+def _safe(text: str) -> str:
+    return _UNSAFE.sub("_", text) or "_"
+
+
+def default_reply_to(kind: str, gateway_id: str, route: str) -> str:
+    if kind == "mqtt":
+        return f"gateway/{_safe(gateway_id)}/replies/{_safe(route)}"
+    return f"_INBOX.{_safe(gateway_id)}.{_safe(route)}"
+
+
+def reply_route_name(route: str) -> str:
+    return f"{route}.replies"
+
+
+def reply_endpoints(
+    config: RequestConfig,
+    mode: str,
+    *,
+    reply_to: str,
+    source_connector: str,
+    source_kind: str,
+    target_connector: str,
+    target_kind: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``from`` and ``to`` of the companion route that carries answers back to the requesters."""
+    if target_kind == "nats":
+        from_: dict[str, Any] = {"connector": target_connector, "subject": f"{reply_to}.*"}
+    else:
+        topic = f"{reply_to}/+" if mode == "topic" else reply_to
+        from_ = {"connector": target_connector, "topic": topic, "qos": 1}
+    if source_kind == "nats":
+        to: dict[str, Any] = {"connector": source_connector, "subject": "gateway.reply"}
+    else:
+        to = {"connector": source_connector, "topic": "gateway/reply", "qos": config.reply_qos}
+    return from_, to
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLeg:
+    """A request route's settings, resolved at load time; ``replies_for`` marks its companion route."""
+
+    config: RequestConfig
+    responder: str
+    """Kind of the target's connector: ``nats`` or ``mqtt``."""
+    mode: str
+    """``properties`` or ``topic`` (MQTT responders), ``subject`` (NATS responders)."""
+    reply_to: str
+    replies_for: str | None = None
+
+
+class RequestStats:
+    """Counters of one request route's table."""
+
+    __slots__ = ("failed", "forwarded", "late", "rejected", "replied", "timed_out")
+
+    def __init__(self) -> None:
+        self.forwarded = 0
+        """Requests forwarded to a responder under a correlation id."""
+        self.replied = 0
+        """Answers delivered to their requester's reply address (handed to its sink)."""
+        self.timed_out = 0
+        """Requests not answered in time: the requester got code 504."""
+        self.rejected = 0
+        """Requests refused at once (table full, route not running): code 503."""
+        self.failed = 0
+        """Requests that could not be delivered to a responder: code 502."""
+        self.late = 0
+        """Answers that matched no waiting request (too late, duplicated, or not ours)."""
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class _Pending:
+    __slots__ = ("address", "correlation", "deadline")
+
+    def __init__(self, address: str, correlation: bytes | None, deadline: float) -> None:
+        self.address = address
+        self.correlation = correlation
+        self.deadline = deadline
+
+
+class Requests:
+    """The requests of one route that wait for an answer, oldest first, bounded by ``max_pending``.
+
+    Every entry expires after the same timeout, so insertion order is expiry order: one timer, set
+    for the oldest entry, expires a run of them at a time (no timer per request).
+    """
+
+    def __init__(self, route: str, leg: RequestLeg) -> None:
+        self.route = route
+        self.stats = RequestStats()
+        self.reply_route: ReplyRoute | None = None
+        """The companion route that publishes answers and error replies (bound by the gateway)."""
+        self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
+        self._timer: asyncio.TimerHandle | None = None
+        self._boot = os.urandom(3).hex()
+        self._next = 0
+        self.configure(leg)
+
+    def configure(self, leg: RequestLeg) -> None:
+        """Apply a (reloaded) config; waiting requests keep their deadline."""
+        self.leg = leg
+        self.timeout = leg.config.timeout
+        self.max_pending = leg.config.max_pending
+        self.responder = leg.responder
+        self.mode = leg.mode
+        self.reply_to = leg.reply_to
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def view(self) -> dict[str, Any]:
+        """Counters and settings for /routez."""
+        return {
+            **self.stats.as_dict(),
+            "pending": len(self._pending),
+            "max_pending": self.max_pending,
+            "timeout": self.timeout,
+            "reply_to": self.reply_to,
+            "correlation": self.mode,
+        }
+
+    # -- the forward leg -----------------------------------------------------------------------------
+    def open(self, env: Envelope, plan: RoutePlan) -> tuple[Envelope, RoutePlan] | None:
+        """Register ``env`` (which has a reply address) and return what to send the responder instead;
+        None when the table is full (the requester got an error reply)."""
+        if len(self._pending) >= self.max_pending:
+            self.refuse(env, 503, f"too many requests waiting for an answer ({self.max_pending})")
+            return None
+        self._next += 1
+        token = f"{self._boot}{self._next:x}"
+        key = token.encode()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        self._pending[key] = _Pending(env.reply or "", env.correlation, deadline)
+        self.stats.forwarded += 1
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire)
+        if self.responder == "nats":
+            return msgspec.structs.replace(env, reply=f"{self.reply_to}.{token}", correlation=key), plan
+        if self.mode == "properties":
+            return msgspec.structs.replace(env, reply=self.reply_to, correlation=key), plan
+        # MQTT 3.1.1: the id is the last level of the request topic
+        deliveries = tuple(
+            Delivery(d.target, f"{d.address}/{token}", d.key, d.error) if d.error is None else d
+            for d in plan.deliveries
+        )
+        return msgspec.structs.replace(env, reply=None, correlation=key), RoutePlan(
+            plan.route, deliveries, plan.dead_letter
+        )
+
+    def abort(self, env: Envelope, code: int, text: str) -> None:
+        """The forwarded request ``env`` failed or was given up: its requester gets an error reply now."""
+        key = env.correlation
+        entry = self._pending.pop(key, None) if key is not None else None
+        if entry is not None:
+            if code == 503:
+                self.stats.rejected += 1
+            else:
+                self.stats.failed += 1
+            self._error(entry, code, text)
+
+    def refuse(self, env: Envelope, code: int, text: str) -> None:
+        """Answer a request that was never registered with an error reply."""
+        self.stats.rejected += 1
+        self._error(_Pending(env.reply or "", env.correlation, 0.0), code, text)
+
+    # -- the answers -----------------------------------------------------------------------------------
+    def answer(self, env: Envelope) -> _Pending | None:
+        """The waiting request that ``env`` (read by the companion route) answers, removed from the table."""
+        if self.responder == "nats":
+            key = env.topic.rpartition(".")[2].encode()
+        elif self.mode == "properties":
+            key = env.correlation or b""
+        else:
+            key = env.topic.rpartition("/")[2].encode()
+        entry = self._pending.pop(key, None)
+        if entry is None:
+            self.stats.late += 1
+        else:
+            self.stats.replied += 1
+        return entry
+
+    def _expire(self) -> None:
+        self._timer = None
+        pending = self._pending
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        text = f"no answer within {self.timeout:g} s"
+        while pending:
+            key = next(iter(pending))
+            entry = pending[key]
+            if entry.deadline > now:
+                self._timer = loop.call_at(entry.deadline, self._expire)
+                return
+            del pending[key]
+            self.stats.timed_out += 1
+            self._error(entry, 504, text)
+
+    def _error(self, entry: _Pending, code: int, text: str) -> None:
+        route = self.reply_route
+        if route is None or not entry.address:
+            return
+        headers = [(ERROR_CODE, str(code)), (ERROR_TEXT, text), ("x-gateway-route", self.route)]
+        env = Envelope(
+            self.route, b"", headers, None, 0, None, entry.correlation, time.monotonic_ns(), None
+        )  # no receipt: nothing to acknowledge
+        route.deliver(env, entry)
+
+    def close(self) -> None:
+        """The route is gone: stop the timer; what still waits gets an error reply if it still can."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, OrderedDict()
+        for entry in pending.values():
+            self.stats.failed += 1
+            self._error(entry, 503, "the gateway is stopping, or the route was removed")
+
+
+class ReplyRoute(Route):
+    """``<route>.replies``: reads the answers on the responders' side and publishes each to its requester."""
+
+    table: Requests
+    """The request route's table (bound by the gateway); ``requests`` stays None here."""
+
+    def admit(self, env: Envelope, plan: RoutePlan) -> None:
+        entry = self.table.answer(env)
+        if entry is None:  # nobody waits for it (any more): acknowledged, counted as filtered
+            self.stats.received += 1
+            self.stats.filtered += 1
+            self._settle(env.receipt, released=False)
+            return
+        self.deliver(msgspec.structs.replace(env, reply=None, correlation=entry.correlation), entry)
+
+    def deliver(self, env: Envelope, entry: _Pending) -> None:
+        """Publish ``env`` to the requester behind ``entry`` (its reply subject or response topic)."""
+        target = self.targets[0]
+        Route.admit(self, env, RoutePlan(self, (Delivery(target, entry.address, None, None),), None))
