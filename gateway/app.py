@@ -76,7 +76,16 @@ def build_routes(config: Config) -> dict[str, Route]:
             route = Route(s.name, rc.source.connector, rc.source, rc.patterns, policy)
         else:
             route = SpooledRoute(s.name, rc.source.connector, rc.source, rc.patterns, policy, s.spool)
-        route.transform = Transform.of(s)
+        route.payload_templates = any(
+            t.address.reads_payload or (t.key is not None and t.key.reads_payload) for t in rc.targets
+        )
+        route.transform = Transform.of(
+            s,
+            {c for p in rc.patterns for c in p.captures},
+            gateway_id=config.gateway.id,
+            payload_templates=route.payload_templates,
+            trace=config.gateway.trace,
+        )
         route.request_leg = rc.request
         route.targets.extend(
             Target(

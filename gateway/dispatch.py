@@ -50,6 +50,7 @@ class Dispatcher:
                     route,
                     tuple(t.render(match) for t in route.targets),
                     route.dead_letter.render(match) if route.dead_letter is not None else None,
+                    match,
                 )
                 for route, match in self.router.match(topic)
             )

@@ -221,6 +221,8 @@ class Target:
         """The target publishes ``env.reply`` as the reply address (a request route's NATS target)."""
 
     def render(self, match: Match) -> Delivery:
+        if self.address.reads_payload or (self.key is not None and self.key.reads_payload):
+            return Delivery(self, "", None, None, match)  # rendered per message: Route.render_payload
         try:
             address = self.address.render(match)
             key = self.key.render(match).encode() if self.key is not None else None
@@ -232,10 +234,19 @@ class Target:
 class Delivery:
     """A target rendered for one source topic; cached with the topic's plan."""
 
-    __slots__ = ("address", "error", "key", "max_payload", "replies", "sink", "target")
+    __slots__ = ("address", "error", "key", "match", "max_payload", "replies", "sink", "target")
 
-    def __init__(self, target: Target, address: str, key: bytes | None, error: GatewayError | None) -> None:
+    def __init__(
+        self,
+        target: Target,
+        address: str,
+        key: bytes | None,
+        error: GatewayError | None,
+        match: Match | None = None,
+    ) -> None:
         self.target = target
+        self.match = match
+        """Set when the target's templates read the payload: rendered per message from this match."""
         self.sink = target.sink
         self.max_payload = target.max_payload
         self.replies = target.replies
@@ -247,12 +258,20 @@ class Delivery:
 class RoutePlan:
     """What one route does with one source topic: its rendered targets and dead letter."""
 
-    __slots__ = ("dead_letter", "deliveries", "route")
+    __slots__ = ("dead_letter", "deliveries", "match", "route")
 
-    def __init__(self, route: Route, deliveries: tuple[Delivery, ...], dead_letter: Delivery | None) -> None:
+    def __init__(
+        self,
+        route: Route,
+        deliveries: tuple[Delivery, ...],
+        dead_letter: Delivery | None,
+        match: Match | None = None,
+    ) -> None:
         self.route = route
         self.deliveries = deliveries
         self.dead_letter = dead_letter
+        self.match = match
+        """What the source pattern matched (captures for header templates)."""
 
 
 class Flight:
@@ -342,6 +361,8 @@ class Route:
         self.max_header_bytes = self.policy.max_header_bytes
         self.transform: Transform | None = None
         """The route's where / schema / codec / headers, compiled; None keeps the pass-through path."""
+        self.payload_templates = False
+        """Some target's subject, topic or key reads the payload (``{payload.FIELD}``): rendered per message."""
         self.request_leg: RequestLeg | None = None
         """``request:`` settings (of a request route or of its companion ``.replies`` route)."""
         self.requests: Requests | None = None
@@ -380,7 +401,7 @@ class Route:
             return
         if self.transform is not None:  # where / schema / codec / headers: None on the pass-through path
             try:
-                changed = self.transform.apply(env)
+                changed = self.transform.apply(env, plan.match)
             except PayloadError as exc:
                 self.in_flight += 1
                 self.in_flight_bytes += nbytes
@@ -391,6 +412,8 @@ class Route:
                 self._settle(env.receipt, released=False)
                 return
             env = changed
+            if self.payload_templates:
+                plan = self.render_payload(plan, self.transform.doc)
             if self.requests is not None and env.reply is not None:
                 opened = self.requests.open(env, plan)
                 if opened is None:  # too many waiting: the requester got an error reply at once
@@ -434,6 +457,21 @@ class Route:
                 d.sink.submit(flight, d)  # type: ignore[union-attr]  # bound before any dispatch
             else:
                 flight.fail(d, d.error or PayloadTooLarge(nbytes, d.max_payload, f"{d.target.connector} max_payload"))
+
+    def render_payload(self, plan: RoutePlan, doc: Any) -> RoutePlan:
+        """``plan`` with the targets that read the payload rendered for this message's ``doc``."""
+        deliveries = []
+        for d in plan.deliveries:
+            if d.match is not None:
+                t = d.target
+                try:
+                    address = t.address.render(d.match, doc)
+                    key = t.key.render(d.match, doc).encode() if t.key is not None else None
+                    d = Delivery(t, address, key, None)
+                except TemplateError as exc:
+                    d = Delivery(t, "", None, exc)
+            deliveries.append(d)
+        return RoutePlan(self, tuple(deliveries), plan.dead_letter, plan.match)
 
     @staticmethod
     def _refuse(flight: Flight, error: SinkError) -> None:

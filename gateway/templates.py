@@ -11,6 +11,8 @@ Placeholders:
 - ``{#}`` / ``{>}``: the levels matched by the source's multi-level wildcard,
   each converted and re-joined with the target's separator;
 - ``{topic}``: the whole source topic, converted to the target's syntax;
+- ``{payload.FIELD[.FIELD...]}``: a field of the (JSON) payload, read per message: the route decodes
+  the payload once, and a message without the field (or not JSON) fails like any unrenderable name;
 - ``{{`` / ``}}``: literal braces.
 """
 
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
+from gateway.errors import TemplateError
 from gateway.patterns import SourcePattern, TopicSyntax
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
@@ -34,7 +38,8 @@ class Match:
     remainder: tuple[str, ...]
 
 
-_LIT, _CAP, _REST, _TOPIC = 0, 1, 2, 3
+_LIT, _CAP, _REST, _TOPIC, _PAYLOAD = 0, 1, 2, 3, 4
+_NO_DOC = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,13 +55,22 @@ class Template:
     def is_constant(self) -> bool:
         return all(kind == _LIT for kind, _ in self.parts)
 
-    def render(self, match: Match) -> str:
-        """Render for one matched topic; raises TemplateError when the target cannot carry a value."""
+    @property
+    def reads_payload(self) -> bool:
+        """Rendered per message (``{payload.FIELD}``), not once per topic."""
+        return any(kind == _PAYLOAD for kind, _ in self.parts)
+
+    def render(self, match: Match, doc: Any = _NO_DOC) -> str:
+        """Render for one matched topic (and decoded payload ``doc``, when the template reads it);
+        raises TemplateError when the target cannot carry a value."""
         syn = self.syntax
         out: list[str] = []
         for kind, value in self.parts:
             if kind == _LIT:
                 out.append(value)
+            elif kind == _PAYLOAD:
+                v = payload_field(doc, value)
+                out.append(syn.from_neutral(v) if syn else v)
             elif kind == _CAP:
                 v = match.captures[value]
                 out.append(syn.from_neutral(v) if syn else v)
@@ -78,6 +92,19 @@ class Template:
         if syn is None:
             return self.source_separator.join(levels)
         return syn.separator.join(syn.from_neutral(v) for v in levels)
+
+
+def payload_field(doc: Any, path: str) -> str:
+    """The scalar at ``path`` (``a.b``) of a decoded payload, as text; TemplateError when absent."""
+    for key in path.split("."):
+        if not isinstance(doc, dict) or key not in doc:
+            raise TemplateError(f"the payload has no field {path!r}")
+        doc = doc[key]
+    if isinstance(doc, bool):
+        return "true" if doc else "false"
+    if isinstance(doc, str | int | float):
+        return str(doc)
+    raise TemplateError(f"payload field {path!r} is not a string, number or boolean")
 
 
 def compile_template(text: str, source: SourcePattern, target: TopicSyntax | None) -> Template:
@@ -102,11 +129,16 @@ def compile_template(text: str, source: SourcePattern, target: TopicSyntax | Non
             parts.append((_REST, ""))
         elif name == "topic":
             parts.append((_TOPIC, ""))
+        elif name.startswith("payload.") and all(name.split(".")[1:]):
+            parts.append((_PAYLOAD, name[len("payload.") :]))
         elif name in captures:
             parts.append((_CAP, name))
         else:
             known = ", ".join(sorted(f"{{{c}}}" for c in captures)) or "none"
-            raise ValueError(f"{{{name}}} is not a capture of the source pattern {source.text!r} (captures: {known})")
+            raise ValueError(
+                f"{{{name}}} is not a capture of the source pattern {source.text!r} (captures: {known}); "
+                "{topic} and {payload.FIELD} work too"
+            )
     if pos < len(text):
         parts.append((_LIT, text[pos:]))
     merged: list[tuple[int, str]] = []

@@ -22,14 +22,17 @@ A leaf is ``{PATH: {OP: VALUE}}`` or ``{PATH: VALUE}`` (equality); PATH is
 from __future__ import annotations
 
 import operator
-import os
-from collections.abc import Callable
+import re
+import time
+from collections.abc import Callable, Iterable
+from random import getrandbits
 from typing import Any, Literal
 
 import msgspec
 
 from gateway.envelope import Envelope
-from gateway.errors import SinkError
+from gateway.errors import SinkError, TemplateError
+from gateway.templates import Match, payload_field
 
 Codec = Literal["passthrough", "json_to_msgpack", "msgpack_to_json"]
 FieldType = Literal["str", "int", "float", "bool", "any", "str?", "int?", "float?", "bool?", "any?"]
@@ -163,31 +166,93 @@ def _getter(field: str, path: str) -> tuple[Callable[[Envelope, Any], Any], bool
     raise WhereError(f"{path}: a condition reads topic, header.NAME or payload.FIELD")
 
 
+_HEADER_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_LIT, _TOPIC, _CAPTURE, _GATEWAY, _RECEIVED, _RECEIVED_MS, _PAYLOAD = range(7)
+_NAMED = {"topic": _TOPIC, "gateway": _GATEWAY, "received": _RECEIVED, "received_ms": _RECEIVED_MS}
+HeaderTemplate = tuple[tuple[int, str], ...]
+
+
+def compile_header(text: str, captures: Iterable[str] = ()) -> tuple[HeaderTemplate, bool]:
+    """A header value template, and whether it reads the payload; ValueError on a bad placeholder.
+
+    ``{topic}``, ``{gateway}`` (the gateway id), ``{received}`` (receive time, RFC 3339 UTC),
+    ``{received_ms}`` (Unix milliseconds), ``{payload.FIELD}``, a capture of the source pattern.
+    """
+    known = set(captures)
+    parts: list[tuple[int, str]] = []
+    pos = 0
+    for m in _HEADER_PLACEHOLDER.finditer(text):
+        if m.start() > pos:
+            parts.append((_LIT, text[pos : m.start()]))
+        pos = m.end()
+        token, name = m.group(0), m.group(1)
+        if token in ("{{", "}}"):
+            parts.append((_LIT, token[0]))
+        elif name is None:
+            raise ValueError(f"unbalanced {token!r} (write {token}{token} for a literal brace)")
+        elif name in _NAMED:
+            parts.append((_NAMED[name], ""))
+        elif name.startswith("payload.") and all(name.split(".")[1:]):
+            parts.append((_PAYLOAD, name[len("payload.") :]))
+        elif name in known:
+            parts.append((_CAPTURE, name))
+        else:
+            names = ", ".join(f"{{{n}}}" for n in [*_NAMED, *sorted(known), "payload.FIELD"])
+            raise ValueError(f"unknown placeholder {{{name}}} (one of: {names})")
+    if pos < len(text):
+        parts.append((_LIT, text[pos:]))
+    return tuple(parts), any(kind == _PAYLOAD for kind, _ in parts)
+
+
 class Transform:
     """The compiled ``where`` / ``schema`` / ``codec`` / ``headers`` of one route."""
 
-    __slots__ = ("_codec", "_decode", "_encode", "_headers", "_schema", "_trace", "_where", "decodes")
+    __slots__ = (
+        "_codec",
+        "_decode",
+        "_encode",
+        "_gateway",
+        "_headers",
+        "_schema",
+        "_trace",
+        "_where",
+        "decodes",
+        "doc",
+    )
 
     @classmethod
-    def of(cls, section: Any) -> Transform | None:
-        """The transform of a route section, or None when it has none (the pass-through path)."""
+    def of(
+        cls,
+        section: Any,
+        captures: Iterable[str] = (),
+        *,
+        gateway_id: str = "",
+        payload_templates: bool = False,
+        trace: bool = False,
+    ) -> Transform | None:
+        """The transform of a route section, or None when it has none (the pass-through path).
+        ``trace`` is the gateway's default for routes that do not set ``trace``."""
+        trace = section.trace if section.trace is not None else trace
         if (
             section.where is None
             and section.schema is None
             and section.codec == "passthrough"
             and not section.headers
-            and not section.trace
+            and not trace
             and getattr(section, "request", None) is None  # request routes register their requests there
+            and not payload_templates
         ):
             return None
         where, reads = compile_where(section.where) if section.where is not None else (None, False)
         return cls(
             where=where,
-            where_reads_payload=reads,
+            where_reads_payload=reads or payload_templates,
             schema=section.schema,
             codec=section.codec,
             headers=section.headers,
-            trace=section.trace,
+            trace=trace,
+            captures=captures,
+            gateway_id=gateway_id,
         )
 
     def __init__(
@@ -199,11 +264,18 @@ class Transform:
         codec: Codec = "passthrough",
         headers: dict[str, str] | None = None,
         trace: bool = False,
+        captures: Iterable[str] = (),
+        gateway_id: str = "",
     ) -> None:
         self._where = where
         self._trace = trace
         self._codec = codec
-        self._headers = [(k, v, "{topic}" in v) for k, v in (headers or {}).items()]
+        self._gateway = gateway_id
+        compiled = [(k, *compile_header(v, captures)) for k, v in (headers or {}).items()]
+        self._headers = [(k, tpl) for k, tpl, _ in compiled]
+        reads_payload = any(reads for _, _, reads in compiled)
+        self.doc: Any = _MISSING
+        """The decoded payload of the message :meth:`apply` last saw (for payload templates)."""
         source_msgpack = codec == "msgpack_to_json"
         self._decode: Callable[[bytes], Any] = msgspec.msgpack.decode if source_msgpack else msgspec.json.decode
         self._encode: Callable[[Any], bytes] | None = {
@@ -218,12 +290,13 @@ class Transform:
                 typ = _TYPES[t.rstrip("?")]
                 fields.append((name, typ | None, None) if optional else (name, typ))
             self._schema = msgspec.defstruct("Payload", fields, forbid_unknown_fields=not schema.extra)
-        self.decodes = where_reads_payload or self._schema is not None or self._encode is not None
+        self.decodes = where_reads_payload or reads_payload or self._schema is not None or self._encode is not None
         """Whether the payload is decoded (the pass-through path never decodes)."""
 
-    def apply(self, env: Envelope) -> Envelope | None:
+    def apply(self, env: Envelope, match: Match | None = None) -> Envelope | None:
         """The message to deliver (``env`` itself when unchanged), or None when ``where`` filters it out.
-        Raises PayloadError for a payload that cannot be decoded, validated or converted."""
+        Raises PayloadError for a payload that cannot be decoded, validated or converted (or lacks a field
+        a header template reads)."""
         doc: Any = _MISSING
         if self.decodes:
             try:
@@ -231,6 +304,7 @@ class Transform:
             except (msgspec.DecodeError, ValueError) as exc:
                 kind = "msgpack" if self._codec == "msgpack_to_json" else "JSON"
                 raise PayloadError(f"payload is not {kind}: {exc}") from None
+        self.doc = doc
         if self._where is not None and not self._where(env, doc):
             return None
         if self._schema is not None:
@@ -239,18 +313,43 @@ class Transform:
             except msgspec.ValidationError as exc:
                 raise PayloadError(f"payload does not match the schema: {exc}") from None
         headers = env.headers
-        if self._trace and not any(k.lower() == "traceparent" for k, _ in headers or ()):
+        if self._trace and (headers is None or not any(k.lower() == "traceparent" for k, _ in headers)):
             headers = [*(headers or ()), ("traceparent", new_traceparent())]
         elif self._encode is None and not self._headers:
             return env
         payload = self._encode(doc) if self._encode is not None else env.payload
         if self._headers:
-            topic = env.topic
-            headers = [*(headers or ()), *((k, v.replace("{topic}", topic) if t else v) for k, v, t in self._headers)]
+            headers = [*(headers or ()), *((k, self._render(tpl, env, match, doc)) for k, tpl in self._headers)]
         return msgspec.structs.replace(env, payload=payload, headers=headers)
+
+    def _render(self, tpl: HeaderTemplate, env: Envelope, match: Match | None, doc: Any) -> str:
+        out = []
+        for kind, value in tpl:
+            if kind == _LIT:
+                out.append(value)
+            elif kind == _TOPIC:
+                out.append(env.topic)
+            elif kind == _CAPTURE:
+                out.append(match.captures.get(value, "") if match is not None else "")
+            elif kind == _GATEWAY:
+                out.append(self._gateway)
+            elif kind == _RECEIVED:
+                now = time.time()
+                out.append(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z")
+            elif kind == _RECEIVED_MS:
+                out.append(str(time.time_ns() // 1_000_000))
+            else:
+                try:
+                    out.append(payload_field(doc, value))
+                except TemplateError as exc:
+                    raise PayloadError(str(exc)) from None
+        return "".join(out)
 
 
 def new_traceparent() -> str:
-    """A W3C trace context ``traceparent`` starting a new trace (version 00, sampled)."""
-    ids = os.urandom(24).hex()
-    return f"00-{ids[:32]}-{ids[32:]}-01"
+    """A W3C trace context ``traceparent`` starting a new trace (version 00, sampled).
+
+    Ids from ``random.getrandbits`` (as OpenTelemetry's default id generator): unique, not secret.
+    """
+    ids = "%048x" % (getrandbits(192) | 1 << 64 | 1)
+    return "00-" + ids[:32] + "-" + ids[32:] + "-01"

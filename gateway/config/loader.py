@@ -26,7 +26,7 @@ from gateway.registry import plugins
 from gateway.requests import KINDS, RequestLeg, default_reply_to, reply_endpoints, reply_route_name
 from gateway.templates import compile_template
 from gateway.tls import check_files
-from gateway.transform import WhereError, compile_where
+from gateway.transform import WhereError, compile_header, compile_where
 
 _INTERP = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 _MSGSPEC_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
@@ -286,6 +286,21 @@ def _routes(
         dead_letter = None
         if section.dead_letter is not None:
             dead_letter = _target(section.dead_letter, patterns, connectors, broken, f"{path}.dead_letter", issues)
+            if dead_letter is not None and (
+                dead_letter.address.reads_payload or (dead_letter.key is not None and dead_letter.key.reads_payload)
+            ):
+                issues.append(
+                    ConfigIssue(
+                        f"{path}.dead_letter",
+                        "a dead letter cannot read {payload.FIELD}: what fails may not be readable",
+                    )
+                )
+        captures = {c for p in patterns for c in p.captures}
+        for hname, htext in (section.headers or {}).items():
+            try:
+                compile_header(htext, captures)
+            except ValueError as exc:
+                issues.append(ConfigIssue(f"{path}.headers.{hname}", str(exc)))
         if source is not None and not section.allow_loop:
             _check_loops(source, patterns, targets, dead_letter, section, path, issues)
         if source is not None and len(targets) == len(to) and (dead_letter is not None or section.dead_letter is None):

@@ -336,7 +336,7 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     issue = only_issue(edit(EXAMPLE, "qos: 1}\n    to:\n", "qos: 1, zzz: 2}\n    to:\n"))
 
     assert issue.path == "routes[0].from.zzz"
-    assert issue.message == "unknown key (known keys: connector, qos, share_group, topic)"
+    assert issue.message == "unknown key (known keys: connector, qos, retained_only, share_group, topic)"
 
 
 def test_target_list_entry_with_an_unknown_connector_is_indexed() -> None:
@@ -647,7 +647,8 @@ def test_cli_validate_invalid_prints_one_line_per_problem(tmp_path: Path, capsys
     assert lines[0] == f"{path}: invalid config (2 problems):"
     assert lines[1:] == [
         "  connectors.devices.clientid: unknown key (did you mean 'client_id'?)",
-        "  routes[2].to.subject: {region} is not a capture of the source pattern 'orders' (captures: none)",
+        "  routes[2].to.subject: {region} is not a capture of the source pattern 'orders' (captures: none); "
+        "{topic} and {payload.FIELD} work too",
     ]
     assert "Traceback" not in err
 

@@ -150,3 +150,70 @@ async def test_trace_creates_a_traceparent_only_where_none_travels(start_gateway
     first, second = (dict(r.headers or []) for r in MemoryBroker.named("B").received)
     assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", first["traceparent"])
     assert second == {"TraceParent": given}, "an existing traceparent is carried, not replaced"
+
+
+async def test_targets_and_headers_read_payload_fields_captures_and_the_gateway(start_config: StartGateway) -> None:
+    gw = await start_config(
+        memory_config(
+            """\
+  - name: r
+    from: {connector: a, topic: "in/{device}"}
+    to: {connector: b, topic: "sites/{payload.site}/{device}"}
+    headers: {x-device: "{device}", x-gw: "{gateway}", x-seen: "{received}", x-ms: "{received_ms}",
+              x-kind: "{payload.meta.kind}"}
+    dead_letter: {connector: c, topic: "dlq/{device}"}
+""",
+            extra="gateway: {id: edge-7}\n",
+        )
+    )
+    publish(
+        b'{"site": "north", "meta": {"kind": "temp"}}',
+        b'{"site": 12, "meta": {"kind": true}}',
+        b'{"meta": {"kind": "x"}}',  # no site: the topic cannot be rendered
+        b'{"site": "a/b", "meta": {"kind": "x"}}',  # not one MQTT level
+        b'{"site": "s"}',  # no meta.kind for the header
+        b"not json",
+    )
+    r = gw.routes["r"]
+    await until(lambda: r.stats.acked + r.stats.failed == 6)
+    got = MemoryBroker.named("B").received
+    assert [m.topic for m in got] == ["sites/north/d0", "sites/12/d1"]
+    h = dict(got[0].headers or ())
+    assert (h["x-device"], h["x-gw"], h["x-kind"]) == ("d0", "edge-7", "temp")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", h["x-seen"]) and h["x-ms"].isdigit()
+    assert dict(got[1].headers or ())["x-kind"] == "true"
+    dead = MemoryBroker.named("C").received
+    assert [m.topic for m in dead] == ["dlq/d2", "dlq/d3", "dlq/d4", "dlq/d5"]
+    errors = [dict(m.headers or ())["x-gateway-error"] for m in dead]
+    assert "no field 'site'" in errors[0] and "'a/b'" in errors[1]
+    assert "no field 'meta.kind'" in errors[2] and "not JSON" in errors[3]
+    assert (r.stats.acked, r.stats.dead_lettered) == (2, 4)
+
+
+def test_payload_templates_decode_only_on_the_routes_that_use_them() -> None:
+    plain = parse_config(memory_config(route("    headers: {x: '{device}-{topic}-{gateway}'}\n")), environ={})
+    tf = Transform.of(plain.routes[0].section, {"device"})
+    assert tf is not None and not tf.decodes, "captures, topic and gateway need no payload"
+    reads = parse_config(memory_config(route("    headers: {x: '{payload.id}'}\n")), environ={})
+    tf = Transform.of(reads.routes[0].section, {"device"})
+    assert tf is not None and tf.decodes
+
+
+@pytest.mark.parametrize(
+    ("extra", "path", "message"),
+    [
+        ("    headers: {x: '{nope}'}\n", "routes[0].headers.x", "unknown placeholder {nope}"),
+        ("    headers: {x: '{payload.}'}\n", "routes[0].headers.x", "unknown placeholder {payload.}"),
+        ("    headers: {x: 'a}b'}\n", "routes[0].headers.x", "unbalanced '}'"),
+        (
+            '    dead_letter: {connector: c, topic: "dlq/{payload.id}"}\n',
+            "routes[0].dead_letter",
+            "cannot read {payload.FIELD}",
+        ),
+    ],
+)
+def test_bad_templates_are_config_errors(extra: str, path: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(memory_config(route(extra)), environ={})
+    [issue] = info.value.issues
+    assert issue.path == path and message in issue.message, issue
