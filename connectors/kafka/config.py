@@ -156,6 +156,11 @@ class KafkaTarget(TargetSpec, frozen=True, forbid_unknown_fields=True, kw_only=T
     """Topic template: ``{name}``, ``{#}`` (levels joined by '.'), ``{topic}``."""
     key: str | None = None
     """Record-key template (``{device}``): records with the same key keep their order. Default: the source's key."""
+    tombstones: bool = False
+    """Produce an empty payload as a null value (a tombstone), so that a compacted topic
+    (``cleanup.policy=compact``) forgets the key: a cleared MQTT retained message or a deleted key-value entry
+    removes the key's state. Needs a record key (``key``, or the source's). The gateway creates no topics:
+    create the compacted topic beforehand."""
 
     def address(self) -> str:
         return self.topic

@@ -160,11 +160,14 @@ class ConfluentSink(ProducerSink):
                     flight.fail(d, PayloadTooLarge(len(env.payload), limit, "Kafka max_request_size"))
                     continue
                 hdrs = env.headers
+                value: bytes | None = env.payload
+                if not value and d.target.spec.tombstones:  # an empty payload, then the (rare) option
+                    value = None
                 try:
                     await self._produce(
                         producer,
                         d.address,
-                        env.payload,
+                        value,
                         d.key if d.key is not None else env.key,
                         [(k, v.encode()) for k, v in hdrs] if hdrs else None,
                         functools.partial(delivered, item),
@@ -181,7 +184,9 @@ class ConfluentSink(ProducerSink):
             self._reports.set()
 
     @staticmethod
-    async def _produce(producer: Producer, topic: str, value: bytes, key: bytes | None, headers: Any, cb: Any) -> None:
+    async def _produce(
+        producer: Producer, topic: str, value: bytes | None, key: bytes | None, headers: Any, cb: Any
+    ) -> None:
         while True:
             try:
                 producer.produce(topic, value, key, headers=headers, on_delivery=cb)

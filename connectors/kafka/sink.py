@@ -90,10 +90,13 @@ class KafkaSink(ProducerSink):
                 flight, d = item
                 env = flight.env
                 hdrs = env.headers
+                value: bytes | None = env.payload
+                if not value and d.target.spec.tombstones:  # an empty payload, then the (rare) option
+                    value = None
                 try:
                     fut = await producer.send(
                         d.address,
-                        env.payload,
+                        value,
                         key=d.key if d.key is not None else env.key,
                         headers=[(k, v.encode()) for k, v in hdrs] if hdrs else None,
                     )

@@ -101,6 +101,20 @@ class MqttSource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     """Subscription QoS. 1 and 2 are at-least-once through the gateway; 0 is at-most-once."""
     share_group: str | None = None
     """Subscribe as ``$share/<group>/<filter>`` so several gateways split the topic."""
+    retained_only: bool = False
+    """Take only messages that carry the retain flag: the broker's retained state, to mirror it (to a
+    key-value bucket, a compacted Kafka topic). Every retained message arrives when the route subscribes,
+    then each new one as it is published; a cleared retained message arrives as an empty payload (a delete
+    for the target). Others are acknowledged and counted as ``filtered``. MQTT 5 only in practice: a 3.1.1
+    broker sets the flag only on what it sends at subscribe time, so updates and clears are seen only at the
+    next (re)connect. Not with ``share_group``: shared subscriptions get no retained messages."""
+
+    def __post_init__(self) -> None:
+        if self.retained_only and self.share_group is not None:
+            raise ValueError(
+                "retained_only cannot be used with share_group: a shared subscription is sent no retained "
+                "messages when it subscribes (MQTT 5, 4.8.2), so the state would be missed"
+            )
 
     def patterns(self, syntax: TopicSyntax) -> list[SourcePattern]:
         if self.topic.startswith("$share/"):

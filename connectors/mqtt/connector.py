@@ -23,7 +23,7 @@ from connectors.mqtt.client import MqttConnection, open_connection
 from connectors.mqtt.codec import codec_for
 from connectors.mqtt.config import MqttConfig, MqttSource
 from connectors.mqtt.sink import MqttSink, PacketIds
-from connectors.mqtt.source import Subscriber
+from connectors.mqtt.source import RetainedSubscriber, Subscriber
 from gateway.channel import Channel
 from gateway.connector import Connector, ConnectorContext
 from gateway.dispatch import Dispatcher, Route
@@ -103,6 +103,11 @@ class MqttConnector(Connector):
         return channels
 
     def _route_channel(self, route: Route) -> Channel:
+        spec: MqttSource = route.spec
+        if spec.retained_only and self.config.version != 5:
+            # 3.1.1 brokers clear the retain flag on what they forward live: only the state sent at
+            # subscribe time is seen, so updates and clears wait for the next connect.
+            self.log.warning("connector.retained_only_needs_mqtt5", route=route.name)
         rs = self._sessions[route.name] = _RouteSession()
         ch = self._channels[route.name] = Channel(
             self,
@@ -217,10 +222,11 @@ class MqttConnector(Connector):
         if dispatcher is None:
             dispatcher = self._dispatchers[route.name] = Dispatcher(MQTT, [route], cache_size=self.context.cache_size)
         client_id = self.route_client_id(route)
+        subscriber = RetainedSubscriber if spec.retained_only else Subscriber
 
         def prepare(conn: MqttConnection) -> None:
             rs.conn = conn
-            rs.subscriber = Subscriber(conn, dispatcher)
+            rs.subscriber = subscriber(conn, dispatcher)
 
         try:
             conn, connack = await self._connect(client_id, rs, prepare)

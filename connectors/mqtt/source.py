@@ -16,7 +16,7 @@ from mqtt5 import PublishPacket
 
 from connectors.mqtt.client import MqttConnection
 from connectors.mqtt.codec import PUBACK, PUBREC, ack
-from gateway.dispatch import Dispatcher
+from gateway.dispatch import Dispatcher, RouteStats
 from gateway.envelope import Envelope, Receipt
 
 
@@ -91,3 +91,29 @@ class Subscriber:
                 receipt,
             )
         )
+
+
+class RetainedSubscriber(Subscriber):
+    """A ``retained_only`` route's subscriber: messages without the retain flag are acknowledged, not routed.
+
+    A separate class, chosen when the session starts, so that other routes test nothing more per message.
+    """
+
+    __slots__ = ("stats",)
+
+    def __init__(self, conn: MqttConnection, dispatcher: Dispatcher) -> None:
+        super().__init__(conn, dispatcher)
+        self.stats: RouteStats = dispatcher.routes[0].stats
+
+    def on_publish(self, p: PublishPacket) -> None:
+        if p.retain or self.stopped:
+            super().on_publish(p)
+            return
+        stats = self.stats
+        stats.received += 1
+        stats.filtered += 1
+        qos = int(p.qos)
+        if qos:  # acknowledged in arrival order, like every other message of the session
+            receipt = MqttReceipt(self.acks, p.packet_id or 0, qos)
+            self.acks.pending.append(receipt)
+            receipt.settle()

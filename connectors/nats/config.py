@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 from urllib.parse import unquote, urlsplit
 
@@ -11,6 +12,33 @@ from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetS
 from gateway.patterns import NATS, SourcePattern, TopicSyntax, compile_pattern
 from gateway.redact import redact_url, register_secret
 from gateway.tls import TlsConfig
+
+_BUCKET = re.compile(r"[A-Za-z0-9_-]+")
+"""A JetStream key-value bucket name, as nats-server and the NATS clients accept it."""
+_KEY_CHARS = re.compile(r"[-/_=.A-Za-z0-9]*")
+"""What a key-value key may hold (the NATS clients' rule; the server itself would store any subject)."""
+_PLACEHOLDERS = re.compile(r"\{\{|\}\}|\{[^{}]*\}")
+
+
+def check_bucket(bucket: str) -> None:
+    if not _BUCKET.fullmatch(bucket):
+        raise ValueError(f"kv: {bucket!r} is not a key-value bucket name (letters, digits, '_' and '-')")
+
+
+def check_key_template(text: str) -> None:
+    """The literal text of a key template must be key characters; placeholders are checked per message."""
+    literal = _PLACEHOLDERS.sub("", text)
+    if not _KEY_CHARS.fullmatch(literal):
+        bad = sorted(set(_KEY_CHARS.sub("", literal)))
+        raise ValueError(
+            f"subject: {text!r} is not a key-value key: {''.join(bad)!r} (keys use letters, digits and -/_=.)"
+        )
+    if text.startswith(".") or text.endswith("."):
+        raise ValueError(f"subject: {text!r} is not a key-value key: it starts or ends with '.'")
+
+
+def is_kv_key(key: str) -> bool:
+    return bool(key) and _KEY_CHARS.fullmatch(key) is not None and key[0] != "." and key[-1] != "."
 
 
 class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag="nats", tag_field="type"):
@@ -91,27 +119,42 @@ class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
 
 
 class NatsSource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """``from`` a NATS connector: a core subscription, or a durable JetStream consumer when ``stream`` is set."""
+    """``from`` a NATS connector: a core subscription, or a durable JetStream consumer when ``stream`` or
+    ``kv`` is set."""
 
     subject: str
-    """Subject filter: ``{name}`` captures one token, ``*`` and ``>`` are NATS wildcards."""
+    """Subject filter: ``{name}`` captures one token, ``*`` and ``>`` are NATS wildcards. With ``kv``: the
+    filter over the bucket's keys (``devices.{device}.config``), and the key is the message's topic."""
     queue: str | None = None
     """Core NATS queue group: gateways sharing it split the messages."""
     stream: str | None = None
     """JetStream stream to consume from (durable, at-least-once)."""
+    kv: str | None = None
+    """JetStream key-value bucket to consume from (its stream ``KV_<bucket>``; durable, at-least-once): the
+    latest value of every key matching ``subject`` first, then every update. A deleted or purged key arrives
+    as an empty payload with the header ``KV-Operation: DEL`` or ``PURGE`` (to an MQTT target with
+    ``retain: true``, that clears the retained message). The bucket must exist."""
     durable: str | None = None
     """Durable consumer name (JetStream). Default: ``gateway-<route name>``; gateways sharing it split the stream."""
     batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 512
     """JetStream: messages per fetch."""
     ack_wait: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     """JetStream: seconds before the server redelivers an unacknowledged message."""
-    deliver_policy: Literal["all", "new", "last"] = "all"
-    """JetStream: where a new durable consumer starts."""
+    deliver_policy: Literal["all", "new", "last", "last_per_subject"] | None = None
+    """JetStream: where a new durable consumer starts. Default: ``all`` for a ``stream``, ``last_per_subject``
+    (the latest value of each key, then updates) for a ``kv`` bucket."""
 
     def __post_init__(self) -> None:
-        if self.stream is None and self.durable is not None:
-            raise ValueError("durable needs stream (a durable consumer reads a JetStream stream)")
-        if self.stream is not None and self.queue is not None:
+        if self.stream is not None and self.kv is not None:
+            raise ValueError("set stream or kv, not both (a kv bucket is the stream KV_<bucket>)")
+        if self.kv is not None:
+            check_bucket(self.kv)
+        jetstream = self.stream is not None or self.kv is not None
+        if not jetstream and self.durable is not None:
+            raise ValueError("durable needs stream or kv (a durable consumer reads a JetStream stream)")
+        if not jetstream and self.deliver_policy is not None:
+            raise ValueError("deliver_policy needs stream or kv (it is a JetStream consumer setting)")
+        if jetstream and self.queue is not None:
             raise ValueError("queue is for core subscriptions; JetStream consumers share by durable name")
 
     def patterns(self, syntax: TopicSyntax) -> list[SourcePattern]:
@@ -122,20 +165,52 @@ class NatsSource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     @property
     def at_least_once(self) -> bool:
-        return self.stream is not None
+        return self.stream is not None or self.kv is not None
+
+    @property
+    def stream_name(self) -> str | None:
+        """The JetStream stream read: ``stream``, or ``KV_<bucket>``; None for a core subscription."""
+        return f"KV_{self.kv}" if self.kv is not None else self.stream
+
+    @property
+    def subject_prefix(self) -> str:
+        """What the stream's subjects carry before the ``subject`` filter: ``$KV.<bucket>.`` for a kv bucket."""
+        return f"$KV.{self.kv}." if self.kv is not None else ""
+
+    @property
+    def effective_deliver_policy(self) -> str:
+        """The deliver policy of a new durable consumer."""
+        if self.deliver_policy is not None:
+            return self.deliver_policy
+        return "last_per_subject" if self.kv is not None else "all"
 
 
 class NatsTarget(TargetSpec, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``to`` a NATS connector."""
 
     subject: str
-    """Subject template: ``{name}``, ``{#}``/``{>}``, ``{topic}``."""
+    """Subject template: ``{name}``, ``{#}``/``{>}``, ``{topic}``. With ``kv``: the key template
+    (``{topic}`` turns the MQTT topic ``devices/d1/config`` into the key ``devices.d1.config``)."""
     jetstream: bool = False
     """Publish to JetStream and wait for the PubAck (at-least-once); otherwise a core publish, flushed."""
+    kv: str | None = None
+    """Write to this JetStream key-value bucket: the message is put under the key rendered from ``subject``
+    (a JetStream publish to ``$KV.<bucket>.<key>``, PubAck awaited: implies ``jetstream``), and an empty payload
+    deletes the key (``KV-Operation: DEL``), so a cleared MQTT retained message clears the key. The bucket must
+    exist (``nats kv add <bucket>``); until it does, writes fail as retriable errors. A rendered key with other
+    characters than letters, digits and ``-/_=.`` fails the message."""
 
     address_key = "subject"
 
+    def __post_init__(self) -> None:
+        if self.kv is not None:
+            check_bucket(self.kv)
+            check_key_template(self.subject)
+            msgspec.structs.force_setattr(self, "jetstream", True)  # a put is a JetStream publish
+
     def address(self) -> str:
+        if self.kv is not None:
+            return f"$KV.{self.kv}.{self.subject}"
         return self.subject
 
 

@@ -205,7 +205,7 @@ class NatsConnector(Connector):
         spec: NatsSource = route.spec
         dispatcher = self._dispatcher(route.name)
         source: CoreSource | JetStreamSource
-        if spec.stream is not None:
+        if spec.stream_name is not None:
             source = JetStreamSource(nc, route, dispatcher, self._ack, durable_name(route))
             self._pulls.append(source)
         else:

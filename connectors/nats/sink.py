@@ -24,12 +24,14 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from connectors.nats import wire
-from connectors.nats.config import NatsConfig, NatsTarget
-from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
+from connectors.nats.config import NatsConfig, NatsTarget, is_kv_key
+from gateway.errors import ConnectorError, PayloadTooLarge, SinkError, TemplateError
 from gateway.sink import Item, Sink
 
 _MAX_UNCONFIRMED = 4
 """Batches of core publishes written but not yet confirmed by a PONG."""
+_KV_DELETE = ("KV-Operation", "DEL")
+"""The header that makes a publish to ``$KV.<bucket>.<key>`` a delete (what ``kv.delete()`` sends)."""
 
 
 class _ApiError(msgspec.Struct):
@@ -104,7 +106,10 @@ class NatsSink(Sink):
         if not msg.data:
             # 503 no responders: no stream captures the subject (yet): worth another try.
             status = msg.headers.get("Status", "") if msg.headers else ""
-            flight.fail(d, SinkError(f"no JetStream stream answered (status {status or 'none'})", retriable=True))
+            why = f"no JetStream stream answered (status {status or 'none'})"
+            if (bucket := d.target.spec.kv) is not None:
+                why = f"key-value bucket {bucket!r} not found: {why}"
+            flight.fail(d, SinkError(why, retriable=True))
             return
         try:
             ack = _decode_puback(msg.data)
@@ -172,6 +177,12 @@ class NatsSink(Sink):
                 receipt = env.receipt
                 if receipt is not None and (pos := receipt.position()):
                     headers = [*(headers or ()), ("Nats-Msg-Id", f"{pos}/{flight.route.name}/{d.target.index}")]
+                if spec.kv is not None:  # kv targets only; jetstream ones pay this one test
+                    if not is_kv_key(key := d.address[len(spec.kv) + 5 :]):  # after `$KV.<bucket>.`
+                        flight.fail(d, TemplateError(f"{key!r} is not a key-value key (letters, digits, -/_=.)"))
+                        continue
+                    if not env.payload:  # an empty value clears the key: a KV delete marker
+                        headers = [*(headers or ()), _KV_DELETE]
                 reply = prefix + str(self._next)
             block = wire.encode_headers(headers) if headers else None
             size = len(env.payload) + (len(block) if block is not None else 0)

@@ -30,6 +30,8 @@ from gateway.errors import ConnectorError
 _STATUS = "Status"
 _ACK = b"+ACK"
 _NAK = b"-NAK"
+_STREAM_NOT_FOUND = 10059
+"""JetStream API error code: the stream does not exist."""
 
 
 def headers_of(msg: Msg) -> list[tuple[str, str]] | None:
@@ -132,6 +134,8 @@ class JetStreamSource:
         self.dispatcher = dispatcher
         self.acks = acks
         self.spec: NatsSource = route.spec
+        assert self.spec.stream_name is not None
+        self.stream = self.spec.stream_name
         self.durable = durable
         self._outstanding = 0
         self._request_done = asyncio.Event()
@@ -140,28 +144,39 @@ class JetStreamSource:
 
     async def ensure_consumer(self) -> None:
         """Create the durable consumer if it does not exist (an existing one is used as configured)."""
-        assert self.spec.stream is not None
+        stream = self.stream
         js = self.nc.jetstream()
         try:
-            await js.consumer_info(self.spec.stream, self.durable)
+            await js.consumer_info(stream, self.durable)
             return
-        except nats.js.errors.NotFoundError:
-            pass
+        except nats.js.errors.NotFoundError as exc:
+            if exc.err_code == _STREAM_NOT_FOUND:
+                raise ConnectorError(self._no_stream()) from exc
         except nats.js.errors.Error as exc:
-            raise ConnectorError(f"JetStream consumer {self.spec.stream}/{self.durable}: {exc}") from exc
+            raise ConnectorError(f"JetStream consumer {stream}/{self.durable}: {exc}") from exc
         config = nats.js.api.ConsumerConfig(
             durable_name=self.durable,
             name=self.durable,
-            filter_subject=self.route.patterns[0].native_filter(),
+            filter_subject=self.spec.subject_prefix + self.route.patterns[0].native_filter(),
             ack_policy=nats.js.api.AckPolicy.EXPLICIT,
             ack_wait=self.spec.ack_wait,
             max_ack_pending=self.route.max_in_flight,
-            deliver_policy=nats.js.api.DeliverPolicy(self.spec.deliver_policy),
+            deliver_policy=nats.js.api.DeliverPolicy(self.spec.effective_deliver_policy),
         )
         try:
-            await js.add_consumer(self.spec.stream, config=config)
+            await js.add_consumer(stream, config=config)
         except nats.js.errors.Error as exc:
-            raise ConnectorError(f"cannot create JetStream consumer {self.spec.stream}/{self.durable}: {exc}") from exc
+            if isinstance(exc, nats.js.errors.APIError) and exc.err_code == _STREAM_NOT_FOUND:
+                raise ConnectorError(self._no_stream()) from exc
+            raise ConnectorError(f"cannot create JetStream consumer {stream}/{self.durable}: {exc}") from exc
+
+    def _no_stream(self) -> str:
+        if self.spec.kv is not None:
+            return (
+                f"JetStream key-value bucket {self.spec.kv!r} does not exist (no stream {self.stream}); "
+                f"the gateway does not create it: `nats kv add {self.spec.kv}`"
+            )
+        return f"JetStream stream {self.stream!r} does not exist; the gateway does not create it"
 
     async def start(self, intake_stopped: asyncio.Event) -> None:
         """Make sure the durable consumer exists (before the connector reports itself ready)."""
@@ -198,9 +213,19 @@ class JetStreamSource:
             if self._outstanding <= 0:
                 done.set()
 
+        callback = on_msg
+        if prefix := len(self.spec.subject_prefix):
+
+            async def on_kv_msg(msg: Msg) -> None:
+                # The route's pattern (and its captures) is over keys: `$KV.<bucket>.` is not part of the topic.
+                msg.subject = msg.subject[prefix:]
+                await on_msg(msg)
+
+            callback = on_kv_msg  # only kv routes pay for the key: a plain stream's messages go straight in
+
         inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=self.spec.batch * 4 + 16)
-        request_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.spec.stream}.{self.durable}"
+        sub = await self.nc.subscribe(inbox, cb=callback, pending_msgs_limit=self.spec.batch * 4 + 16)
+        request_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
         expires = PULL_EXPIRES
         gate = self.dispatcher.gate
         try:
