@@ -187,7 +187,7 @@ class Gateway:
                 table.configure(leg)
             if isinstance(route, ReplyRoute):
                 route.table = table
-                table.reply_route = route
+                table.bind(route)  # error replies made while a reload replaced it go out now
             else:
                 route.requests = table
             live.add(name)
@@ -330,6 +330,10 @@ class Gateway:
             restart |= more
 
         going = [r for n, r in self.routes.items() if n not in keep]
+        for name in old_rc.keys() - new_rc.keys():
+            table = self.requests.pop(name, None)
+            if table is not None:
+                table.close()  # a removed request route: what waits gets its 503 while the companion runs
         await self._retire(going, config.gateway.shutdown_timeout)
         for r in going:
             del self.routes[r.name]
@@ -392,12 +396,24 @@ class Gateway:
         except TimeoutError:
             left = {r.name: r.in_flight for r in routes if r.in_flight}
             log.warning("gateway.reload_drain_timeout", in_flight=left)
-        for route in routes:
-            route.state = RouteState.STOPPED  # what still arrives is released, not admitted
-            route.cancel_timers()
-            route.release()
-            if isinstance(route, SpooledRoute):
-                await route.close_spool()  # the changed route opens it again
+        # Companion routes last: releasing a request route sends its requesters error replies through them.
+        companions = [r for r in routes if isinstance(r, ReplyRoute)]
+        for route in [r for r in routes if not isinstance(r, ReplyRoute)]:
+            await self._stop_route(route)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                for route in companions:
+                    await route.drained()
+        for route in companions:
+            await self._stop_route(route)
+
+    @staticmethod
+    async def _stop_route(route: Route) -> None:
+        route.state = RouteState.STOPPED  # what still arrives is released, not admitted
+        route.cancel_timers()
+        route.release()
+        if isinstance(route, SpooledRoute):
+            await route.close_spool()  # the changed route opens it again
 
     async def _stop_connector(self, name: str) -> None:
         conn = self.connectors.pop(name)

@@ -93,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {issue}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "validate":
-        print(f"{args.config}: ok ({len(config.connectors)} connectors, {len(config.routes)} routes)")
+        companions = sum(1 for rc in config.routes if rc.request is not None and rc.request.replies_for)
+        routes = f"{len(config.routes) - companions} routes" + (f" + {companions} for replies" if companions else "")
+        print(f"{args.config}: ok ({len(config.connectors)} connectors, {routes})")
         return EXIT_OK
     if args.command == "explain":
         return _explain(config, args.connector, args.topic)
@@ -197,8 +199,15 @@ def _explanation(config: Config, source: str, connector: str, topic: str) -> _Ex
             connector=t.connector,
             kind=config.kind(t.connector),
             address_key=t.spec.address_key,
-            address=d.address if d.error is None else None,
-            key=d.key.decode(errors="replace") if d.key is not None and d.error is None else None,
+            # {payload.FIELD} templates render per message: shown as written
+            address=(d.address if d.match is None else t.address.text) if d.error is None else None,
+            key=(
+                t.key.text
+                if d.match is not None and t.key is not None
+                else d.key.decode(errors="replace")
+                if d.key is not None and d.error is None
+                else None
+            ),
             error=str(d.error) if d.error is not None else None,
         )
 

@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from gateway.envelope import Envelope
-from gateway.route import Delivery, Route, RoutePlan
+from gateway.route import Delivery, Route, RoutePlan, RouteState
 
 KINDS = ("nats", "mqtt")
 """Connector kinds that carry a reply address."""
@@ -138,12 +138,14 @@ class RequestStats:
 
 
 class _Pending:
-    __slots__ = ("address", "correlation", "deadline")
+    __slots__ = ("address", "correlation", "deadline", "forwarded")
 
     def __init__(self, address: str, correlation: bytes | None, deadline: float) -> None:
         self.address = address
         self.correlation = correlation
         self.deadline = deadline
+        self.forwarded: Envelope | None = None
+        """The envelope sent to the responder: only its own flight may abort the entry."""
 
 
 class Requests:
@@ -157,15 +159,26 @@ class Requests:
         self.route = route
         self.stats = RequestStats()
         self.reply_route: ReplyRoute | None = None
-        """The companion route that publishes answers and error replies (bound by the gateway)."""
+        """The companion route that publishes answers and error replies (:meth:`bind`)."""
+        self._deferred: list[tuple[_Pending, int, str]] = []
+        """Error replies made while no companion route ran (a reload in progress): sent on :meth:`bind`."""
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
         self._timer: asyncio.TimerHandle | None = None
-        self._boot = os.urandom(3).hex()
+        self._boot = os.urandom(6).hex()
         self._next = 0
         self.configure(leg)
 
     def configure(self, leg: RequestLeg) -> None:
-        """Apply a (reloaded) config; waiting requests keep their deadline."""
+        """Apply a (reloaded) config. Waiting requests keep their deadline, or get the new timeout's if that
+        is sooner (deadlines stay in insertion order). Answers to a reply address the reload changed no
+        longer arrive: those requests end with the 504 of their timeout."""
+        if self._pending and leg.config.timeout < getattr(self, "timeout", leg.config.timeout):
+            latest = asyncio.get_running_loop().time() + leg.config.timeout
+            for entry in self._pending.values():
+                entry.deadline = min(entry.deadline, latest)
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_at(next(iter(self._pending.values())).deadline, self._expire)
         self.leg = leg
         self.timeout = leg.config.timeout
         self.max_pending = leg.config.max_pending
@@ -200,33 +213,39 @@ class Requests:
         key = token.encode()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        self._pending[key] = _Pending(env.reply or "", env.correlation, deadline)
+        entry = self._pending[key] = _Pending(env.reply or "", env.correlation, deadline)
         self.stats.forwarded += 1
         if self._timer is None:
             self._timer = loop.call_at(deadline, self._expire)
         if self.responder == "nats":
-            return msgspec.structs.replace(env, reply=f"{self.reply_to}.{token}", correlation=key), plan
-        if self.mode == "properties":
-            return msgspec.structs.replace(env, reply=self.reply_to, correlation=key), plan
-        # MQTT 3.1.1: the id is the last level of the request topic
-        deliveries = tuple(
-            Delivery(d.target, f"{d.address}/{token}", d.key, d.error) if d.error is None else d
-            for d in plan.deliveries
-        )
-        return msgspec.structs.replace(env, reply=None, correlation=key), RoutePlan(
-            plan.route, deliveries, plan.dead_letter
-        )
+            forwarded = msgspec.structs.replace(env, reply=f"{self.reply_to}.{token}", correlation=key)
+        elif self.mode == "properties":
+            forwarded = msgspec.structs.replace(env, reply=self.reply_to, correlation=key)
+        else:  # MQTT 3.1.1: the id is the last level of the request topic
+            forwarded = msgspec.structs.replace(env, reply=None, correlation=key)
+            deliveries = tuple(
+                Delivery(d.target, f"{d.address}/{token}", d.key, d.error) if d.error is None else d
+                for d in plan.deliveries
+            )
+            plan = RoutePlan(plan.route, deliveries, plan.dead_letter, plan.match)
+        entry.forwarded = forwarded
+        return forwarded, plan
 
     def abort(self, env: Envelope, code: int, text: str) -> None:
-        """The forwarded request ``env`` failed or was given up: its requester gets an error reply now."""
+        """The forwarded request ``env`` failed or was given up: its requester gets an error reply now, unless
+        its source redelivers it (an at-least-once MQTT request comes back and is forwarded again)."""
         key = env.correlation
-        entry = self._pending.pop(key, None) if key is not None else None
-        if entry is not None:
-            if code == 503:
-                self.stats.rejected += 1
-            else:
-                self.stats.failed += 1
-            self._error(entry, code, text)
+        entry = self._pending.get(key) if key is not None else None
+        if entry is None or entry.forwarded is not env:
+            return  # not a request this table registered (a one-way message, or another's correlation)
+        del self._pending[key]  # type: ignore[arg-type]
+        if env.receipt is not None and code == 503:
+            return  # released, not failed: the source sends it again and the requester hears then
+        if code == 503:
+            self.stats.rejected += 1
+        else:
+            self.stats.failed += 1
+        self._error(entry, code, text)
 
     def refuse(self, env: Envelope, code: int, text: str) -> None:
         """Answer a request that was never registered with an error reply."""
@@ -235,9 +254,20 @@ class Requests:
 
     # -- the answers -----------------------------------------------------------------------------------
     def answer(self, env: Envelope) -> _Pending | None:
-        """The waiting request that ``env`` (read by the companion route) answers, removed from the table."""
+        """The waiting request that ``env`` (read by the companion route) answers, removed from the table.
+        A NATS status message instead of an answer (503: no service listens on the subject) ends the request
+        with an error reply; None then too."""
         if self.responder == "nats":
             key = env.topic.rpartition(".")[2].encode()
+            if not env.payload and env.headers and (status := dict(env.headers).get("Status")):
+                entry = self._pending.pop(key, None)
+                if entry is not None:
+                    self.stats.failed += 1
+                    text = "no responder on the subject" if status == "503" else f"NATS status {status}"
+                    self._error(entry, 503 if status == "503" else 502, text)
+                else:
+                    self.stats.late += 1
+                return None
         elif self.mode == "properties":
             key = env.correlation or b""
         else:
@@ -265,9 +295,19 @@ class Requests:
             self.stats.timed_out += 1
             self._error(entry, 504, text)
 
+    def bind(self, route: ReplyRoute) -> None:
+        """Publish answers through ``route`` (at start, and after a reload rebuilt it)."""
+        self.reply_route = route
+        deferred, self._deferred = self._deferred, []
+        for entry, code, text in deferred:
+            self._error(entry, code, text)
+
     def _error(self, entry: _Pending, code: int, text: str) -> None:
         route = self.reply_route
-        if route is None or not entry.address:
+        if not entry.address:
+            return
+        if route is None or route.state is not RouteState.RUNNING:
+            self._deferred.append((entry, code, text))  # a reload is replacing the companion route
             return
         headers = [(ERROR_CODE, str(code)), (ERROR_TEXT, text), ("x-gateway-route", self.route)]
         env = Envelope(
@@ -282,7 +322,7 @@ class Requests:
             self._timer = None
         pending, self._pending = self._pending, OrderedDict()
         for entry in pending.values():
-            self.stats.failed += 1
+            self.stats.rejected += 1
             self._error(entry, 503, "the gateway is stopping, or the route was removed")
 
 
@@ -293,6 +333,9 @@ class ReplyRoute(Route):
     """The request route's table (bound by the gateway); ``requests`` stays None here."""
 
     def admit(self, env: Envelope, plan: RoutePlan) -> None:
+        if self.state is not RouteState.RUNNING:
+            Route.admit(self, env, plan)  # released (redelivered by MQTT); the request stays waiting
+            return
         entry = self.table.answer(env)
         if entry is None:  # nobody waits for it (any more): acknowledged, counted as filtered
             self.stats.received += 1

@@ -194,7 +194,18 @@ class Latency:
 class Target:
     """One compiled ``to`` entry (or the ``dead_letter``) of a route."""
 
-    __slots__ = ("address", "connector", "index", "key", "max_payload", "replies", "route", "sink", "spec")
+    __slots__ = (
+        "address",
+        "connector",
+        "index",
+        "key",
+        "max_payload",
+        "reads_payload",
+        "replies",
+        "route",
+        "sink",
+        "spec",
+    )
 
     def __init__(
         self,
@@ -215,13 +226,15 @@ class Target:
         self.key = key
         self.sink: Sink | None = None
         """Bound by the gateway when the connector is built."""
+        self.reads_payload = address.reads_payload or (key is not None and key.reads_payload)
+        """The subject, topic or key holds ``{payload.FIELD}``: rendered per message."""
         self.max_payload = max_payload if max_payload is not None else _NO_LIMIT
         """The target connector's ``max_payload``: larger messages fail here, never reach its sink."""
         self.replies = False
         """The target publishes ``env.reply`` as the reply address (a request route's NATS target)."""
 
     def render(self, match: Match) -> Delivery:
-        if self.address.reads_payload or (self.key is not None and self.key.reads_payload):
+        if self.reads_payload:
             return Delivery(self, "", None, None, match)  # rendered per message: Route.render_payload
         try:
             address = self.address.render(match)
@@ -395,7 +408,7 @@ class Route:
         if self.state is not RouteState.RUNNING:
             # Cut off or stopped: what still arrives goes back (redelivered by durable sources).
             self.stats.dropped_released += 1
-            if self.requests is not None and env.reply is not None:
+            if self.requests is not None and env.reply is not None and env.receipt is None:  # not redelivered
                 self.requests.refuse(env, 503, f"route {self.name!r} is {self.state.value}")
             self._settle(env.receipt, released=True)
             return
@@ -403,12 +416,16 @@ class Route:
             try:
                 changed = self.transform.apply(env, plan.match)
             except PayloadError as exc:
+                if self.requests is not None and env.reply is not None:
+                    self.requests.refuse(env, 400, f"the request was refused: {exc}")
                 self.in_flight += 1
                 self.in_flight_bytes += nbytes
                 self._refuse(Flight(self, env, plan, nbytes), exc)
                 return
             if changed is None:
                 self.stats.filtered += 1
+                if self.requests is not None and env.reply is not None:
+                    self.requests.refuse(env, 404, f"route {self.name!r} does not take this request (where)")
                 self._settle(env.receipt, released=False)
                 return
             env = changed

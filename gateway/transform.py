@@ -324,7 +324,12 @@ class Transform:
 
     def _render(self, tpl: HeaderTemplate, env: Envelope, match: Match | None, doc: Any) -> str:
         out = []
+        received = 0
         for kind, value in tpl:
+            if kind in (_RECEIVED, _RECEIVED_MS) and not received:
+                # wall-clock time of the source's receive stamp (monotonic), one reading per message
+                now = time.time_ns()
+                received = now - (time.monotonic_ns() - env.received_ns) if env.received_ns else now
             if kind == _LIT:
                 out.append(value)
             elif kind == _TOPIC:
@@ -334,10 +339,10 @@ class Transform:
             elif kind == _GATEWAY:
                 out.append(self._gateway)
             elif kind == _RECEIVED:
-                now = time.time()
-                out.append(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z")
+                seconds, ns = divmod(received, 1_000_000_000)
+                out.append(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ns // 1_000_000:03d}Z")
             elif kind == _RECEIVED_MS:
-                out.append(str(time.time_ns() // 1_000_000))
+                out.append(str(received // 1_000_000))
             else:
                 try:
                     out.append(payload_field(doc, value))

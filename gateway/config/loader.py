@@ -346,8 +346,20 @@ def _request_routes(
     if section.spool is not None:
         issues.append(ConfigIssue(where, "a request route cannot be spooled (the requester waits for its answer)"))
         return None
-    if getattr(rc.source, "stream", None) is not None:
-        issues.append(ConfigIssue(where, "request/reply needs a core NATS source (without stream)"))
+    if getattr(rc.source, "stream", None) is not None or getattr(rc.source, "kv", None) is not None:
+        issues.append(ConfigIssue(where, "request/reply needs a core NATS source (without stream or kv)"))
+        return None
+    if source_kind == "mqtt" and getattr(connectors[rc.source.connector][0], "version", 5) != 5:
+        issues.append(
+            ConfigIssue(
+                where,
+                f"MQTT requests carry their response topic in MQTT 5 properties; connector "
+                f"{rc.source.connector!r} speaks 3.1.1",
+            )
+        )
+        return None
+    if request.reply_to == "":
+        issues.append(ConfigIssue(f"{where}.reply_to", "empty: leave it out for the default"))
         return None
     target = rc.targets[0].spec
     target_cfg, target_plugin = connectors[target.connector]
@@ -399,6 +411,8 @@ def _request_routes(
         to=to,
         max_in_flight=section.max_in_flight,
         max_in_flight_bytes=section.max_in_flight_bytes,
+        overflow="block",  # an answer is never dropped: the table would wait for it in vain
+        slow_consumer_deadline=0,
         allow_loop=True,
         description=f"answers to the requests of route {section.name!r}",
     )

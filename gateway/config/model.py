@@ -78,7 +78,7 @@ class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     """The monitoring endpoint."""
     trace: bool = False
     """Every route gives messages without a W3C ``traceparent`` a new one (a route's own ``trace`` wins).
-    Off by default: it costs ~1 µs and a header per message (see loadtests/RESULTS.md)."""
+    Off by default: it costs ~2 µs and a header per message (see loadtests/RESULTS.md)."""
 
 
 class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, rename={"from_": "from"}):

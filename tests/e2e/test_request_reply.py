@@ -114,7 +114,7 @@ async def test_request_reply_example_end_to_end(gateways: Callable[..., GatewayP
             async def service(msg: Any) -> None:
                 await msg.respond(b"geo:" + msg.data)
 
-            await nc.subscribe("svc.>", cb=service)
+            await nc.subscribe("svc.geo", cb=service)
             await nc.flush()
             got: list[tuple[str, bytes, bytes]] = []
             asker = MqttClient(mq.port, "asker")
@@ -133,7 +133,26 @@ async def test_request_reply_example_end_to_end(gateways: Callable[..., GatewayP
                 await gw.await_until(lambda: len(got) == 10, 20, "10 answers on the response topic")
             finally:
                 asker.close()
-            assert sorted(got) == sorted(("me/answers", b"geo:where-%d" % i, b"corr-%d" % i) for i in range(10))
+            assert sorted(got[:10]) == sorted(("me/answers", b"geo:where-%d" % i, b"corr-%d" % i) for i in range(10))
+
+            # No NATS service listens: the server's no-responders status becomes an error reply at once.
+            errors: list[tuple[bytes, dict[str, str]]] = []
+            asker2 = MqttClient(mq.port, "asker-2")
+            asker2.client.on_message = lambda c, u, m: errors.append(
+                (m.properties.CorrelationData, dict(getattr(m.properties, "UserProperty", [])))
+            )
+            asker2.connect()
+            asker2.client.subscribe("me/errors", qos=1)
+            await asyncio.sleep(0.2)
+            try:
+                props = Properties(PacketTypes.PUBLISH)
+                props.ResponseTopic = "me/errors"
+                props.CorrelationData = b"nobody-1"
+                asker2.client.publish("lookup/nobody", b"?", qos=1, properties=props)
+                await gw.await_until(lambda: len(errors) == 1, 20, "the no-responders error reply")
+            finally:
+                asker2.close()
+            assert errors[0][0] == b"nobody-1" and errors[0][1]["Nats-Service-Error-Code"] == "503"
 
             routez = {r["name"]: r for r in await gw_routez(gw)}
             assert routez["device-commands"]["requests"]["replied"] == 50

@@ -83,6 +83,10 @@ async def test_content_routing_example_end_to_end(tmp_path: Path, gateways: Call
         temps = sorted(msgspec.msgpack.decode(m.data)["temp"] for m in got["telemetry"])
         assert temps == [float(i) for i in range(N)], "every valid reading, as msgpack"
         assert all(m.headers["x-source-topic"].startswith("devices/d") for m in got["telemetry"])
+        first = got["telemetry"][0].headers
+        assert first["x-device"] == first["x-source-topic"].split("/")[1] and first["x-gateway"] == "gw-content"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["x-received"])
+        assert len({m.headers["traceparent"] for m in got["telemetry"]}) == N, "a new trace per reading"
         assert sorted(msgspec.json.decode(m.data)["temp"] for m in got["alerts"]) == [float(i) for i in range(81, N)]
         errors = sorted(m.headers["x-gateway-error-type"] for m in got["dead"])
         assert errors == ["PayloadError"] * 7

@@ -15,7 +15,7 @@ from gateway.config.loader import parse_config
 from gateway.envelope import Envelope
 from gateway.errors import ConfigError
 from gateway.requests import RequestConfig, RequestLeg, Requests
-from gateway.route import Delivery, Route, RoutePlan
+from gateway.route import Delivery, Route, RoutePlan, RouteState
 
 CONNECTORS = """\
 connectors:
@@ -105,6 +105,10 @@ def test_request_routes_are_checked() -> None:
     from: {connector: n, subject: "x6", stream: S}
     to: {connector: m, topic: "y6"}
     request: {}
+  - name: j
+    from: {connector: old, topic: "ask311"}
+    to: {connector: n, subject: "svc"}
+    request: {}
   - name: i.replies
     from: {connector: n, subject: "x7"}
     to: {connector: m, topic: "y7"}
@@ -123,8 +127,10 @@ def test_request_routes_are_checked() -> None:
         "whitespace tokens",
         "routes[5].request.timeout: expected float > 0.0",
         "routes[6].request.correlation: applies to MQTT targets only",
-        "routes[8].request: request/reply needs a core NATS source (without stream)",
-        "routes[10].name: 'i.replies', the route carrying the answers, is taken by routes[9]",
+        "routes[8].request: request/reply needs a core NATS source (without stream or kv)",
+        "routes[9].request: MQTT requests carry their response topic in MQTT 5 properties; connector 'old' "
+        "speaks 3.1.1",
+        "routes[11].name: 'i.replies', the route carrying the answers, is taken by routes[10]",
     ]
 
 
@@ -133,6 +139,7 @@ class Answers:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, dict[str, str]]] = []
+        self.state = RouteState.RUNNING
 
     def deliver(self, env: Envelope, entry: Any) -> None:
         self.sent.append((entry.address, env.correlation, dict(env.headers or ())))
@@ -205,3 +212,29 @@ async def test_nats_responders_and_the_mqtt_311_convention_carry_the_id_in_the_n
     assert topic.startswith("legacy/d1/cmd/")
     assert t311.answer(Envelope("replies/here/" + topic.rsplit("/", 1)[1], b"ok")) is not None
     t311.close()
+
+
+async def test_only_the_forwarded_request_aborts_its_entry_and_no_responders_is_an_error() -> None:
+    t, answers = table(responder="nats", mode="subject")
+    opened = t.open(request("_INBOX.r1"), PLAN)
+    assert opened is not None
+    env, _ = opened
+    stranger = Envelope("lookup/x", b"", correlation=env.correlation)  # a one-way message with the same bytes
+    t.abort(stranger, 502, "nope")
+    assert t.pending == 1 and not answers.sent, "another message's correlation cannot end this request"
+    assert env.reply is not None
+    status = Envelope(env.reply, b"", [("Status", "503")])
+    assert t.answer(status) is None
+    assert t.pending == 0 and answers.sent[0][0] == "_INBOX.r1"
+    assert answers.sent[0][2]["Nats-Service-Error-Code"] == "503"
+    assert t.stats.failed == 1 and t.stats.replied == 0
+
+
+async def test_a_shorter_timeout_from_a_reload_applies_to_waiting_requests() -> None:
+    t, answers = table(timeout=60)
+    assert t.open(request("_INBOX.slow"), PLAN) is not None
+    t.configure(RequestLeg(RequestConfig(timeout=0.05), "mqtt", "properties", "replies/here"))
+    async with asyncio.timeout(5):
+        while t.pending:
+            await asyncio.sleep(0.01)
+    assert answers.sent[0][2]["Nats-Service-Error-Code"] == "504"
