@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import nats
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -513,3 +514,11 @@ class KafkaCollector:
             except Exception as exc:  # surface a consumer failure instead of hiding it
                 raise AssertionError(f"Kafka collector failed: {exc!r}") from exc
         await self.consumer.stop()
+
+
+async def routez(http_url: str | None) -> dict[str, dict[str, Any]]:
+    """The gateway's ``/routez``, by route name."""
+    assert http_url is not None, "the gateway has no HTTP endpoint"
+    async with aiohttp.ClientSession() as http, http.get(http_url + "/routez") as resp:
+        body: dict[str, Any] = await resp.json()
+    return {r["name"]: r for r in body["routes"]}

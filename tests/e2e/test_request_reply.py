@@ -16,14 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.e2e.clients import MqttClient, nats_connect
+from tests.e2e.clients import MqttClient, nats_connect, routez
 from tests.e2e.gateway_process import GatewayProcess, gateway_config, mqtt_connector, nats_connector, run_cli
 from tests.support.brokers import Mosquitto, NatsServer
 
@@ -154,11 +153,11 @@ async def test_request_reply_example_end_to_end(gateways: Callable[..., GatewayP
                 asker2.close()
             assert errors[0][0] == b"nobody-1" and errors[0][1]["Nats-Service-Error-Code"] == "503"
 
-            routez = {r["name"]: r for r in await gw_routez(gw)}
-            assert routez["device-commands"]["requests"]["replied"] == 50
-            assert routez["device-commands"]["requests"]["pending"] == 0
-            assert routez["legacy-commands"]["requests"]["replied"] == 20
-            assert routez["device-lookups"]["requests"]["replied"] == 10
+            routes = await routez(gw.http_url)
+            assert routes["device-commands"]["requests"]["replied"] == 50
+            assert routes["device-commands"]["requests"]["pending"] == 0
+            assert routes["legacy-commands"]["requests"]["replied"] == 20
+            assert routes["device-lookups"]["requests"]["replied"] == 10
         finally:
             device.close()
             legacy.close()
@@ -217,14 +216,14 @@ async def test_a_device_that_never_answers_gets_the_requester_an_error_reply(
             assert getattr(silent.requests[1][2], "ResponseTopic", None) is None
 
             async def late_counted() -> bool:
-                r = {x["name"]: x for x in await gw_routez(gw)}
+                r = await routez(gw.http_url)
                 return bool(r["commands"]["requests"]["late"] == 3)
 
             deadline = time.monotonic() + 10
             while not await late_counted():
                 assert time.monotonic() < deadline, "late answers not counted"
                 await asyncio.sleep(0.1)
-            r = {x["name"]: x for x in await gw_routez(gw)}
+            r = await routez(gw.http_url)
             assert r["commands"]["requests"]["timed_out"] == 1
             assert r["commands.replies"]["filtered"] == 3 and r["commands.replies"]["acked"] == 1
         finally:
@@ -257,7 +256,7 @@ async def test_a_flood_of_100000_requests_stays_within_the_table(gateways: Calla
                     await nc.publish(f"cmd.d{i % 50}", b"x", reply=f"flood.{i}")
                 await nc.flush()
                 if start % 20_000 == 0:
-                    pending = {x["name"]: x for x in await gw_routez(gw)}["commands"]["requests"]["pending"]
+                    pending = (await routez(gw.http_url))["commands"]["requests"]["pending"]
                     peak = max(peak, pending)
                 while sum(replies.values()) < start - 20_000:  # keep the flood within what the gateway drains
                     await asyncio.sleep(0.01)
@@ -265,7 +264,7 @@ async def test_a_flood_of_100000_requests_stays_within_the_table(gateways: Calla
             await asyncio.sleep(0.5)  # nothing more may come
         finally:
             await nc.close()
-        stats = {x["name"]: x for x in await gw_routez(gw)}["commands"]["requests"]
+        stats = (await routez(gw.http_url))["commands"]["requests"]
         assert len(replies) == n and set(replies.values()) == {1}, "every requester heard back exactly once"
         assert set(codes) <= {"503", "504"} and sum(codes.values()) == n, codes
         assert stats["forwarded"] + stats["rejected"] == n
@@ -273,11 +272,3 @@ async def test_a_flood_of_100000_requests_stays_within_the_table(gateways: Calla
         assert stats["pending"] == 0 and peak <= bound
         assert stats["forwarded"] >= bound
         await gw.astop()
-
-
-async def gw_routez(gw: GatewayProcess) -> list[dict[str, Any]]:
-    base = gw.http_url
-    assert base is not None
-    async with aiohttp.ClientSession() as http, http.get(base + "/routez") as resp:
-        body: dict[str, Any] = await resp.json()
-    return list(body["routes"])

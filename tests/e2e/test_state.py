@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import nats.js.errors
 import paho.mqtt.client as mqtt
 import pytest
@@ -28,7 +27,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
-from tests.e2e.clients import MqttClient, nats_connect, wait_until
+from tests.e2e.clients import MqttClient, nats_connect, routez, wait_until
 from tests.e2e.gateway_process import (
     GatewayProcess,
     gateway_config,
@@ -171,19 +170,11 @@ async def kafka_records(bootstrap: str, topic: str, n: int, timeout: float = 20.
     return out
 
 
-async def routez(gw: GatewayProcess) -> dict[str, dict[str, Any]]:
-    base = gw.http_url
-    assert base is not None
-    async with aiohttp.ClientSession() as http, http.get(base + "/routez") as resp:
-        body: dict[str, Any] = await resp.json()
-    return {r["name"]: r for r in body["routes"]}
-
-
 async def wait_route(gw: GatewayProcess, route: str, check: Callable[[dict[str, Any]], bool], what: str) -> None:
     last: dict[str, Any] = {}
 
     async def ok() -> bool:
-        last.update((await routez(gw))[route])
+        last.update((await routez(gw.http_url))[route])
         return check(last)
 
     deadline = asyncio.get_running_loop().time() + 15
@@ -483,7 +474,7 @@ async def test_a_missing_bucket_is_reported_and_the_gateway_recovers_once_it_exi
 
         pub.publish(f"{u}/devices/d1/state", b"on")
         await wait_route(gw, "to-missing", lambda r: r["failed"] == 1, "failed 1")
-        routes = await routez(gw)
+        routes = await routez(gw.http_url)
         assert routes["to-missing"]["retried"] >= 1
         logged = await gw.await_event("route.delivery_failed", 10, route="to-missing")
         assert f"key-value bucket {dst!r} not found" in logged[0]["error"], logged
@@ -539,7 +530,7 @@ async def test_last_value_example_end_to_end(
         await cfg.delete("devices.d1.config")  # clears the retained configuration
         await wait_until(lambda: len(d1.seen) == 2, 10, "the cleared configuration")
         assert d1.seen[-1].payload == b""
-        routes = await routez(gw)
+        routes = await routez(gw.http_url)
         assert routes["state-to-kv"]["filtered"] == 1 and routes["state-to-kafka"]["filtered"] == 1
         assert routes["state-to-kv"]["acked"] == 2 and routes["state-to-kafka"]["acked"] == 2
         assert await kv_value(state, "devices.d2.state") == MISSING

@@ -13,22 +13,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgspec
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
-from tests.e2e.clients import KafkaCollector, MqttClient, NatsCollector, create_topics, nats_connect
+from tests.e2e.clients import MqttClient, nats_connect, routez
 from tests.e2e.gateway_process import (
     GatewayProcess,
-    gateway_config,
-    kafka_connector,
-    mqtt_connector,
-    nats_connector,
     run_cli,
 )
-from tests.support.brokers import Mosquitto, NatsServer, Tansu
+from tests.support.brokers import Mosquitto, NatsServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -90,83 +85,7 @@ async def test_content_routing_example_end_to_end(tmp_path: Path, gateways: Call
         assert sorted(msgspec.json.decode(m.data)["temp"] for m in got["alerts"]) == [float(i) for i in range(81, N)]
         errors = sorted(m.headers["x-gateway-error-type"] for m in got["dead"])
         assert errors == ["PayloadError"] * 7
-        routez = {r["name"]: r for r in await gw_routez(gw)}
-        assert routez["alerts"]["filtered"] == N - 19 + 3, "cool readings and off-schema JSON are left out"
-        assert routez["telemetry"]["dead_lettered"] == 5 and routez["alerts"]["dead_lettered"] == 2
+        routes = await routez(gw.http_url)
+        assert routes["alerts"]["filtered"] == N - 19 + 3, "cool readings and off-schema JSON are left out"
+        assert routes["telemetry"]["dead_lettered"] == 5 and routes["alerts"]["dead_lettered"] == 2
         await gw.astop()
-
-
-async def gw_routez(gw: GatewayProcess) -> list[dict[str, Any]]:
-    base = gw.http_url
-    assert base is not None
-    async with aiohttp.ClientSession() as http, http.get(base + "/routez") as resp:
-        body: dict[str, Any] = await resp.json()
-    return list(body["routes"])
-
-
-async def test_payload_keys_enrichment_and_a_trace_followed_mqtt_kafka_nats(
-    gateways: Callable[..., GatewayProcess],
-    mosquitto: Mosquitto,
-    nats_server: NatsServer,
-    kafka_broker: Tansu,
-    unique: str,
-) -> None:
-    """MQTT → Kafka keyed by a payload field, with header templates and a new traceparent; Kafka → NATS
-    carries the same traceparent, so one message can be followed across the three brokers."""
-    topic = f"readings-{unique}"
-    await create_topics(kafka_broker.bootstrap, [topic], 3)
-    config = gateway_config(
-        "gw-enrich",
-        {
-            "devices": mqtt_connector(mosquitto.url, f"gw-enrich-{unique}"),
-            "platform": kafka_connector(kafka_broker.bootstrap),
-            "services": nats_connector(nats_server.url),
-        },
-        [
-            {
-                "name": "to-kafka",
-                "from": {"connector": "devices", "topic": f"{unique}/{{site}}/{{device}}", "qos": 1},
-                "to": {"connector": "platform", "topic": topic, "key": "{payload.device_id}"},
-                "headers": {"x-site": "{site}", "x-gateway": "{gateway}", "x-received": "{received}"},
-                "trace": True,
-                "dead_letter": {"connector": "services", "subject": f"dead.{unique}"},
-            },
-            {
-                "name": "to-nats",
-                "from": {"connector": "platform", "topics": [topic], "group": f"g-{unique}"},
-                "to": {"connector": "services", "subject": f"seen.{unique}"},
-            },
-        ],
-    )
-    gw = gateways(config)
-    await gw.astart(60)
-    nc = await nats_connect(nats_server.url)
-    seen = await NatsCollector().subscribe(nc, f"seen.{unique}")
-    dead = await NatsCollector().subscribe(nc, f"dead.{unique}")
-    col = await KafkaCollector(kafka_broker.bootstrap, topic, 3).start()
-    pub = MqttClient(mosquitto.port, f"enrich-pub-{unique}")
-    try:
-        pub.connect()
-        infos = [
-            pub.client.publish(f"{unique}/north/d{i}", msgspec.json.encode({"device_id": f"dev-{i}", "v": i}), qos=1)
-            for i in range(5)
-        ]
-        infos.append(pub.client.publish(f"{unique}/north/bad", b'{"v": 1}', qos=1))  # no device_id: no key
-        for info in infos:
-            info.wait_for_publish(10)
-        await gw.await_until(lambda: len(seen.messages) == 5 and len(dead.messages) == 1, 60, "5 readings, 1 dead")
-    finally:
-        pub.close()
-        await col.stop()
-        await nc.close()
-    assert sorted(m.key or b"" for m in col.messages) == [f"dev-{i}".encode() for i in range(5)]
-    by_key = {m.key: dict(m.headers) for m in col.messages}
-    h = by_key[b"dev-0"]
-    assert (h["x-site"], h["x-gateway"]) == ("north", "gw-enrich")
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", h["x-received"])
-    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", h["traceparent"])
-    kafka_traces = {dict(m.headers)["traceparent"] for m in col.messages}
-    nats_traces = {dict(m.headers)["traceparent"] for m in seen.messages}
-    assert len(kafka_traces) == 5 and nats_traces == kafka_traces, "the same trace id on Kafka and on NATS"
-    assert "no field 'device_id'" in dict(dead.messages[0].headers)["x-gateway-error"]
-    await gw.astop()
