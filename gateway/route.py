@@ -2,7 +2,7 @@
 
 A message matched by a route becomes one :class:`Flight` that the route
 submits to every target's sink. A flight ends in exactly one outcome, and the
-counters always satisfy ``received == acked + failed + dropped + in_flight``:
+counters always satisfy ``received == acked + failed + dropped + filtered + in_flight``:
 
 - **acked**: every target confirmed; the source is acknowledged.
 - **failed**: a target failed for good (non-retriable error, retries
@@ -415,7 +415,10 @@ class Route:
         if self.transform is not None:  # where / schema / codec / headers: None on the pass-through path
             try:
                 changed = self.transform.apply(env, plan.match)
-            except PayloadError as exc:
+                if changed is not None and self.payload_templates:
+                    plan = self.render_payload(plan, self.transform.doc)
+            except Exception as exc:  # whatever one payload does, it fails alone, here
+                exc = exc if isinstance(exc, PayloadError) else PayloadError.of(exc)
                 if self.requests is not None and env.reply is not None:
                     self.requests.refuse(env, 400, f"the request was refused: {exc}")
                 self.in_flight += 1
@@ -429,8 +432,6 @@ class Route:
                 self._settle(env.receipt, released=False)
                 return
             env = changed
-            if self.payload_templates:
-                plan = self.render_payload(plan, self.transform.doc)
             if self.requests is not None and env.reply is not None:
                 opened = self.requests.open(env, plan)
                 if opened is None:  # too many waiting: the requester got an error reply at once
@@ -487,6 +488,8 @@ class Route:
                     d = Delivery(t, address, key, None)
                 except TemplateError as exc:
                     d = Delivery(t, "", None, exc)
+                except Exception as exc:  # a payload value the template cannot render
+                    d = Delivery(t, "", None, TemplateError(f"cannot render {t.address.text!r}: {exc!r}"))
             deliveries.append(d)
         return RoutePlan(self, tuple(deliveries), plan.dead_letter, plan.match)
 

@@ -55,6 +55,13 @@ class PayloadError(SinkError):
     def __init__(self, message: str) -> None:
         super().__init__(message, retriable=False)
 
+    @classmethod
+    def of(cls, exc: Exception) -> PayloadError:
+        """Any other error one payload caused while the route worked on it (it fails that message alone)."""
+        if isinstance(exc, RecursionError):
+            return cls("payload nested too deeply to decode or convert")
+        return cls(f"cannot process the payload: {type(exc).__name__}: {exc}")
+
 
 class SchemaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``schema:`` of a route: the payload must be an object with these fields (JSON, or msgpack with

@@ -74,6 +74,38 @@ async def test_a_payload_that_is_not_json_is_dead_lettered_not_crashed(start_gat
     assert delivered() == [b'{"temp": 90}']
 
 
+_DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
+_DEEP_MSGPACK = b"\x91" * 100_000 + b"\x01"
+
+
+@pytest.mark.parametrize(
+    ("extra", "bad", "reason"),
+    [
+        ("    where: {payload.temp: {gt: 80}}\n", _DEEP_JSON, "nested too deeply"),
+        ("    schema: {fields: {temp: float}}\n", b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "nested too deeply"),
+        ("    codec: msgpack_to_json\n", _DEEP_MSGPACK, "nested too deeply"),
+        ("    codec: msgpack_to_json\n", b"\xd4\x01\x00", "Ext is unsupported"),
+    ],
+    ids=["deep-json-where", "deep-json-schema", "deep-msgpack", "msgpack-ext"],
+)
+async def test_hostile_payloads_fail_alone_and_the_route_goes_on(
+    start_gateway: StartGateway, extra: str, bad: bytes, reason: str
+) -> None:
+    gw = await start_gateway(route(extra + DLQ))
+    msgpack = "msgpack" in extra
+    good = [msgspec.msgpack.encode({"temp": 90 + i}) if msgpack else b'{"temp": %d}' % (90 + i) for i in range(2)]
+    a = publish(good[0], bad, good[1])
+    r = gw.routes["r"]
+    await until(lambda: r.stats.acked + r.stats.dead_lettered == 3)
+    assert len(delivered()) == 2, "the messages before and after it are delivered"
+    [letter] = MemoryBroker.named("C").received
+    headers = dict(letter.headers or [])
+    assert headers["x-gateway-error-type"] == "PayloadError" and reason in headers["x-gateway-error"]
+    s = r.stats
+    assert (s.received, s.acked, s.failed, s.dead_lettered, r.in_flight) == (3, 2, 1, 1, 0)
+    assert a.acked == {0, 1, 2}
+
+
 async def test_schema_passes_valid_payloads_untouched_and_dead_letters_the_rest(start_gateway: StartGateway) -> None:
     schema = '    schema: {fields: {device_id: str, temp: float, note: "str?"}}\n'
     gw = await start_gateway(route(schema + DLQ))
