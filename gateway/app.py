@@ -221,7 +221,7 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return all(c.connected.is_set() for c in self.used_connectors)
+        return all(c.healthy for c in self.used_connectors)
 
     async def wait(self) -> None:
         """Until the gateway stopped (or its runner failed)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,12 @@ from gateway.errors import ConnectorError
 
 if TYPE_CHECKING:
     from gateway.connector import Connector
+
+
+STABLE_AFTER = 10.0
+"""Seconds a connection must last to count as stable (a shorter one that ends is a quick drop)."""
+FLAPPING_DROPS = 3
+"""Quick drops in a row that make a channel *flapping*: not ready, its last error kept."""
 
 
 class ConnectorState(Enum):
@@ -50,6 +57,9 @@ class Channel:
         self.last_error: str | None = None
         self.connected = asyncio.Event()
         self.held = False
+        self.quick_drops = 0
+        """Connections in a row that ended within :data:`STABLE_AFTER` (a broker dropping us over and over)."""
+        self.connected_at = 0.0
         self._kick = asyncio.Event()
         self._resume = asyncio.Event()
         self.log = connector.log if name == connector.name else connector.log.bind(channel=name)
@@ -57,7 +67,9 @@ class Channel:
     def mark_connected(self, **info: Any) -> None:
         """The session calls this once the broker accepted it."""
         self.state = ConnectorState.CONNECTED
-        self.last_error = None
+        self.connected_at = time.monotonic()
+        if self.quick_drops < FLAPPING_DROPS:
+            self.last_error = None  # a flapping channel keeps the error that keeps dropping it
         self.connected.set()
         self.connector.channel_changed()
         self.log.info("connector.connected", reconnects=self.reconnects, **info)
@@ -68,6 +80,7 @@ class Channel:
             return
         self.state = ConnectorState.CONNECTING
         self.last_error = error
+        self.quick_drops = self.quick_drops + 1 if time.monotonic() - self.connected_at < STABLE_AFTER else 0
         self.connected.clear()
         self.connector.channel_changed()
         self.log.warning("connector.unreachable", error=error)
@@ -78,6 +91,14 @@ class Channel:
             return
         self.reconnects += 1
         self.mark_connected(**info)
+
+    @property
+    def flapping(self) -> bool:
+        """Connected and dropped again :data:`FLAPPING_DROPS` times in a row within :data:`STABLE_AFTER` each,
+        and not yet connected that long since: "connected" would not be the truth (readiness says so)."""
+        if self.quick_drops < FLAPPING_DROPS:
+            return False
+        return not self.connected.is_set() or time.monotonic() - self.connected_at < STABLE_AFTER
 
     def cut(self) -> None:
         """Drop the connection now and stay down until :meth:`resume`."""
@@ -148,6 +169,8 @@ class Channel:
             if was_connected:
                 attempt = 0
                 self.reconnects += 1
+                quick = time.monotonic() - self.connected_at < STABLE_AFTER
+                self.quick_drops = self.quick_drops + 1 if quick else 0
             self.last_error = f"{type(lost).__name__}: {lost}" if lost is not None else "connection closed"
             delay = self.connector.context.backoff.delay(attempt)
             attempt += 1

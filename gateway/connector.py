@@ -139,6 +139,16 @@ class Connector(ABC):
         return ConnectorState.CONNECTED
 
     @property
+    def flapping(self) -> bool:
+        """Some channel keeps losing its connection soon after making it (see :attr:`Channel.flapping`)."""
+        return any(c.flapping for c in self.channels if not c.held)
+
+    @property
+    def healthy(self) -> bool:
+        """Connected, and not flapping: what readiness reports."""
+        return self.connected.is_set() and not self.flapping
+
+    @property
     def reconnects(self) -> int:
         return sum(c.reconnects for c in self.channels)
 

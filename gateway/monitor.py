@@ -94,12 +94,19 @@ def connector_view(gw: Gateway, name: str) -> dict[str, Any]:
         "endpoint": c.endpoint(),
         "state": c.state.value,
         "connected": c.connected.is_set(),
+        "flapping": c.flapping,
         "used": c in gw.used_connectors,
         "reconnects": c.reconnects,
         "last_error": c.last_error,
         "sink_queue": c.sink.depth if c.has_sink else None,
         "channels": [
-            {"name": ch.name, "state": ch.state.value, "reconnects": ch.reconnects, "last_error": ch.last_error}
+            {
+                "name": ch.name,
+                "state": ch.state.value,
+                "reconnects": ch.reconnects,
+                "flapping": ch.flapping,
+                "last_error": ch.last_error,
+            }
             for ch in c.channels
         ],
         **c.counters(),
@@ -134,9 +141,9 @@ def varz(gw: Gateway) -> dict[str, Any]:
 
 def readiness(gw: Gateway) -> tuple[bool, dict[str, Any]]:
     reasons = {
-        c.name: f"{c.state.value}" + (f": {c.last_error}" if c.last_error else "")
+        c.name: ("flapping" if c.connected.is_set() else c.state.value) + (f": {c.last_error}" if c.last_error else "")
         for c in gw.used_connectors
-        if not c.connected.is_set()
+        if not c.healthy
     }
     if gw.state.value != "running":
         reasons["gateway"] = gw.state.value
@@ -243,6 +250,11 @@ class GatewayCollector:
         up = GaugeMetricFamily("gateway_connector_up", "1 while the connector is connected", labels=lab)
         state = GaugeMetricFamily("gateway_connector_state", "1 for the connector's state", labels=[*lab, "state"])
         reconnects = CounterMetricFamily("gateway_connector_reconnects", "Connections made after the first", labels=lab)
+        flapping = GaugeMetricFamily(
+            "gateway_connector_flapping",
+            "1 while the broker keeps dropping the connection soon after it is made",
+            labels=lab,
+        )
         queue = GaugeMetricFamily("gateway_sink_queue_depth", "Messages waiting for the sink's writer", labels=lab)
         events = CounterMetricFamily(
             "gateway_connector_events", "Connector-specific events (e.g. NATS server_closed)", labels=[*lab, "event"]
@@ -253,11 +265,12 @@ class GatewayCollector:
             for st in ConnectorState:
                 state.add_metric([*labels, st.value], float(c.state is st))
             reconnects.add_metric(labels, c.reconnects)
+            flapping.add_metric(labels, float(c.flapping))
             if c.has_sink:
                 queue.add_metric(labels, c.sink.depth)
             for event, n in c.counters().items():
                 events.add_metric([*labels, event], n)
-        yield from (up, state, reconnects, queue, events)
+        yield from (up, state, reconnects, flapping, queue, events)
 
 
 def _le(bound: float) -> str:
