@@ -69,6 +69,7 @@ def build_routes(config: Config) -> dict[str, Route]:
             max_payload=_smallest(s.max_payload, _connector_limit(config, rc.source.connector)),
             max_headers=config.gateway.max_headers,
             max_header_bytes=config.gateway.max_header_bytes,
+            stuck_after=s.stuck_after,
         )
         if rc.request is not None and rc.request.replies_for is not None:
             route: Route = ReplyRoute(s.name, rc.source.connector, rc.source, rc.patterns, policy)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -162,8 +163,12 @@ class Connector(ABC):
         up = [c.connected.is_set() for c in self.channels if not c.held]
         if up and all(up):
             self.connected.set()
+            if self._sink is not None and self._sink.up_since is None:
+                self._sink.up_since = time.monotonic()
         else:
             self.connected.clear()
+            if self._sink is not None:
+                self._sink.up_since = None
 
     def endpoint(self) -> str:
         """The broker address(es) for status displays, with any password masked."""
@@ -179,6 +184,8 @@ class Connector(ABC):
         """This connector's sink, created on first use."""
         if self._sink is None:
             self._sink = self.make_sink()
+            if self.connected.is_set():
+                self._sink.up_since = time.monotonic()
         return self._sink
 
     @property

@@ -73,6 +73,8 @@ def route_view(route: Route) -> dict[str, Any]:
         "max_in_flight": route.max_in_flight,
         "max_in_flight_bytes": route.max_in_flight_bytes,
         "overflow": route.policy.overflow.value,
+        "oldest_in_flight_seconds": round(route.oldest_in_flight(time.monotonic_ns()), 3),
+        "stuck_after": route.stuck_bound(),
         **s.as_dict(),
         **({"spool": route.spool_view()} if isinstance(route, SpooledRoute) else {}),
         **({"requests": route.requests.view()} if route.requests is not None else {}),
@@ -185,6 +187,7 @@ class GatewayCollector:
             "retried": "Target deliveries tried again after a retriable error",
             "filtered": "Messages the route's where condition left out (acknowledged, not delivered)",
             "slow_consumer_disconnects": "Times the route was cut off as a slow consumer",
+            "resubmitted": "Messages the watchdog submitted again after stuck_after without a confirmation",
         }
         for key, doc in counters.items():
             m = CounterMetricFamily(f"gateway_route_{key}", doc, labels=lab)
@@ -209,6 +212,15 @@ class GatewayCollector:
             for r in routes:
                 g.add_metric([r.name], getattr(r, attr))
             yield g
+        now_ns = time.monotonic_ns()
+        oldest = GaugeMetricFamily(
+            "gateway_route_oldest_in_flight_seconds",
+            "Age of the oldest message in flight (source receive to now); 0 when none",
+            labels=lab,
+        )
+        for r in routes:
+            oldest.add_metric([r.name], r.oldest_in_flight(now_ns))
+        yield oldest
         state = GaugeMetricFamily("gateway_route_state", "1 for the route's current state", labels=[*lab, "state"])
         for r in routes:
             for st in RouteState:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Sequence
 from enum import Enum
 from time import monotonic_ns
@@ -94,6 +95,9 @@ class RoutePolicy(msgspec.Struct, frozen=True):
     """The route's own limit and its source connector's, the smaller; None: none."""
     max_headers: int = 64
     max_header_bytes: int = 16 * 1024
+    stuck_after: float | None = None
+    """Seconds a message may stay in flight, its targets connected, before the watchdog submits it again;
+    None: :data:`STUCK_FACTOR` times the slowest target sink's own timeout."""
 
 
 class RouteStats:
@@ -107,6 +111,7 @@ class RouteStats:
         "failed",
         "filtered",
         "received",
+        "resubmitted",
         "retried",
         "sent",
         "slow_consumer_disconnects",
@@ -127,6 +132,8 @@ class RouteStats:
         self.filtered = 0
         """Messages the route's ``where`` left out (acknowledged, not delivered)."""
         self.slow_consumer_disconnects = 0
+        self.resubmitted = 0
+        """Messages the watchdog submitted again: in flight past ``stuck_after`` with no confirmation."""
 
     @property
     def dropped(self) -> int:
@@ -287,10 +294,18 @@ class RoutePlan:
         """What the source pattern matched (captures for header templates)."""
 
 
+_SUPERSEDED = 1 << 60
+"""``pending`` of a flight the watchdog replaced: whatever its sinks still report cannot finish it."""
+STUCK_FACTOR = 3
+"""``stuck_after`` by default: this many times the slowest target sink's own timeout."""
+MAX_RESUBMITS = 3
+"""Times the watchdog submits one message again before it fails it (dead letter / on_error)."""
+
+
 class Flight:
     """One message inside one route, until every target of the route is done with it."""
 
-    __slots__ = ("attempts", "env", "error", "nbytes", "pending", "plan", "released", "route")
+    __slots__ = ("attempts", "closed", "env", "error", "nbytes", "pending", "plan", "released", "route")
 
     def __init__(self, route: Route, env: Envelope, plan: RoutePlan, nbytes: int) -> None:
         self.route = route
@@ -300,6 +315,8 @@ class Flight:
         self.nbytes = nbytes
         self.error: BaseException | None = None
         self.released = False
+        self.closed = False
+        """The route let it go (its budget slot is free); set once."""
         self.attempts: dict[int, tuple[int, float]] | None = None
         """Per target index: (retries so far, time of the first failure); only once something failed."""
 
@@ -397,6 +414,11 @@ class Route:
         self._last_log = 0.0
         self._unlogged = 0
         self._idle: asyncio.Future[None] | None = None
+        self._flights: deque[Flight] = deque()
+        """Flights in admission order; closed ones leave from the left, so the first is the oldest open one
+        (unless one is stuck: then :meth:`watch` compacts what finished behind it)."""
+        self._resubmits: dict[Flight, tuple[int, float]] = {}
+        """Flights the watchdog submitted again: (times, when last), the original receive time aside."""
 
     def __repr__(self) -> str:
         return f"Route({self.name!r})"
@@ -423,7 +445,9 @@ class Route:
                     self.requests.refuse(env, 400, f"the request was refused: {exc}")
                 self.in_flight += 1
                 self.in_flight_bytes += nbytes
-                self._refuse(Flight(self, env, plan, nbytes), exc)
+                flight = Flight(self, env, plan, nbytes)
+                self._flights.append(flight)
+                self._refuse(flight, exc)
                 return
             if changed is None:
                 self.stats.filtered += 1
@@ -460,6 +484,7 @@ class Route:
             if not self._drop:
                 self.hold_gate()
         flight = Flight(self, env, plan, nbytes)
+        self._flights.append(flight)
         if nbytes > self.max_payload:
             self._refuse(flight, PayloadTooLarge(nbytes, self.max_payload, f"route {self.name!r} max_payload"))
             return
@@ -527,6 +552,14 @@ class Route:
         self._close(flight)
 
     def _close(self, flight: Flight) -> None:
+        flight.closed = True
+        flights = self._flights
+        if flights and flights[0] is flight:
+            flights.popleft()
+            while flights and flights[0].closed:
+                flights.popleft()
+        if self._resubmits:
+            self._resubmits.pop(flight, None)
         self.in_flight -= 1
         self.in_flight_bytes -= flight.nbytes
         if (
@@ -557,6 +590,8 @@ class Route:
     # -- failures: retries and dead letters ---------------------------------------------------
     def schedule_retry(self, flight: Flight, delivery: Delivery, error: SinkError, *, forever: bool = False) -> bool:
         """Try ``delivery`` again after a backoff; False if the retry budget is spent."""
+        if flight.pending >= _SUPERSEDED:
+            return True  # the watchdog sent this message again as a new flight: nothing more to do here
         if self.state is not RouteState.RUNNING and not forever:
             return False
         retry = self.policy.retry
@@ -645,6 +680,97 @@ class Route:
                 flight.release()
                 released += 1
         return released
+
+    # -- the watchdog: nothing stays in flight without a delivery attempt ---------------------
+    def oldest_in_flight(self, now_ns: int) -> float:
+        """Seconds since the source received the oldest message still in flight; 0.0 when none."""
+        flights = self._flights
+        while flights and flights[0].closed:
+            flights.popleft()
+        oldest = flights[0].env.received_ns if flights else 0
+        for flight in self._resubmits:  # appended again when resubmitted: not in receive order
+            received = flight.env.received_ns
+            if received and (not oldest or received < oldest):
+                oldest = received
+        return (now_ns - oldest) / 1e9 if oldest else 0.0
+
+    def stuck_bound(self) -> float:
+        """``stuck_after``, or :data:`STUCK_FACTOR` times the slowest target sink's own timeout."""
+        if self.policy.stuck_after is not None:
+            return self.policy.stuck_after
+        sinks = [t.sink for t in (*self.targets, self.dead_letter) if t is not None and t.sink is not None]
+        return STUCK_FACTOR * max((sink.timeout for sink in sinks), default=30.0)
+
+    def watch(self, now: float) -> int:
+        """Submit again what stayed in flight past :meth:`stuck_bound` while its targets were connected.
+
+        A message can only be that old with a connected target if some sink lost it (a replaced
+        client that never reported it) or its broker never answers: it is sent again as a new
+        flight (at-least-once: the old one's late outcome changes nothing), and after
+        :data:`MAX_RESUBMITS` times it fails (dead letter / ``on_error``), never silently kept.
+        Messages waiting in a sink's queue or for a retry have no attempt to lose and are left
+        alone, and so is everything while a target is down: an outage is waited out. Called by
+        the supervisor every second or so; returns how many it resubmitted.
+        """
+        flights = self._flights
+        if len(flights) > 2 * self.in_flight + 1024:  # finished flights piled up behind a stuck one
+            self._flights = flights = deque(f for f in flights if not f.closed)
+        bound = self.stuck_bound()
+        now_ns = int(now * 1e9)
+        limit_ns = now_ns - int(bound * 1e9)
+        old: list[Flight] = []
+        for f in flights:  # admission order: the old ones come first
+            received = f.env.received_ns
+            if received >= limit_ns or len(old) >= 1000:
+                break
+            if received and not f.closed and f not in self._resubmits:
+                old.append(f)
+        old += [f for f, (_, last) in self._resubmits.items() if now - last >= bound and not f.closed]
+        if not old or self.state is not RouteState.RUNNING:
+            return 0
+        waiting = {id(f) for f in self._timers.values()}
+        for t in (*self.targets, self.dead_letter):
+            sink = t.sink if t is not None else None
+            if sink is None:
+                continue
+            if sink.up_since is None or now - sink.up_since < bound:
+                return 0  # a target is down or just came back: its messages wait for it, however long
+            waiting.update(id(f) for f, _ in sink.queued())
+        resubmitted = 0
+        for flight in old:
+            if flight.closed or id(flight) in waiting:
+                continue
+            times, _ = self._resubmits.pop(flight, (0, now))
+            if times >= MAX_RESUBMITS:
+                self._give_up(flight, bound, times)
+                continue
+            self._resubmit(flight, times + 1, now)
+            resubmitted += 1
+        if resubmitted:
+            log.warning("route.resubmitted", route=self.name, count=resubmitted, stuck_after=bound)
+        return resubmitted
+
+    def _resubmit(self, flight: Flight, times: int, now: float) -> None:
+        fresh = Flight(self, flight.env, flight.plan, flight.nbytes)
+        fresh.attempts = flight.attempts
+        flight.pending = _SUPERSEDED
+        flight.closed = True
+        self._flights.append(fresh)
+        self._resubmits[fresh] = (times, now)
+        self.stats.resubmitted += 1
+        nbytes = fresh.nbytes
+        for d in fresh.plan.deliveries:
+            if d.error is None and nbytes <= d.max_payload:
+                d.sink.submit(fresh, d)  # type: ignore[union-attr]  # bound before any dispatch
+            else:
+                fresh.fail(d, d.error or PayloadTooLarge(nbytes, d.max_payload, f"{d.target.connector} max_payload"))
+
+    def _give_up(self, flight: Flight, bound: float, times: int) -> None:
+        error = SinkError(f"no target confirmed the message within {bound:g} s, {times + 1} times", retriable=False)
+        flight.error = flight.error or error
+        pending, flight.pending = flight.pending, _SUPERSEDED  # late reports from its sinks change nothing now
+        if pending > 0:
+            self.finish(flight)
 
     def hold_gate(self) -> None:
         """Stop this route's source (once; other routes on the same gate hold it independently)."""

@@ -24,8 +24,14 @@ Item = tuple[Flight, Delivery]
 class Sink(ABC):
     """Publishes envelopes to one broker and reports each outcome to its flight."""
 
+    timeout: float = 30.0
+    """Seconds within which this sink's broker confirms or refuses a message it was handed (its client's
+    own delivery or publish timeout): a route's watchdog resubmits what stays unconfirmed far longer."""
+
     def __init__(self, *, max_batch: int = 1024) -> None:
         self.max_batch = max_batch
+        self.up_since: float | None = None
+        """``time.monotonic()`` since when the connector is connected; None while it is not."""
         self._queue: deque[Item] = deque()
         self._waiter: asyncio.Future[None] | None = None
         """Set while the writer sleeps on an empty queue (cheaper per message than an Event)."""
@@ -45,6 +51,10 @@ class Sink(ABC):
         """Put items back at the head of the queue, in order (after a lost connection)."""
         self._queue.extendleft(reversed(items))
         self._wake()
+
+    def queued(self) -> list[Item]:
+        """What waits for the writer (not yet handed to the broker): a snapshot."""
+        return list(self._queue)
 
     def take_first(self, match: Callable[[Item], bool]) -> Item | None:
         """Remove and return the oldest waiting item that ``match`` accepts (overflow: drop_oldest)."""

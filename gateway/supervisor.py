@@ -24,6 +24,8 @@ log = structlog.get_logger("gateway.supervisor")
 
 TICK = 0.25
 """Seconds between checks: the resolution of ``slow_consumer_deadline``."""
+WATCH_EVERY = 4
+"""Ticks between two runs of the routes' in-flight watchdog (:meth:`Route.watch`)."""
 
 
 class Supervisor:
@@ -35,9 +37,15 @@ class Supervisor:
 
     async def run(self) -> None:
         """Check every route every :data:`TICK` seconds until cancelled. Owned by the gateway."""
+        ticks = 0
         while True:
             await asyncio.sleep(TICK)
-            await self.check(time.monotonic())
+            now = time.monotonic()
+            await self.check(now)
+            ticks += 1
+            if ticks % WATCH_EVERY == 0:
+                for route in list(self.routes.values()):
+                    route.watch(now)
 
     async def check(self, now: float) -> None:
         for route in list(self.routes.values()):  # a reload may change the routes meanwhile

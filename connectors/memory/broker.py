@@ -37,6 +37,8 @@ class MemoryBroker:
     """While True, sink publishes are accepted but not confirmed (a stalled broker)."""
     reject: Callable[[Record], Exception | None] | None = None
     """Return an exception to refuse a publish with it."""
+    swallow: Callable[[Record], bool] | None = None
+    """Return True to take a publish and never answer it (a client that lost it without a report)."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     _brokers: ClassVar[dict[str, MemoryBroker]] = {}

@@ -45,6 +45,8 @@ class MemorySink(Sink):
         for flight, delivery in batch:
             env = flight.env
             record = Record(delivery.address, env.payload, env.headers, delivery.key)
+            if broker.swallow is not None and broker.swallow(record):
+                continue
             error = broker.reject(record) if broker.reject is not None else None
             if error is None:
                 broker.received.append(record)

@@ -103,6 +103,11 @@ class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     (redelivered by durable sources, counted as dropped otherwise) and it reconnects after a backoff. 0 disables."""
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
     """How a target that failed with a retriable error is tried again."""
+    stuck_after: Seconds | None = None
+    """Seconds a message may stay in flight while its targets are connected before the watchdog submits it
+    again (at-least-once; after 3 times it fails: dead letter / ``on_error``). Default: 3 times the slowest
+    target's own timeout (Kafka: the delivery timeout, NATS: the publish/flush timeout, MQTT: 30 s). Messages
+    waiting for a target that is down are never resubmitted nor failed: an outage is waited out."""
     dead_letter: dict[str, Any] | None = None
     """A target (`{connector: NAME, ...}`) for messages that failed for good, with headers naming the route, the
     error and the source position; the source is acknowledged only after that write."""
