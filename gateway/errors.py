@@ -57,6 +57,15 @@ class SinkError(GatewayError):
         self.retriable = retriable
 
 
+class Unavailable(SinkError):
+    """The target cannot take messages for now although the connection is up (no JetStream stream answers
+    yet, no partition leader): waited out with backoff like a lost connection, however long, within the
+    route's budget; never counted against ``retry``, so a long outage never turns into failed messages."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=True)
+
+
 class PayloadTooLarge(SinkError):
     """The message is larger than the target accepts; retrying cannot help."""
 

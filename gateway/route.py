@@ -31,7 +31,7 @@ import structlog
 
 from gateway.backoff import Backoff
 from gateway.envelope import Envelope
-from gateway.errors import GatewayError, HeadersTooLarge, PayloadTooLarge, SinkError, TemplateError
+from gateway.errors import GatewayError, HeadersTooLarge, PayloadTooLarge, SinkError, TemplateError, Unavailable
 from gateway.flow import FlowGate
 from gateway.patterns import SourcePattern
 from gateway.templates import Match, Template
@@ -62,7 +62,9 @@ class RouteState(Enum):
 
 
 class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Retries of a target that failed with a retriable error (a lost connection is not one: it is resent)."""
+    """Retries of a target that failed with a retriable error the broker returned for the message. A lost
+    connection is not one (the message is resent on the next), nor is a target that is unavailable for now
+    (:class:`~gateway.errors.Unavailable`): both are waited out, however long, within the route's budget."""
 
     attempts: int = 5
     """Tries after the first one; 0 disables retries."""
@@ -317,8 +319,9 @@ class Flight:
         self.released = False
         self.closed = False
         """The route let it go (its budget slot is free); set once."""
-        self.attempts: dict[int, tuple[int, float]] | None = None
-        """Per target index: (retries so far, time of the first failure); only once something failed."""
+        self.attempts: dict[int, tuple[int, float, int]] | None = None
+        """Per target index: (retries so far, time of the first failure, waits for an unavailable target);
+        only once something failed."""
 
     def done(self) -> None:
         """A target's broker confirmed the message."""
@@ -597,10 +600,15 @@ class Route:
         retry = self.policy.retry
         now = time.monotonic()
         attempts = flight.attempts if flight.attempts is not None else {}
-        count, first = attempts.get(delivery.target.index, (0, now))
-        if not forever and (count >= retry.attempts or now - first >= retry.max_time):
-            return False
-        attempts[delivery.target.index] = (count + 1, first)
+        count, first, waits = attempts.get(delivery.target.index, (0, now, 0))
+        if isinstance(error, Unavailable):  # waited out like a lost connection: never counts against `retry`
+            attempts[delivery.target.index] = (count, first, waits + 1)
+            delay = retry.delay(waits)
+        else:
+            if not forever and (count >= retry.attempts or now - first >= retry.max_time):
+                return False
+            attempts[delivery.target.index] = (count + 1, first, waits)
+            delay = retry.delay(count)
         flight.attempts = attempts
         self.stats.retried += 1
         handle: asyncio.TimerHandle
@@ -609,7 +617,7 @@ class Route:
             self._timers.pop(handle, None)
             delivery.sink.submit(flight, delivery)  # type: ignore[union-attr]
 
-        handle = asyncio.get_running_loop().call_later(retry.delay(count), resubmit)
+        handle = asyncio.get_running_loop().call_later(delay, resubmit)
         self._timers[handle] = flight
         return True
 

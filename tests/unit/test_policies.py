@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from connectors.memory.broker import MemoryBroker, Record
 from gateway.app import Gateway
-from gateway.errors import SinkError
+from gateway.errors import SinkError, Unavailable
 from gateway.route import RouteState
 from tests.unit.conftest import StartGateway
 from tests.unit.harness import turns, until
@@ -129,6 +129,28 @@ async def test_retries_exhausted_then_dead_lettered(start_gateway: StartGateway)
     r = gw.routes["r"]
     await until(lambda: r.stats.dead_lettered == 1, check=lambda: balanced(gw))
     assert r.stats.retried == 2
+
+
+async def test_an_unavailable_target_is_waited_out_past_the_retry_budget(start_gateway: StartGateway) -> None:
+    b = MemoryBroker.named("B")
+    calls = {"n": 0}
+
+    def down(rec: Record) -> Exception | None:
+        calls["n"] += 1
+        return Unavailable("no stream answered") if calls["n"] <= 12 else None
+
+    b.reject = down
+    gw = await start_gateway(
+        route(
+            "    retry: {attempts: 2, initial: 0.001, max: 0.002, max_time: 0.01}\n"
+            "    dead_letter: {connector: c, topic: dlq}"
+        )
+    )
+    a = publish(1)
+    r = gw.routes["r"]
+    await until(lambda: r.stats.acked == 1, check=lambda: balanced(gw))
+    assert calls["n"] == 13, "tried past attempts and max_time: an outage is no poison"
+    assert (r.stats.failed, r.stats.dead_lettered, a.acked) == (0, 0, {0})
 
 
 async def test_on_error_stop_stops_the_route_and_leaves_the_message_unacknowledged(
