@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gateway.envelope import Envelope
+from gateway.errors import SinkError
 from gateway.flow import FlowGate
 from gateway.patterns import TopicSyntax
 from gateway.route import Delivery, Flight, Route, RoutePlan, RouteStats, Target
@@ -73,6 +74,21 @@ class Dispatcher:
             receipt.pending = len(plan)
         for rp in plan:
             rp.route.admit(env, rp)
+
+    def fail(self, env: Envelope, error: SinkError) -> None:
+        """A message the source could not turn into a whole envelope (``env`` holds what it knows: topic,
+        receipt): every route that takes its topic fails it alone (:meth:`Route.reject`)."""
+        plan = self.plan(env.topic)
+        receipt = env.receipt
+        if not plan:
+            self.unrouted += 1
+            if receipt is not None:
+                receipt.settle()
+            return
+        if receipt is not None:
+            receipt.pending = len(plan)
+        for rp in plan:
+            rp.route.reject(env, rp, error)
 
     def room(self) -> int:
         """Messages every route here can still admit: what a pull source may fetch next."""

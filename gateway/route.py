@@ -504,6 +504,17 @@ class Route:
             else:
                 flight.fail(d, d.error or PayloadTooLarge(nbytes, d.max_payload, f"{d.target.connector} max_payload"))
 
+    def reject(self, env: Envelope, plan: RoutePlan, error: SinkError) -> None:
+        """A message its source could not read or represent: received, then failed through the route's policy
+        (dead letter with ``error`` / ``on_error``) without being looked at or published."""
+        nbytes = len(env.payload)
+        self.stats.received += 1
+        self.in_flight += 1
+        self.in_flight_bytes += nbytes
+        flight = Flight(self, env, plan, nbytes)
+        self._flights.append(flight)
+        self._refuse(flight, error)
+
     def render_payload(self, plan: RoutePlan, doc: Any) -> RoutePlan:
         """``plan`` with the targets that read the payload rendered for this message's ``doc``."""
         deliveries = []

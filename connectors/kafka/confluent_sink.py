@@ -22,7 +22,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from connectors.kafka.config import KafkaConfig
-from connectors.kafka.producer import ProducerSink
+from connectors.kafka.producer import ProducerSink, record_headers, tombstone_without_key, unproducible
 from connectors.kafka.security import librdkafka_security
 from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
 from gateway.sink import Item
@@ -46,6 +46,7 @@ def producer_config(cfg: KafkaConfig, client_id: str) -> dict[str, Any]:
         "linger.ms": cfg.linger_ms,
         "batch.size": cfg.max_batch_size,
         "message.max.bytes": cfg.max_request_size,
+        "compression.type": cfg.compression,
         "request.timeout.ms": cfg.request_timeout_ms,
         # Unbounded retries within the delivery timeout; after it the record goes back to the queue.
         "delivery.timeout.ms": max(cfg.request_timeout_ms * 2, 60_000),
@@ -151,29 +152,46 @@ class ConfluentSink(ProducerSink):
             raise ConnectorError("producer not started")
         delivered = self._delivered
         limit = self.config.max_request_size
+        topics = self.topics
         i = 0
         try:
             for i, item in enumerate(batch):  # noqa: B007 - `i` is read in the except clause
                 flight, d = item
                 env = flight.env
-                if len(env.payload) > limit:
-                    flight.fail(d, PayloadTooLarge(len(env.payload), limit, "Kafka max_request_size"))
+                payload = env.payload
+                if len(payload) > limit:
+                    flight.fail(d, PayloadTooLarge(len(payload), limit, "Kafka max_request_size"))
                     continue
-                hdrs = env.headers
-                value: bytes | None = env.payload
+                topic = d.address
+                if topic not in topics and (bad := self.check_topic(topic)) is not None:
+                    flight.fail(d, bad)
+                    continue
+                key = d.key if d.key is not None else env.key
+                value: bytes | None = payload
                 if not value and d.target.spec.tombstones:  # an empty payload, then the (rare) option
+                    if key is None:
+                        flight.fail(d, tombstone_without_key())
+                        continue
                     value = None
+                hdrs = env.headers
                 try:
                     await self._produce(
                         producer,
-                        d.address,
+                        topic,
                         value,
-                        d.key if d.key is not None else env.key,
-                        [(k, v.encode()) for k, v in hdrs] if hdrs else None,
+                        key,
+                        record_headers(hdrs) if hdrs else None,
                         functools.partial(delivered, item),
                     )
                 except KafkaException as exc:
+                    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                    if err is not None and err.fatal():  # the producer itself is unusable: a new one
+                        self.broken.set()
+                        raise ConnectorError(f"Kafka producer failed: {err.str()}") from exc
                     flight.fail(d, SinkError(f"Kafka refused the record: {exc}", retriable=False))
+                    continue
+                except Exception as exc:  # this record's own problem (a header it cannot encode ...)
+                    flight.fail(d, unproducible(exc))
                     continue
                 self.outstanding += 1
             i = len(batch)

@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from connectors.kafka.config import KafkaConfig, KafkaSource
+from connectors.kafka.config import KafkaConfig, KafkaSource, OffsetReset
 from connectors.kafka.producer import ProducerSink
 from connectors.kafka.security import aiokafka_security, warn_if_exposed
 from gateway.connector import Connector, ConnectorContext
@@ -35,6 +35,8 @@ class KafkaConnector(Connector):
         super().__init__(name, config, context)
         self._dispatchers: dict[str, Dispatcher] = {}
         self._sources: list[GroupSource] = []
+        self._unreadable = 0
+        """Records of ended sessions that could not be decoded (see ``counters``)."""
 
     @property
     def client_id(self) -> str:
@@ -42,6 +44,10 @@ class KafkaConnector(Connector):
 
     def endpoint(self) -> str:
         return ",".join(self.config.bootstrap_servers)
+
+    def counters(self) -> dict[str, int]:
+        """``unreadable_records``: records aiokafka could not decode, failed through their routes' policy."""
+        return {"unreadable_records": self._unreadable + sum(s.unreadable for s in self._sources)}
 
     def make_sink(self) -> Sink:
         if self.config.driver == "confluent":
@@ -64,13 +70,12 @@ class KafkaConnector(Connector):
         cfg = self.config
         specs: list[KafkaSource] = [r.spec for r in routes]
         session_timeout = max((s.session_timeout_ms or cfg.session_timeout_ms) for s in specs)
-        reset = next((s.auto_offset_reset for s in specs if s.auto_offset_reset), cfg.auto_offset_reset)
         return AIOKafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers,
             client_id=self.client_id,
             group_id=group,
             enable_auto_commit=False,
-            auto_offset_reset=reset,
+            auto_offset_reset=self._offset_reset(routes),
             session_timeout_ms=session_timeout,
             heartbeat_interval_ms=min(cfg.heartbeat_interval_ms, session_timeout // 3),
             request_timeout_ms=cfg.request_timeout_ms,
@@ -78,6 +83,10 @@ class KafkaConnector(Connector):
             fetch_max_wait_ms=cfg.fetch_max_wait_ms,
             **aiokafka_security(cfg),
         )
+
+    def _offset_reset(self, routes: list[Route]) -> OffsetReset:
+        specs: list[KafkaSource] = [r.spec for r in routes]
+        return next((s.auto_offset_reset for s in specs if s.auto_offset_reset), self.config.auto_offset_reset)
 
     @staticmethod
     def _subscription(routes: list[Route]) -> tuple[list[str] | None, str | None]:
@@ -91,6 +100,7 @@ class KafkaConnector(Connector):
         cfg = self.config
         sink = self._sink if isinstance(self._sink, ProducerSink) else None
         consumers: list[AIOKafkaConsumer] = []
+        self._unreadable += sum(s.unreadable for s in self._sources)  # the last session's, kept monotonic
         self._sources = []
         warn_if_exposed(cfg, self.log)
         try:
@@ -115,6 +125,7 @@ class KafkaConnector(Connector):
                     dispatcher,
                     fetch_max_records=cfg.fetch_max_records,
                     commit_interval=cfg.commit_interval_ms / 1000,
+                    offset_reset=self._offset_reset(routes),
                 )
                 topics, pattern = self._subscription(routes)
                 if topics is not None:

@@ -13,10 +13,16 @@ import contextlib
 import functools
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 
 from connectors.kafka.config import KafkaConfig
-from connectors.kafka.producer import ProducerSink
+from connectors.kafka.producer import ProducerSink, record_headers, tombstone_without_key, unproducible
 from connectors.kafka.security import aiokafka_security
 from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
 from gateway.sink import Item
@@ -41,6 +47,7 @@ class KafkaSink(ProducerSink):
             linger_ms=cfg.linger_ms,
             max_batch_size=cfg.max_batch_size,
             max_request_size=cfg.max_request_size,
+            compression_type=None if cfg.compression == "none" else cfg.compression,
             request_timeout_ms=cfg.request_timeout_ms,
             **aiokafka_security(cfg),
         )
@@ -84,29 +91,53 @@ class KafkaSink(ProducerSink):
             raise ConnectorError("producer not started")
         limit = self.config.max_request_size
         on_delivery = self._on_delivery
+        topics = self.topics
         i = 0
         try:
             for i, item in enumerate(batch):  # noqa: B007 - `i` is read in the except clause
                 flight, d = item
                 env = flight.env
-                hdrs = env.headers
+                topic = d.address
+                if topic not in topics and (bad := self.check_topic(topic)) is not None:
+                    flight.fail(d, bad)
+                    continue
+                key = d.key if d.key is not None else env.key
                 value: bytes | None = env.payload
                 if not value and d.target.spec.tombstones:  # an empty payload, then the (rare) option
+                    if key is None:
+                        flight.fail(d, tombstone_without_key())
+                        continue
                     value = None
+                hdrs = env.headers
                 try:
                     fut = await producer.send(
-                        d.address,
+                        topic,
                         value,
-                        key=d.key if d.key is not None else env.key,
-                        headers=[(k, v.encode()) for k, v in hdrs] if hdrs else None,
+                        key=key,
+                        headers=record_headers(hdrs) if hdrs else None,
                     )
                 except MessageSizeTooLargeError:
                     flight.fail(d, PayloadTooLarge(len(env.payload), limit, "Kafka max_request_size"))
                     continue
+                except UnknownTopicOrPartitionError as exc:
+                    # No metadata for this topic after request_timeout_ms: this record's problem, not the
+                    # session's (retried under the route's `retry`: the topic may be created meanwhile).
+                    flight.fail(d, SinkError(f"Kafka has no topic {topic!r}: {exc}", retriable=True))
+                    continue
+                except TopicAuthorizationFailedError as exc:
+                    flight.fail(
+                        d, SinkError(f"not authorized to write to Kafka topic {topic!r}: {exc}", retriable=False)
+                    )
+                    continue
                 except KafkaError as exc:
-                    if exc.retriable:
+                    if exc.retriable or isinstance(exc, KafkaTimeoutError):  # timeout: the buffer stays full, no broker
                         raise
                     flight.fail(d, SinkError(f"Kafka refused the record: {type(exc).__name__}: {exc}", retriable=False))
+                    continue
+                except OSError:
+                    raise  # the connection's, not the record's
+                except Exception as exc:  # this record's own problem (a header it cannot encode ...)
+                    flight.fail(d, unproducible(exc))
                     continue
                 fut.add_done_callback(functools.partial(on_delivery, item))
             i = len(batch)

@@ -7,36 +7,78 @@ record whose targets have not all confirmed. Offsets are committed every
 ``commit_interval_ms``, on revocation and on stop. The route budget bounds
 each fetch; while a route is full its partitions are paused (the consumer
 keeps polling so the group does not evict it).
+
+Every record Kafka holds is read: batches in any codec (gzip, snappy, lz4,
+zstd; aiokafka decodes the last three with ``cramjam``), null keys, values and
+header values, repeated header names. Header values become ``str`` by
+:func:`gateway.headers.from_bytes` (binary values survive, byte for byte, to a
+Kafka target); a record without headers pays nothing for it.
+
+A batch aiokafka cannot decode (a header name that is not UTF-8, a corrupt
+compressed batch, a codec it lacks) must not stop the group: aiokafka raises
+from ``getmany`` and drops what that call had decoded, so the source reads
+again from what it dispatched, finds the partition and the first record that
+cannot be read, fails that record through its routes' policy (dead letter or
+``on_error``, with its position) and reads on after it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import time
+import zlib
 from collections import deque
+from typing import Literal
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import ConsumerStoppedError, CorruptRecordException, KafkaError, UnsupportedCodecError
+from aiokafka.structs import ConsumerRecord
 
 from gateway.dispatch import Dispatcher
 from gateway.envelope import Envelope, Receipt
+from gateway.errors import SinkError
+from gateway.headers import from_bytes
 
 log = structlog.get_logger("gateway.connector.kafka")
 
 
 _PAUSE_AFTER = 1.0
 """Seconds a full route may keep its partitions unpaused."""
+_PROBE_MS = 500
+"""While looking for an unreadable record: how long to wait for one partition's records after a seek."""
+_FRUITLESS = 3
+"""Rounds of reading partition by partition that found no record to blame before the error is the session's."""
+_LOG_INTERVAL = 5.0
+"""Seconds between two ``kafka.record_unreadable`` log lines (a whole unreadable batch fails record by record)."""
+
+
+def unreadable(exc: BaseException) -> bool:
+    """An error aiokafka raised while decoding fetched records, not one of the connection or the group.
+
+    aiokafka raises its own errors for a bad CRC or a missing codec, and lets others through
+    as they come: ``UnicodeDecodeError`` for a header name that is not UTF-8, the codec's
+    error for a corrupt compressed batch (``gzip.BadGzipFile`` is an ``OSError``; cramjam's),
+    ``struct.error`` / ``IndexError`` for a truncated one. What is not a record's fault shows
+    when reading partition by partition blames no record (``_FRUITLESS``).
+    """
+    if isinstance(exc, CorruptRecordException | UnsupportedCodecError | gzip.BadGzipFile | zlib.error):
+        return True
+    return isinstance(exc, Exception) and not isinstance(exc, KafkaError | OSError | ConsumerStoppedError)
 
 
 class PartitionTracker:
     """Settled-prefix tracking of one assigned partition."""
 
-    __slots__ = ("committable", "committed", "pending", "revoked", "rewind", "tp")
+    __slots__ = ("committable", "committed", "next_offset", "pending", "revoked", "rewind", "tp")
 
     def __init__(self, tp: TopicPartition) -> None:
         self.tp = tp
+        self.next_offset: int | None = None
+        """Offset after the last record dispatched (set once per fetched batch): where to read again
+        from when aiokafka dropped a fetch; None until this tracker dispatched one."""
         self.pending: deque[KafkaReceipt] = deque()
         self.committable = -1
         """Next offset to commit (last settled contiguous offset + 1); -1 until one settled."""
@@ -100,6 +142,7 @@ class GroupSource:
         *,
         fetch_max_records: int,
         commit_interval: float,
+        offset_reset: Literal["earliest", "latest"] = "earliest",
     ) -> None:
         self.consumer = consumer
         self.group = group
@@ -110,6 +153,11 @@ class GroupSource:
         self.listener = _Listener(self)
         self.stopped = asyncio.Event()
         """Set when the fetch loop ended after intake stopped."""
+        self.offset_reset = offset_reset
+        self.unreadable = 0
+        """Records failed because aiokafka could not decode them."""
+        self._last_log = 0.0
+        self._unlogged = 0
 
     async def commit(self, partitions: list[TopicPartition] | None = None, *, final: bool = False) -> None:
         """Commit the settled prefix of ``partitions`` (all if None); ``final`` forgets them after."""
@@ -141,9 +189,8 @@ class GroupSource:
 
     async def _fetch_loop(self, intake_stopped: asyncio.Event) -> None:
         consumer = self.consumer
-        dispatch = self.dispatcher.dispatch
         gate = self.dispatcher.gate
-        trackers = self.trackers
+        fruitless = 0
         while not intake_stopped.is_set():
             if not gate.is_open:
                 await self._paused()
@@ -151,30 +198,146 @@ class GroupSource:
             n = max(1, min(self.fetch_max_records, self.dispatcher.room()))
             # Records fetched while intake stops are still dispatched (at most the route's room), so
             # that a graceful stop commits everything it read; shutdown waits for `stopped`.
-            batches = await consumer.getmany(timeout_ms=200, max_records=n)
-            now_ns = time.monotonic_ns()
-            for tp, records in batches.items():
-                tracker = trackers.get(tp)
-                if tracker is None:
-                    tracker = trackers[tp] = PartitionTracker(tp)
-                append = tracker.pending.append
-                for rec in records:
-                    receipt = KafkaReceipt(tracker, rec.offset)
-                    append(receipt)
-                    hdrs = rec.headers
-                    dispatch(
-                        Envelope(
-                            rec.topic,
-                            rec.value if rec.value is not None else b"",
-                            [(k, v.decode(errors="replace")) for k, v in hdrs] if hdrs else None,
-                            rec.key,
-                            1,
-                            None,
-                            None,
-                            now_ns,
-                            receipt,
-                        )
+            try:
+                batches = await consumer.getmany(timeout_ms=200, max_records=n)
+            except Exception as exc:
+                if not unreadable(exc):
+                    raise
+                # Not a record's fault after all if reading partition by partition moves nothing on
+                # (an aiokafka bug, say): then the session starts again, as for any other error.
+                fruitless = 0 if await self._read_past(n) else fruitless + 1
+                if fruitless >= _FRUITLESS:
+                    raise
+                continue
+            self._dispatch(batches)
+
+    def _dispatch(self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        dispatch = self.dispatcher.dispatch
+        trackers = self.trackers
+        now_ns = time.monotonic_ns()
+        for tp, records in batches.items():
+            tracker = trackers.get(tp)
+            if tracker is None:
+                tracker = trackers[tp] = PartitionTracker(tp)
+            append = tracker.pending.append
+            for rec in records:
+                receipt = KafkaReceipt(tracker, rec.offset)
+                append(receipt)
+                hdrs = rec.headers
+                value = rec.value
+                dispatch(
+                    Envelope(
+                        rec.topic,
+                        value if value is not None else b"",
+                        [(k, from_bytes(v)) for k, v in hdrs] if hdrs else None,
+                        rec.key,
+                        1,
+                        None,
+                        None,
+                        now_ns,
+                        receipt,
                     )
+                )
+            if records:
+                tracker.next_offset = records[-1].offset + 1
+
+    # -- records aiokafka cannot decode (off the per-record path) -------------------------------
+    async def _read_past(self, n: int) -> bool:
+        """A fetch of up to ``n`` records raised while decoding: read each partition on its own, and
+        where one raises, read it record by record to the one that cannot be read, fail it, skip it.
+        Returns whether anything was read or failed."""
+        consumer = self.consumer
+        active = sorted(consumer.assignment() - consumer.paused(), key=lambda tp: (tp.topic, tp.partition))
+        await self._seek_dispatched(active)  # the failed call dropped what it had decoded, positions moved
+        progress = False
+        for tp in active:
+            if tp not in consumer.assignment():
+                break  # revoked meanwhile: the new owner reads it
+            hw = consumer.highwater(tp)
+            tracker = self.trackers.get(tp)
+            if hw is not None and tracker is not None and tracker.next_offset is not None and tracker.next_offset >= hw:
+                continue  # read up to the end: nothing there to fail
+            try:
+                batches = await consumer.getmany(tp, timeout_ms=_PROBE_MS, max_records=n)
+            except Exception as exc:
+                if not unreadable(exc):
+                    raise
+                await self._seek_dispatched([tp])
+                progress = await self._locate(tp, n) or progress
+                continue
+            self._dispatch(batches)
+            progress = progress or bool(batches)
+        return progress
+
+    async def _locate(self, tp: TopicPartition, n: int) -> bool:
+        """Read ``tp`` one record at a time (the bad one is among its next ``n``); fail the first one
+        aiokafka cannot decode and seek past it. Returns whether anything was read or failed."""
+        consumer = self.consumer
+        progress = False
+        for _ in range(n + 1):
+            try:
+                got = await consumer.getmany(tp, timeout_ms=_PROBE_MS, max_records=1)
+            except Exception as exc:
+                if not unreadable(exc):
+                    raise
+                offset = await consumer.position(tp)  # not advanced by the call that raised
+                self._fail_unreadable(tp, offset, exc)
+                consumer.seek(tp, offset + 1)
+                return True
+            if not got:
+                break  # nothing raised this time: the main loop carries on
+            self._dispatch(got)
+            progress = True
+        return progress
+
+    async def _seek_dispatched(self, partitions: list[TopicPartition]) -> None:
+        """Seek each partition back to the record after the last one dispatched (for one that dispatched
+        nothing since it was assigned: its committed offset, or ``auto_offset_reset``)."""
+        consumer = self.consumer
+        for tp in partitions:
+            tracker = self.trackers.get(tp)
+            offset = tracker.next_offset if tracker is not None else None
+            if offset is None:
+                offset = await consumer.committed(tp)
+            if offset is not None:
+                consumer.seek(tp, offset)
+            elif self.offset_reset == "earliest":
+                await consumer.seek_to_beginning(tp)
+            else:
+                await consumer.seek_to_end(tp)
+
+    def _fail_unreadable(self, tp: TopicPartition, offset: int, exc: BaseException) -> None:
+        """Fail the record at ``offset`` on every route that takes its topic, as a target would refuse it:
+        dead letter (empty payload, the error and position in its headers) or ``on_error``."""
+        self.unreadable += 1
+        tracker = self.trackers.get(tp)
+        if tracker is None:
+            tracker = self.trackers[tp] = PartitionTracker(tp)
+        tracker.next_offset = offset + 1
+        receipt = KafkaReceipt(tracker, offset)
+        tracker.pending.append(receipt)
+        error = SinkError(
+            f"Kafka record {tp.topic}/{tp.partition}/{offset} cannot be read: {type(exc).__name__}: {exc}",
+            retriable=False,
+        )
+        self._log(tp, offset, error)
+        self.dispatcher.fail(Envelope(tp.topic, b"", None, None, 1, None, None, time.monotonic_ns(), receipt), error)
+
+    def _log(self, tp: TopicPartition, offset: int, error: SinkError) -> None:
+        now = time.monotonic()
+        self._unlogged += 1
+        if now - self._last_log >= _LOG_INTERVAL:
+            log.warning(
+                "kafka.record_unreadable",
+                group=self.group,
+                topic=tp.topic,
+                partition=tp.partition,
+                offset=offset,
+                error=str(error),
+                count=self._unlogged,
+            )
+            self._last_log = now
+            self._unlogged = 0
 
     def rewind(self) -> int:
         """Read released records again: seek each partition back to its lowest released offset."""
@@ -185,6 +348,7 @@ class GroupSource:
             self.consumer.seek(tp, tracker.rewind)
             fresh = PartitionTracker(tp)
             fresh.committable, fresh.committed = tracker.committable, tracker.committed
+            fresh.next_offset = tracker.rewind
             self.trackers[tp] = fresh  # receipts of the old one settle into nothing
             count += 1
         return count
@@ -213,6 +377,10 @@ class GroupSource:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0):
                         await self.dispatcher.gate.wait_open()
-                await consumer.getmany(timeout_ms=0)
+                try:
+                    await consumer.getmany(timeout_ms=0)  # paused: returns nothing, keeps the group alive
+                except Exception as exc:
+                    if not unreadable(exc):
+                        raise
         finally:
             consumer.resume(*[tp for tp in assigned if tp in consumer.assignment()])
