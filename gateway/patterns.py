@@ -104,6 +104,23 @@ class _MqttSyntax(TopicSyntax):
             raise TemplateError("MQTT topic longer than 65535 bytes")
 
 
+_NATS_TOKEN_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f*>\ud800-\udfff]")
+"""What a NATS subject token made from another protocol's name may not hold: whitespace (it ends the subject
+on the wire), control characters, the wildcards ``*`` and ``>`` anywhere in it (README: rejected, never
+rewritten), and lone surrogates (not UTF-8)."""
+
+
+def _nats_token_problem(token: str) -> str | None:
+    if not token:
+        return "an empty token"
+    bad = _NATS_TOKEN_UNSAFE.search(token)
+    if bad is None:
+        return None
+    c = bad.group()
+    what = "the wildcard" if c in "*>" else "whitespace" if c.isspace() else "the character"
+    return f"{what} {c!r} in the token {token[:100]!r}"
+
+
 class _NatsSyntax(TopicSyntax):
     def to_neutral(self, segment: str) -> str:
         return segment.replace("//", ".")
@@ -111,18 +128,14 @@ class _NatsSyntax(TopicSyntax):
     def check_name(self, name: str) -> None:
         super().check_name(name)
         for token in name.split("."):
-            if not token or token in ("*", ">") or any(c.isspace() for c in token):
+            if _nats_token_problem(token) is not None:
                 raise TemplateError(
-                    f"{name!r} cannot be published to: NATS subjects have no empty, wildcard or whitespace tokens"
+                    f"{name[:200]!r} cannot be published to: NATS subjects have no empty, wildcard or whitespace tokens"
                 )
 
     def from_neutral(self, segment: str) -> str:
-        if not segment:
-            raise TemplateError("NATS subjects cannot have empty tokens")
-        if any(c.isspace() for c in segment):
-            raise TemplateError(f"{segment!r} cannot be a NATS subject token (whitespace)")
-        if segment in ("*", ">"):
-            raise TemplateError(f"{segment!r} is a NATS wildcard, not a token")
+        if (problem := _nats_token_problem(segment)) is not None:
+            raise TemplateError(f"{segment[:200]!r} cannot be a NATS subject token: {problem}")
         return segment.replace(".", "//")
 
 

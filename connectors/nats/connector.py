@@ -19,6 +19,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoServersError, SlowConsumerError, StaleConnectionError
 
 from connectors.nats import wire
+from connectors.nats.client import GatewayClient, TlsOnlyClient, loss_blame
 from connectors.nats.config import NatsConfig, NatsSource
 from connectors.nats.sink import NatsSink
 from connectors.nats.source import CoreSource, JetStreamSource, durable_name
@@ -43,25 +44,12 @@ async def _discard(nc: Client) -> None:
             transport.close()
 
 
-class _TlsOnlyClient(Client):
-    """A client that refuses a server whose INFO does not require TLS, before any credential is sent.
-
-    nats-py upgrades to TLS only when the server's INFO says ``tls_required``; a server that does not say
-    it (or someone in the middle removing it) would get the CONNECT, credentials included, in plaintext.
-    """
-
-    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
-        if initial_connection and not info.get("tls_required"):
-            raise NatsError("the server does not require TLS; refusing to continue in plaintext (tls is configured)")
-        await super()._process_info(info, initial_connection)
-
-
 class NatsConnector(Connector):
     config: NatsConfig
 
     def __init__(self, name: str, config: NatsConfig, context: ConnectorContext) -> None:
         super().__init__(name, config, context)
-        self.nc: Client | None = None
+        self.nc: GatewayClient | None = None
         self.slow_consumer_events = 0
         """Times the client dropped messages because a subscription's pending limits were full."""
         self._acks: list[tuple[str, bytes]] = []
@@ -74,6 +62,8 @@ class NatsConnector(Connector):
         """Per source route in the current session: its source and the task running it."""
         self._session_tg: asyncio.TaskGroup | None = None
         self._last_client_error: Exception | None = None
+        self._dropped_header_lines = 0
+        """Of past sessions' clients: received header lines without a valid name, left out."""
         self.server_closed = 0
         """Times the server closed the connection, or stopped answering PINGs. nats-server cuts a slow
         consumer off this way (``max_pending``, ``write_deadline``) without sending a reason."""
@@ -82,7 +72,15 @@ class NatsConnector(Connector):
         return ", ".join(redact_url(u) for u in self.config.servers)
 
     def counters(self) -> dict[str, int]:
-        return {"server_closed": self.server_closed, "client_slow_consumer_drops": self.slow_consumer_events}
+        nc = self.nc
+        sink = self._sink if isinstance(self._sink, NatsSink) else None
+        return {
+            "server_closed": self.server_closed,
+            "client_slow_consumer_drops": self.slow_consumer_events,
+            "header_lines_dropped": self._dropped_header_lines + (nc.dropped_header_lines if nc is not None else 0),
+            "probe_resends": sink.probes if sink is not None else 0,
+            "closed_on_message": sink.poisoned if sink is not None else 0,
+        }
 
     def make_sink(self) -> Sink:
         return NatsSink(self.config)
@@ -146,7 +144,7 @@ class NatsConnector(Connector):
         # nats-py annotates these as int but takes seconds as floats.
         options.update(reconnect_time_wait=0.01, connect_timeout=cfg.connect_timeout, ping_interval=cfg.ping_interval)
         self._last_client_error = None
-        nc = _TlsOnlyClient() if cfg.uses_tls else Client()
+        nc = TlsOnlyClient() if cfg.uses_tls else GatewayClient()
         try:
             await nc.connect(
                 servers=cfg.servers,
@@ -169,6 +167,7 @@ class NatsConnector(Connector):
             raise ConnectorError(f"cannot connect to {servers}: {describe_ssl_error(exc)}") from exc
         self.nc = nc
         sink = self._sink if isinstance(self._sink, NatsSink) else None
+        ended: BaseException | None = None
         try:
             if sink is not None:
                 await sink.attach(nc)
@@ -190,12 +189,16 @@ class NatsConnector(Connector):
                     tg.create_task(self._expire(sink), name=f"{self.name}:expire")
                 for source in sources:
                     self._run_source(source)
+        except BaseException as exc:
+            ended = exc
+            raise
         finally:
             self._session_tg = None
             self._live = {}
             self.nc = None
+            self._dropped_header_lines += nc.dropped_header_lines
             if sink is not None:
-                sink.detach()
+                sink.detach(loss_blame(nc, ended))
             if not nc.is_closed:
                 with contextlib.suppress(Exception):
                     await nc.close()

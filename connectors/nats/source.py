@@ -27,7 +27,6 @@ from gateway.dispatch import Dispatcher, Route
 from gateway.envelope import Envelope, Receipt
 from gateway.errors import ConnectorError
 
-_STATUS = "Status"
 _ACK = b"+ACK"
 _NAK = b"-NAK"
 _STREAM_NOT_FOUND = 10059
@@ -35,6 +34,8 @@ _STREAM_NOT_FOUND = 10059
 
 
 def headers_of(msg: Msg) -> list[tuple[str, str]] | None:
+    """The message's headers as the envelope carries them (parsed by ``wire.parse_headers``: every name is
+    a valid token; lines without one were left out and counted)."""
     h = msg.headers
     return list(h.items()) if h else None
 
@@ -188,12 +189,14 @@ class JetStreamSource:
         done = self._request_done
 
         async def on_msg(msg: Msg) -> None:
-            hdrs = msg.headers
-            if hdrs and _STATUS in hdrs and not msg.data:
-                # 404 no messages, 408 request expired, 409 consumer limits: this pull is over.
+            if not msg.reply:
+                # A status (404 no messages, 408 request expired, 409 consumer limits): this pull is over.
+                # Told by the missing ack subject, not by a `Status` header: a stored message may carry
+                # one (and an empty payload) and must be delivered, not taken for the end of the pull.
                 self._outstanding = 0
                 done.set()
                 return
+            hdrs = msg.headers
             # Even after intake stopped: the pull in flight is finished and its messages delivered,
             # so that a graceful stop leaves nothing delivered-but-unacknowledged on the server.
             dispatch(

@@ -169,9 +169,17 @@ def test_mqtt_rejects_levels_it_cannot_carry(level: str) -> None:
         MQTT.from_neutral(level)
 
 
-@pytest.mark.parametrize("level", ["", "a b", "tab\tbed", "new\nline", "*", ">"])
+@pytest.mark.parametrize(
+    "level", ["", "a b", "tab\tbed", "new\nline", "*", ">", "a*b", "a>", "*a", "bell\x07", "nbsp\u00a0", "\udcff"]
+)
 def test_nats_rejects_tokens_it_cannot_carry(level: str) -> None:
     with pytest.raises(TemplateError):
+        NATS.from_neutral(level)
+
+
+@pytest.mark.parametrize(("level", "named"), [("a*b", "'a*b'"), ("a>", "'a>'"), ("x y", "'x y'")])
+def test_the_refusal_names_the_token(level: str, named: str) -> None:
+    with pytest.raises(TemplateError, match=named.replace("*", r"\*")):
         NATS.from_neutral(level)
 
 

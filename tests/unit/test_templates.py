@@ -172,6 +172,8 @@ def test_constant_template_illegal_on_the_target_is_rejected_at_compile_time(
         pytest.param("events.*", NATS, id="nats-token-wildcard"),
         pytest.param("events..orders", NATS, id="nats-empty-token"),
         pytest.param("events orders", NATS, id="nats-whitespace"),
+        pytest.param("events.a*b", NATS, id="nats-wildcard-inside-a-token"),
+        pytest.param("events.a>", NATS, id="nats-full-wildcard-inside-a-token"),
     ],
 )
 def test_constant_wildcard_or_malformed_target_is_rejected_at_compile_time(text: str, target: TopicSyntax) -> None:
@@ -189,6 +191,11 @@ def test_constant_wildcard_or_malformed_target_is_rejected_at_compile_time(text:
         ("iot.{device}", NATS, "devices//telemetry/x"),  # empty NATS token
         ("iot.{device}", NATS, "devices/*/telemetry/x"),  # a NATS wildcard as a token
         ("iot.{#}", NATS, "devices/d1/telemetry/a//b"),  # empty level inside the remainder
+        ("iot.{device}", NATS, "devices/a*b/telemetry/x"),  # README: a wildcard in a NATS token is rejected
+        ("iot.{device}", NATS, "devices/a>/telemetry/x"),
+        ("iot.{#}", NATS, "devices/d1/telemetry/x/a>"),
+        ("{topic}", NATS, "devices/d1/telemetry/a*"),
+        ("iot.{device}", NATS, "devices/d\x01/telemetry/x"),  # a control character
         ("t.{device}", KAFKA, "devices/d:1/telemetry/x"),  # ':' is not in Kafka's alphabet
         ("t.{device}", KAFKA, "devices/" + "d" * 250 + "/telemetry/x"),  # longer than 249
     ],
@@ -200,6 +207,15 @@ def test_rendering_a_value_illegal_on_the_target_raises_template_error(
 
     with pytest.raises(TemplateError):
         tpl.render(match(TELEMETRY, topic))
+
+
+@pytest.mark.parametrize(("topic", "token"), [("devices/a*b/telemetry/x", "a*b"), ("devices/d/telemetry/q/a>", "a>")])
+def test_a_nats_wildcard_inside_a_level_fails_naming_the_token(topic: str, token: str) -> None:
+    tpl = compile_template("iot.{device}.{#}", TELEMETRY, NATS)
+
+    with pytest.raises(TemplateError) as info:
+        tpl.render(match(TELEMETRY, topic))
+    assert repr(token) in str(info.value)
 
 
 @pytest.mark.parametrize("topic", ["cmd.a/b.x", "cmd.a+b.x", "cmd.#.x"])
