@@ -75,11 +75,18 @@ class PayloadTooLarge(SinkError):
         self.limit = limit
 
 
-class HeadersTooLarge(SinkError):
+class HeaderError(SinkError):
+    """A header the target cannot carry (its name, or a value with no form the target takes): retrying
+    cannot help, and the dead letter is written without the message's headers (they would fail it too)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=False)
+
+
+class HeadersTooLarge(HeaderError):
     """The message carries more headers, or more header bytes, than the gateway forwards."""
 
     def __init__(self, count: int, size: int, max_count: int, max_bytes: int) -> None:
         super().__init__(
-            f"{count} headers of {size} bytes exceed the limits of {max_count} headers / {max_bytes} bytes",
-            retriable=False,
+            f"{count} headers of {size} bytes exceed the limits of {max_count} headers / {max_bytes} bytes"
         )

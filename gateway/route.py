@@ -31,7 +31,15 @@ import structlog
 
 from gateway.backoff import Backoff
 from gateway.envelope import Envelope
-from gateway.errors import GatewayError, HeadersTooLarge, PayloadTooLarge, SinkError, TemplateError, Unavailable
+from gateway.errors import (
+    GatewayError,
+    HeaderError,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    SinkError,
+    TemplateError,
+    Unavailable,
+)
 from gateway.flow import FlowGate
 from gateway.patterns import SourcePattern
 from gateway.templates import Match, Template
@@ -643,7 +651,7 @@ class Route:
             return
         receipt = env.receipt
         headers = [
-            *(env.headers if env.headers and not isinstance(error, HeadersTooLarge) else ()),  # not a flood again
+            *(env.headers if env.headers and not isinstance(error, HeaderError) else ()),  # not a flood again
             ("x-gateway-route", self.name),
             ("x-gateway-error", str(error)[:1000]),
             ("x-gateway-error-type", type(error).__name__),

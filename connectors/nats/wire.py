@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from gateway.errors import SinkError
+from gateway.errors import HeaderError
 from gateway.headers import BIN_SUFFIX, NATS_UNSAFE, from_bytes, to_text
 
 MAX_CONTROL_LINE = 4096
@@ -87,7 +87,7 @@ def control_line_length(subject: int, reply: int, header_block: int | None, payl
 
 
 def encode_headers(headers: list[tuple[str, str]] | dict[str, str]) -> bytes:
-    """The NATS header block. Raises a non-retriable SinkError for a name NATS cannot carry; a value it
+    """The NATS header block. Raises HeaderError for a name NATS cannot carry; a value it
     cannot carry verbatim is written as ``NAME-bin: base64`` (:func:`gateway.headers.to_text`)."""
     out = [_HDR_LINE]
     names = _names
@@ -95,9 +95,8 @@ def encode_headers(headers: list[tuple[str, str]] | dict[str, str]) -> bytes:
     for name, value in items:
         if name not in names:
             if _HEADER_NAME.fullmatch(name) is None:
-                raise SinkError(
-                    f"header name {name[:100]!r} cannot be carried by NATS (printable ASCII without ':' or spaces)",
-                    retriable=False,
+                raise HeaderError(
+                    f"header name {name[:100]!r} cannot be carried by NATS (printable ASCII without ':' or spaces)"
                 )
             if len(names) >= _NAMES_KEPT:
                 names.clear()
@@ -110,9 +109,7 @@ def encode_headers(headers: list[tuple[str, str]] | dict[str, str]) -> bytes:
             try:
                 name, value = to_text(name, value, VALUE_UNSAFE)
             except UnicodeEncodeError:  # a lone surrogate that no bytes decoded into: neither text nor bytes
-                raise SinkError(
-                    f"header {name[:100]!r}: the value is neither text nor bytes", retriable=False
-                ) from None
+                raise HeaderError(f"header {name[:100]!r}: the value is neither text nor bytes") from None
         out.append(f"{name}: {value}\r\n".encode())
     out.append(b"\r\n")
     return b"".join(out)
