@@ -31,6 +31,27 @@ _POLL_INTERVAL = 0.001
 _IDLE_POLL = 1.0
 """Seconds between polls while nothing is outstanding: librdkafka reports a lost broker through poll()."""
 _PURGED = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
+_PRODUCER_STATE = frozenset(
+    {
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.INVALID_PRODUCER_ID_MAPPING,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError._FENCED,
+        KafkaError._FATAL,
+        KafkaError._INCONSISTENT,
+        KafkaError._GAPLESS_GUARANTEE,
+    }
+)
+"""The broker no longer knows the idempotent producer's id or sequence (it restarted without its state,
+expired it, or lost a leader uncleanly): this producer cannot go on, a new one (a new id) can, at once."""
+_STALL = 5.0
+"""Seconds without any delivery report, records outstanding and a broker answering metadata requests,
+after which the producer is taken for wedged (a broker that came back without the producer's state can
+leave librdkafka holding everything until its delivery timeout) and replaced."""
+_PURGE_WAIT = 5.0
+"""Seconds a closing session waits for the reports of the records it purged (each goes back to the queue)."""
 _REFUSED = (KafkaError._AUTHENTICATION, KafkaError._SSL, KafkaError.SASL_AUTHENTICATION_FAILED)
 """Errors that another attempt with the same settings will not fix: reported as the reason at once."""
 _LOG = logging.getLogger("librdkafka")
@@ -88,6 +109,9 @@ class ConfluentSink(ProducerSink):
         elif err.retriable() or err.code() == KafkaError._MSG_TIMED_OUT:
             self.requeue([item])
             self.broken.set()
+        elif err.fatal() or err.code() in _PRODUCER_STATE:
+            self.requeue([item])  # the record is fine, the producer is not: a new one sends it
+            self._replace(err)
         else:
             flight.fail(d, SinkError(f"Kafka refused the record: {err.str()}", retriable=False))
 
@@ -97,10 +121,22 @@ class ConfluentSink(ProducerSink):
             self.last_error = msg % args if args else msg
         _LOG.log(level, msg, *args)
 
+    def _replace(self, why: KafkaError | str) -> None:
+        """This producer cannot go on: end the session now (its records are purged back to the queue and a
+        new producer, with a new producer id, sends them) instead of waiting for a delivery timeout."""
+        if not self.broken.is_set():
+            self.replaced_because = why if isinstance(why, str) else f"{why.name()}: {why.str()}"
+            self.broken.set()
+
     def on_error(self, err: KafkaError) -> None:
         """librdkafka's error_cb (served inside poll(), on the loop): it reconnects by itself, we report it."""
-        if err.code() in _REFUSED or err.fatal() or (err.code() == KafkaError._TRANSPORT and "SSL" in err.str()):
+        if err.code() in _REFUSED or (err.code() == KafkaError._TRANSPORT and "SSL" in err.str()):
             self.refused = err.str()  # TLS alerts (a certificate required, a protocol mismatch) come as _TRANSPORT
+        if err.fatal() or err.code() in _PRODUCER_STATE:
+            if self.producer is None:
+                self.refused = err.str()  # while opening: the reason the session could not start
+            else:
+                self._replace(err)
         self.last_error = err.str()
         if err.code() == KafkaError._ALL_BROKERS_DOWN and not self.unreachable:
             self.unreachable = True
@@ -113,16 +149,38 @@ class ConfluentSink(ProducerSink):
             self.reachability(True, "")
 
     async def run_poller(self) -> None:
-        """Serve delivery reports on the event loop while any are outstanding. Owned by the session."""
+        """Serve delivery reports on the event loop while any are outstanding. Owned by the session.
+
+        Also the stall check: records outstanding, no report for :data:`_STALL` seconds, and a broker
+        that answers a metadata request means librdkafka will not deliver them (see ``_STALL``)."""
+        loop = asyncio.get_running_loop()
+        progress = loop.time()
         while True:
             producer = self.producer
             if producer is None or self.outstanding <= 0:
                 self._reports.clear()
                 await self._reports.wait()
+                progress = loop.time()
                 continue
+            before = self.outstanding
             producer.poll(0)
+            if self.outstanding != before:
+                progress = loop.time()
+            elif loop.time() - progress > _STALL:
+                progress = loop.time()
+                if await self._answers(producer) and self.outstanding == before:
+                    self._replace(f"no delivery report for {_STALL:g} s while the broker answers")
             if self.outstanding > 0:
                 await asyncio.sleep(_POLL_INTERVAL)
+
+    @staticmethod
+    async def _answers(producer: Producer) -> bool:
+        """Whether a broker answers a metadata request now (one short attempt, off the loop)."""
+        try:
+            await asyncio.to_thread(producer.list_topics, timeout=_IDLE_POLL)
+        except KafkaException:
+            return False
+        return True
 
     async def run_idle_poller(self) -> None:
         """Every second while nothing is outstanding, poll for errors (librdkafka reports a lost broker
@@ -138,11 +196,7 @@ class ConfluentSink(ProducerSink):
 
     async def _probe(self, producer: Producer) -> None:
         """While unreachable and idle: a metadata request tells when a broker answers again."""
-        try:
-            await asyncio.to_thread(producer.list_topics, timeout=_IDLE_POLL)
-        except KafkaException:
-            return
-        if self.unreachable and self.producer is producer:
+        if await self._answers(producer) and self.unreachable and self.producer is producer:
             self._reachable()
 
     async def write_batch(self, batch: list[Item]) -> None:
@@ -252,3 +306,11 @@ class ConfluentSink(ProducerSink):
         if producer is not None:
             producer.purge()
             producer.poll(0)  # purged records report _PURGE_QUEUE / _PURGE_INFLIGHT: requeued
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + _PURGE_WAIT
+            while self.outstanding > 0 and loop.time() < deadline:  # reports of in-flight ones may lag
+                await asyncio.sleep(_POLL_INTERVAL * 10)
+                producer.poll(0)
+            if self.outstanding > 0:  # never reported: the routes' watchdog sends them again
+                _LOG.error("%d records of the old producer were not reported back after its purge", self.outstanding)
+                self.outstanding = 0

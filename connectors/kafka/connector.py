@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,8 @@ class KafkaConnector(Connector):
         self._sources: list[GroupSource] = []
         self._unreadable = 0
         """Records of ended sessions that could not be decoded (see ``counters``)."""
+        self._down: dict[str, str] = {}
+        """Roles (producer, consumer groups) that lost every broker, with why: the session is unreachable."""
 
     @property
     def client_id(self) -> str:
@@ -135,18 +138,21 @@ class KafkaConnector(Connector):
                     consumer.subscribe(pattern=f"^(?:{pattern})$", listener=source.listener)
                 await _started(consumer.start(), cfg.bootstrap_servers, _consumer_errors())
                 self._sources.append(source)
+            self._down = {}
             self.mark_connected(bootstrap=",".join(cfg.bootstrap_servers), groups=len(consumers))
             if sink is not None:
                 sink.reachability = self._reachability
             async with asyncio.TaskGroup() as tg:
                 if sink is not None:
                     tg.create_task(sink.run_writer(), name=f"{self.name}:writer")
-                    tg.create_task(self._watch(sink.broken), name=f"{self.name}:watch")
+                    tg.create_task(self._watch(sink), name=f"{self.name}:watch")
                     for job in sink.background():
                         tg.create_task(job, name=f"{self.name}:sink")
                 for source in self._sources:
                     tg.create_task(self._guard(source.run(self.intake_stopped)), name=f"{self.name}:{source.group}")
                     tg.create_task(self._guard(source.run_committer()), name=f"{self.name}:{source.group}:commit")
+                    report = functools.partial(self._reachability, role=f"group {source.group}")
+                    tg.create_task(source.watch_brokers(report), name=f"{self.name}:{source.group}:probe")
         finally:
             for consumer in consumers:
                 with contextlib.suppress(Exception):
@@ -154,16 +160,24 @@ class KafkaConnector(Connector):
             if sink is not None:
                 await sink.close()
 
-    def _reachability(self, up: bool, why: str) -> None:
-        channel = self.channels[0]
+    def _reachability(self, up: bool, why: str, role: str = "producer") -> None:
+        """The producer (its error_cb) or a consumer group (its metadata probe) lost every broker or got one
+        back; the channel is reachable again when every role is."""
         if up:
-            channel.mark_reachable(bootstrap=",".join(self.config.bootstrap_servers), recovered=True)
+            self._down.pop(role, None)
         else:
-            channel.mark_unreachable(why)
+            self._down[role] = why
+        channel = self.channels[0]
+        if self._down:
+            channel.mark_unreachable("; ".join(self._down.values()))
+        else:
+            channel.mark_reachable(bootstrap=",".join(self.config.bootstrap_servers), recovered=True)
 
-    async def _watch(self, broken: asyncio.Event) -> None:
-        await broken.wait()
-        raise ConnectorError("Kafka deliveries failing; restarting the producer")
+    async def _watch(self, sink: ProducerSink) -> None:
+        await sink.broken.wait()
+        why = sink.replaced_because or "deliveries failing"
+        sink.replaced_because = None
+        raise ConnectorError(f"Kafka producer replaced ({why}); its records are sent again by a new one")
 
     async def _guard(self, coro: Awaitable[None]) -> None:
         try:

@@ -78,6 +78,9 @@ class ProducerSink(Sink):
             self.topics.add(topic)
         return error
 
+    replaced_because: str | None = None
+    """Why the producer is being given up, when the driver knows (see ``broken``)."""
+
     reachability: Callable[[bool, str], None] | None = None
     """Set by the connector: told when the driver loses all brokers (False, why) and gets one back."""
 

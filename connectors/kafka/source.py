@@ -30,6 +30,7 @@ import gzip
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable
 from typing import Literal
 
 import structlog
@@ -51,6 +52,9 @@ _PROBE_MS = 500
 """While looking for an unreadable record: how long to wait for one partition's records after a seek."""
 _FRUITLESS = 3
 """Rounds of reading partition by partition that found no record to blame before the error is the session's."""
+_PROBE_EVERY = 2.0
+"""Seconds between two metadata requests that tell whether a broker still answers the consumer."""
+_PROBE_TIMEOUT = 3.0
 _LOG_INTERVAL = 5.0
 """Seconds between two ``kafka.record_unreadable`` log lines (a whole unreadable batch fails record by record)."""
 
@@ -352,6 +356,30 @@ class GroupSource:
             self.trackers[tp] = fresh  # receipts of the old one settle into nothing
             count += 1
         return count
+
+    async def watch_brokers(self, report: Callable[[bool, str], None]) -> None:
+        """Tell ``report`` when no broker answers this consumer any more, and when one does again.
+
+        aiokafka reconnects by itself and says nothing; a metadata request every :data:`_PROBE_EVERY`
+        seconds (not per message) shows an outage within about ten seconds: two failures in a row.
+        """
+        failures = 0
+        down = False
+        while True:
+            await asyncio.sleep(_PROBE_EVERY)
+            try:
+                async with asyncio.timeout(_PROBE_TIMEOUT):
+                    await self.consumer.topics()
+            except (KafkaError, OSError, TimeoutError) as exc:
+                failures += 1
+                if failures >= 2 and not down:
+                    down = True
+                    report(False, f"consumer group {self.group}: no Kafka broker answers ({type(exc).__name__})")
+                continue
+            failures = 0
+            if down:
+                down = False
+                report(True, "")
 
     async def run_committer(self) -> None:
         """Commit the settled prefix every ``commit_interval`` until cancelled (also while paused or stopping)."""

@@ -120,8 +120,8 @@ async def _quiet(*args: Any) -> None:
 # ------------------------------------------------------------------ the victim
 
 
-def bounce(victim: BrokerProcess, how: str) -> None:
-    """SIGKILL (or SIGTERM) the victim, keep it down ``OUTAGE`` s, start it on the same port and data dir.
+def bounce(victim: BrokerProcess, how: str, outage: float = OUTAGE) -> None:
+    """SIGKILL (or SIGTERM) the victim, keep it down ``outage`` s, start it on the same port and data dir.
 
     ``BrokerProcess`` methods only touch the broker process itself: a durable Tansu's object store
     keeps running (``Tansu.stop`` would stop the store too).
@@ -130,7 +130,7 @@ def bounce(victim: BrokerProcess, how: str) -> None:
         BrokerProcess.kill(victim)
     else:
         BrokerProcess.stop(victim, timeout=20)
-    time.sleep(OUTAGE)
+    time.sleep(outage)
     victim.start(timeout=30)
 
 
@@ -774,6 +774,7 @@ async def fault_run(
     victim_connector: str,
     publisher: Publisher,
     collector: Collector,
+    outage: float = OUTAGE,
 ) -> tuple[set[int], dict[str, float], int, bool]:
     """Publish, restart the victim a third of the way in, wait until everything accepted arrived."""
     conn = gw.connectors[victim_connector]
@@ -797,7 +798,7 @@ async def fault_run(
 
     watcher = asyncio.create_task(watch())
     try:
-        await asyncio.to_thread(bounce, victim, how)
+        await asyncio.to_thread(bounce, victim, how, outage)
         t_up = time.monotonic()
         timings["outage"] = t_up - t_kill
         publisher.up.set()
@@ -849,8 +850,16 @@ def check(result: Result) -> None:
 
 
 def route_stats(gw: Gateway) -> dict[str, int]:
-    s = gw.routes["r"].stats
-    return {"received": s.received, "acked": s.acked, "failed": s.failed, "dropped": s.dropped}
+    r = gw.routes["r"]
+    s = r.stats
+    return {
+        "received": s.received,
+        "acked": s.acked,
+        "failed": s.failed,
+        "dropped": s.dropped,
+        "in_flight": r.in_flight,
+        "resubmitted": s.resubmitted,
+    }
 
 
 async def close_all(*things: Any) -> None:
@@ -872,6 +881,7 @@ async def restart_scenario(
     notes: Callable[[Any], str],
     read_source: Callable[[], Awaitable[Counter[int]]] | None = None,
     library_reconnects: bool = False,
+    outage: float = OUTAGE,
 ) -> Result:
     """The gateway on ``config``; the publisher ``connect()`` makes; the victim restarted; the outcome.
 
@@ -883,7 +893,7 @@ async def restart_scenario(
         async with running_gateway(config) as (gw, runner):
             publisher = await connect()
             accepted, timings, reconnects, seen_down = await fault_run(
-                label, victim, how, gw, runner, "victim", publisher, collector
+                label, victim, how, gw, runner, "victim", publisher, collector, outage
             )
             return Result(
                 label,
@@ -944,7 +954,10 @@ async def test_mosquitto_source_restart(tmp_path: Any, nats_server: NatsServer, 
 @pytest.mark.parametrize("how", HOW)
 async def test_mosquitto_sink_restart(tmp_path: Any, nats_server: NatsServer, unique: str, how: str) -> None:
     """JetStream → Mosquitto (victim), collected by a paho client with a persistent session."""
-    u = unique
+    check(await mosquitto_sink(tmp_path, nats_server, unique, how))
+
+
+async def mosquitto_sink(tmp_path: Any, nats_server: NatsServer, u: str, how: str, outage: float = OUTAGE) -> Result:
     stream = f"FB_{u}"
     victim = durable_mosquitto(tmp_path)
     victim.start()
@@ -973,11 +986,12 @@ async def test_mosquitto_sink_restart(tmp_path: Any, nats_server: NatsServer, un
                 f"subscriber: DUP-flagged={col.marked_dup} sessions_resumed={col.sessions_resumed} "
                 f"publisher_retries={pub.retries}"
             ),
+            outage=outage,
         )
     finally:
         await close_all(collector)
         await asyncio.to_thread(victim.stop)
-    check(result)
+    return result
 
 
 @pytest.mark.parametrize("how", HOW)
@@ -1019,7 +1033,10 @@ async def test_nats_source_restart(tmp_path: Any, kafka_broker: Tansu, unique: s
 @pytest.mark.parametrize("how", HOW)
 async def test_nats_sink_restart(tmp_path: Any, kafka_broker: Tansu, unique: str, how: str) -> None:
     """Kafka → JetStream on nats-server (victim): the stream's file store keeps what it acknowledged."""
-    u = unique
+    check(await nats_sink(tmp_path, kafka_broker, unique, how))
+
+
+async def nats_sink(tmp_path: Any, kafka_broker: Tansu, u: str, how: str, outage: float = OUTAGE) -> Result:
     stream, topic = f"FD_{u}", f"fd-{u}"
     victim = NatsServer(workdir=tmp_path / "nats")
     victim.start()
@@ -1046,11 +1063,12 @@ async def test_nats_sink_restart(tmp_path: Any, kafka_broker: Tansu, unique: str
             allowance=0,
             notes=lambda pub: f"publisher_retries={pub.retries}",
             read_source=lambda: read_topic(kafka_broker.bootstrap, topic),
+            outage=outage,
         )
     finally:
         await close_all(collector)
         await asyncio.to_thread(victim.stop)
-    check(result)
+    return result
 
 
 @pytest.mark.parametrize("how", HOW)
@@ -1094,7 +1112,10 @@ async def test_tansu_source_restart(tmp_path: Any, nats_server: NatsServer, uniq
 @pytest.mark.parametrize("how", HOW)
 async def test_tansu_sink_restart(tmp_path: Any, mosquitto: Mosquitto, unique: str, how: str) -> None:
     """MQTT QoS 1 → durable Tansu (victim, S3 storage): records it acknowledged survive, the rest is resent."""
-    u = unique
+    check(await tansu_sink(tmp_path, mosquitto, unique, how))
+
+
+async def tansu_sink(tmp_path: Any, mosquitto: Mosquitto, u: str, how: str, outage: float = OUTAGE) -> Result:
     topic = f"ff-{u}"
     victim = Tansu(storage="s3", workdir=tmp_path / "tansu")
     victim.start()
@@ -1122,8 +1143,9 @@ async def test_tansu_sink_restart(tmp_path: Any, mosquitto: Mosquitto, unique: s
             ),
             allowance=0,  # the publisher's broker stays up: it never resends
             notes=lambda pub: f"collector_errors={len(col.errors)}",
+            outage=outage,
         )
     finally:
         await close_all(collector)
         await asyncio.to_thread(victim.stop)
-    check(result)
+    return result
