@@ -58,6 +58,10 @@ _LOG = logging.getLogger("librdkafka")
 """librdkafka's own log lines, served by poll() into the stdlib logging (and its secret scrubbing)."""
 
 
+def delivery_timeout_ms(cfg: KafkaConfig) -> int:
+    return max(cfg.request_timeout_ms * 2, 60_000)
+
+
 def producer_config(cfg: KafkaConfig, client_id: str) -> dict[str, Any]:
     return {
         "bootstrap.servers": ",".join(cfg.bootstrap_servers),
@@ -70,7 +74,7 @@ def producer_config(cfg: KafkaConfig, client_id: str) -> dict[str, Any]:
         "compression.type": cfg.compression,
         "request.timeout.ms": cfg.request_timeout_ms,
         # Unbounded retries within the delivery timeout; after it the record goes back to the queue.
-        "delivery.timeout.ms": max(cfg.request_timeout_ms * 2, 60_000),
+        "delivery.timeout.ms": delivery_timeout_ms(cfg),
         "queue.buffering.max.messages": 1_000_000,
         **librdkafka_security(cfg),
     }
@@ -83,6 +87,7 @@ class ConfluentSink(ProducerSink):
 
     def __init__(self, config: KafkaConfig) -> None:
         super().__init__(config)
+        self.timeout = delivery_timeout_ms(config) / 1000
         self.producer: Producer | None = None
         self.outstanding = 0
         """Records handed to librdkafka whose delivery report has not come back."""

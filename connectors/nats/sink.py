@@ -73,6 +73,7 @@ class NatsSink(Sink):
     def __init__(self, config: NatsConfig) -> None:
         super().__init__()
         self.config = config
+        self.timeout = max(config.publish_timeout, config.flush_timeout)
         self.nc: Client | None = None
         self._prefix = ""
         self._next = 0
