@@ -120,6 +120,7 @@ class Channel:
                 continue
             self.state = ConnectorState.CONNECTING
             self._kick.clear()
+            started = time.monotonic()
             session = asyncio.ensure_future(self._session())
             stop = asyncio.ensure_future(closing.wait())
             kick = asyncio.ensure_future(self._kick.wait())
@@ -161,7 +162,8 @@ class Channel:
             if lost is not None and not isinstance(lost, ConnectorError | OSError | TimeoutError):
                 # A bug, not a broker problem: say so loudly, then recover like from a lost connection.
                 self.log.error("connector.session_crashed", exc_info=lost)
-            was_connected = self.connected.is_set()
+            # Connected in this session, even if its client library lost the broker since (unreachable).
+            was_connected = self.connected_at >= started
             self.connected.clear()
             self.connector.channel_changed()
             if closing.is_set():
