@@ -426,6 +426,7 @@ class Route:
         self._unlogged = 0
         self._idle: asyncio.Future[None] | None = None
         self._flights: deque[Flight] = deque()
+        self._track = self._flights.append
         """Flights in admission order; closed ones leave from the left, so the first is the oldest open one
         (unless one is stuck: then :meth:`watch` compacts what finished behind it)."""
         self._resubmits: dict[Flight, tuple[int, float]] = {}
@@ -457,7 +458,7 @@ class Route:
                 self.in_flight += 1
                 self.in_flight_bytes += nbytes
                 flight = Flight(self, env, plan, nbytes)
-                self._flights.append(flight)
+                self._track(flight)
                 self._refuse(flight, exc)
                 return
             if changed is None:
@@ -495,7 +496,7 @@ class Route:
             if not self._drop:
                 self.hold_gate()
         flight = Flight(self, env, plan, nbytes)
-        self._flights.append(flight)
+        self._track(flight)
         if nbytes > self.max_payload:
             self._refuse(flight, PayloadTooLarge(nbytes, self.max_payload, f"route {self.name!r} max_payload"))
             return
@@ -520,7 +521,7 @@ class Route:
         self.in_flight += 1
         self.in_flight_bytes += nbytes
         flight = Flight(self, env, plan, nbytes)
-        self._flights.append(flight)
+        self._track(flight)
         self._refuse(flight, error)
 
     def render_payload(self, plan: RoutePlan, doc: Any) -> RoutePlan:
@@ -576,7 +577,7 @@ class Route:
     def _close(self, flight: Flight) -> None:
         flight.closed = True
         flights = self._flights
-        if flights and flights[0] is flight:
+        if flights[0] is flight:  # every flight closed here was tracked: the deque is not empty
             flights.popleft()
             while flights and flights[0].closed:
                 flights.popleft()
@@ -742,6 +743,7 @@ class Route:
         flights = self._flights
         if len(flights) > 2 * self.in_flight + 1024:  # finished flights piled up behind a stuck one
             self._flights = flights = deque(f for f in flights if not f.closed)
+            self._track = flights.append
         bound = self.stuck_bound()
         now_ns = int(now * 1e9)
         limit_ns = now_ns - int(bound * 1e9)
@@ -782,7 +784,7 @@ class Route:
         fresh.attempts = flight.attempts
         flight.pending = _SUPERSEDED
         flight.closed = True
-        self._flights.append(fresh)
+        self._track(fresh)
         self._resubmits[fresh] = (times, now)
         self.stats.resubmitted += 1
         nbytes = fresh.nbytes
