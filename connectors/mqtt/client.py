@@ -30,7 +30,18 @@ from mqtt5 import (
     SubAckPacket,
 )
 
-from connectors.mqtt.codec import DISCONNECT, PINGREQ, PUBACK, PUBCOMP, PUBREC, Codec5, ack
+from connectors.mqtt.codec import (
+    DISCONNECT,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBREC,
+    Codec5,
+    ack,
+    frame,
+    is_codec_panic,
+    varint,
+)
 
 
 class PacketHandler(Protocol):
@@ -40,6 +51,17 @@ class PacketHandler(Protocol):
 
     def on_ack(self, kind: int, packet_id: int, reason: int) -> None:
         """PUBACK, PUBREC or PUBCOMP (``kind`` is the packet's type byte) for one of our publishes."""
+
+    def on_unreadable(self, qos: int, packet_id: int, topic: bytes, payload: bytes, error: str) -> None:
+        """A PUBLISH whose frame is intact but whose content the codec cannot decode (e.g. a topic or a
+        property that is not UTF-8): its raw topic and payload. The stream stays in step: the session fails
+        that message alone rather than aborting, which would only make the broker send it again."""
+
+
+_NOT_ABOUT_A_MESSAGE = frozenset({0x00, 0x04, 0x89, 0x8B, 0x8D, 0x8E, 0x98, 0x9C, 0x9D, 0x9F, 0xA0})
+"""DISCONNECT reason codes that say nothing about what we sent: normal, server busy, shutting down,
+keepalive timeout, session taken over, administrative action, use another server, server moved,
+connection rate exceeded, connection time limit."""
 
 
 class MqttConnection(asyncio.Protocol):
@@ -57,12 +79,21 @@ class MqttConnection(asyncio.Protocol):
         self.subacks: dict[int, asyncio.Future[SubAckPacket]] = {}
         self.last_received = time.monotonic()
         self.reading_paused = False
-        self._rest = b""
+        self.broker_closed = False
+        """The connection ended from the broker's side (EOF, reset, or a DISCONNECT about what we sent),
+        not by the gateway (keepalive, shutdown): what the sink's "same message breaks it again" rule reads."""
+        self._head = b""
+        """The first bytes of a packet whose fixed header is not complete yet (at most 4)."""
+        self._partial: bytearray | None = None
+        """A packet larger than what arrived so far, allocated at its full size once its fixed header was read."""
+        self._have = 0
+        """Bytes of ``_partial`` filled."""
         self._queued = bytearray()
         self._flush_scheduled = False
         self._writable = asyncio.Event()
         self._writable.set()
         self._disconnect_reason = ""
+        self._aborted = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,6 +102,9 @@ class MqttConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = self._disconnect_reason or (f"{type(exc).__name__}: {exc}" if exc else "closed by the broker")
+        if not self._aborted:
+            self.broker_closed = True
+        self._partial = None
         if not self.closed.done():
             self.closed.set_result(reason)
         if not self.connack.done():
@@ -87,31 +121,120 @@ class MqttConnection(asyncio.Protocol):
         self._writable.set()
 
     def data_received(self, data: bytes) -> None:
-        if self._rest:
-            data = self._rest + data
+        """Frame and dispatch; linear in what arrives.
+
+        Complete packets are decoded straight from ``data``. The tail of a packet that is not
+        complete yet goes into a buffer allocated at the packet's full size (its fixed header says
+        it), which each later chunk fills with one copy until the packet can be decoded: a large
+        message costs one pass over its bytes, never a re-parse per chunk, and the event loop runs
+        between chunks.
+        """
         self.last_received = time.monotonic()
-        view = memoryview(data)
-        n = len(data)
+        partial = self._partial
+        if partial is not None:
+            have = self._have
+            need = len(partial) - have
+            n = len(data)
+            if n < need:
+                partial[have : have + n] = data
+                self._have = have + n
+                return
+            self._partial = None
+            if n == need:
+                partial[have:] = data
+                self._parse(memoryview(partial))
+                return
+            view = memoryview(data)
+            partial[have:] = view[:need]
+            self._parse(memoryview(partial))
+            if self._partial is None and not self._aborted:
+                self._parse(view[need:])
+            return
+        if self._head:
+            data = self._head + data
+            self._head = b""
+        self._parse(memoryview(data))
+
+    def _parse(self, view: memoryview) -> None:
+        n = len(view)
         pos = 0
         read = self.codec.read
         handler = self.handler
-        try:
-            while pos < n:
+        while pos < n:
+            try:
                 packet, used = read(view[pos:])
-                pos += used
-                kind = type(packet)
-                if kind is PublishPacket:
-                    handler.on_publish(packet)  # type: ignore[arg-type]
-                elif kind is PubAckPacket:
-                    handler.on_ack(PUBACK, packet.packet_id, int(packet.reason_code))  # type: ignore[union-attr,arg-type]
-                else:
-                    self._control(packet)
-        except IndexError:
-            pass  # the rest of a packet is still on its way
+            except IndexError:
+                self._keep(view, pos)  # the rest of a packet is still on its way
+                return
+            except BaseException as exc:  # the mqtt5 codec panics (BaseException) on strings that are not UTF-8
+                if not (isinstance(exc, ValueError) or is_codec_panic(exc)):
+                    raise
+                skipped = self._unreadable(view, pos, exc)
+                if skipped is None:
+                    return
+                pos += skipped
+                continue
+            pos += used
+            kind = type(packet)
+            if kind is PublishPacket:
+                handler.on_publish(packet)  # type: ignore[arg-type]
+            elif kind is PubAckPacket:
+                handler.on_ack(PUBACK, packet.packet_id, int(packet.reason_code))  # type: ignore[union-attr,arg-type]
+            else:
+                self._control(packet)
+                if self._aborted:  # the broker sent DISCONNECT: what follows is not ours to take
+                    return
+
+    def _keep(self, view: memoryview, pos: int) -> None:
+        """Hold the incomplete packet at ``pos`` until the rest arrives."""
+        try:
+            framed = frame(view, pos)
         except ValueError as exc:
             self.abort(f"malformed packet from the broker: {exc}")
             return
-        self._rest = bytes(view[pos:]) if pos < n else b""
+        if framed is None:
+            self._head = bytes(view[pos:])
+            return
+        total = framed[0] + framed[1]
+        have = len(view) - pos
+        if total <= have:  # all there, yet the codec wants more: its own lengths are wrong
+            self.abort("malformed packet from the broker: inner lengths exceed the remaining length")
+            return
+        partial = bytearray(total)
+        partial[:have] = view[pos:]
+        self._partial = partial
+        self._have = have
+
+    def _unreadable(self, view: memoryview, pos: int, exc: BaseException) -> int | None:
+        """A packet at ``pos`` the codec refused: skip a PUBLISH whose frame and packet id are intact
+        (returns its length) and hand the handler what can be read of it; anything else is a protocol
+        error (abort, None)."""
+        why = "a string is not valid UTF-8" if is_codec_panic(exc) else f"{type(exc).__name__}: {exc}"
+        try:
+            framed = frame(view, pos)
+        except ValueError:
+            framed = None
+        if framed is not None and view[pos] >> 4 == 3 and pos + framed[0] + framed[1] <= len(view):
+            header, remaining = framed
+            end = pos + header + remaining
+            qos = (view[pos] >> 1) & 3
+            at = pos + header
+            if qos < 3 and at + 2 <= end:
+                topic_end = at + 2 + ((view[at] << 8) | view[at + 1])
+                if topic_end + (2 if qos else 0) <= end:
+                    topic = bytes(view[at + 2 : topic_end])
+                    packet_id = (view[topic_end] << 8) | view[topic_end + 1] if qos else 0
+                    body = topic_end + (2 if qos else 0)
+                    if self.codec.version == 5:  # skip the properties (if they cannot be, no payload)
+                        try:
+                            props = varint(view, body, end)
+                        except ValueError:
+                            props = None
+                        body = min(end, body + props[1] + props[0]) if props is not None else end
+                    self.handler.on_unreadable(qos, packet_id, topic, bytes(view[body:end]), why)
+                    return header + remaining
+        self.abort(f"malformed packet from the broker: {why}")
+        return None
 
     def _control(self, packet: object) -> None:
         if isinstance(packet, PubRecPacket):
@@ -134,11 +257,17 @@ class MqttConnection(asyncio.Protocol):
                 f"broker sent DISCONNECT: {packet.reason_code.name} {packet.reason_str or ''}".strip()
             )
             self.abort(self._disconnect_reason)
+            self.broker_closed = int(packet.reason_code) not in _NOT_ABOUT_A_MESSAGE
 
     # -- writing --------------------------------------------------------------------------
     @property
     def is_open(self) -> bool:
         return self.transport is not None and not self.closed.done()
+
+    @property
+    def close_reason(self) -> str:
+        """Why the connection ended (the broker's DISCONNECT reason, the socket error), or ""."""
+        return self.closed.result() if self.closed.done() else self._disconnect_reason
 
     def write(self, data: bytes | bytearray) -> None:
         if self.transport is not None and not self.closed.done():
@@ -173,6 +302,7 @@ class MqttConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def abort(self, reason: str) -> None:
+        self._aborted = True
         self._disconnect_reason = self._disconnect_reason or reason
         if self.transport is not None:
             self.transport.abort()
@@ -186,6 +316,7 @@ class MqttConnection(asyncio.Protocol):
         """
         self._flush()
         self.write(DISCONNECT)
+        self._aborted = True
         self._disconnect_reason = "disconnected by the gateway"
         if self.reading_paused and self.transport is not None and not self.closed.done():
             self.reading_paused = False

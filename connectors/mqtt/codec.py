@@ -42,6 +42,37 @@ def ack(kind: int, packet_id: int) -> bytes:
     return _ACK.pack(kind, 2, packet_id)
 
 
+def varint(view: memoryview, at: int, end: int) -> tuple[int, int] | None:
+    """(value, length in bytes) of the variable byte integer at ``at``; None if it does not end before
+    ``end``. ValueError if it is longer than four bytes."""
+    value = 0
+    shift = 0
+    i = at
+    while i < end:
+        b = view[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i - at
+        shift += 7
+        if shift > 21:
+            raise ValueError("malformed variable byte integer")
+    return None
+
+
+def frame(view: memoryview, pos: int) -> tuple[int, int] | None:
+    """(fixed header length, remaining length) of the packet at ``pos``; None while its fixed header
+    is incomplete. ValueError if the remaining length is not a valid variable byte integer."""
+    length = varint(view, pos + 1, len(view))
+    return None if length is None else (1 + length[1], length[0])
+
+
+def is_codec_panic(exc: BaseException) -> bool:
+    """A Rust panic inside ``mqtt5`` (pyo3's PanicException derives from BaseException, not Exception):
+    ``mqtt5.read`` panics on a string that is not UTF-8, ``PublishPacket.write`` on a packet over 256 MB."""
+    return type(exc).__name__ == "PanicException"
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -98,7 +129,21 @@ class Codec5:
         user_properties: list[tuple[str, str]] | None,
         response_topic: str | None,
         correlation_data: bytes | None,
+        content_type: str | None = None,
+        message_expiry: int | None = None,
     ) -> bytes:
+        if content_type is None and message_expiry is None:  # two keyword arguments fewer: ~0.1 us a message
+            return PublishPacket(
+                topic,
+                payload,
+                qos=QoS(qos),
+                retain=retain,
+                packet_id=packet_id,
+                duplicate=duplicate,
+                user_properties=user_properties,
+                response_topic=response_topic,
+                correlation_data=correlation_data,
+            ).write()
         return PublishPacket(
             topic,
             payload,
@@ -109,6 +154,8 @@ class Codec5:
             user_properties=user_properties,
             response_topic=response_topic,
             correlation_data=correlation_data,
+            content_type=content_type,
+            message_expiry_interval=message_expiry,
         ).write()
 
     @staticmethod
@@ -181,6 +228,8 @@ class Codec311(Codec5):
         user_properties: list[tuple[str, str]] | None,
         response_topic: str | None,
         correlation_data: bytes | None,
+        content_type: str | None = None,
+        message_expiry: int | None = None,
     ) -> bytes:
         t = topic.encode()
         head = 0x30 | (qos << 1) | (1 if retain else 0) | (0x08 if duplicate and qos else 0)
@@ -191,6 +240,8 @@ class Codec311(Codec5):
 
     @staticmethod
     def read(view: memoryview) -> tuple[Packet, int]:
+        """One packet from the start of ``view``; IndexError if incomplete, ValueError if malformed
+        (UnicodeDecodeError, a ValueError, for a topic that is not UTF-8)."""
         n = len(view)
         if n < 2:
             raise IndexError("Not enough bytes")
@@ -215,8 +266,12 @@ class Codec311(Codec5):
         kind = b0 >> 4
         if kind == 3:
             qos = (b0 >> 1) & 3
+            if length < 2:
+                raise ValueError("PUBLISH without a topic")
             tl = (view[i] << 8) | view[i + 1]
             j = i + 2 + tl
+            if qos == 3 or j + (2 if qos else 0) > end:
+                raise ValueError("malformed PUBLISH (QoS 3, or the topic overruns the packet)")
             topic = bytes(view[i + 2 : j]).decode()
             pid = None
             if qos:

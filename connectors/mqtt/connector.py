@@ -23,7 +23,7 @@ from connectors.mqtt.client import MqttConnection, open_connection
 from connectors.mqtt.codec import codec_for
 from connectors.mqtt.config import MqttConfig, MqttSource
 from connectors.mqtt.sink import MqttSink, PacketIds
-from connectors.mqtt.source import RetainedSubscriber, Subscriber
+from connectors.mqtt.source import RetainedSubscriber, SourceCounters, Subscriber
 from gateway.channel import Channel
 from gateway.connector import Connector, ConnectorContext
 from gateway.dispatch import Dispatcher, Route
@@ -49,6 +49,9 @@ class _Publisher:
         if self.sink is not None:
             self.sink.on_ack(kind, packet_id, reason)
 
+    def on_unreadable(self, qos: int, packet_id: int, topic: bytes, payload: bytes, error: str) -> None:
+        pass  # nothing is published to the publisher session
+
 
 class _RouteSession:
     """PacketHandler and state of one source route's session."""
@@ -63,6 +66,10 @@ class _RouteSession:
 
     def on_ack(self, kind: int, packet_id: int, reason: int) -> None:
         pass  # a source session publishes nothing
+
+    def on_unreadable(self, qos: int, packet_id: int, topic: bytes, payload: bytes, error: str) -> None:
+        if self.subscriber is not None:
+            self.subscriber.on_unreadable(qos, packet_id, topic, payload, error)
 
 
 class MqttConnector(Connector):
@@ -81,9 +88,20 @@ class MqttConnector(Connector):
         self._sessions: dict[str, _RouteSession] = {}
         self._dispatchers: dict[str, Dispatcher] = {}
         self._channels: dict[str, Channel] = {}
+        self.source_counters = SourceCounters()
 
     def endpoint(self) -> str:
         return redact_url(self.config.url)
+
+    def counters(self) -> dict[str, int]:
+        out = {
+            "unreadable_publishes": self.source_counters.unreadable_publishes,
+            "dispatch_errors": self.source_counters.dispatch_errors,
+        }
+        if isinstance(self._sink, MqttSink):
+            out["probe_resends"] = self._sink.probe_resends
+            out["closed_on_message"] = self._sink.closed_on_message
+        return out
 
     def make_sink(self) -> Sink:
         return MqttSink(self.config, self.codec, self.ids)
@@ -196,10 +214,17 @@ class MqttConnector(Connector):
         self._publisher = conn
         try:
             resent = 0
+            extra = {}
             if sink is not None:
                 resent = sink.attach(conn, connack.receive_max, connack.max_packet_size)
+                if sink.probing:  # the broker closed the last connection on unconfirmed publishes
+                    extra["probing"] = sink.probing
             self.mark_connected(
-                url=self.address, client_id=self.client_id, session_present=connack.session_present, resent=resent
+                url=self.address,
+                client_id=self.client_id,
+                session_present=connack.session_present,
+                resent=resent,
+                **extra,
             )
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(_watch(conn), name=f"{self.name}:watch")
@@ -226,7 +251,7 @@ class MqttConnector(Connector):
 
         def prepare(conn: MqttConnection) -> None:
             rs.conn = conn
-            rs.subscriber = subscriber(conn, dispatcher)
+            rs.subscriber = subscriber(conn, dispatcher, self.source_counters)
 
         try:
             conn, connack = await self._connect(client_id, rs, prepare)

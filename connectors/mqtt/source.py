@@ -5,6 +5,15 @@ confirm out of order (fan-out, several sinks), so each connection keeps its
 unacknowledged QoS 1/2 receipts in a deque and releases the settled prefix.
 A receipt of a connection that is gone is never acknowledged: the broker
 redelivers its message on the next connection (persistent session).
+
+MQTT 5 properties that have a meaning beyond MQTT travel as headers, after
+the user properties: ``content-type`` (the Content Type property) and
+``message-expiry-interval`` (seconds left when the gateway received it). A
+PUBLISH the gateway cannot represent (a topic or property that is not UTF-8)
+fails alone through its route's policy (dead letter or ``on_error``, with
+``Dispatcher.fail``), is acknowledged in arrival order like any other and
+counted as ``unreadable_publishes`` on the connector: never a reason to drop
+the session (the broker would only send it again).
 """
 
 from __future__ import annotations
@@ -12,12 +21,46 @@ from __future__ import annotations
 import time
 from collections import deque
 
+import structlog
 from mqtt5 import PublishPacket
 
 from connectors.mqtt.client import MqttConnection
 from connectors.mqtt.codec import PUBACK, PUBREC, ack
 from gateway.dispatch import Dispatcher, RouteStats
-from gateway.envelope import Envelope, Receipt
+from gateway.envelope import Envelope, Headers, Receipt
+from gateway.errors import SinkError
+
+log = structlog.get_logger("gateway.connector")
+
+CONTENT_TYPE = "content-type"
+"""The header that carries the MQTT 5 Content Type property (both ways)."""
+MESSAGE_EXPIRY = "message-expiry-interval"
+"""The header that carries the MQTT 5 Message Expiry Interval, in seconds (both ways)."""
+
+_LOG_INTERVAL = 10.0
+
+
+class SourceCounters:
+    """Per connector, across sessions: what its sources could not hand to a route (``/connz``, ``/metrics``)."""
+
+    __slots__ = ("dispatch_errors", "last_log", "unlogged", "unreadable_publishes")
+
+    def __init__(self) -> None:
+        self.unreadable_publishes = 0
+        """PUBLISH packets whose content could not be decoded (failed through the route's policy, acknowledged)."""
+        self.dispatch_errors = 0
+        """Messages whose dispatch raised (a bug): acknowledged, never allowed to end the session."""
+        self.last_log = 0.0
+        self.unlogged = 0
+
+    def note(self, event: str, **fields: object) -> None:
+        """Log the first of a flood, then a count every few seconds."""
+        self.unlogged += 1
+        now = time.monotonic()
+        if now - self.last_log >= _LOG_INTERVAL:
+            log.warning(event, count=self.unlogged, **fields)
+            self.last_log = now
+            self.unlogged = 0
 
 
 class InboundAcks:
@@ -55,42 +98,95 @@ class MqttReceipt(Receipt):
     def settle(self) -> None:
         self.settled = True
         acks = self.acks
-        if acks.pending[0] is self:
+        if acks.pending[0] is self:  # not settled before, so still in the deque
             acks.release()
 
 
 class Subscriber:
     """Turns one connection's PUBLISH packets into dispatched envelopes."""
 
-    __slots__ = ("acks", "dispatch", "stopped")
+    __slots__ = ("acks", "counters", "dispatch", "fail", "stats", "stopped")
 
-    def __init__(self, conn: MqttConnection, dispatcher: Dispatcher) -> None:
+    def __init__(self, conn: MqttConnection, dispatcher: Dispatcher, counters: SourceCounters | None = None) -> None:
         self.acks = InboundAcks(conn)
         self.dispatch = dispatcher.dispatch
+        self.fail = dispatcher.fail
+        self.stats: RouteStats = dispatcher.routes[0].stats
+        self.counters = counters if counters is not None else SourceCounters()
         self.stopped = False
         """Shutting down: take nothing more (unacknowledged QoS 1/2 messages come back next session)."""
 
     def on_publish(self, p: PublishPacket) -> None:
         if self.stopped:
             return
-        qos = int(p.qos)
+        qos = p.qos.value  # 25 ns less than int(p.qos): the enum is a pyo3 class
         receipt = None
         if qos:
             receipt = MqttReceipt(self.acks, p.packet_id or 0, qos)
             self.acks.pending.append(receipt)
-        self.dispatch(
-            Envelope(
-                p.topic,
-                p.payload,
-                p.user_properties or None,
-                None,
-                qos,
-                p.response_topic,
-                p.correlation_data,
-                time.monotonic_ns(),
-                receipt,
-            )
+        headers: Headers | None = p.user_properties or None
+        content_type = p.content_type
+        expiry = p.message_expiry_interval
+        if content_type is not None or expiry is not None:
+            headers = with_properties(headers, content_type, expiry)
+        env = Envelope(
+            p.topic,
+            p.payload,
+            headers,
+            None,
+            qos,
+            p.response_topic,
+            p.correlation_data,
+            time.monotonic_ns(),
+            receipt,
         )
+        try:
+            self.dispatch(env)
+        except Exception as exc:  # a bug below; it must not end the session (the broker would resend it)
+            self._dispatch_failed(env, exc)
+
+    def _dispatch_failed(self, env: Envelope, exc: Exception) -> None:
+        counters = self.counters
+        counters.dispatch_errors += 1
+        counters.note("mqtt.dispatch_failed", topic=env.topic, error=f"{type(exc).__name__}: {exc}")
+        receipt = env.receipt
+        if receipt is None or receipt.pending == 0:  # no route took it: it is ours to count and acknowledge
+            self.stats.received += 1
+            self.stats.failed += 1
+        if isinstance(receipt, MqttReceipt) and not receipt.settled:
+            receipt.pending = -1  # a route that still finishes it will not settle it a second time
+            receipt.settle()
+
+    def on_unreadable(self, qos: int, packet_id: int, topic: bytes, payload: bytes, error: str) -> None:
+        """A PUBLISH the codec could not decode fails alone through its route's policy (dead letter or
+        ``on_error``), acknowledged in arrival order like any other; its topic is read with U+FFFD for the
+        bytes that are not UTF-8, its properties are lost."""
+        if self.stopped:
+            return
+        counters = self.counters
+        counters.unreadable_publishes += 1
+        counters.note("mqtt.publish_unreadable", error=error, packet_id=packet_id, qos=qos)
+        receipt = None
+        if qos:
+            receipt = MqttReceipt(self.acks, packet_id, qos)
+            self.acks.pending.append(receipt)
+        env = Envelope(
+            topic.decode("utf-8", "replace"), payload, None, None, qos, None, None, time.monotonic_ns(), receipt
+        )
+        try:
+            self.fail(env, SinkError(f"the MQTT PUBLISH cannot be read: {error}", retriable=False))
+        except Exception as exc:  # a bug below; it must not end the session
+            self._dispatch_failed(env, exc)
+
+
+def with_properties(headers: Headers | None, content_type: str | None, expiry: int | None) -> Headers:
+    """The user properties followed by the Content Type and Message Expiry Interval as headers."""
+    out = list(headers) if headers else []
+    if content_type is not None:
+        out.append((CONTENT_TYPE, content_type))
+    if expiry is not None:
+        out.append((MESSAGE_EXPIRY, str(expiry)))
+    return out
 
 
 class RetainedSubscriber(Subscriber):
@@ -99,11 +195,7 @@ class RetainedSubscriber(Subscriber):
     A separate class, chosen when the session starts, so that other routes test nothing more per message.
     """
 
-    __slots__ = ("stats",)
-
-    def __init__(self, conn: MqttConnection, dispatcher: Dispatcher) -> None:
-        super().__init__(conn, dispatcher)
-        self.stats: RouteStats = dispatcher.routes[0].stats
+    __slots__ = ()
 
     def on_publish(self, p: PublishPacket) -> None:
         if p.retain or self.stopped:
@@ -112,7 +204,7 @@ class RetainedSubscriber(Subscriber):
         stats = self.stats
         stats.received += 1
         stats.filtered += 1
-        qos = int(p.qos)
+        qos = p.qos.value  # 25 ns less than int(p.qos): the enum is a pyo3 class
         if qos:  # acknowledged in arrival order, like every other message of the session
             receipt = MqttReceipt(self.acks, p.packet_id or 0, qos)
             self.acks.pending.append(receipt)
