@@ -27,9 +27,13 @@ BIN_SUFFIX = "-bin"
 
 NATS_UNSAFE = re.compile(r"[\r\n\x00\ud800-\udfff]")
 """Characters a NATS header value cannot carry verbatim (line breaks end it; surrogates are not UTF-8)."""
-MQTT_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff]")
-"""What MQTT 5 strings may not hold (control characters, surrogates, non-characters: brokers drop the
-connection over them, Mosquitto as "malformed UTF-8")."""
+MQTT_UNSAFE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(1, 17))
+    + "]"
+)
+"""What MQTT strings (topics, user properties) may not hold: control characters, surrogates, the
+non-characters of every plane. Brokers drop the connection over them (Mosquitto: "malformed UTF-8")."""
 
 
 def from_bytes(value: bytes | None) -> str:

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from enum import Enum
 
 from gateway.errors import TemplateError
+from gateway.headers import MQTT_UNSAFE
 
 _CAPTURE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
-_KAFKA_LEGAL = re.compile(r"^[A-Za-z0-9._-]+$")
+_KAFKA_LEGAL = re.compile(r"[A-Za-z0-9._-]+\Z")
+"""Used with ``match``: end of text, not ``$`` (which also matches before a final newline)."""
 
 
 class SegmentKind(Enum):
@@ -90,16 +92,21 @@ class TopicSyntax:
 
 class _MqttSyntax(TopicSyntax):
     def from_neutral(self, segment: str) -> str:
-        if "/" in segment or "+" in segment or "#" in segment or "\0" in segment:
-            raise TemplateError(f"{segment!r} cannot be an MQTT topic level ('/', '+', '#' and NUL are not allowed)")
+        if "/" in segment or "+" in segment or "#" in segment or MQTT_UNSAFE.search(segment) is not None:
+            raise TemplateError(
+                f"{segment[:200]!r} cannot be an MQTT topic level ('/', '+', '#', control characters and "
+                "text that is not UTF-8 are not allowed)"
+            )
         return segment
 
     def check_name(self, name: str) -> None:
         super().check_name(name)
         if "+" in name or "#" in name or "\0" in name:
             raise TemplateError(
-                f"{name!r} cannot be published to: '+', '#' and NUL are not allowed in MQTT topic names"
+                f"{name[:200]!r} cannot be published to: '+', '#' and NUL are not allowed in MQTT topic names"
             )
+        if MQTT_UNSAFE.search(name) is not None:
+            raise TemplateError(f"{name[:200]!r} cannot be published to: control characters or text that is not UTF-8")
         if len(name.encode()) > 65535:
             raise TemplateError("MQTT topic longer than 65535 bytes")
 

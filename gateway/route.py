@@ -258,6 +258,8 @@ class Target:
             key = self.key.render(match).encode() if self.key is not None else None
         except TemplateError as exc:
             return Delivery(self, "", None, exc)
+        except Exception as exc:  # a source name no target text can hold (a lone surrogate, ...): this topic's
+            return Delivery(self, "", None, TemplateError(f"cannot render {self.address.text!r}: {exc!r}"))
         return Delivery(self, address, key, None)
 
 

@@ -25,7 +25,6 @@ makes the same two headers from those properties.
 
 from __future__ import annotations
 
-import re
 from time import monotonic_ns
 
 from connectors.mqtt.codec import Codec5, is_codec_panic
@@ -34,11 +33,7 @@ from gateway.envelope import Envelope, Headers
 from gateway.errors import GatewayError, HeaderError, PayloadTooLarge, SinkError, TemplateError
 from gateway.headers import BIN_SUFFIX, MQTT_UNSAFE, to_text
 
-UNSAFE = re.compile(
-    MQTT_UNSAFE.pattern + "|[" + "".join(chr(p << 16 | 0xFFFE) + chr(p << 16 | 0xFFFF) for p in range(1, 17)) + "]"
-)
-"""``headers.MQTT_UNSAFE`` and the non-characters of planes 1-16 (U+1FFFE ... U+10FFFF), which Mosquitto
-refuses as malformed UTF-8 like those of the first plane."""
+UNSAFE = MQTT_UNSAFE
 
 _MAX_STRING = 65535
 _TOPIC_CACHE = 4096
