@@ -259,7 +259,11 @@ class MqttConnector(Connector):
             rs.subscriber = rs.conn = None
             raise
 
+        subscribed = False
+
         def on_gate(is_open: bool) -> None:
+            if not subscribed:
+                return  # the SUBACK must be read first (see below)
             if is_open and not self.intake_stopped.is_set():
                 conn.resume_reading()
             elif not is_open:
@@ -267,12 +271,16 @@ class MqttConnector(Connector):
 
         dispatcher.gate.add_listener(on_gate)
         try:
-            if not dispatcher.gate.is_open:
-                conn.pause_reading()
             topic = route.patterns[0].native_filter()
             if spec.share_group:
                 topic = f"$share/{spec.share_group}/{topic}"
+            # Read until the SUBACK came, even while the route is full: paused, the SUBACK (and the backlog a
+            # persistent session sends before it) would never be read, and the session would time out and
+            # start over and over. What arrives meanwhile is bounded by the session's receive window.
             await self._subscribe(conn, topic, spec.qos)
+            subscribed = True
+            if not dispatcher.gate.is_open:
+                conn.pause_reading()
             self._channels[route.name].mark_connected(
                 url=self.address, client_id=client_id, session_present=connack.session_present, topic=topic
             )
