@@ -210,7 +210,12 @@ class MqttConnector(Connector):
     async def session(self) -> None:
         """The publisher session (the sink)."""
         sink = self._sink if isinstance(self._sink, MqttSink) else None
-        conn, connack = await self._connect(self.client_id, _Publisher(sink))
+        try:
+            conn, connack = await self._connect(self.client_id, _Publisher(sink))
+        except ConnectorError:
+            if sink is not None:
+                sink.forgive()
+            raise
         self._publisher = conn
         try:
             resent = 0

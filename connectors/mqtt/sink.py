@@ -106,6 +106,11 @@ class MqttSink(Sink):
         """Publishes with a strike, to be resent alone on the next (or this) connection."""
         return len(self._struck)
 
+    def forgive(self) -> None:
+        """A connect attempt failed after the loss: the broker was down (a restart, an outage), not closing
+        the connection on a message, so nothing is struck and nothing is probed alone."""
+        self._struck.clear()
+
     # -- connection lifecycle ---------------------------------------------------------------
     def attach(self, conn: MqttConnection, receive_maximum: int, max_packet_size: int | None) -> int:
         """Use a new connection; resend what the last one left unacknowledged. Returns how many.

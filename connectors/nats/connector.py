@@ -164,6 +164,8 @@ class NatsConnector(Connector):
                 raise
             if isinstance(exc, NoServersError) and self._last_client_error is not None:
                 exc = self._last_client_error  # "no servers available" hides why: the attempt's own error
+            if isinstance(self._sink, NatsSink):
+                self._sink.forgive()
             raise ConnectorError(f"cannot connect to {servers}: {describe_ssl_error(exc)}") from exc
         self.nc = nc
         sink = self._sink if isinstance(self._sink, NatsSink) else None

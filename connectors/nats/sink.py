@@ -108,6 +108,11 @@ class NatsSink(Sink):
         await nc.subscribe(self._prefix + "*", cb=self._on_puback)
         self.nc = nc
 
+    def forgive(self) -> None:
+        """A connect attempt failed after the loss: the server was down (a restart, an outage), not closing
+        the connection on a message, so nothing is struck and nothing is probed alone."""
+        self._strikes.clear()
+
     def detach(self, blame: str | None = None) -> None:
         """The connection is gone: what was not confirmed is sent again on the next one, in order.
 

@@ -166,6 +166,21 @@ async def test_an_outage_strikes_nothing(session: Session) -> None:
     assert sink.probe_resends == 0
 
 
+async def test_a_broker_that_was_down_after_the_loss_strikes_nothing(session: Session) -> None:
+    """A failed connect attempt after the loss means a restart or an outage, not a message: no probing."""
+    sink = session.sink
+    await session.open()
+    for item in items(b"a", b"b", b"c"):
+        sink.submit(*item)
+    await turns()
+    await session.lose()  # closed by the broker, with three unconfirmed
+    assert sink.probing == 3
+    sink.forgive()  # what the connector does when the next connect attempt is refused
+    t2 = await session.open()
+    assert t2.publishes() == [b"a", b"b", b"c"], "resent at once, in one write"
+    assert sink.probe_resends == 0
+
+
 async def test_what_was_unconfirmed_when_the_broker_closed_is_resent_alone_then_batching_resumes(
     session: Session,
 ) -> None:
