@@ -164,6 +164,7 @@ class Channel:
                 self.log.error("connector.session_crashed", exc_info=lost)
             # Connected in this session, even if its client library lost the broker since (unreachable).
             was_connected = self.connected_at >= started
+            still_up = self.connected.is_set()
             self.connected.clear()
             self.connector.channel_changed()
             if closing.is_set():
@@ -171,8 +172,9 @@ class Channel:
             if was_connected:
                 attempt = 0
                 self.reconnects += 1
-                quick = time.monotonic() - self.connected_at < STABLE_AFTER
-                self.quick_drops = self.quick_drops + 1 if quick else 0
+                if still_up:  # a drop its client library reported was counted then (mark_unreachable)
+                    quick = time.monotonic() - self.connected_at < STABLE_AFTER
+                    self.quick_drops = self.quick_drops + 1 if quick else 0
             self.last_error = f"{type(lost).__name__}: {lost}" if lost is not None else "connection closed"
             delay = self.connector.context.backoff.delay(attempt)
             attempt += 1

@@ -386,6 +386,11 @@ class DeadLetter(Flight):
         self.route.dead_letter_done(self.original, None)
 
 
+def _original(flight: Flight) -> Flight:
+    """The flight a dead-letter write completes, or the flight itself."""
+    return flight.original if isinstance(flight, DeadLetter) else flight
+
+
 class Route:
     """A route at run time: its targets, its budget, its policies and its counters."""
 
@@ -431,8 +436,12 @@ class Route:
         self._track = self._flights.append
         """Flights in admission order; closed ones leave from the left, so the first is the oldest open one
         (unless one is stuck: then :meth:`watch` compacts what finished behind it)."""
-        self._resubmits: dict[Flight, tuple[int, float]] = {}
-        """Flights the watchdog submitted again: (times, when last), the original receive time aside."""
+        self._watched: dict[Flight, tuple[int, float]] = {}
+        """Flights handed to a sink again after they were received (requeued after a lost connection, retried,
+        resubmitted by the watchdog): (times resubmitted, when last handed over). The watchdog measures their
+        age from that hand-over, the others' from the source's receive time. Filled on cold paths only."""
+        self._waiting: set[int] = set()
+        """Ids of the flights the last watchdog pass saw waiting (in a sink queue or a retry timer)."""
 
     def __repr__(self) -> str:
         return f"Route({self.name!r})"
@@ -520,6 +529,10 @@ class Route:
         (dead letter with ``error`` / ``on_error``) without being looked at or published."""
         nbytes = len(env.payload)
         self.stats.received += 1
+        if self.state is not RouteState.RUNNING:  # cut off: it comes back when the route resumes, as in admit
+            self.stats.dropped_released += 1
+            self._settle(env.receipt, released=True)
+            return
         self.in_flight += 1
         self.in_flight_bytes += nbytes
         flight = Flight(self, env, plan, nbytes)
@@ -583,8 +596,8 @@ class Route:
             flights.popleft()
             while flights and flights[0].closed:
                 flights.popleft()
-        if self._resubmits:
-            self._resubmits.pop(flight, None)
+        if self._watched:
+            self._watched.pop(flight, None)
         self.in_flight -= 1
         self.in_flight_bytes -= flight.nbytes
         if (
@@ -615,18 +628,19 @@ class Route:
     # -- failures: retries and dead letters ---------------------------------------------------
     def schedule_retry(self, flight: Flight, delivery: Delivery, error: SinkError, *, forever: bool = False) -> bool:
         """Try ``delivery`` again after a backoff; False if the retry budget is spent."""
-        if flight.pending >= _SUPERSEDED:
+        if flight.closed:
             return True  # the watchdog sent this message again as a new flight: nothing more to do here
         if self.state is not RouteState.RUNNING and not forever:
             return False
         retry = self.policy.retry
         now = time.monotonic()
         attempts = flight.attempts if flight.attempts is not None else {}
-        count, first, waits = attempts.get(delivery.target.index, (0, now, 0))
+        count, first, waits = attempts.get(delivery.target.index, (0, 0.0, 0))
         if isinstance(error, Unavailable):  # waited out like a lost connection: never counts against `retry`
             attempts[delivery.target.index] = (count, first, waits + 1)
             delay = retry.delay(waits)
         else:
+            first = first or now  # the retry window opens at the first error that counts
             if not forever and (count >= retry.attempts or now - first >= retry.max_time):
                 return False
             attempts[delivery.target.index] = (count + 1, first, waits)
@@ -637,6 +651,7 @@ class Route:
 
         def resubmit() -> None:
             self._timers.pop(handle, None)
+            self.handed_over(flight, time.monotonic())
             delivery.sink.submit(flight, delivery)  # type: ignore[union-attr]
 
         handle = asyncio.get_running_loop().call_later(delay, resubmit)
@@ -666,6 +681,8 @@ class Route:
 
     def dead_letter_done(self, flight: Flight, error: BaseException | None) -> None:
         """The dead-letter write of ``flight`` ended; ``error`` if it failed for good too."""
+        if flight.closed:
+            return  # settled already (never expected; a guard off the per-message path)
         if error is None and not flight.released:
             self.stats.failed += 1
             self.stats.dead_lettered += 1
@@ -688,7 +705,9 @@ class Route:
         """
         if len(self.targets) != 1 or self.targets[0].sink is None:
             return False
-        item = self.targets[0].sink.take_first(lambda it: type(it[0]) is Flight and it[0].route is self)
+        item = self.targets[0].sink.take_first(
+            lambda it: type(it[0]) is Flight and it[0].route is self and not it[0].closed
+        )
         if item is None:
             return False
         self.stats.dropped_overflow += 1
@@ -707,8 +726,9 @@ class Route:
         sinks = {t.sink for t in (*self.targets, self.dead_letter) if t is not None and t.sink is not None}
         for sink in sinks:
             for flight, _ in sink.take_all(lambda it: it[0].route is self):
-                flight.release()
-                released += 1
+                if not flight.closed:  # not a copy the watchdog replaced
+                    flight.release()
+                    released += 1
         return released
 
     # -- the watchdog: nothing stays in flight without a delivery attempt ---------------------
@@ -718,7 +738,7 @@ class Route:
         while flights and flights[0].closed:
             flights.popleft()
         oldest = flights[0].env.received_ns if flights else 0
-        for flight in self._resubmits:  # appended again when resubmitted: not in receive order
+        for flight in self._watched:  # resubmitted ones are tracked again at the end: not in receive order
             received = flight.env.received_ns
             if received and (not oldest or received < oldest):
                 oldest = received
@@ -731,47 +751,67 @@ class Route:
         sinks = [t.sink for t in (*self.targets, self.dead_letter) if t is not None and t.sink is not None]
         return STUCK_FACTOR * max((sink.timeout for sink in sinks), default=30.0)
 
+    def handed_over(self, flight: Flight, now: float) -> None:
+        """``flight`` went back to a sink (requeued after a lost connection, retried): the watchdog measures
+        its age from now on. Cold paths only."""
+        if type(flight) is Flight and not flight.closed:
+            times, _ = self._watched.get(flight, (0, now))
+            self._watched[flight] = (times, now)
+
     def watch(self, now: float) -> int:
         """Submit again what stayed in flight past :meth:`stuck_bound` while its targets were connected.
 
-        A message can only be that old with a connected target if some sink lost it (a replaced
-        client that never reported it) or its broker never answers: it is sent again as a new
-        flight (at-least-once: the old one's late outcome changes nothing), and after
-        :data:`MAX_RESUBMITS` times it fails (dead letter / ``on_error``), never silently kept.
-        Messages waiting in a sink's queue or for a retry have no attempt to lose and are left
-        alone, and so is everything while a target is down: an outage is waited out. Called by
+        A message can only stay that long with a connected target, handed to it and neither
+        waiting in its queue nor for a retry, if some client lost it (a replaced client that never
+        reported it) or its broker never answers: it is sent again as a new flight (at-least-once:
+        the old one's late outcome changes nothing) and after :data:`MAX_RESUBMITS` times it fails
+        (dead letter / ``on_error``), never silently kept. Age counts from the source's receive
+        time, or from the last hand-over to a sink (:meth:`handed_over`, or leaving a queue since
+        the last pass); everything waits while a target is down: an outage is waited out. Called by
         the supervisor every second or so; returns how many it resubmitted.
         """
         flights = self._flights
+        while flights and flights[0].closed:
+            flights.popleft()
         if len(flights) > 2 * self.in_flight + 1024:  # finished flights piled up behind a stuck one
             self._flights = flights = deque(f for f in flights if not f.closed)
             self._track = flights.append
         bound = self.stuck_bound()
-        now_ns = int(now * 1e9)
-        limit_ns = now_ns - int(bound * 1e9)
-        old: list[Flight] = []
+        limit_ns = int((now - bound / 2) * 1e9)  # half the bound: who waits is known a pass ahead
+        watched = self._watched
+        candidates: list[Flight] = []
         for f in flights:  # admission order: the old ones come first
             received = f.env.received_ns
-            if received >= limit_ns or len(old) >= 1000:
+            if received >= limit_ns or len(candidates) >= 1000:
                 break
-            if received and not f.closed and f not in self._resubmits:
-                old.append(f)
-        old += [f for f, (_, last) in self._resubmits.items() if now - last >= bound and not f.closed]
-        if not old or self.state is not RouteState.RUNNING:
+            if received and not f.closed and f not in watched:
+                candidates.append(f)
+        candidates += [f for f, (_, last) in watched.items() if now - last >= bound / 2 and not f.closed]
+        previously, self._waiting = self._waiting, set()
+        if not candidates or self.state is not RouteState.RUNNING:
             return 0
-        waiting = {id(f) for f in self._timers.values()}
+        waiting = {id(_original(f)) for f in self._timers.values()}
+        down = False
         for t in (*self.targets, self.dead_letter):
             sink = t.sink if t is not None else None
             if sink is None:
                 continue
-            if sink.up_since is None or now - sink.up_since < bound:
-                return 0  # a target is down or just came back: its messages wait for it, however long
-            waiting.update(id(f) for f, _ in sink.queued())
+            down = down or sink.up_since is None or now - sink.up_since < bound
+            waiting.update(id(_original(f)) for f, _ in sink.queued())
+        self._waiting = waiting
+        if down:
+            return 0  # a target is down or just came back: its messages wait for it, however long
         resubmitted = 0
-        for flight in old:
-            if flight.closed or id(flight) in waiting:
+        for flight in candidates:
+            if flight.closed or not 0 < flight.pending < _SUPERSEDED or id(flight) in waiting:
+                continue  # finished, its outcome decided (a dead letter under way), or waiting
+            if id(flight) in previously:  # it left a queue or a retry timer since the last pass
+                self.handed_over(flight, now)
                 continue
-            times, _ = self._resubmits.pop(flight, (0, now))
+            times, last = watched.get(flight, (0, 0.0))
+            age = now - last if last else now - flight.env.received_ns / 1e9
+            if age < bound:
+                continue
             if times >= MAX_RESUBMITS:
                 self._give_up(flight, bound, times)
                 continue
@@ -785,9 +825,10 @@ class Route:
         fresh = Flight(self, flight.env, flight.plan, flight.nbytes)
         fresh.attempts = flight.attempts
         flight.pending = _SUPERSEDED
-        flight.closed = True
+        flight.closed = True  # its sinks' late reports change nothing, its requeues are dropped
+        self._watched.pop(flight, None)
         self._track(fresh)
-        self._resubmits[fresh] = (times, now)
+        self._watched[fresh] = (times, now)
         self.stats.resubmitted += 1
         nbytes = fresh.nbytes
         for d in fresh.plan.deliveries:
@@ -797,6 +838,7 @@ class Route:
                 fresh.fail(d, d.error or PayloadTooLarge(nbytes, d.max_payload, f"{d.target.connector} max_payload"))
 
     def _give_up(self, flight: Flight, bound: float, times: int) -> None:
+        self._watched.pop(flight, None)
         error = SinkError(f"no target confirmed the message within {bound:g} s, {times + 1} times", retriable=False)
         flight.error = flight.error or error
         pending, flight.pending = flight.pending, _SUPERSEDED  # late reports from its sinks change nothing now

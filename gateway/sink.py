@@ -12,6 +12,7 @@ that target this sink.
 from __future__ import annotations
 
 import asyncio
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
@@ -48,8 +49,18 @@ class Sink(ABC):
             self._wake()
 
     def requeue(self, items: list[Item]) -> None:
-        """Put items back at the head of the queue, in order (after a lost connection)."""
-        self._queue.extendleft(reversed(items))
+        """Put items back at the head of the queue, in order (after a lost connection).
+
+        A copy the route's watchdog replaced meanwhile is dropped (its new flight is on its way); the
+        others' age for the watchdog starts over (cold path: once per lost connection or refusal)."""
+        now = time.monotonic()
+        live = []
+        for item in items:
+            flight = item[0]
+            if not flight.closed:
+                flight.route.handed_over(flight, now)
+                live.append(item)
+        self._queue.extendleft(reversed(live))
         self._wake()
 
     def queued(self) -> list[Item]:

@@ -45,7 +45,10 @@ class Supervisor:
             ticks += 1
             if ticks % WATCH_EVERY == 0:
                 for route in list(self.routes.values()):
-                    route.watch(now)
+                    try:
+                        route.watch(now)
+                    except Exception:  # a bug in the watchdog must not stop the gateway: say it, go on
+                        log.exception("route.watch_failed", route=route.name)
 
     async def check(self, now: float) -> None:
         for route in list(self.routes.values()):  # a reload may change the routes meanwhile

@@ -82,6 +82,14 @@ class FakeFlight:
     env: Envelope
     failed: list[BaseException] = field(default_factory=list)
     done_count: int = 0
+    closed: bool = False
+
+    @property
+    def route(self) -> FakeFlight:
+        return self  # what a sink tells a flight's route (``handed_over``) is ignored here
+
+    def handed_over(self, flight: Any, now: float) -> None:
+        pass
 
     def fail(self, delivery: Any, error: BaseException) -> None:
         self.failed.append(error)

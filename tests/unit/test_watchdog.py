@@ -6,6 +6,7 @@ import time
 
 from connectors.memory.broker import MemoryBroker, Record
 from gateway.app import Gateway
+from gateway.errors import SinkError, Unavailable
 from gateway.route import MAX_RESUBMITS
 from tests.unit.conftest import StartGateway
 from tests.unit.harness import turns, until
@@ -90,3 +91,53 @@ async def test_an_outage_is_waited_out_not_resubmitted(start_gateway: StartGatew
     sink.up_since = since
     assert r.watch(time.monotonic() + 600) == 1
     await until(lambda: r.stats.acked == 1)
+
+
+async def test_a_message_whose_dead_letter_is_under_way_is_left_to_it(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(ROUTE + DLQ)
+    r = gw.routes["r"]
+    MemoryBroker.named("B").reject = lambda rec: SinkError("refused", retriable=False)
+    dlq = MemoryBroker.named("C")
+    dlq.hold = True  # the dead-letter broker is connected but slow to confirm
+    MemoryBroker.named("A").publish("in/1", b"m")
+    await until(lambda: r.stats.received == 1)
+    await turns()
+    assert r.watch(time.monotonic() + 60) == 0, "its outcome is decided: the dead letter finishes it"
+    dlq.release()
+    await until(lambda: r.stats.dead_lettered == 1, check=lambda: invariant(gw))
+    assert (r.stats.failed, r.in_flight, r.stats.resubmitted) == (1, 0, 0)
+
+
+async def test_age_counts_from_the_last_hand_over_to_the_sink(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(ROUTE)
+    r = gw.routes["r"]
+    b = MemoryBroker.named("B")
+    b.reject = lambda rec: Unavailable("no leader")
+    MemoryBroker.named("A").publish("in/1", b"m")
+    await until(lambda: r.stats.retried >= 1)
+    now = time.monotonic()
+    assert r.watch(now + 60) == 0, "waiting for a retry"
+    b.reject = None
+    b.hold = True  # the broker is slow to answer the attempt that follows
+    await until(lambda: not r._timers)
+    await turns()
+    assert r.watch(now + 61) == 0, "handed over within the last pass: not stuck"
+    assert r.watch(now + 63) == 0, "nor two seconds later (stuck_after is 5)"
+    assert r.watch(now + 70) == 1, "but after stuck_after without an answer"
+
+
+async def test_a_replaced_copy_that_comes_back_to_a_queue_is_dropped(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(ROUTE)
+    r = gw.routes["r"]
+    swallow_first("out/1", 1)
+    MemoryBroker.named("A").publish("in/1", b"m")
+    await until(lambda: r.stats.received == 1)
+    await turns()
+    [old] = [f for f in r._flights if not f.closed]
+    assert r.watch(time.monotonic() + 60) == 1
+    sink = r.targets[0].sink
+    assert sink is not None
+    sink.requeue([(old, old.plan.deliveries[0])])  # the client gives the old attempt back (a purge, say)
+    assert all(f is not old for f, _ in sink.queued()), "the replaced copy is not sent again"
+    await until(lambda: r.stats.acked == 1, check=lambda: invariant(gw))
+    assert r.in_flight == 0 and len(MemoryBroker.named("B").received) == 1
