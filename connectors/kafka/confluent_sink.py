@@ -49,7 +49,10 @@ expired it, or lost a leader uncleanly): this producer cannot go on, a new one (
 _STALL = 5.0
 """Seconds without any delivery report, records outstanding and a broker answering metadata requests,
 after which the producer is taken for wedged (a broker that came back without the producer's state can
-leave librdkafka holding everything until its delivery timeout) and replaced."""
+leave librdkafka holding everything until its delivery timeout) and replaced: the first time. The wait
+doubles with each replacement that delivered nothing since (a leader election, a throttled or
+under-replicated partition are slow, not wedged), up to the delivery timeout, and is never shorter
+than ``linger_ms`` plus the stall itself."""
 _PURGE_WAIT = 5.0
 """Seconds a closing session waits for the reports of the records it purged (each goes back to the queue)."""
 _REFUSED = (KafkaError._AUTHENTICATION, KafkaError._SSL, KafkaError.SASL_AUTHENTICATION_FAILED)
@@ -88,6 +91,8 @@ class ConfluentSink(ProducerSink):
     def __init__(self, config: KafkaConfig) -> None:
         super().__init__(config)
         self.timeout = delivery_timeout_ms(config) / 1000
+        self._stall = _STALL
+        """The stall wait in force (see :data:`_STALL`); back to the first one after a delivery."""
         self.producer: Producer | None = None
         self.outstanding = 0
         """Records handed to librdkafka whose delivery report has not come back."""
@@ -106,6 +111,7 @@ class ConfluentSink(ProducerSink):
             flight.done()
             if self.unreachable:
                 self._reachable()
+            self._stall = _STALL
         elif err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
             limit = self.config.max_request_size
             flight.fail(d, PayloadTooLarge(len(flight.env.payload), limit, "Kafka max_request_size"))
@@ -171,10 +177,11 @@ class ConfluentSink(ProducerSink):
             producer.poll(0)
             if self.outstanding != before:
                 progress = loop.time()
-            elif loop.time() - progress > _STALL:
+            elif loop.time() - progress > self._stall + self.config.linger_ms / 1000:
                 progress = loop.time()
                 if await self._answers(producer) and self.outstanding == before:
-                    self._replace(f"no delivery report for {_STALL:g} s while the broker answers")
+                    self._replace(f"no delivery report for {self._stall:g} s while the broker answers")
+                    self._stall = min(self._stall * 2, self.timeout)  # if the next one delivers nothing either
             if self.outstanding > 0:
                 await asyncio.sleep(_POLL_INTERVAL)
 
