@@ -592,7 +592,7 @@ class Route:
     def _close(self, flight: Flight) -> None:
         flight.closed = True
         flights = self._flights
-        if flights[0] is flight:  # every flight closed here was tracked: the deque is not empty
+        if flights and flights[0] is flight:
             flights.popleft()
             while flights and flights[0].closed:
                 flights.popleft()
