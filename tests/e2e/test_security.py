@@ -442,7 +442,7 @@ def refusal_cases() -> dict[str, tuple[str, Callable[[dict[str, Any], Pki, Path]
             "nats_token_mtls",
             lambda b, p, t: nats_connector(b["nats_token_mtls"].url, token=NATS_TOKEN, tls=tls(p, client=False)),
             "sink",
-            ["certificate required", "TLS", "closed", "Connection", "EOF", "empty response"],
+            ["certificate required", "TLS", "closed", "Connection", "EOF", "empty response", "Broken pipe"],
         ),
         "nats-wrong-password": (
             "nats_users",
