@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.app import build_routes
 from gateway.config.loader import parse_config
@@ -95,3 +97,50 @@ def dispatcher_for(
 def envelope(topic: str, payload: bytes = b"x") -> tuple[Envelope, RecordingReceipt]:
     receipt = RecordingReceipt()
     return Envelope(topic, payload, receipt=receipt), receipt
+
+
+@dataclass
+class FakeFlight:
+    """What a connector's sink needs of a flight, for sink tests without a route: its envelope, and where its
+    outcome goes (``failed``, ``done_count``). Sinks tell a flight's route when they requeue it; ignored here."""
+
+    env: Envelope
+    failed: list[BaseException] = field(default_factory=list)
+    done_count: int = 0
+    closed: bool = False
+
+    @property
+    def route(self) -> FakeFlight:
+        return self
+
+    def handed_over(self, flight: Any, now: float) -> None:
+        pass
+
+    def fail(self, delivery: Any, error: BaseException) -> None:
+        self.failed.append(error)
+
+    def done(self) -> None:
+        self.done_count += 1
+
+
+class FakeTransport:
+    """What a protocol (MqttConnection) needs of an asyncio transport; keeps what is written."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.aborted = False
+
+    def write(self, data: bytes | bytearray) -> None:
+        self.written += data
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.aborted = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass

@@ -15,7 +15,7 @@ import asyncio
 import base64
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import confluent_kafka as ck
@@ -32,6 +32,7 @@ from connectors.kafka.source import GroupSource
 from gateway.envelope import Envelope
 from gateway.errors import SinkError, TemplateError
 from gateway.headers import from_bytes, to_bytes
+from tests.unit.harness import FakeFlight
 
 LEGAL = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
@@ -135,29 +136,6 @@ class FakeDelivery:
     address: str
     key: bytes | None
     target: FakeTarget
-
-
-@dataclass
-class FakeFlight:
-    """What a sink needs of a flight: its envelope, and where its outcome goes."""
-
-    env: Envelope
-    failed: list[BaseException] = field(default_factory=list)
-    done_count: int = 0
-    closed: bool = False
-
-    @property
-    def route(self) -> FakeFlight:
-        return self  # what a sink tells a flight's route (``handed_over``) is ignored here
-
-    def handed_over(self, flight: Any, now: float) -> None:
-        pass
-
-    def fail(self, delivery: Any, error: BaseException) -> None:
-        self.failed.append(error)
-
-    def done(self) -> None:
-        self.done_count += 1
 
 
 LIMIT = 1024

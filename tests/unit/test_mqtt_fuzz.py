@@ -33,32 +33,9 @@ from connectors.mqtt.source import Subscriber
 from gateway.envelope import Envelope
 from gateway.errors import GatewayError, SinkError, TemplateError
 from gateway.headers import from_bytes, from_text, to_bytes, to_text
-from tests.unit.harness import RecordingSink, dispatcher_for
+from tests.unit.harness import FakeFlight, FakeTransport, RecordingSink, dispatcher_for
 
 # ---------------------------------------------------------------- a connection without a socket
-
-
-class Transport:
-    """What MqttConnection needs of an asyncio transport; keeps what is written."""
-
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.aborted = False
-
-    def write(self, data: bytes | bytearray) -> None:
-        self.written += data
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def close(self) -> None:
-        self.aborted = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 @dataclass
@@ -77,9 +54,9 @@ class Events:
         self.seen.append(("unreadable", qos, packet_id, topic, payload))
 
 
-def connection(codec: Codec5, handler: Any) -> tuple[MqttConnection, Transport]:
+def connection(codec: Codec5, handler: Any) -> tuple[MqttConnection, FakeTransport]:
     conn = MqttConnection(codec, handler)
-    transport = Transport()
+    transport = FakeTransport()
     conn.connection_made(cast(Any, transport))
     return conn, transport
 
@@ -133,7 +110,7 @@ def test_any_chunking_reads_the_same_packets(specs: list[Any], cuts: list[int], 
     data, want = encode_stream(codec, specs)
     bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
 
-    def feed() -> tuple[list[tuple[Any, ...]], Transport]:
+    def feed() -> tuple[list[tuple[Any, ...]], FakeTransport]:
         events = Events()
         conn, transport = connection(codec, events)
         for a, b in itertools.pairwise(bounds):
@@ -178,7 +155,7 @@ def test_a_large_packet_is_buffered_once_at_its_full_size() -> None:
 )
 @pytest.mark.parametrize("v5", [True, False])
 def test_a_packet_that_cannot_be_framed_is_a_protocol_error(garbage: bytes, v5: bool) -> None:
-    def feed() -> tuple[Events, Transport]:
+    def feed() -> tuple[Events, FakeTransport]:
         events = Events()
         conn, transport = connection(Codec5() if v5 else Codec311(), events)
         conn.data_received(garbage + b"\xd0\x00")
@@ -233,7 +210,7 @@ def test_a_publish_the_codec_cannot_decode_is_dead_lettered_and_acknowledged_in_
     dispatcher, routes, sinks = with_dead_letter()
     route = routes["r"]
 
-    async def main() -> Transport:
+    async def main() -> FakeTransport:
         subscriber: list[Subscriber] = []
 
         class Session:
@@ -373,21 +350,6 @@ class FakeDelivery:
     target: FakeTarget
 
 
-@dataclass
-class FakeFlight:
-    """What a sink needs of a flight: its envelope, and where its outcome goes."""
-
-    env: Envelope
-    failed: list[BaseException] = field(default_factory=list)
-    done_count: int = 0
-
-    def fail(self, delivery: Any, error: BaseException) -> None:
-        self.failed.append(error)
-
-    def done(self) -> None:
-        self.done_count += 1
-
-
 MAX_PACKET = 4096
 
 strange = st.sampled_from(
@@ -430,7 +392,7 @@ def readable(text: str) -> bool:
 def test_envelope_to_publish(v5: bool, messages: list[Any]) -> None:
     codec = Codec5() if v5 else Codec311()
 
-    async def main() -> tuple[MqttSink, Transport, list[Any]]:
+    async def main() -> tuple[MqttSink, FakeTransport, list[Any]]:
         sink = MqttSink(MqttConfig(), codec, PacketIds())
         conn, transport = connection(codec, Events())
         sink.attach(conn, 65535, MAX_PACKET)

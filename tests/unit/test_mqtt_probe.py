@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import mqtt5
@@ -24,29 +24,10 @@ from connectors.mqtt.config import MqttConfig, MqttTarget
 from connectors.mqtt.sink import MqttSink, PacketIds
 from gateway.envelope import Envelope
 from gateway.errors import ConnectorError, SinkError
-from tests.unit.harness import turns
+from tests.unit.harness import FakeFlight, FakeTransport, turns
 
 
-class Transport:
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.aborted = False
-
-    def write(self, data: bytes | bytearray) -> None:
-        self.written += data
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def close(self) -> None:
-        self.aborted = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
+class Transport(FakeTransport):
     def publishes(self) -> list[bytes]:
         """Payloads of the PUBLISH packets written so far."""
         view = memoryview(bytes(self.written))
@@ -70,32 +51,11 @@ class NoHandler:
         pass
 
 
-def connect() -> tuple[MqttConnection, Transport]:
+def connect() -> tuple[MqttConnection, FakeTransport]:
     conn = MqttConnection(Codec5(), NoHandler())
     transport = Transport()
     conn.connection_made(cast(Any, transport))
     return conn, transport
-
-
-@dataclass
-class FakeFlight:
-    env: Envelope
-    failed: list[BaseException] = field(default_factory=list)
-    done_count: int = 0
-    closed: bool = False
-
-    @property
-    def route(self) -> FakeFlight:
-        return self  # what a sink tells a flight's route (``handed_over``) is ignored here
-
-    def handed_over(self, flight: Any, now: float) -> None:
-        pass
-
-    def fail(self, delivery: Any, error: BaseException) -> None:
-        self.failed.append(error)
-
-    def done(self) -> None:
-        self.done_count += 1
 
 
 @dataclass
