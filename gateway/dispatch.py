@@ -77,7 +77,10 @@ class Dispatcher:
 
     def fail(self, env: Envelope, error: SinkError) -> None:
         """A message the source could not turn into a whole envelope (``env`` holds what it knows: topic,
-        receipt): every route that takes its topic fails it alone (:meth:`Route.reject`)."""
+        receipt): every route that takes its topic fails it alone (:meth:`Route.reject`).
+
+        The same steps as :meth:`dispatch`, which keeps its own inline copy: a shared helper would cost
+        every message a call."""
         plan = self.plan(env.topic)
         receipt = env.receipt
         if not plan:

@@ -120,6 +120,17 @@ async def start(cfg: str) -> Gateway:
     return gw
 
 
+def bus_and_devices(nats: NatsServer, mosquitto: Mosquitto, unique: str) -> str:
+    """:func:`header` with a NATS connector ``bus`` and an MQTT connector ``devices``."""
+    return header(
+        {
+            "bus": {"type": "nats", "servers": [nats.url]},
+            "devices": {"type": "mqtt", "url": mosquitto.url, "client_id": f"gw-{unique}"},
+        },
+        unique,
+    )
+
+
 def header(connectors: dict[str, Any], unique: str) -> str:
     return f"""
 gateway: {{id: poison-{unique}, shutdown_timeout: 5, reconnect: {{initial: 0.05, max: 0.5}}}}
@@ -152,13 +163,7 @@ async def test_a_bare_cr_in_a_nats_header_travels_as_name_bin_and_the_connection
 ) -> None:
     sub = Subscriber(mosquitto.port, f"cr-{unique}/#")
     cfg = (
-        header(
-            {
-                "bus": {"type": "nats", "servers": [nats.url]},
-                "devices": {"type": "mqtt", "url": mosquitto.url, "client_id": f"gw-{unique}"},
-            },
-            unique,
-        )
+        bus_and_devices(nats, mosquitto, unique)
         + f"""
   - name: r
     from: {{connector: bus, subject: "cr.{unique}.>"}}
@@ -195,13 +200,7 @@ async def test_topics_a_broker_would_refuse_are_dead_lettered_and_the_others_del
     await nats_client.subscribe(f"dead.{unique}")
     sub = Subscriber(mosquitto.port, f"tp-{unique}/#")
     cfg = (
-        header(
-            {
-                "bus": {"type": "nats", "servers": [nats.url]},
-                "devices": {"type": "mqtt", "url": mosquitto.url, "client_id": f"gw-{unique}"},
-            },
-            unique,
-        )
+        bus_and_devices(nats, mosquitto, unique)
         + f"""
   - name: r
     from: {{connector: bus, subject: "tp.{unique}.>"}}
@@ -389,13 +388,7 @@ async def test_content_type_and_expiry_travel_mqtt5_to_nats_headers_and_back(
     await nats_client.subscribe(f"ct.{unique}.>")
     sub = Subscriber(mosquitto.port, f"ctout-{unique}/#")
     cfg = (
-        header(
-            {
-                "bus": {"type": "nats", "servers": [nats.url]},
-                "devices": {"type": "mqtt", "url": mosquitto.url, "client_id": f"gw-{unique}"},
-            },
-            unique,
-        )
+        bus_and_devices(nats, mosquitto, unique)
         + f"""
   - name: up
     from: {{connector: devices, topic: "ctin-{unique}/#", qos: 1}}

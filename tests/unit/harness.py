@@ -100,6 +100,21 @@ def envelope(topic: str, payload: bytes = b"x") -> tuple[Envelope, RecordingRece
 
 
 @dataclass
+class FakeTarget:
+    """A route target as a sink reads it: its ``spec`` (the connector's target config)."""
+
+    spec: Any
+
+
+@dataclass
+class FakeDelivery:
+    """A rendered target as a sink reads it: the address and the target."""
+
+    address: str
+    target: FakeTarget
+
+
+@dataclass
 class FakeFlight:
     """What a connector's sink needs of a flight, for sink tests without a route: its envelope, and where its
     outcome goes (``failed``, ``done_count``). Sinks tell a flight's route when they requeue it; ignored here."""

@@ -33,7 +33,7 @@ from connectors.mqtt.source import Subscriber
 from gateway.envelope import Envelope
 from gateway.errors import GatewayError, SinkError, TemplateError
 from gateway.headers import from_bytes, from_text, to_bytes, to_text
-from tests.unit.harness import FakeFlight, FakeTransport, RecordingSink, dispatcher_for
+from tests.unit.harness import FakeDelivery, FakeFlight, FakeTarget, FakeTransport, RecordingSink, dispatcher_for
 
 # ---------------------------------------------------------------- a connection without a socket
 
@@ -337,17 +337,6 @@ def test_publish_to_envelope(packets: list[Any]) -> None:
 
 
 # ---------------------------------------------------------------- envelope -> PUBLISH
-
-
-@dataclass
-class FakeTarget:
-    spec: MqttTarget
-
-
-@dataclass
-class FakeDelivery:
-    address: str
-    target: FakeTarget
 
 
 MAX_PACKET = 4096

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, cast
 
 import mqtt5
@@ -24,7 +23,7 @@ from connectors.mqtt.config import MqttConfig, MqttTarget
 from connectors.mqtt.sink import MqttSink, PacketIds
 from gateway.envelope import Envelope
 from gateway.errors import ConnectorError, SinkError
-from tests.unit.harness import FakeFlight, FakeTransport, turns
+from tests.unit.harness import FakeDelivery, FakeFlight, FakeTarget, FakeTransport, turns
 
 
 class Transport(FakeTransport):
@@ -56,17 +55,6 @@ def connect() -> tuple[MqttConnection, FakeTransport]:
     transport = Transport()
     conn.connection_made(cast(Any, transport))
     return conn, transport
-
-
-@dataclass
-class FakeTarget:
-    spec: MqttTarget
-
-
-@dataclass
-class FakeDelivery:
-    address: str
-    target: FakeTarget
 
 
 def items(*payloads: bytes, qos: int = 1) -> list[Any]:
