@@ -6,13 +6,15 @@ import random
 
 import msgspec
 
+from gateway.bounds import Seconds
+
 
 class Backoff(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Reconnect delays: attempt *n* waits a uniform random time in ``[0, min(max, initial * 2**n)]``."""
 
-    initial: float = 0.1
+    initial: Seconds = 0.1
     """Seconds; the cap of the first delay."""
-    max: float = 30.0
+    max: Seconds = 30.0
     """Seconds; no delay is longer."""
 
     def delay(self, attempt: int) -> float:

@@ -326,7 +326,8 @@ async def reload_from(gw: Gateway, path: str) -> tuple[bool, dict[str, Any]]:
 
     log = structlog.get_logger("gateway")
     try:
-        config = load_config(path)
+        # Off the event loop: a large file is read and checked while the routes keep moving messages.
+        config = await asyncio.to_thread(load_config, path)
     except ConfigError as exc:
         for issue in exc.issues:
             log.error("gateway.reload_invalid", config=path, problem=str(issue))

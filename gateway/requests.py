@@ -30,10 +30,11 @@ import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 
+from gateway.bounds import Count, Seconds
 from gateway.envelope import Envelope
 from gateway.route import Delivery, Route, RoutePlan, RouteState
 
@@ -48,9 +49,9 @@ class RequestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     """``request:`` of a route between NATS and MQTT connectors: messages that expect a reply (NATS requests,
     MQTT 5 publishes with a response topic) are answered through the gateway, or get an error reply."""
 
-    timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    timeout: Seconds = 5.0
     """Seconds to wait for the answer; then the requester gets an error reply (code 504)."""
-    max_pending: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    max_pending: Count = 10_000
     """Requests waiting for an answer; a request beyond that gets an error reply at once (code 503)."""
     reply_to: str | None = None
     """Where responders answer, on the target's connector: the MQTT response topic (default

@@ -24,12 +24,13 @@ from collections import deque
 from collections.abc import Sequence
 from enum import Enum
 from time import monotonic_ns
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import structlog
 
 from gateway.backoff import Backoff
+from gateway.bounds import Seconds
 from gateway.envelope import Envelope
 from gateway.errors import (
     GatewayError,
@@ -74,13 +75,13 @@ class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     connection is not one (the message is resent on the next), nor is a target that is unavailable for now
     (:class:`~gateway.errors.Unavailable`): both are waited out, however long, within the route's budget."""
 
-    attempts: int = 5
+    attempts: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 5
     """Tries after the first one; 0 disables retries."""
-    initial: float = 0.2
+    initial: Seconds = 0.2
     """Seconds; cap of the first delay (full jitter)."""
-    max: float = 10.0
+    max: Seconds = 10.0
     """Seconds; cap of any delay."""
-    max_time: float = 60.0
+    max_time: Seconds = 60.0
     """Seconds since the first failure after which the message fails for good."""
 
     def delay(self, attempt: int) -> float:

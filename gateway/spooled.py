@@ -26,7 +26,7 @@ import contextlib
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import structlog
@@ -48,7 +48,7 @@ class SpoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 
     path: str
     """Directory of this route's spool (created; one route, one gateway process at a time)."""
-    max_bytes: int = 1024 * 1024 * 1024
+    max_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 44)] = 1024 * 1024 * 1024
     """Bytes the spool may hold undelivered; then the route's ``overflow`` applies (``block`` pauses the
     source, ``drop_newest`` / ``drop_oldest`` drop and count)."""
     fsync: bool = True

@@ -6,13 +6,13 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from gateway.bounds import Millis, MillisOrZero, PayloadBytes
 from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.patterns import KAFKA, SourcePattern, TopicSyntax, compile_pattern, compile_regex
 from gateway.redact import register_secret
 from gateway.tls import TlsConfig, read_secret
 
 OffsetReset = Literal["earliest", "latest"]
-Millis = Annotated[int, msgspec.Meta(ge=1)]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 Compression = Literal["none", "gzip", "snappy", "lz4", "zstd"]
 COMPRESSIONS: tuple[Compression, ...] = ("none", "gzip", "snappy", "lz4", "zstd")
@@ -52,7 +52,7 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     host names, so ``server_name`` is not available here."""
     sasl: SaslConfig | None = None
     """SASL authentication: ``mechanism`` (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512), ``username``, ``password_file``."""
-    max_payload: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_payload: PayloadBytes | None = None
     """Largest payload in bytes read from or written to this connector; larger messages fail before they are
     produced (counted, dead-lettered). ``max_request_size`` applies as well."""
     driver: Literal["confluent", "aiokafka"] = "confluent"
@@ -69,11 +69,11 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     idempotent: bool = True
     """Producer: idempotent delivery (``acks=all`` always). Needs a broker that grants producer ids
     (InitProducerId); the Tansu test broker does not, so the tests and the demo turn it off."""
-    linger_ms: Annotated[int, msgspec.Meta(ge=0)] = 2
+    linger_ms: Annotated[int, msgspec.Meta(ge=0, le=900_000)] = 2
     """Producer: how long to wait to fill a batch (at high rates batches fill before it expires)."""
-    max_batch_size: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
+    max_batch_size: Annotated[int, msgspec.Meta(ge=1024, le=1_000_000_000)] = 1_048_576
     """Producer: bytes per partition batch."""
-    max_request_size: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
+    max_request_size: Annotated[int, msgspec.Meta(ge=1024, le=1_000_000_000)] = 1_048_576
     """Producer: the largest record accepted; bigger payloads fail without being sent."""
     compression: Compression = "none"
     """Producer: codec of the record batches written: ``none``, ``gzip``, ``snappy``, ``lz4`` or ``zstd`` (both
@@ -85,7 +85,7 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """How long a request to a broker may take before it is retried or fails."""
     fetch_max_records: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 2_000
     """Consumer: records per fetch."""
-    fetch_max_wait_ms: Annotated[int, msgspec.Meta(ge=0)] = 10
+    fetch_max_wait_ms: MillisOrZero = 10
     """Consumer: how long the broker may hold a fetch that found nothing (latency at low rates)."""
     commit_interval_ms: Millis = 200
     """Consumer: how often acknowledged offsets are committed (also on rebalance and stop)."""

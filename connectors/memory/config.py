@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import msgspec
 
+from gateway.bounds import PayloadBytes
 from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.patterns import MQTT, SourcePattern, TopicSyntax, compile_pattern
 
@@ -17,7 +16,7 @@ class MemoryConfig(
 
     broker: str = "default"
     """Name of the in-process broker; connectors with the same name share it."""
-    max_payload: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_payload: PayloadBytes | None = None
     """Largest payload in bytes read from or written to this connector (as for the broker connectors)."""
 
 

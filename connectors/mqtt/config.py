@@ -7,6 +7,7 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
+from gateway.bounds import PayloadBytes, Seconds
 from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.patterns import MQTT, SourcePattern, TopicSyntax, compile_pattern
 from gateway.redact import redact_url, register_secret
@@ -32,7 +33,7 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     """MQTT protocol version: 5 or "3.1.1"."""
     clean_start: bool = False
     """False keeps the session across reconnects and restarts, so the broker redelivers what was not acknowledged."""
-    session_expiry: Annotated[int, msgspec.Meta(ge=0)] = 86_400
+    session_expiry: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)] = 86_400
     """Seconds the broker keeps the session after a disconnect (MQTT 5; a 3.1.1 session never expires)."""
     keepalive: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 30
     """Seconds between PINGREQs; 0 disables them."""
@@ -42,7 +43,7 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     """MQTT password; use ``password_file``, ``${ENV}`` or ``${file:PATH}`` rather than a literal."""
     password_file: str | None = None
     """File holding the MQTT password, read at each connect (so a rotated password is picked up)."""
-    max_payload: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_payload: PayloadBytes | None = None
     """Largest payload in bytes read from or written to this connector; larger messages fail before they are
     published (counted, dead-lettered). Default: no limit of the gateway's own."""
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1024
@@ -50,7 +51,7 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     its ``max_inflight_messages``)."""
     max_inflight: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1024
     """Our own QoS 1/2 publishes awaiting the broker's acknowledgement (lowered to the broker's receive maximum)."""
-    connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    connect_timeout: Seconds = 10.0
     """Seconds to wait for the TCP connection, the CONNACK and the SUBACK."""
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
+from gateway.bounds import Bytes, Count, PayloadBytes, Seconds
 from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.patterns import NATS, SourcePattern, TopicSyntax, compile_pattern
 from gateway.redact import redact_url, register_secret
@@ -65,22 +66,22 @@ class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     """NKey authentication: file holding the user's seed (``SU...``); the server knows its public key."""
     creds_file: str | None = None
     """JWT authentication (decentralized / operator mode): a ``.creds`` file holding the user JWT and seed."""
-    max_payload: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_payload: PayloadBytes | None = None
     """Largest payload in bytes read from or written to this connector; larger messages fail before they are
     published (counted, dead-lettered). The server's own ``max_payload`` applies as well."""
-    connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    connect_timeout: Seconds = 5.0
     """Seconds to wait for a connection to be accepted."""
-    ping_interval: Annotated[float, msgspec.Meta(gt=0)] = 20.0
+    ping_interval: Seconds = 20.0
     """Seconds between client PINGs."""
-    max_outstanding_pings: Annotated[int, msgspec.Meta(ge=1)] = 3
+    max_outstanding_pings: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
     """Unanswered PINGs after which the connection counts as lost."""
-    pending_msgs_limit: Annotated[int, msgspec.Meta(ge=1)] = 65_536
+    pending_msgs_limit: Count = 65_536
     """Per core subscription: messages buffered in the client before it drops and reports a slow consumer."""
-    pending_bytes_limit: Annotated[int, msgspec.Meta(ge=1)] = 64 * 1024 * 1024
+    pending_bytes_limit: Bytes = 64 * 1024 * 1024
     """Per core subscription: bytes buffered in the client before it drops and reports a slow consumer."""
-    flush_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    flush_timeout: Seconds = 10.0
     """Seconds to wait for the server to confirm a batch of core publishes."""
-    publish_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    publish_timeout: Seconds = 10.0
     """Seconds to wait for a JetStream PubAck before publishing again."""
 
     def __post_init__(self) -> None:
@@ -138,7 +139,7 @@ class NatsSource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     """Durable consumer name (JetStream). Default: ``gateway-<route name>``; gateways sharing it split the stream."""
     batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 512
     """JetStream: messages per fetch."""
-    ack_wait: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    ack_wait: Seconds = 30.0
     """JetStream: seconds before the server redelivers an unacknowledged message."""
     deliver_policy: Literal["all", "new", "last", "last_per_subject"] | None = None
     """JetStream: where a new durable consumer starts. Default: ``all`` for a ``stream``, ``last_per_subject``

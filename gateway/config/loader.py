@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
+import json
 import os
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetS
 from gateway.errors import ConfigError, ConfigIssue, TemplateError
 from gateway.loops import echo
 from gateway.patterns import SourcePattern
+from gateway.redact import MASK, MIN_SECRET_LENGTH
 from gateway.registry import plugins
 from gateway.requests import KINDS, RequestLeg, default_reply_to, reply_endpoints, reply_route_name
 from gateway.templates import compile_template
@@ -33,17 +38,43 @@ _MSGSPEC_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 CONNECTOR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """YAML SafeLoader that refuses duplicate keys instead of keeping the last one."""
+MAX_CONFIG_BYTES = 64 << 20
+"""The largest config file read (64 MiB; a file of 10 000 routes is about 1 MiB)."""
+MAX_DEPTH = 64
+"""Deepest nesting of mappings and lists (a ``where`` of ``all``/``any``/``not`` nests a few levels)."""
+MAX_NODES = 2_000_000
+"""Values a config may expand to, aliases counted each time they are used (10 000 routes are ~150 000):
+stops "billion laughs" files, whose few hundred bytes expand to billions of values."""
+MAX_FILE_REFERENCE_BYTES = 1 << 20
+"""The largest file a ``${file:PATH}`` reads (a secret, a token, a certificate fits in far less)."""
+MAX_MESSAGE = 500
+"""Characters of one problem's message; longer ones are cut (a value quoted in full could be anything)."""
+_NOT_SECRET = frozenset({"type"})
+"""Keys whose interpolated values may be quoted in errors; any other ``${...}`` value is masked."""
+
+_Base: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml parses ~10x faster when present
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _StrictLoader(_Base):  # type: ignore[misc]
+    """YAML safe loader that refuses duplicate keys instead of keeping the last one."""
 
 
 def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == _MERGE:
+            continue  # ``<<: *defaults``: the merged keys may be overridden, that is the point
         key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
+        try:
+            first = seen.get(key)
+        except TypeError:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark
+                None, None, "a key must be a plain value, not a list or a mapping", key_node.start_mark
+            ) from None
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {first})", key_node.start_mark
             )
         seen[key] = key_node.start_mark.line + 1
     return loader.construct_mapping(node, deep=deep)
@@ -52,13 +83,59 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, d
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
+def _check_shape(text: str, source: str) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH or expanding to more than MAX_NODES values.
+
+    Runs over the parser's events, before anything is built: an alias costs what its anchor holds,
+    computed once per anchor, so a "billion laughs" file is refused after reading its few hundred bytes.
+    """
+    sizes: dict[str, int] = {}
+    stack: list[list[Any]] = [[0, None]]  # [values so far, anchor] per open mapping or list
+    total = 0
+    for event in yaml.parse(text, Loader=_StrictLoader):
+        if isinstance(event, yaml.ScalarEvent):
+            size = 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            size = sizes.get(event.anchor or "", 1)
+        elif isinstance(event, yaml.CollectionStartEvent):
+            stack.append([1, event.anchor])
+            if len(stack) - 1 > MAX_DEPTH:
+                raise _shape_error(source, event, f"nested deeper than {MAX_DEPTH} levels")
+            continue
+        elif isinstance(event, yaml.CollectionEndEvent):
+            size, anchor = stack.pop()
+            if anchor is not None:
+                sizes[anchor] = size
+        else:
+            continue
+        stack[-1][0] += size
+        total += size if isinstance(event, yaml.AliasEvent) else 1
+        if total > MAX_NODES:
+            raise _shape_error(
+                source, event, f"expands to more than {MAX_NODES:,} values (aliases count each time they are used)"
+            )
+
+
+def _shape_error(source: str, event: yaml.Event, problem: str) -> ConfigError:
+    mark = event.start_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return ConfigError([ConfigIssue("", f"{source}: {where}{problem}")])
+
+
 def load_config(path: str | Path, *, environ: dict[str, str] | None = None) -> Config:
     """Load and fully validate ``path``; raise :class:`ConfigError` listing every problem."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read {p}: {exc.strerror or exc}")]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigIssue("", f"cannot read {p}: larger than {MAX_CONFIG_BYTES >> 20} MiB")])
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read {p}: not UTF-8 text (byte {exc.start})")]) from None
     return parse_config(text, source=str(p), environ=environ, base_dir=p.parent)
@@ -71,8 +148,25 @@ def parse_config(
     environ: dict[str, str] | None = None,
     base_dir: Path | None = None,
 ) -> Config:
+    masks: list[tuple[str, str]] = []
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return _parse(text, source, os.environ if environ is None else environ, base_dir or Path.cwd(), masks)
+    except ConfigError as exc:
+        raise ConfigError([ConfigIssue(i.path, _masked(i.message, masks)) for i in exc.issues]) from None
+    except RecursionError:  # the shape check bounds nesting; this is the net under it
+        raise ConfigError([ConfigIssue("", f"{source}: nested too deeply")]) from None
+
+
+def _parse(text: str, source: str, env: Any, base_dir: Path, masks: list[tuple[str, str]]) -> Config:
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigIssue("", f"{source}: larger than {MAX_CONFIG_BYTES >> 20} MiB")])
+    try:
+        _check_shape(text, source)
+        loader = _StrictLoader(text)
+        try:
+            raw = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -81,9 +175,12 @@ def parse_config(
     if not isinstance(raw, dict):
         raise ConfigError([ConfigIssue("", f"{source}: expected a mapping with 'connectors' and 'routes'")])
     issues: list[ConfigIssue] = []
-    env = os.environ if environ is None else environ
-    raw = _interpolate(raw, "", env, base_dir or Path.cwd(), issues)
+    # ``x-...`` keys at the top hold YAML anchors for ``<<: *name`` merges (as in Compose files): not config
+    raw = {k: v for k, v in raw.items() if not (isinstance(k, str) and k.startswith("x-"))}
+    raw = _interpolate(raw, "", env, base_dir, issues, masks)
     top = _convert(raw, FileSection, "", issues)
+    if top is None and "gateway" in raw:  # a bad gateway: section; check the rest all the same
+        top = _convert({k: v for k, v in raw.items() if k != "gateway"}, FileSection, "", [])
     if top is None:
         raise ConfigError(issues)
     connectors = _connectors(top.connectors, issues)
@@ -100,41 +197,86 @@ def parse_config(
     )
 
 
-def _interpolate(node: Any, path: str, env: Any, base_dir: Path, issues: list[ConfigIssue]) -> Any:
-    """Replace ``${VAR}``, ``${VAR:-default}`` and ``${file:PATH}`` in every string value."""
+def _masked(message: str, masks: list[tuple[str, str]]) -> str:
+    """``message`` without any value a ``${...}`` put into the config (each shown as its reference), cut short.
+
+    Values are matched as written and as quoted (``repr``/JSON escape newlines), longest first; each line
+    of a multi-line value is masked on its own too, so that no part of a file's content is echoed.
+    """
+    forms: dict[str, str] = {}
+    for value, reference in masks:
+        forms.setdefault(value, reference)
+        forms.setdefault(repr(value)[1:-1], reference)
+        forms.setdefault(json.dumps(value)[1:-1], reference)
+        for line in value.splitlines():
+            if len(line.strip()) >= MIN_SECRET_LENGTH:
+                forms.setdefault(line.strip(), MASK)
+    for form in sorted(forms, key=len, reverse=True):
+        if form in message:
+            message = message.replace(form, forms[form])
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
+
+
+def _interpolate(
+    node: Any, path: str, env: Any, base_dir: Path, issues: list[ConfigIssue], masks: list[tuple[str, str]]
+) -> Any:
+    """Replace ``${VAR}``, ``${VAR:-default}`` and ``${file:PATH}`` in every string value.
+
+    Every value put in is remembered in ``masks`` (with the reference that produced it) unless its key is
+    known not to be secret: errors show the reference, never the value.
+    """
     if isinstance(node, dict):
-        return {k: _interpolate(v, _join(path, str(k)), env, base_dir, issues) for k, v in node.items()}
+        return {k: _interpolate(v, _join(path, str(k)), env, base_dir, issues, masks) for k, v in node.items()}
     if isinstance(node, list):
-        return [_interpolate(v, f"{path}[{i}]", env, base_dir, issues) for i, v in enumerate(node)]
+        return [_interpolate(v, f"{path}[{i}]", env, base_dir, issues, masks) for i, v in enumerate(node)]
     if not isinstance(node, str) or "$" not in node:
         return node
+    secret = path.rpartition(".")[2] not in _NOT_SECRET
 
     def sub(m: re.Match[str]) -> str:
         if m.group(0) == "$${":
             return "${"
-        expr = m.group(1)
-        if expr.startswith("file:"):
-            fpath = Path(expr[5:]).expanduser()
-            if not fpath.is_absolute():
-                fpath = base_dir / fpath
-            try:
-                return fpath.read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as exc:
-                issues.append(ConfigIssue(path, f"cannot read ${{file:{expr[5:]}}}: {exc.strerror or exc}"))
-                return ""
-        name, sep, default = expr.partition(":-")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            issues.append(ConfigIssue(path, f"invalid reference ${{{expr}}} (use ${{NAME}} or ${{file:PATH}})"))
-            return ""
-        value = env.get(name)
-        if value is None or (sep and value == ""):
-            if sep:
-                return default
-            issues.append(ConfigIssue(path, f"environment variable {name} is not set"))
-            return ""
-        return str(value)
+        value = _reference(m.group(1), path, env, base_dir, issues)
+        if secret and len(value) >= MIN_SECRET_LENGTH:
+            masks.append((value, m.group(0)))
+        return value
 
     return _INTERP.sub(sub, node)
+
+
+def _reference(expr: str, path: str, env: Any, base_dir: Path, issues: list[ConfigIssue]) -> str:
+    """The value of ``${expr}`` (an issue and "" when it has none)."""
+    if expr.startswith("file:"):
+        fpath = Path(expr[5:]).expanduser()
+        if not fpath.is_absolute():
+            fpath = base_dir / fpath
+        try:
+            with fpath.open("rb") as f:
+                data = f.read(MAX_FILE_REFERENCE_BYTES + 1)
+        except OSError as exc:
+            issues.append(ConfigIssue(path, f"cannot read ${{file:{expr[5:]}}}: {exc.strerror or exc}"))
+            return ""
+        if len(data) > MAX_FILE_REFERENCE_BYTES:
+            issues.append(
+                ConfigIssue(path, f"cannot read ${{file:{expr[5:]}}}: larger than {MAX_FILE_REFERENCE_BYTES >> 20} MiB")
+            )
+            return ""
+        try:
+            return data.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            issues.append(ConfigIssue(path, f"cannot read ${{file:{expr[5:]}}}: not UTF-8 text"))
+            return ""
+    name, sep, default = expr.partition(":-")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        issues.append(ConfigIssue(path, f"invalid reference ${{{expr}}} (use ${{NAME}} or ${{file:PATH}})"))
+        return ""
+    value = env.get(name)
+    if value is None or (sep and value == ""):
+        if sep:
+            return default
+        issues.append(ConfigIssue(path, f"environment variable {name} is not set"))
+        return ""
+    return str(value)
 
 
 def _join(path: str, key: str) -> str:
@@ -154,13 +296,17 @@ def _convert(obj: Any, typ: Any, path: str, issues: list[ConfigIssue]) -> Any:
             return None
         before = len(issues)
         cfg = typ.__struct_config__
-        fields = {f.encode_name: f for f in msgspec.structs.fields(typ)}
+        fields = _fields(typ)
         for key, value in obj.items():
             if key == cfg.tag_field:
                 continue
             f = fields.get(key)
             if f is None:
                 issues.append(ConfigIssue(_join(path, str(key)), f"unknown key{_suggest(str(key), typ)}"))
+                continue
+            nested = _struct_of(f.type)
+            if nested is not None and value is not None:
+                _convert(value, nested, _join(path, str(key)), issues)  # every problem inside, not the first
                 continue
             try:
                 msgspec.convert(value, f.type, strict=False)
@@ -176,6 +322,22 @@ def _convert(obj: Any, typ: Any, path: str, issues: list[ConfigIssue]) -> Any:
     except msgspec.ValidationError as exc:
         issues.append(_issue(str(exc), path, typ))
         return None
+
+
+@functools.cache
+def _fields(typ: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo]:
+    return {f.encode_name: f for f in msgspec.structs.fields(typ)}
+
+
+@functools.cache
+def _struct_of(typ: Any) -> type[msgspec.Struct] | None:
+    """The Struct a field holds (``X`` or ``X | None``), to check it key by key; None for anything else."""
+    if isinstance(typ, type) and issubclass(typ, msgspec.Struct):
+        return typ
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    if typing.get_origin(typ) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _struct_of(args[0])
+    return None
 
 
 def _yaml_type(obj: Any) -> str:
@@ -202,7 +364,7 @@ def _issue(message: str, path: str, typ: Any) -> ConfigIssue:
 def _suggest(key: str, typ: Any) -> str:
     if not (isinstance(typ, type) and issubclass(typ, msgspec.Struct)):
         return ""
-    names = [f.encode_name for f in msgspec.structs.fields(typ)]
+    names = list(_fields(typ))
     close = difflib.get_close_matches(key, names, n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(sorted(names))})"
 

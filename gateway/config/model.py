@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from gateway.backoff import Backoff
+from gateway.bounds import Bytes, Count, PayloadBytes, Seconds, SecondsOrZero
 from gateway.connector import SourceSpec, TargetSpec
 from gateway.patterns import SourcePattern
 from gateway.redact import register_secret
@@ -23,11 +24,6 @@ from gateway.spooled import SpoolConfig
 from gateway.templates import Template
 from gateway.tls import read_secret
 from gateway.transform import Codec, SchemaConfig
-
-Positive = Annotated[int, msgspec.Meta(ge=1)]
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
-NonNegative = Annotated[float, msgspec.Meta(ge=0)]
-
 
 Listen = Annotated[str, msgspec.Meta(pattern=r"^$|^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}$")]
 
@@ -64,13 +60,13 @@ class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     """This gateway's name in logs and headers; defaults to the host name."""
     shutdown_timeout: Seconds = 30.0
     """Seconds to drain in-flight messages on SIGTERM before closing anyway."""
-    max_cached_topics: Positive = 10_000
+    max_cached_topics: Count = 10_000
     """Distinct topics per source whose routing decision is cached (the oldest is evicted): a flood of new
     topic names costs lookups, not memory."""
-    max_headers: Positive = 64
+    max_headers: Annotated[int, msgspec.Meta(ge=1, le=65_535)] = 64
     """Headers (MQTT 5 user properties, NATS or Kafka headers) a message may carry; more fails the message
     (counted, dead-lettered) instead of forwarding a header flood."""
-    max_header_bytes: Positive = 16 * 1024
+    max_header_bytes: PayloadBytes = 16 * 1024
     """Total bytes of a message's header names and values; more fails the message like ``max_headers``."""
     reconnect: Backoff = Backoff()
     """Backoff between reconnect attempts, for every connector."""
@@ -90,15 +86,15 @@ class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     """Where messages come from: ``{connector: NAME, ...}`` plus that connector kind's keys."""
     to: dict[str, Any] | list[dict[str, Any]]
     """One target or a list of targets (fan-out): ``{connector: NAME, ...}``."""
-    max_in_flight: Positive = 10_000
+    max_in_flight: Count = 10_000
     """Messages inside the route (received, not yet confirmed by every target) before the source is paused."""
-    max_in_flight_bytes: Positive = 16 * 1024 * 1024
+    max_in_flight_bytes: Bytes = 16 * 1024 * 1024
     """Payload bytes inside the route before the source is paused."""
     overflow: Literal["block", "drop_newest", "drop_oldest", "disconnect"] | None = None
     """What a full route does: `block` (stop reading the source), `drop_newest` / `drop_oldest` (drop and
     count; acknowledged), `disconnect` (cut the route off at once, like a slow consumer). Default: `block` for
     at-least-once sources (MQTT QoS 1/2, JetStream, Kafka), `drop_newest` for at-most-once ones."""
-    slow_consumer_deadline: NonNegative = 30.0
+    slow_consumer_deadline: SecondsOrZero = 30.0
     """Seconds a route may stay full before it is disconnected as a slow consumer: what it holds is released
     (redelivered by durable sources, counted as dropped otherwise) and it reconnects after a backoff. 0 disables."""
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
@@ -114,7 +110,7 @@ class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     on_error: Literal["drop", "stop"] = "drop"
     """Without a dead letter: `drop` acknowledges a message that failed for good (counted as failed); `stop`
     stops the route and leaves it unacknowledged (redelivered once the route runs again)."""
-    max_payload: Positive | None = None
+    max_payload: PayloadBytes | None = None
     """Largest payload in bytes this route carries; a larger message fails before it is published (counted as
     failed, dead-lettered when a dead letter is set). The connectors' own ``max_payload`` apply as well."""
     spool: SpoolConfig | None = None
