@@ -28,6 +28,7 @@ from mqtt5 import (
     PubRecPacket,
     PubRelPacket,
     SubAckPacket,
+    UnsubAckPacket,
 )
 
 from connectors.mqtt.codec import (
@@ -76,7 +77,8 @@ class MqttConnection(asyncio.Protocol):
         self.connack: asyncio.Future[ConnAckPacket] = loop.create_future()
         self.closed: asyncio.Future[str] = loop.create_future()
         """Resolves with the reason once the connection is gone."""
-        self.subacks: dict[int, asyncio.Future[SubAckPacket]] = {}
+        self.subacks: dict[int, asyncio.Future[SubAckPacket | UnsubAckPacket]] = {}
+        """SUBACK and UNSUBACK waiters by packet id."""
         self.last_received = time.monotonic()
         self.reading_paused = False
         self.broker_closed = False
@@ -243,7 +245,7 @@ class MqttConnection(asyncio.Protocol):
             self.handler.on_ack(PUBCOMP, packet.packet_id, int(packet.reason_code))
         elif isinstance(packet, PubRelPacket):
             self.queue(ack(PUBCOMP, packet.packet_id))
-        elif isinstance(packet, SubAckPacket):
+        elif isinstance(packet, SubAckPacket | UnsubAckPacket):
             fut = self.subacks.pop(packet.packet_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(packet)

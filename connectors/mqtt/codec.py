@@ -29,6 +29,9 @@ from mqtt5 import (
     SubAckPacket,
     SubAckReasonCode,
     TopicFilter,
+    UnsubAckPacket,
+    UnsubAckReasonCode,
+    UnsubscribePacket,
 )
 
 _ACK = struct.Struct(">BBH")
@@ -117,6 +120,9 @@ class Codec5:
         return mqtt5.SubscribePacket(
             packet_id, [TopicFilter(f, max_qos=QoS(q), retain_as_published=True) for f, q in filters]
         ).write()
+
+    def unsubscribe(self, packet_id: int, filters: list[str]) -> bytes:
+        return UnsubscribePacket(packet_id, filters).write()
 
     def publish(
         self,
@@ -217,6 +223,12 @@ class Codec311(Codec5):
             body.append(q)
         return b"\x82" + _varint(len(body)) + bytes(body)
 
+    def unsubscribe(self, packet_id: int, filters: list[str]) -> bytes:
+        body = bytearray(struct.pack(">H", packet_id))
+        for f in filters:
+            body += _str(f)
+        return b"\xa2" + _varint(len(body)) + bytes(body)
+
     def publish(
         self,
         topic: str,
@@ -292,6 +304,8 @@ class Codec311(Codec5):
             pid = (view[i] << 8) | view[i + 1]
             codes = [_V311_SUBACK.get(c, SubAckReasonCode.UNSPECIFIED_ERROR) for c in bytes(view[i + 2 : end])]
             return SubAckPacket(pid, codes), end
+        if kind == 11:  # UNSUBACK: 3.1.1 has no reason codes; every filter counts as removed
+            return UnsubAckPacket((view[i] << 8) | view[i + 1], [UnsubAckReasonCode.SUCCESS]), end
         if kind == 13:
             return PingRespPacket(), end
         raise ValueError(f"unexpected MQTT 3.1.1 packet type {kind}")

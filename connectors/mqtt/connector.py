@@ -1,11 +1,22 @@
-"""The MQTT connector: a publisher session for the sink, and one persistent session per source route.
+"""The MQTT connector: a publisher session for the sink, and sessions for the source routes.
 
-Every route that reads from MQTT gets its own connection and persistent session
-(client id ``<client_id>-<route>``): its own receive window, its own flow
-control, and its own backlog at the broker. Stopping one route's reading (a
-full budget) or cutting it off (a slow consumer) therefore never stalls
-another route, and whatever it did not acknowledge the broker keeps and
-redelivers. The connector's ``client_id`` is the publisher's.
+Every at-least-once route that reads from MQTT (QoS 1/2) gets its own connection
+and persistent session (client id ``<client_id>-<route>``): its own receive
+window, its own flow control, and its own backlog at the broker. Stopping one
+route's reading (a full budget) or cutting it off (a slow consumer) therefore
+never stalls another route, and whatever it did not acknowledge the broker keeps
+and redelivers.
+
+Routes that never stop their source share one connection instead
+(``<client_id>-shared``, a clean session): QoS 0 routes whose full budget drops
+(``overflow: drop_newest`` / ``drop_oldest``, the default for QoS 0), without
+``share_group`` or ``retained_only``, and whose filter no topic matches together
+with another shared route's (see :mod:`connectors.mqtt.filters`). They have
+nothing for the broker to keep, and a full one drops instead of pausing the
+connection, so sharing costs them nothing; a thousand of them cost one
+connection instead of a thousand. A shared route cut off as a slow consumer is
+unsubscribed, and subscribed again when it resumes. The connector's
+``client_id`` is the publisher's.
 """
 
 from __future__ import annotations
@@ -15,13 +26,15 @@ import contextlib
 import re
 import ssl
 from collections.abc import Callable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
-from mqtt5 import ConnAckPacket, ConnAckReasonCode, PublishPacket
+from mqtt5 import ConnAckPacket, ConnAckReasonCode, PublishPacket, SubAckPacket, UnsubAckPacket
 
 from connectors.mqtt.client import MqttConnection, open_connection
 from connectors.mqtt.codec import codec_for
 from connectors.mqtt.config import MqttConfig, MqttSource
+from connectors.mqtt.filters import FilterSet
 from connectors.mqtt.sink import MqttSink, PacketIds
 from connectors.mqtt.source import RetainedSubscriber, SourceCounters, Subscriber
 from gateway.channel import Channel
@@ -30,10 +43,14 @@ from gateway.dispatch import Dispatcher, Route
 from gateway.errors import ConnectorError
 from gateway.patterns import MQTT
 from gateway.redact import redact_url
+from gateway.route import Overflow
 from gateway.sink import Sink
 from gateway.tls import client_context, describe_ssl_error
 
 _CLIENT_ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+_NEVER_PAUSES = (Overflow.DROP_NEWEST, Overflow.DROP_OLDEST)
+_FILTERS_PER_PACKET = 256
+"""Topic filters per SUBSCRIBE / UNSUBSCRIBE of the shared session."""
 
 
 class _Publisher:
@@ -89,6 +106,15 @@ class MqttConnector(Connector):
         self._dispatchers: dict[str, Dispatcher] = {}
         self._channels: dict[str, Channel] = {}
         self.source_counters = SourceCounters()
+        self._shared: tuple[Route, ...] = ()
+        """The source routes on the shared session (see the module's doc)."""
+        self._shared_channel: Channel | None = None
+        self._shared_session = _RouteSession()
+        self._shared_dispatcher: Dispatcher | None = None
+        self._shared_filters: dict[str, int] = {}
+        """Filters subscribed on the shared connection now, with their QoS."""
+        self._cut: set[str] = set()
+        """Shared routes cut off as slow consumers: unsubscribed until they resume."""
 
     def endpoint(self) -> str:
         return redact_url(self.config.url)
@@ -117,8 +143,58 @@ class MqttConnector(Connector):
         channels: list[Channel] = []
         if self.has_sink:
             channels.append(Channel(self, self.name, self.session, self.finish))
-        channels.extend(self._route_channel(route) for route in self.routes)
+        shared, own = self.sessions_of(self.routes)
+        self._set_shared(shared)
+        if shared:
+            channels.append(self._make_shared_channel())
+        channels.extend(self._route_channel(route) for route in own)
         return channels
+
+    @staticmethod
+    def sessions_of(routes: Sequence[Route]) -> tuple[list[Route], list[Route]]:
+        """``routes`` split into those that share one session and those with a session of their own."""
+        shared: list[Route] = []
+        own: list[Route] = []
+        filters = FilterSet()
+        for route in routes:
+            spec: MqttSource = route.spec
+            if (
+                spec.qos == 0
+                and spec.share_group is None
+                and not spec.retained_only
+                and route.policy.overflow in _NEVER_PAUSES
+                and filters.add(route.patterns[0].native_filter())
+            ):
+                shared.append(route)
+            else:
+                own.append(route)
+        return shared, own
+
+    def shared_client_id(self) -> str:
+        base = f"{self.client_id}-shared"
+        taken = {self.route_client_id(r) for r in self.routes}
+        n = 0
+        while (cid := base if n == 0 else f"{base}-{n}") in taken:
+            n += 1
+        return cid
+
+    def _set_shared(self, routes: Sequence[Route]) -> None:
+        self._shared = tuple(routes)
+        self._shared_dispatcher = (
+            Dispatcher(MQTT, self._shared, cache_size=self.context.cache_size) if self._shared else None
+        )
+
+    def _make_shared_channel(self) -> Channel:
+        self._shared_channel = Channel(
+            self,
+            f"{self.name}/shared",
+            self._run_shared_session,
+            lambda: _disconnect(self._shared_session.conn),
+        )
+        return self._shared_channel
+
+    def _wanted_filters(self) -> dict[str, int]:
+        return {r.patterns[0].native_filter(): 0 for r in self._shared if r.name not in self._cut}
 
     def _route_channel(self, route: Route) -> Channel:
         spec: MqttSource = route.spec
@@ -138,28 +214,44 @@ class MqttConnector(Connector):
     changes_routes_live = True
 
     async def set_routes(self, routes: Sequence[Route]) -> None:
-        """Each source route has its own session: open those added, close those removed, keep the rest."""
-        keep = {r.name: r for r in routes}
+        """Routes with a session of their own: open those added, close those removed, keep the rest. The
+        shared session changes its subscriptions on its live connection: the new ones are taken before the
+        old ones are dropped, and a changed route takes over its filter at once."""
+        shared, own = self.sessions_of(routes)
+        keep = {r.name: r for r in own}
         for name, old in list(self._channels.items()):
             route = next((r for r in self.routes if r.name == name), None)
-            if keep.get(name) is not route:  # removed, or replaced by a changed route of the same name
+            if keep.get(name) is not route:  # removed, changed, or moved to the shared session
                 del self._channels[name]
                 self._sessions.pop(name, None)
                 self._dispatchers.pop(name, None)
                 await self.retire_channel(old)
-        for route in routes:
+        self.routes = tuple(routes)
+        self._cut &= {r.name for r in shared}
+        if [id(r) for r in shared] != [id(r) for r in self._shared]:
+            self._set_shared(shared)
+            if shared and self._shared_channel is None:
+                self.add_channel(self._make_shared_channel())
+            elif not shared and self._shared_channel is not None:
+                channel, self._shared_channel = self._shared_channel, None
+                await self.retire_channel(channel)
+            else:
+                await self._resubscribe_shared()
+        for route in own:
             if route.name not in self._channels:
                 self.add_channel(self._route_channel(route))
-        self.routes = tuple(routes)
 
     async def _connect(
         self,
         client_id: str,
         handler: _Publisher | _RouteSession,
         prepare: Callable[[MqttConnection], None] | None = None,
+        *,
+        clean: bool = False,
     ) -> tuple[MqttConnection, ConnAckPacket]:
         """TCP connect, CONNECT, CONNACK. ``prepare`` runs before CONNECT goes out: a resumed session's
-        backlog can arrive in the same read as the CONNACK, so whoever takes it must be there first."""
+        backlog can arrive in the same read as the CONNACK, so whoever takes it must be there first.
+        ``clean``: a clean session that the broker forgets at disconnect, whatever the config says."""
         cfg = self.config
         try:
             username, password = cfg.credentials  # a password_file is read at each connect
@@ -187,9 +279,9 @@ class MqttConnector(Connector):
             conn.write(
                 self.codec.connect(
                     client_id,
-                    clean_start=cfg.clean_start,
+                    clean_start=cfg.clean_start or clean,
                     keepalive=cfg.keepalive,
-                    session_expiry=cfg.session_expiry,
+                    session_expiry=0 if clean else cfg.session_expiry,
                     receive_maximum=cfg.receive_maximum,
                     username=username,
                     password=password,
@@ -300,21 +392,90 @@ class MqttConnector(Connector):
             conn.abort("session ended")
 
     async def _subscribe(self, conn: MqttConnection, topic: str, qos: int) -> None:
+        await self._request(conn, self.codec.subscribe, [(topic, qos)], "SUBACK")
+
+    async def _request(
+        self, conn: MqttConnection, encode: Callable[[int, Any], bytes], items: list[Any], ack: str
+    ) -> None:
+        """One SUBSCRIBE or UNSUBSCRIBE of ``items`` and its acknowledgement."""
         pid = self.ids.take()
-        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        conn.subacks[pid] = fut  # type: ignore[assignment]
-        conn.write(self.codec.subscribe(pid, [(topic, qos)]))
+        fut: asyncio.Future[SubAckPacket | UnsubAckPacket] = asyncio.get_running_loop().create_future()
+        conn.subacks[pid] = fut
+        conn.write(encode(pid, items))
         try:
             async with asyncio.timeout(self.config.connect_timeout):
-                suback = await fut
+                reply = await fut
         except (ConnectionError, TimeoutError) as exc:
-            raise ConnectorError(f"no SUBACK from {self.address}: {str(exc) or 'timed out'}") from exc
+            raise ConnectorError(f"no {ack} from {self.address}: {str(exc) or 'timed out'}") from exc
         finally:
+            conn.subacks.pop(pid, None)
             self.ids.free(pid)
-        code = suback.reason_codes[0]  # type: ignore[attr-defined]
-        if int(code) >= 0x80:
-            # A refused subscription (ACL) is a configuration problem, not a connection one.
-            self.log.error("connector.subscribe_refused", filter=topic, reason=code.name)
+        for item, code in zip(items, reply.reason_codes, strict=False):
+            if int(code) >= 0x80 and ack == "SUBACK":
+                # A refused subscription (ACL) is a configuration problem, not a connection one.
+                self.log.error("connector.subscribe_refused", filter=item[0], reason=code.name)
+
+    async def _change_filters(self, conn: MqttConnection, add: dict[str, int], drop: list[str]) -> None:
+        """Subscribe ``add`` then unsubscribe ``drop`` on the shared connection, a packet per 256 filters."""
+        items = list(add.items())
+        for i in range(0, len(items), _FILTERS_PER_PACKET):
+            await self._request(conn, self.codec.subscribe, items[i : i + _FILTERS_PER_PACKET], "SUBACK")
+        for i in range(0, len(drop), _FILTERS_PER_PACKET):
+            await self._request(conn, self.codec.unsubscribe, drop[i : i + _FILTERS_PER_PACKET], "UNSUBACK")
+
+    async def _resubscribe_shared(self) -> None:
+        """Bring the live shared connection's subscriptions and dispatcher to the current shared routes."""
+        rs = self._shared_session
+        conn = rs.conn
+        dispatcher = self._shared_dispatcher
+        if dispatcher is not None and rs.subscriber is not None:
+            rs.subscriber.dispatch = dispatcher.dispatch  # a changed route takes its messages from now on
+            rs.subscriber.fail = dispatcher.fail
+        if conn is None or not conn.is_open:
+            return  # the next connection subscribes what is wanted then
+        wanted = self._wanted_filters()
+        add = {f: q for f, q in wanted.items() if f not in self._shared_filters}
+        drop = [f for f in self._shared_filters if f not in wanted]
+        self._shared_filters = wanted
+        try:
+            await self._change_filters(conn, add, drop)
+        except ConnectorError as exc:
+            conn.abort(str(exc))  # the reconnect subscribes afresh
+
+    async def _run_shared_session(self) -> None:
+        """The session of the routes that share one connection (a clean session: they are QoS 0)."""
+        rs = self._shared_session
+        client_id = self.shared_client_id()
+
+        def prepare(conn: MqttConnection) -> None:
+            rs.conn = conn
+            dispatcher = self._shared_dispatcher
+            assert dispatcher is not None
+            rs.subscriber = Subscriber(conn, dispatcher, self.source_counters)
+
+        try:
+            conn, connack = await self._connect(client_id, rs, prepare, clean=True)
+        except BaseException:
+            rs.subscriber = rs.conn = None
+            raise
+        try:
+            self._shared_filters = {}
+            wanted = self._wanted_filters()
+            await self._change_filters(conn, wanted, [])
+            self._shared_filters = wanted
+            assert self._shared_channel is not None
+            self._shared_channel.mark_connected(
+                url=self.address, client_id=client_id, session_present=connack.session_present, routes=len(self._shared)
+            )
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(_watch(conn), name=f"{self.name}/shared:watch")
+                tg.create_task(conn.keepalive(self.config.keepalive), name=f"{self.name}/shared:keepalive")
+                tg.create_task(self._stop_on_intake_stop(rs), name=f"{self.name}/shared:intake")
+        finally:
+            rs.subscriber = None
+            rs.conn = None
+            self._shared_filters = {}
+            conn.abort("session ended")
 
     async def _stop_on_intake_stop(self, rs: _RouteSession) -> None:
         await self.intake_stopped.wait()
@@ -324,15 +485,22 @@ class MqttConnector(Connector):
             rs.conn.pause_reading()
 
     async def release_route(self, route: Route) -> None:
-        """Close the route's session: the broker keeps what it did not acknowledge, and resends it."""
+        """Close the route's session: the broker keeps what it did not acknowledge, and resends it. A route
+        on the shared session is unsubscribed instead (QoS 0: nothing is kept for it)."""
         channel = self._channels.get(route.name)
         if channel is not None:
             channel.cut()
+        elif route in self._shared:
+            self._cut.add(route.name)
+            await self._resubscribe_shared()
 
     async def resume_route(self, route: Route) -> None:
         channel = self._channels.get(route.name)
         if channel is not None:
             channel.resume()
+        elif route.name in self._cut:
+            self._cut.discard(route.name)
+            await self._resubscribe_shared()
 
 
 async def _watch(conn: MqttConnection) -> None:
