@@ -57,20 +57,20 @@ def config(port: int, u: str, version: int, routes: list[dict[str, Any]]) -> str
     )
 
 
-def shared_route(u: str, i: int, out: str = "out") -> dict[str, Any]:
+def route(name: str, source: str, target: str, qos: int = 0) -> dict[str, Any]:
     return {
-        "name": f"s{i}",
-        "from": {"connector": "mq", "topic": f"sh/{u}/{i}/{{dev}}", "qos": 0},
-        "to": {"connector": "mq", "topic": f"{out}/{u}/{i}/{{dev}}", "qos": 0},
+        "name": name,
+        "from": {"connector": "mq", "topic": source, "qos": qos},
+        "to": {"connector": "mq", "topic": target, "qos": qos},
     }
+
+
+def shared_route(u: str, i: int, out: str = "out") -> dict[str, Any]:
+    return route(f"s{i}", f"sh/{u}/{i}/{{dev}}", f"{out}/{u}/{i}/{{dev}}")
 
 
 def own_route(u: str, i: int) -> dict[str, Any]:
-    return {
-        "name": f"q{i}",
-        "from": {"connector": "mq", "topic": f"q1/{u}/{i}/{{dev}}", "qos": 1},
-        "to": {"connector": "mq", "topic": f"out/{u}/q{i}/{{dev}}", "qos": 1},
-    }
+    return route(f"q{i}", f"q1/{u}/{i}/{{dev}}", f"out/{u}/q{i}/{{dev}}", qos=1)
 
 
 @pytest.fixture
@@ -128,21 +128,9 @@ async def test_an_overlapping_filter_gets_its_own_session_and_nothing_twice(
 ) -> None:
     u = unique
     routes = [
-        {
-            "name": "exact",
-            "from": {"connector": "mq", "topic": f"ov/{u}/a/b", "qos": 0},
-            "to": {"connector": "mq", "topic": f"out/{u}/exact", "qos": 0},
-        },
-        {
-            "name": "wide",
-            "from": {"connector": "mq", "topic": f"ov/{u}/a/#", "qos": 0},
-            "to": {"connector": "mq", "topic": f"out/{u}/wide", "qos": 0},
-        },
-        {
-            "name": "other",
-            "from": {"connector": "mq", "topic": f"ov/{u}/c", "qos": 0},
-            "to": {"connector": "mq", "topic": f"out/{u}/other", "qos": 0},
-        },
+        route("exact", f"ov/{u}/a/b", f"out/{u}/exact"),
+        route("wide", f"ov/{u}/a/#", f"out/{u}/wide"),
+        route("other", f"ov/{u}/c", f"out/{u}/other"),
     ]
     gw = Gateway(parse_config(config(mosquitto.port, u, 5, routes)))
     shared, own = MqttConnector.sessions_of(list(gw.routes.values()))
