@@ -23,8 +23,10 @@ from typing import Any
 
 import structlog
 
+from gateway.channel import ConnectorState
 from gateway.config import Config, load_config
 from gateway.connector import Connector, ConnectorContext
+from gateway.errors import ConfigError, ConfigIssue
 from gateway.registry import plugins
 from gateway.requests import ReplyRoute, Requests
 from gateway.route import Overflow, Route, RoutePolicy, RouteState, Target
@@ -33,6 +35,10 @@ from gateway.supervisor import Supervisor
 from gateway.transform import Transform
 
 log = structlog.get_logger("gateway")
+
+CLOSE_TIMEOUT = 5.0
+"""Seconds the connectors get, after the drain, for their last acknowledgements and commits and their
+goodbyes to the brokers; then they are cut off (what was not acknowledged is redelivered, never lost)."""
 
 
 class GatewayState(Enum):
@@ -201,7 +207,7 @@ class Gateway:
     def _start_connector(self, name: str) -> None:
         conn = self.connectors[name]
         own = self._own(name)
-        if (own or conn.has_sink) and self._tg is not None:
+        if (own or conn.has_sink) and self._tg is not None and self.state is GatewayState.RUNNING:
             self._connector_tasks[name] = self._tg.create_task(conn.run(own), name=f"connector:{name}")
 
     async def _run(self) -> None:
@@ -261,17 +267,31 @@ class Gateway:
             log.warning("gateway.drain_timeout", in_flight=left)
         for route in self.routes.values():
             route.cancel_timers()
-        for conn in self.connectors.values():
+        for conn in list(self.connectors.values()):  # a reload under way may still replace some
             await conn.close()
         for sr in spooled:
             await sr.close_spool()
         if self._supervisor is not None:
             self._supervisor.cancel()
         if self._runner is not None:
-            await self._runner
+            await self._closed()
         self.state = GatewayState.STOPPED
         log.info("gateway.stopped", drained=drained)
         return drained
+
+    async def _closed(self) -> None:
+        """Until the connectors finished their sessions (last acks and commits, goodbyes), for at most
+        :data:`CLOSE_TIMEOUT`; then what is left is cancelled: a stop takes ``shutdown_timeout`` plus this."""
+        runner = self._runner
+        assert runner is not None
+        done, _ = await asyncio.wait({runner}, timeout=CLOSE_TIMEOUT)
+        if not done:
+            left = sorted(n for n, c in self.connectors.items() if c.state is not ConnectorState.CLOSED)
+            log.warning("gateway.close_timeout", timeout=CLOSE_TIMEOUT, connectors=left)
+            runner.cancel()
+            await asyncio.wait({runner}, timeout=1.0)
+        if runner.done() and not runner.cancelled():
+            runner.result()  # a runner that failed says so, as before
 
     # -- reload ----------------------------------------------------------------------------------
     async def reload(self, config: Config) -> dict[str, list[str]]:
@@ -293,6 +313,7 @@ class Gateway:
 
     async def _reload(self, config: Config) -> dict[str, list[str]]:
         old = self.config
+        down = {n for n, c in self.connectors.items() if n in self._connector_tasks and not c.connected.is_set()}
         new_rc = {rc.section.name: rc for rc in config.routes}
         old_rc = {rc.section.name: rc for rc in old.routes}
         common = old.connectors.keys() & config.connectors.keys()
@@ -330,6 +351,15 @@ class Gateway:
                 break
             restart |= more
 
+        # Everything new is built before anything changes: a reload that cannot be set up changes nothing.
+        try:
+            fresh = {n: self._make_connector(config, n) for n in sorted(restart | added_conns)}
+            built = build_routes(config)
+        except Exception as exc:
+            log.error("gateway.reload_failed", error=f"{type(exc).__name__}: {exc}")
+            raise ConfigError(
+                [ConfigIssue("", f"cannot be applied, nothing changed: {type(exc).__name__}: {exc}")]
+            ) from exc
         going = [r for n, r in self.routes.items() if n not in keep]
         for name in old_rc.keys() - new_rc.keys():
             table = self.requests.pop(name, None)
@@ -340,10 +370,15 @@ class Gateway:
             del self.routes[r.name]
         for n in sorted(restart | removed_conns):
             await self._stop_connector(n)
-        for n in sorted(restart | added_conns):
-            self.connectors[n] = self._make_connector(config, n)
-        built = build_routes(config)
+        for r in going:
+            r.release()  # what a stopped connector's sink gave back when its session ended
+        self.connectors.update(fresh)
         final = {n: self.routes[n] if n in keep else built[n] for n in new_rc}
+        for r in going:
+            successor = final.get(r.name)
+            if successor is not None:  # changed or restarted: its counters (and what it still holds) go on
+                spooled = isinstance(r, SpooledRoute) or isinstance(successor, SpooledRoute)
+                successor.inherit(r, adopt=not spooled)
         self.routes.clear()
         self.routes.update(final)
         self._link_requests()
@@ -353,17 +388,23 @@ class Gateway:
                 if isinstance(route, SpooledRoute) and self._tg is not None:
                     route.start(self._tg)
         self.config = config
+        failed: list[str] = []
         for n, conn in self.connectors.items():
             if n in self._connector_tasks and conn.changes_routes_live:
                 own = self._own(n)
                 if [r.name for r in own] != [r.name for r in conn.routes] or any(
                     a is not b for a, b in zip(own, conn.routes, strict=False)
                 ):
-                    await conn.set_routes(own)
+                    try:
+                        await conn.set_routes(own)
+                    except Exception as exc:  # the config is applied all the same: say which connector lags
+                        failed.append(n)
+                        log.error("gateway.reload_connector_failed", connector=n, error=f"{type(exc).__name__}: {exc}")
         for n in self.connectors:
             if n not in self._connector_tasks:
                 self._start_connector(n)
         self.reloads += 1
+        started = [n for n in new_rc if n not in keep]
         summary = {
             "routes_added": sorted(new_rc.keys() - old_rc.keys()),
             "routes_changed": sorted(
@@ -378,6 +419,10 @@ class Gateway:
             "connectors_stopped": sorted(n for n in restart - added_conns if n not in self._connector_tasks),
             "connectors_added": sorted(added_conns),
             "connectors_removed": sorted(removed_conns),
+            # Connectors the started routes use that were not connected when the reload began: those routes
+            # are in place all the same, and move messages once their brokers are back (no second reload).
+            "connectors_down": sorted({c for n in started for c in uses(new_rc[n]) if c in down}),
+            "connectors_failed": sorted(failed),
         }
         if old.gateway != config.gateway:
             log.warning("gateway.reload_partial", reason="the gateway section changes only on restart")
@@ -387,7 +432,7 @@ class Gateway:
     async def _retire(self, routes: list[Route], timeout: float) -> None:
         """Stop taking messages for ``routes`` and wait until what they hold is delivered (bounded)."""
         for route in routes:
-            route.hold_gate()
+            route.retire()
             if isinstance(route, SpooledRoute):
                 await route.stop_spool()
         try:
@@ -411,8 +456,7 @@ class Gateway:
     @staticmethod
     async def _stop_route(route: Route) -> None:
         route.state = RouteState.STOPPED  # what still arrives is released, not admitted
-        route.cancel_timers()
-        route.release()
+        route.release()  # retries waiting for their delay too: given back, not left in flight
         if isinstance(route, SpooledRoute):
             await route.close_spool()  # the changed route opens it again
 
@@ -425,7 +469,13 @@ class Gateway:
         await conn.close()
         task = self._connector_tasks.pop(name, None)
         if task is not None:
-            await asyncio.gather(task, return_exceptions=True)
+            done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT)
+            if not done:
+                log.warning("gateway.close_timeout", timeout=CLOSE_TIMEOUT, connectors=[name])
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: the connector's own log said what went wrong
 
     async def __aenter__(self) -> Gateway:
         await self.start()

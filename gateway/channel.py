@@ -27,6 +27,8 @@ STABLE_AFTER = 10.0
 """Seconds a connection must last to count as stable (a shorter one that ends is a quick drop)."""
 FLAPPING_DROPS = 3
 """Quick drops in a row that make a channel *flapping*: not ready, its last error kept."""
+FINISH_TIMEOUT = 10.0
+"""Seconds a closing session gets for its last acknowledgements and its goodbye to the broker."""
 
 
 class ConnectorState(Enum):
@@ -60,6 +62,8 @@ class Channel:
         self.quick_drops = 0
         """Connections in a row that ended within :data:`STABLE_AFTER` (a broker dropping us over and over)."""
         self.connected_at = 0.0
+        self.counted = (False, False)
+        """(not held, not held and not connected) as the connector last counted it (see ``channel_changed``)."""
         self._kick = asyncio.Event()
         self._resume = asyncio.Event()
         self.log = connector.log if name == connector.name else connector.log.bind(channel=name)
@@ -71,7 +75,7 @@ class Channel:
         if self.quick_drops < FLAPPING_DROPS:
             self.last_error = None  # a flapping channel keeps the error that keeps dropping it
         self.connected.set()
-        self.connector.channel_changed()
+        self.connector.channel_changed(self)
         self.log.info("connector.connected", reconnects=self.reconnects, **info)
 
     def mark_unreachable(self, error: str) -> None:
@@ -82,7 +86,7 @@ class Channel:
         self.last_error = error
         self.quick_drops = self.quick_drops + 1 if time.monotonic() - self.connected_at < STABLE_AFTER else 0
         self.connected.clear()
-        self.connector.channel_changed()
+        self.connector.channel_changed(self)
         self.log.warning("connector.unreachable", error=error)
 
     def mark_reachable(self, **info: Any) -> None:
@@ -115,7 +119,7 @@ class Channel:
         while not closing.is_set():
             if self.held:
                 self.state = ConnectorState.HELD
-                self.connector.channel_changed()
+                self.connector.channel_changed(self)
                 await _first(self._resume.wait(), closing.wait())
                 continue
             self.state = ConnectorState.CONNECTING
@@ -133,19 +137,24 @@ class Channel:
                 stop.cancel()
                 kick.cancel()
             if not session.done():
-                if closing.is_set() and self._finish is not None:
-                    # Closing: let the session send its last acks and disconnect, then stop it.
-                    self.state = ConnectorState.CLOSING
-                    try:
-                        await asyncio.wait_for(self._finish(), timeout=10)
-                    except Exception as exc:  # a failed goodbye must not stop the shutdown
-                        self.log.warning("connector.finish_failed", error=repr(exc))
-                session.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await session
+                try:
+                    if closing.is_set() and self._finish is not None:
+                        # Closing: let the session send its last acks and disconnect, then stop it.
+                        self.state = ConnectorState.CLOSING
+                        try:
+                            await asyncio.wait_for(self._finish(), timeout=FINISH_TIMEOUT)
+                        except Exception as exc:  # a failed goodbye must not stop the shutdown
+                            self.log.warning("connector.finish_failed", error=repr(exc))
+                finally:
+                    session.cancel()  # also when this channel is cancelled (a close that ran out of time)
+                # Not `await session`: its outcome is read below, and a cancellation of this channel meanwhile
+                # must end it rather than be taken for the session's.
+                await asyncio.wait({session})
+                if not session.cancelled():
+                    session.exception()  # retrieved, even when a cut drops the connection below
                 if not closing.is_set():  # cut as a slow consumer
                     self.connected.clear()
-                    self.connector.channel_changed()
+                    self.connector.channel_changed(self)
                     continue
             if (
                 session.done()
@@ -166,7 +175,7 @@ class Channel:
             was_connected = self.connected_at >= started
             still_up = self.connected.is_set()
             self.connected.clear()
-            self.connector.channel_changed()
+            self.connector.channel_changed(self)
             if closing.is_set():
                 break
             if was_connected:

@@ -125,6 +125,11 @@ class Connector(ABC):
         self._sink: Sink | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._channel_runs: dict[Channel, tuple[asyncio.Event, asyncio.Task[None]]] = {}
+        self._channels_live = 0
+        """Channels not held down (what readiness looks at)."""
+        self._channels_down = 0
+        """Of those, the ones not connected. Counted, not recomputed: with one channel per source route
+        (MQTT), a pass over every channel at each connect and disconnect made start and stop quadratic."""
 
     # -- state, aggregated over the channels ---------------------------------------------------
     @property
@@ -158,10 +163,20 @@ class Connector(ABC):
         errors = [c.last_error for c in self.channels if c.last_error]
         return errors[-1] if errors else None
 
-    def channel_changed(self) -> None:
-        """Channels call this when they connect or lose their connection."""
-        up = [c.connected.is_set() for c in self.channels if not c.held]
-        if up and all(up):
+    def channel_changed(self, channel: Channel | None = None) -> None:
+        """A channel connected, lost its connection or was held down (``channel``: that one, O(1); None:
+        count every channel again)."""
+        if channel is None:
+            self._channels_live = self._channels_down = 0
+            for c in self.channels:
+                c.counted = (False, False)
+                self._count(c)
+        else:
+            self._count(channel)
+        self._readiness_changed()
+
+    def _readiness_changed(self) -> None:
+        if self._channels_live and not self._channels_down:
             self.connected.set()
             if self._sink is not None and self._sink.up_since is None:
                 self._sink.up_since = time.monotonic()
@@ -169,6 +184,14 @@ class Connector(ABC):
             self.connected.clear()
             if self._sink is not None:
                 self._sink.up_since = None
+
+    def _count(self, channel: Channel) -> None:
+        live = not channel.held
+        down = live and not channel.connected.is_set()
+        was_live, was_down = channel.counted
+        self._channels_live += live - was_live
+        self._channels_down += down - was_down
+        channel.counted = (live, down)
 
     def endpoint(self) -> str:
         """The broker address(es) for status displays, with any password masked."""
@@ -241,9 +264,13 @@ class Connector(ABC):
         """Keep every channel up until :meth:`close`."""
         self.routes = tuple(routes)
         self.channels = self.make_channels()
+        self.channel_changed()
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                # Until close: a reload that retires the last channel (the only source route of a connector
+                # without a sink, changed) must find the connector still running to add the new one.
+                tg.create_task(self._closing.wait(), name=f"connector:{self.name}:open")
                 for channel in self.channels:
                     self._start_channel(channel)
         finally:
@@ -263,6 +290,7 @@ class Connector(ABC):
     def add_channel(self, channel: Channel) -> None:
         """Start one more channel while running (a source route added by a reload)."""
         self.channels.append(channel)
+        self.channel_changed(channel)
         self._start_channel(channel)
 
     async def retire_channel(self, channel: Channel) -> None:
@@ -271,7 +299,11 @@ class Connector(ABC):
         closing.set()
         await asyncio.gather(task, return_exceptions=True)
         self.channels.remove(channel)
-        self.channel_changed()
+        was_live, was_down = channel.counted
+        self._channels_live -= was_live
+        self._channels_down -= was_down
+        channel.counted = (False, False)
+        self._readiness_changed()
 
     changes_routes_live = False
     """True when :meth:`set_routes` can add and remove source routes while connected; otherwise a reload

@@ -373,18 +373,19 @@ class DeadLetter(Flight):
         self.pending = 1
         self.original = original
 
+    # Through the original's route, read now: a reload may have handed the original to its successor.
     def done(self) -> None:
-        self.route.dead_letter_done(self.original, None)
+        self.original.route.dead_letter_done(self.original, None)
 
     def fail(self, delivery: Delivery, error: BaseException) -> None:
         if isinstance(error, SinkError) and error.retriable:
-            self.route.schedule_retry(self, delivery, error, forever=True)
+            self.original.route.schedule_retry(self, delivery, error, forever=True)
             return
-        self.route.dead_letter_done(self.original, error)
+        self.original.route.dead_letter_done(self.original, error)
 
     def release(self) -> None:
         self.original.released = True
-        self.route.dead_letter_done(self.original, None)
+        self.original.route.dead_letter_done(self.original, None)
 
 
 def _original(flight: Flight) -> Flight:
@@ -427,6 +428,8 @@ class Route:
         self.saturated_since = 0.0
         self.gate: FlowGate | None = None
         self._holds_gate = False
+        self._retired = False
+        """A reload took this route away (:meth:`retire`): its gate stays held."""
         self._drop = policy is not None and policy.overflow in (Overflow.DROP_NEWEST, Overflow.DROP_OLDEST)
         self._timers: dict[asyncio.TimerHandle, Flight] = {}
         """Retries waiting for their delay, with their flights."""
@@ -853,9 +856,45 @@ class Route:
             self.gate.close()
 
     def free_gate(self) -> None:
-        if self._holds_gate and self.gate is not None:
+        if self._holds_gate and self.gate is not None and not self._retired:
             self._holds_gate = False
             self.gate.open()
+
+    def retire(self) -> None:
+        """A reload removes or replaces this route: its source stops taking messages for it, for good (draining
+        below half its budget does not open the gate again, as it would after saturation)."""
+        self._retired = True
+        self.hold_gate()
+
+    def inherit(self, old: Route, *, adopt: bool = True) -> None:
+        """A reload replaced ``old`` (same name) by this route: its counters go on here, and what it still
+        holds (handed to a broker, not yet confirmed) finishes here, so that the counters never restart and
+        ``received == acked + failed + dropped + filtered + in_flight`` holds across reloads. Call after
+        ``old`` was retired and released. ``adopt=False`` (spooled routes: their flights belong to their
+        spool) copies the counters without what ``old`` still holds, which it finishes on its own."""
+        if adopt:
+            self.stats = old.stats  # shared: what the old route still counts (released late arrivals) shows here
+        else:
+            stats = self.stats
+            for key in RouteStats.__slots__:
+                setattr(stats, key, getattr(old.stats, key))
+            stats.received -= old.in_flight  # the old route's own to finish (or release), outside this view
+        self.latency = old.latency
+        if not adopt:
+            return
+        watched = old._watched
+        for flight in old._flights:
+            if not flight.closed:
+                flight.route = self
+                self.in_flight += 1
+                self.in_flight_bytes += flight.nbytes
+                self._track(flight)
+                if flight in watched:
+                    self._watched[flight] = watched[flight]
+        old._flights = deque()
+        old._track = old._flights.append
+        old._watched = {}
+        old.in_flight = old.in_flight_bytes = 0
 
     def stop(self, reason: str) -> None:
         """on_error: stop: the source stops for good (until the gateway restarts or reloads the route)."""

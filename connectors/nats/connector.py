@@ -22,7 +22,7 @@ from connectors.nats import wire
 from connectors.nats.client import GatewayClient, TlsOnlyClient, loss_blame
 from connectors.nats.config import NatsConfig, NatsSource
 from connectors.nats.sink import NatsSink
-from connectors.nats.source import CoreSource, JetStreamSource, durable_name
+from connectors.nats.source import CoreSource, JetStreamSource, durable_name, subscription_of
 from gateway.connector import Connector, ConnectorContext
 from gateway.dispatch import Dispatcher, Route
 from gateway.errors import ConnectorError
@@ -61,6 +61,9 @@ class NatsConnector(Connector):
         self._live: dict[str, tuple[CoreSource | JetStreamSource, asyncio.Task[None]]] = {}
         """Per source route in the current session: its source and the task running it."""
         self._session_tg: asyncio.TaskGroup | None = None
+        self._routes_lock = asyncio.Lock()
+        """Held while a session starts its sources and while a reload changes them: a reload never sees a
+        session half started (it would miss the new routes), nor a session a reload half applied."""
         self._last_client_error: Exception | None = None
         self._dropped_header_lines = 0
         """Of past sessions' clients: received header lines without a valid name, left out."""
@@ -89,11 +92,10 @@ class NatsConnector(Connector):
         self._acks.append((reply, verdict))
         self._ack_wakeup.set()
 
-    def _dispatcher(self, route_name: str) -> Dispatcher:
-        d = self._dispatchers.get(route_name)
-        if d is None:
-            route = next(r for r in self.routes if r.name == route_name)
-            d = self._dispatchers[route_name] = Dispatcher(NATS, [route], cache_size=self.context.cache_size)
+    def _dispatcher(self, route: Route) -> Dispatcher:
+        d = self._dispatchers.get(route.name)
+        if d is None or d.routes[0] is not route:
+            d = self._dispatchers[route.name] = Dispatcher(NATS, [route], cache_size=self.context.cache_size)
         return d
 
     async def _on_error(self, exc: Exception) -> None:
@@ -170,7 +172,10 @@ class NatsConnector(Connector):
         self.nc = nc
         sink = self._sink if isinstance(self._sink, NatsSink) else None
         ended: BaseException | None = None
+        locked = False
         try:
+            await self._routes_lock.acquire()  # released once the sources run (below), or on the way out
+            locked = True
             if sink is not None:
                 await sink.attach(nc)
             self._core = {}
@@ -190,12 +195,18 @@ class NatsConnector(Connector):
                     tg.create_task(sink.run_confirmer(), name=f"{self.name}:confirmer")
                     tg.create_task(self._expire(sink), name=f"{self.name}:expire")
                 for source in sources:
-                    self._run_source(source)
+                    self._run_source(source, tg)
+                locked = False
+                self._routes_lock.release()
         except BaseException as exc:
             ended = exc
             raise
         finally:
+            if locked:
+                self._routes_lock.release()
             self._session_tg = None
+            self._core = {}  # this connection's subscriptions ended with it; the next session makes its own
+            self._pulls = []
             self._live = {}
             self.nc = None
             self._dropped_header_lines += nc.dropped_header_lines
@@ -208,7 +219,7 @@ class NatsConnector(Connector):
     async def _start_source(self, nc: Client, route: Route) -> CoreSource | JetStreamSource:
         """Subscribe (core) or make sure the durable consumer exists (JetStream) for one route."""
         spec: NatsSource = route.spec
-        dispatcher = self._dispatcher(route.name)
+        dispatcher = self._dispatcher(route)
         source: CoreSource | JetStreamSource
         if spec.stream_name is not None:
             source = JetStreamSource(nc, route, dispatcher, self._ack, durable_name(route))
@@ -219,38 +230,75 @@ class NatsConnector(Connector):
         await self._guard(source.start(self.intake_stopped))
         return source
 
-    def _run_source(self, source: CoreSource | JetStreamSource) -> None:
-        assert self._session_tg is not None
+    def _run_source(self, source: CoreSource | JetStreamSource, tg: asyncio.TaskGroup) -> None:
         name = source.route.name
-        task = self._session_tg.create_task(self._guard(source.run(self.intake_stopped)), name=f"{self.name}:{name}")
+        task = tg.create_task(self._guard(source.run(self.intake_stopped)), name=f"{self.name}:{name}")
         self._live[name] = (source, task)
 
     changes_routes_live = True
 
     async def set_routes(self, routes: Sequence[Route]) -> None:
-        """Subscriptions and pull consumers are per route: stop those removed, start those added."""
-        keep = {r.name: r for r in routes}
-        for route in self.routes:
-            if keep.get(route.name) is route:
-                continue
-            self._dispatchers.pop(route.name, None)
-            core = self._core.pop(route.name, None)
-            if core is not None:
-                await core.pause()
+        """Subscriptions and pull consumers are per route: start those added, stop those removed.
+
+        A changed core route that subscribes the same subject (and queue) keeps the subscription, and the
+        new route takes it over (:meth:`CoreSource.swap`): nothing published during the reload is missed.
+        Other new subscriptions are live before the ones they replace go. Without a connection the routes
+        are only recorded: the next session starts from them. A connection failing while they are applied
+        ends the session, and the next one starts every route afresh; this never raises for the broker.
+        """
+        async with self._routes_lock:
+            before = {r.name: r for r in self.routes}
+            self.routes = tuple(routes)
+            after = {r.name: r for r in self.routes}
+            gone = [r for n, r in before.items() if after.get(n) is not r]
+            for route in gone:
+                self._dispatchers.pop(route.name, None)
+            nc, tg = self.nc, self._session_tg
+            if nc is None or tg is None or not nc.is_connected:
+                return  # no session serves routes now: the next one subscribes self.routes
+            try:
+                await self._apply_routes(nc, tg, gone, after)
+            except (NatsError, ConnectorError, OSError, TimeoutError, RuntimeError) as exc:
+                self.log.warning("connector.reload_reconnects", error=f"{type(exc).__name__}: {exc}")
+                await _discard(nc)  # the session ends; the channel reconnects and starts every route
+
+    async def _apply_routes(
+        self, nc: Client, tg: asyncio.TaskGroup, gone: list[Route], after: dict[str, Route]
+    ) -> None:
+        retired: list[tuple[CoreSource | JetStreamSource, asyncio.Task[None] | None]] = []
+        for route in gone:
             live = self._live.pop(route.name, None)
-            if live is not None:
-                source, task = live
-                if isinstance(source, JetStreamSource):
-                    self._pulls.remove(source)
+            core = self._core.pop(route.name, None)
+            successor = after.get(route.name)
+            if (
+                core is not None
+                and core.sub is not None
+                and successor is not None
+                and subscription_of(successor) == subscription_of(route)
+            ):
+                core.swap(successor, self._dispatcher(successor))
+                self._core[successor.name] = core
+                if live is not None:
+                    self._live[successor.name] = live
+                continue
+            source = core if core is not None else live[0] if live is not None else None
+            if source is not None:
+                retired.append((source, live[1] if live is not None else None))
+        started = [await self._start_source(nc, r) for r in self.routes if r.name not in self._live]
+        if started:
+            await self._guard(wire.barrier(nc, self.config.connect_timeout))  # live before the old ones go
+            if self._session_tg is not tg:
+                raise ConnectorError("the session ended while the routes changed")
+            for source in started:
+                self._run_source(source, tg)
+        for source, task in retired:
+            if isinstance(source, CoreSource):
+                await source.pause()  # what it still buffered counts as dropped, on the route's counters
+            elif source in self._pulls:
+                self._pulls.remove(source)
+            if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        added = [r for r in routes if self._live.get(r.name) is None]
-        self.routes = tuple(routes)
-        nc = self.nc
-        if nc is not None and self._session_tg is not None:
-            for route in added:
-                self._run_source(await self._start_source(nc, route))
-            await self._guard(wire.barrier(nc, self.config.connect_timeout))
 
     async def _guard(self, coro: Any) -> None:
         try:
@@ -294,14 +342,20 @@ class NatsConnector(Connector):
 
     async def release_route(self, route: Route) -> None:
         """Core subscriptions unsubscribe; JetStream messages are NAKed as their flights release."""
-        source = self._core.get(route.name)
-        if source is not None:
-            await source.pause()
+        async with self._routes_lock:
+            source = self._core.get(route.name)
+            if source is not None and source.route is route:
+                await source.pause()
 
     async def resume_route(self, route: Route) -> None:
-        source = self._core.get(route.name)
-        if source is not None and source.sub is None and not self.intake_stopped.is_set():
-            await source.start(self.intake_stopped)
+        async with self._routes_lock:
+            source = self._core.get(route.name)
+            if source is None or source.route is not route or source.sub is not None or self.intake_stopped.is_set():
+                return
+            try:
+                await source.start(self.intake_stopped)
+            except NatsError as exc:  # the connection is going: the next session subscribes every route
+                self.log.warning("connector.resubscribe_failed", route=route.name, error=f"{type(exc).__name__}: {exc}")
 
     async def quiesce(self) -> None:
         """Until the JetStream sources' last pulls ended (their late deliveries NAKed)."""

@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
+import nats.errors
 import nats.js.api
 import nats.js.errors
 from nats.aio.client import Client
@@ -40,6 +41,14 @@ def headers_of(msg: Msg) -> list[tuple[str, str]] | None:
     return list(h.items()) if h else None
 
 
+def subscription_of(route: Route) -> tuple[str, str] | None:
+    """What a core route subscribes (subject filter, queue group); None for a JetStream route."""
+    spec: NatsSource = route.spec
+    if spec.stream_name is not None:
+        return None
+    return route.patterns[0].native_filter(), spec.queue or ""
+
+
 class CoreSource:
     """A core NATS subscription feeding one route. Losses are the protocol's: counted, not hidden."""
 
@@ -50,6 +59,9 @@ class CoreSource:
         self.dispatcher = dispatcher
         self.spec: NatsSource = route.spec
         self.sub: Any = None
+        self._swapped = asyncio.Event()
+        """Set when a reload put another route behind this subscription (:meth:`swap`)."""
+        self._rebind: Callable[[], None] = lambda: None
 
     async def start(self, intake_stopped: asyncio.Event) -> None:
         """Subscribe (before the connector reports itself ready)."""
@@ -63,10 +75,16 @@ class CoreSource:
                 Envelope(msg.subject, msg.data, headers_of(msg), None, 0, msg.reply or None, None, time.monotonic_ns())
             )
             if not gate.is_open:
-                # Budget full: stop taking messages; nats-py buffers up to its pending limits,
-                # beyond which it drops and reports a slow consumer (counted by the connector).
-                await gate.wait_open()
+                # Budget full (or the route being replaced): stop taking messages; nats-py buffers up to its
+                # pending limits, beyond which it drops and reports a slow consumer (counted by the connector).
+                await self._wait_open()
 
+        def rebind() -> None:  # a swap: the next message goes to the new route (the per-message path is unchanged)
+            nonlocal dispatch, gate
+            dispatch = self.dispatcher.dispatch
+            gate = self.dispatcher.gate
+
+        self._rebind = rebind
         self.sub = await self.nc.subscribe(
             self.route.patterns[0].native_filter(),
             queue=self.spec.queue or "",
@@ -75,8 +93,26 @@ class CoreSource:
             pending_bytes_limit=self.config.pending_bytes_limit,
         )
 
+    async def _wait_open(self) -> None:
+        """Until the gate of the route behind the subscription is open; a swap changes which gate that is."""
+        while not self.dispatcher.gate.is_open:
+            self._swapped.clear()
+            await _first(self.dispatcher.gate.wait_open(), self._swapped.wait())
+
+    def swap(self, route: Route, dispatcher: Dispatcher) -> None:
+        """A reload replaced the route but not what it subscribes: the new route takes the subscription over.
+
+        Nothing is unsubscribed, so nothing published meanwhile is missed: what the client buffered while the
+        old route drained (its gate held) goes to the new one.
+        """
+        self.route = route
+        self.spec = route.spec
+        self.dispatcher = dispatcher
+        self._rebind()
+        self._swapped.set()
+
     async def pause(self) -> None:
-        """Unsubscribe (the route was cut off; at-most-once: what is published meanwhile is not ours)."""
+        """Unsubscribe (the route was cut off or removed; at-most-once: what is published meanwhile is not ours)."""
         if self.sub is not None:
             sub, self.sub = self.sub, None
             # Messages nats-py still buffers for the callback die with the subscription: the server
@@ -86,7 +122,8 @@ class CoreSource:
                 stats = self.route.stats
                 stats.received += buffered
                 stats.dropped_released += buffered
-            await sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):  # a closed connection: the subscription ended with it
+                await sub.unsubscribe()
 
     async def run(self, intake_stopped: asyncio.Event) -> None:
         await intake_stopped.wait()
