@@ -328,11 +328,14 @@ async def reload_from(gw: Gateway, path: str) -> tuple[bool, dict[str, Any]]:
     try:
         # Off the event loop: a large file is read and checked while the routes keep moving messages.
         config = await asyncio.to_thread(load_config, path)
+        summary = await gw.reload(config)  # ConfigError: a connector or route cannot be set up; nothing changed
     except ConfigError as exc:
         for issue in exc.issues:
             log.error("gateway.reload_invalid", config=path, problem=str(issue))
         return False, {"ok": False, "config": path, "errors": [str(i) for i in exc.issues]}
-    summary = await gw.reload(config)
+    except RuntimeError as exc:  # the gateway is stopping: nothing to reload any more
+        log.warning("gateway.reload_refused", config=path, reason=str(exc))
+        return False, {"ok": False, "config": path, "errors": [str(exc)]}
     return True, {"ok": True, "config": path, "sha256": config.digest, **summary}
 
 
@@ -340,11 +343,13 @@ async def _serve(config: Config, path: str) -> int:
     import structlog
 
     from gateway.app import Gateway
+    from gateway.logs import install_loop_handler
     from gateway.monitor import Monitor, MonitorError
 
     log = structlog.get_logger("gateway")
     gw = Gateway(config)
     loop = asyncio.get_running_loop()
+    install_loop_handler(loop)  # what asyncio and threads would print raw goes out as log lines
     stop = asyncio.Event()
     signals = 0
 
