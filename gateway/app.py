@@ -30,6 +30,7 @@ from gateway.errors import ConfigError, ConfigIssue
 from gateway.registry import plugins
 from gateway.requests import ReplyRoute, Requests
 from gateway.route import Overflow, Route, RoutePolicy, RouteState, Target
+from gateway.sink import Sink
 from gateway.spooled import SpooledRoute
 from gateway.supervisor import Supervisor
 from gateway.transform import Transform
@@ -379,6 +380,7 @@ class Gateway:
             if successor is not None:  # changed or restarted: its counters (and what it still holds) go on
                 spooled = isinstance(r, SpooledRoute) or isinstance(successor, SpooledRoute)
                 successor.inherit(r, adopt=not spooled)
+                successor.rebind(self._sink_of)
         self.routes.clear()
         self.routes.update(final)
         self._link_requests()
@@ -452,6 +454,10 @@ class Gateway:
                     await route.drained()
         for route in companions:
             await self._stop_route(route)
+
+    def _sink_of(self, connector: str) -> Sink | None:
+        conn = self.connectors.get(connector)
+        return conn.sink if conn is not None else None
 
     @staticmethod
     async def _stop_route(route: Route) -> None:

@@ -324,18 +324,21 @@ async def reload_from(gw: Gateway, path: str) -> tuple[bool, dict[str, Any]]:
     """Read and check ``path``, then apply it; an invalid file changes nothing (each problem is logged)."""
     import structlog
 
+    from gateway.app import GatewayState
+
     log = structlog.get_logger("gateway")
     try:
         # Off the event loop: a large file is read and checked while the routes keep moving messages.
         config = await asyncio.to_thread(load_config, path)
+        if gw.state is not GatewayState.RUNNING:
+            why = f"the gateway is {gw.state.value}: nothing to reload"
+            log.warning("gateway.reload_refused", config=path, reason=why)
+            return False, {"ok": False, "config": path, "errors": [why]}
         summary = await gw.reload(config)  # ConfigError: a connector or route cannot be set up; nothing changed
     except ConfigError as exc:
         for issue in exc.issues:
             log.error("gateway.reload_invalid", config=path, problem=str(issue))
         return False, {"ok": False, "config": path, "errors": [str(i) for i in exc.issues]}
-    except RuntimeError as exc:  # the gateway is stopping: nothing to reload any more
-        log.warning("gateway.reload_refused", config=path, reason=str(exc))
-        return False, {"ok": False, "config": path, "errors": [str(exc)]}
     return True, {"ok": True, "config": path, "sha256": config.digest, **summary}
 
 

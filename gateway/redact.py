@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -28,9 +29,14 @@ MIN_SECRET_LENGTH = 4
 
 
 def register_secret(value: str | None) -> None:
-    """Remember a secret (a password, token, key) so that :func:`scrub` masks it wherever it appears."""
+    """Remember a secret (a password, token, key) so that :func:`scrub` masks it wherever it appears: as is,
+    and as JSON and ``repr`` escape it (a ``"``, ``\\``, control or non-ASCII character changes the text that
+    a JSON log line or an error carries)."""
     if value and len(value) >= MIN_SECRET_LENGTH:
         _secrets.add(value)
+        _secrets.add(json.dumps(value)[1:-1])
+        _secrets.add(json.dumps(value, ensure_ascii=False)[1:-1])
+        _secrets.add(repr(value)[1:-1])
 
 
 def scrub(text: str) -> str:

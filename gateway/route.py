@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
 from time import monotonic_ns
 from typing import TYPE_CHECKING, Annotated, Any
@@ -895,6 +895,20 @@ class Route:
         old._track = old._flights.append
         old._watched = {}
         old.in_flight = old.in_flight_bytes = 0
+
+    def rebind(self, sink_of: Callable[[str], Sink | None]) -> None:
+        """Point the deliveries of what this route holds at the sinks running now: flights taken over from a
+        replaced route (:meth:`inherit`) were planned with the sinks of that time, and a reload may have
+        restarted a target's or the dead letter's connector, whose old sink nobody reads any more."""
+        for flight in self._flights:
+            if flight.closed:
+                continue
+            plan = flight.plan
+            for d in (*plan.deliveries, plan.dead_letter):
+                if d is not None:
+                    sink = sink_of(d.target.connector)
+                    if sink is not None:
+                        d.sink = sink
 
     def stop(self, reason: str) -> None:
         """on_error: stop: the source stops for good (until the gateway restarts or reloads the route)."""

@@ -41,7 +41,10 @@ class Supervisor:
         while True:
             await asyncio.sleep(TICK)
             now = time.monotonic()
-            await self.check(now)
+            try:
+                await self.check(now)
+            except Exception:  # a connector's cut or resume failing must not stop the gateway: say it, go on
+                log.exception("supervisor.check_failed")
             ticks += 1
             if ticks % WATCH_EVERY == 0:
                 for route in list(self.routes.values()):

@@ -115,6 +115,8 @@ class MqttConnector(Connector):
         """Filters subscribed on the shared connection now, with their QoS."""
         self._cut: set[str] = set()
         """Shared routes cut off as slow consumers: unsubscribed until they resume."""
+        self._filters_lock = asyncio.Lock()
+        """One change of the shared connection's subscriptions at a time (connect, reload, cut, resume)."""
 
     def endpoint(self) -> str:
         return redact_url(self.config.url)
@@ -227,7 +229,8 @@ class MqttConnector(Connector):
                 self._dispatchers.pop(name, None)
                 await self.retire_channel(old)
         self.routes = tuple(routes)
-        self._cut &= {r.name for r in shared}
+        # A cut route stays cut only as the same object: a changed one is a new, running route.
+        self._cut &= {r.name for r in shared if any(r is s for s in self._shared)}
         if [id(r) for r in shared] != [id(r) for r in self._shared]:
             self._set_shared(shared)
             if shared and self._shared_channel is None:
@@ -431,16 +434,17 @@ class MqttConnector(Connector):
         if dispatcher is not None and rs.subscriber is not None:
             rs.subscriber.dispatch = dispatcher.dispatch  # a changed route takes its messages from now on
             rs.subscriber.fail = dispatcher.fail
-        if conn is None or not conn.is_open:
-            return  # the next connection subscribes what is wanted then
-        wanted = self._wanted_filters()
-        add = {f: q for f, q in wanted.items() if f not in self._shared_filters}
-        drop = [f for f in self._shared_filters if f not in wanted]
-        self._shared_filters = wanted
-        try:
-            await self._change_filters(conn, add, drop)
-        except ConnectorError as exc:
-            conn.abort(str(exc))  # the reconnect subscribes afresh
+        async with self._filters_lock:
+            if conn is None or not conn.is_open or rs.conn is not conn:
+                return  # the next connection subscribes what is wanted then
+            wanted = self._wanted_filters()
+            add = {f: q for f, q in wanted.items() if f not in self._shared_filters}
+            drop = [f for f in self._shared_filters if f not in wanted]
+            self._shared_filters = wanted
+            try:
+                await self._change_filters(conn, add, drop)
+            except ConnectorError as exc:
+                conn.abort(str(exc))  # the reconnect subscribes afresh
 
     async def _run_shared_session(self) -> None:
         """The session of the routes that share one connection (a clean session: they are QoS 0)."""
@@ -459,10 +463,9 @@ class MqttConnector(Connector):
             rs.subscriber = rs.conn = None
             raise
         try:
-            self._shared_filters = {}
-            wanted = self._wanted_filters()
-            await self._change_filters(conn, wanted, [])
-            self._shared_filters = wanted
+            async with self._filters_lock:
+                self._shared_filters = wanted = self._wanted_filters()
+                await self._change_filters(conn, wanted, [])
             assert self._shared_channel is not None
             self._shared_channel.mark_connected(
                 url=self.address, client_id=client_id, session_present=connack.session_present, routes=len(self._shared)

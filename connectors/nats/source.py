@@ -71,13 +71,19 @@ class CoreSource:
         async def on_msg(msg: Msg) -> None:
             if intake_stopped.is_set():
                 return  # shutting down: at-most-once, nothing to give back
-            dispatch(
-                Envelope(msg.subject, msg.data, headers_of(msg), None, 0, msg.reply or None, None, time.monotonic_ns())
+            env = Envelope(
+                msg.subject, msg.data, headers_of(msg), None, 0, msg.reply or None, None, time.monotonic_ns()
             )
             if not gate.is_open:
-                # Budget full (or the route being replaced): stop taking messages; nats-py buffers up to its
-                # pending limits, beyond which it drops and reports a slow consumer (counted by the connector).
-                await self._wait_open()
+                # Budget full (or the route being replaced): take nothing more until it opens or a reload puts
+                # the successor behind this subscription (then this message goes to it); meanwhile nats-py
+                # buffers up to its pending limits, beyond which it drops and reports a slow consumer.
+                try:
+                    await self._wait_open()
+                except asyncio.CancelledError:  # the subscription ends (cut, stop): its route counts the message
+                    dispatch(env)
+                    raise
+            dispatch(env)
 
         def rebind() -> None:  # a swap: the next message goes to the new route (the per-message path is unchanged)
             nonlocal dispatch, gate

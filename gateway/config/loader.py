@@ -49,6 +49,8 @@ MAX_FILE_REFERENCE_BYTES = 1 << 20
 """The largest file a ``${file:PATH}`` reads (a secret, a token, a certificate fits in far less)."""
 MAX_MESSAGE = 500
 """Characters of one problem's message; longer ones are cut (a value quoted in full could be anything)."""
+_QUOTED = 200
+"""How much of a long name the pattern and template checks quote (``name[:200]``, tokens ``[:100]``)."""
 _NOT_SECRET = frozenset({"type"})
 """Keys whose interpolated values may be quoted in errors; any other ``${...}`` value is masked."""
 
@@ -205,9 +207,10 @@ def _masked(message: str, masks: list[tuple[str, str]]) -> str:
     """
     forms: dict[str, str] = {}
     for value, reference in masks:
-        forms.setdefault(value, reference)
-        forms.setdefault(repr(value)[1:-1], reference)
-        forms.setdefault(json.dumps(value)[1:-1], reference)
+        for cut in (value, value[:_QUOTED], value[: _QUOTED // 2]):  # checks quote long names cut short
+            forms.setdefault(cut, reference)
+            forms.setdefault(repr(cut)[1:-1], reference)
+            forms.setdefault(json.dumps(cut)[1:-1], reference)
         for line in value.splitlines():
             if len(line.strip()) >= MIN_SECRET_LENGTH:
                 forms.setdefault(line.strip(), MASK)

@@ -180,3 +180,24 @@ async def test_reload_changes_the_shared_subscriptions_live_and_a_cut_route_resu
         assert shared.reconnects == 0
     finally:
         await gw.stop()
+
+
+async def test_a_cut_shared_route_changed_by_a_reload_is_subscribed_again(
+    mosquitto: Mosquitto, unique: str, listener: MqttClient
+) -> None:
+    """The changed route is a new, running route: the cut of its predecessor must not keep its filter away."""
+    u = unique
+    gw = Gateway(parse_config(config(mosquitto.port, u, 5, [shared_route(u, 0), shared_route(u, 1)])))
+    await gw.start()
+    try:
+        await gw.wait_ready(30)
+        conn = gw.connectors["mq"]
+        await conn.release_route(gw.routes["s1"])
+        assert f"sh/{u}/1/+" not in conn._shared_filters
+        changed = [shared_route(u, 0), {**shared_route(u, 1, out="out2"), "max_in_flight": 500}]
+        await gw.reload(parse_config(config(mosquitto.port, u, 5, changed)))
+        assert f"sh/{u}/1/+" in conn._shared_filters
+        listener.publish_all([(f"sh/{u}/1/d", b"x", None)], qos=0)
+        await wait_for(lambda: f"out2/{u}/1/d" in topics(listener, "out2"), 20, "the changed route")
+    finally:
+        await gw.stop()

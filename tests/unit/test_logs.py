@@ -160,3 +160,20 @@ def test_every_stray_report_is_one_json_line() -> None:
     [uncaught] = by_event.pop("process.uncaught_exception")
     assert uncaught["level"] == "critical" and uncaught["exception"][0]["exc_type"] == "SystemError"  # type: ignore[index]
     assert not by_event, by_event
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_secret_that_json_escapes_is_masked_too(capsys: pytest.CaptureFixture[str]) -> None:
+    secret = 'pa"ss\\wörd-\tx'
+    parse_config(
+        "connectors: {n: {type: nats, user: gw, password: '${PW}'}}\n",
+        environ={"PW": secret},
+    )
+    configure("info", "json")
+    logging.getLogger("nats.aio.client").warning("login with %s refused", secret)
+    structlog.get_logger("t").warning("gateway.event", detail=f"password {secret} refused")
+    text = capsys.readouterr().err
+    lines = json_lines(text)
+    assert [line["event"] for line in lines[:1]] == ["login with *** refused"], text
+    assert lines[1]["detail"] == "password *** refused", text
+    assert "ss\\\\w" not in text and "w\\u00f6rd" not in text
