@@ -395,3 +395,18 @@ def gateway_config(gateway_id: str, connectors: dict[str, Any], routes: list[dic
         "connectors": connectors,
         "routes": routes,
     }
+
+
+def mqtt_to_nats(gateway_id: str, mqtt_url: str, nats_url: str, topic: str, subject: str) -> dict[str, Any]:
+    """A gateway with one MQTT QoS 1 → core NATS route named ``flow`` (connectors ``mq`` and ``bus``)."""
+    return gateway_config(
+        gateway_id,
+        {"mq": mqtt_connector(mqtt_url, gateway_id), "bus": nats_connector(nats_url)},
+        [
+            {
+                "name": "flow",
+                "from": {"connector": "mq", "topic": topic, "qos": 1},
+                "to": {"connector": "bus", "subject": subject},
+            }
+        ],
+    )

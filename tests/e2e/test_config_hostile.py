@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from tests.e2e.clients import MqttPublisher, NatsCollector, nats_connect, wait_until
-from tests.e2e.gateway_process import gateway_config, mqtt_connector, nats_connector, run_cli
+from tests.e2e.gateway_process import mqtt_to_nats, run_cli
 from tests.support.brokers import Mosquitto, NatsServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -245,17 +245,7 @@ async def test_running_gateway_refuses_hostile_reloads_and_keeps_moving(
     """Each hostile file copied over the config of a gateway under traffic, then ``POST /reload``: a 400
     naming the problem (never the planted secret), /healthz answers throughout, nothing is lost."""
     u = unique
-    config = gateway_config(
-        f"hostile-{u}",
-        {"mq": mqtt_connector(mosquitto.url, f"hostile-{u}"), "bus": nats_connector(nats_server.url)},
-        [
-            {
-                "name": "flow",
-                "from": {"connector": "mq", "topic": f"hx/{u}/{{dev}}", "qos": 1},
-                "to": {"connector": "bus", "subject": f"hx.{u}.{{dev}}"},
-            }
-        ],
-    )
+    config = mqtt_to_nats(f"hostile-{u}", mosquitto.url, nats_server.url, f"hx/{u}/{{dev}}", f"hx.{u}.{{dev}}")
     gw = gateways(config)
     await gw.astart()
     base = gw.http_url.rstrip("/") if gw.http_url else None

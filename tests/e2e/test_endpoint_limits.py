@@ -20,7 +20,7 @@ import pytest
 
 from gateway.httpguard import HEADER_TIMEOUT, MAX_CONNECTIONS
 from tests.e2e.clients import MqttClient, NatsCollector, nats_connect
-from tests.e2e.gateway_process import GatewayProcess, gateway_config, mqtt_connector, nats_connector
+from tests.e2e.gateway_process import GatewayProcess, mqtt_to_nats
 from tests.support.brokers import Mosquitto, NatsServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -50,16 +50,8 @@ async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
 async def test_half_sent_requests_cannot_hold_the_process_descriptors(
     gateways: Callable[..., GatewayProcess], mosquitto: Mosquitto, nats_server: NatsServer, unique: str
 ) -> None:
-    config = gateway_config(
-        f"limits-{unique}",
-        {"mq": mqtt_connector(mosquitto.url, f"gw-limits-{unique}"), "bus": nats_connector(nats_server.url)},
-        [
-            {
-                "name": "up",
-                "from": {"connector": "mq", "topic": f"lim/{unique}/{{dev}}", "qos": 1},
-                "to": {"connector": "bus", "subject": f"lim.{unique}.{{dev}}"},
-            }
-        ],
+    config = mqtt_to_nats(
+        f"limits-{unique}", mosquitto.url, nats_server.url, f"lim/{unique}/{{dev}}", f"lim.{unique}.{{dev}}"
     )
     gw = gateways(config)
     await gw.astart()
