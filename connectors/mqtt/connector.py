@@ -218,7 +218,9 @@ class MqttConnector(Connector):
     async def set_routes(self, routes: Sequence[Route]) -> None:
         """Routes with a session of their own: open those added, close those removed, keep the rest. The
         shared session changes its subscriptions on its live connection: the new ones are taken before the
-        old ones are dropped, and a changed route takes over its filter at once."""
+        old ones are dropped, and a changed route takes over its filter without a resubscribe. (The gateway
+        calls this after the old routes drained and stopped: a QoS 0 message that arrives for a stopped route
+        in between is counted as dropped; the shared session cannot pause one route.)"""
         shared, own = self.sessions_of(routes)
         keep = {r.name: r for r in own}
         for name, old in list(self._channels.items()):
