@@ -384,7 +384,15 @@ async def _serve(config: Config, path: str) -> int:
         except OSError as exc:
             log.error("gateway.failed", error=f"cannot read gateway.http.token_file: {exc.strerror or exc}")
             return EXIT_FAILURE
-        monitor = Monitor(gw, config.gateway.http.listen, reload=lambda: reload_from(gw, path), token=token)
+        http = config.gateway.http
+        monitor = Monitor(
+            gw,
+            http.listen,
+            reload=lambda: reload_from(gw, path),
+            token=token,
+            max_connections=http.max_connections,
+            header_timeout=http.header_timeout,
+        )
         try:
             await monitor.start()
         except MonitorError as exc:

@@ -109,7 +109,9 @@ def encode_headers(headers: list[tuple[str, str]] | dict[str, str]) -> bytes:
             try:
                 name, value = to_text(name, value, VALUE_UNSAFE)
             except UnicodeEncodeError:  # a lone surrogate that no bytes decoded into: neither text nor bytes
-                raise HeaderError(f"header {name[:100]!r}: the value is neither text nor bytes") from None
+                raise HeaderError(
+                    f"header {name[:100]!r} cannot be carried by NATS: the value is neither text nor bytes"
+                ) from None
         out.append(f"{name}: {value}\r\n".encode())
     out.append(b"\r\n")
     return b"".join(out)

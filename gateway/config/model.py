@@ -40,6 +40,12 @@ class HttpSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     <token>``; the page takes it as ``/#token=...``). Use ``token_file`` or ``${file:PATH}``, not a literal."""
     token_file: str | None = None
     """File holding the bearer token (read at start)."""
+    max_connections: Annotated[int, msgspec.Meta(ge=2, le=65_535)] = 128
+    """Connections the endpoint keeps open at once; at the cap a new one closes the oldest idle one (503 when
+    all are inside a request). Each holds a file descriptor."""
+    header_timeout: Annotated[float, msgspec.Meta(ge=0.5, le=3600)] = 10.0
+    """Seconds a connection may go without a request in progress: to send a request's head after connecting,
+    and after each response (an idle keep-alive connection closes then)."""
 
     def __post_init__(self) -> None:
         if self.token is not None and self.token_file is not None:

@@ -127,3 +127,39 @@ async def test_half_sent_requests_cannot_hold_the_process_descriptors(
     assert closed["evicted"] >= N_HALF_SENT - MAX_CONNECTIONS and closed["timeout"] >= 1, closed
     assert not gw.problems(), gw.problems()[:5]
     await gw.astop()
+
+
+async def test_the_limits_are_set_in_the_config(
+    gateways: Callable[..., GatewayProcess], mosquitto: Mosquitto, nats_server: NatsServer, unique: str
+) -> None:
+    """``gateway.http.max_connections`` and ``header_timeout``: 8 connections at most, 1 s for a request head."""
+    config = mqtt_to_nats(
+        f"limits-cfg-{unique}", mosquitto.url, nats_server.url, f"limc/{unique}/{{dev}}", f"limc.{unique}.{{dev}}"
+    )
+    config["gateway"]["http"].update(max_connections=8, header_timeout=1.0)
+    gw = gateways(config)
+    await gw.astart()
+    await gw.await_event("http.listening")
+    base, pid = gw.http_url, gw.pid
+    assert base is not None and pid is not None
+    host, _, port = base.removeprefix("http://").rstrip("/").rpartition(":")
+    baseline = open_fds(pid)
+    clients = []
+    try:
+        for _ in range(30):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(HALF_SENT)
+            clients.append((reader, writer))
+        await asyncio.sleep(0.3)
+        assert open_fds(pid) <= baseline + 8 + 2, "more connections held than gateway.http.max_connections"
+        started = time.monotonic()
+        while open_fds(pid) > baseline and time.monotonic() - started < 6:
+            await asyncio.sleep(0.1)
+        assert open_fds(pid) <= baseline, "half-sent requests outlived gateway.http.header_timeout"
+        async with aiohttp.ClientSession() as http, http.get(f"{base.rstrip('/')}/metrics") as resp:
+            metrics = await resp.text()
+        assert "gateway_http_max_connections 8" in metrics, [m for m in metrics.splitlines() if "http_" in m]
+    finally:
+        for _, writer in clients:
+            writer.close()
+    await gw.astop()
