@@ -17,6 +17,7 @@ from typing import Any, cast
 import structlog
 from aiohttp import web
 
+from gateway.logs import Flood
 from gateway.metrics import family
 
 log = structlog.get_logger("gateway.http")
@@ -63,8 +64,7 @@ class ConnectionGuard:
         self._timer: asyncio.TimerHandle | None = None
         self._server: web.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._logged = -LOG_EVERY
-        self._limited = 0
+        self._flood = Flood(LOG_EVERY)
 
     def bind(self, server: web.Server) -> None:
         """Serve connections with ``server``'s request handlers, on the running loop."""
@@ -136,20 +136,16 @@ class ConnectionGuard:
 
     def _warn(self) -> None:
         """A connection was evicted or refused: say so at most every LOG_EVERY seconds, never once per connection."""
-        self._limited += 1
-        assert self._loop is not None
-        now = self._loop.time()
-        if now - self._logged >= LOG_EVERY:
+        if n := self._flood.count():
             log.warning(
                 "http.connections_limited",
                 limit=self.limit,
                 header_timeout=self.header_timeout,
-                connections=self._limited,
+                connections=n,
                 closed=dict(self.closed),
                 hint="more connections than the endpoint keeps open (half-sent requests?): the oldest idle ones "
                 "are closed, and new ones refused while every connection is busy",
             )
-            self._logged, self._limited = now, 0
 
     def metrics(self) -> str:
         closed = [(f'{{reason="{reason}"}}', n) for reason, n in self.closed.items()]

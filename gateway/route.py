@@ -42,6 +42,7 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.flow import FlowGate
+from gateway.logs import Flood
 from gateway.patterns import SourcePattern
 from gateway.templates import Match, Template
 from gateway.transform import PayloadError, Transform
@@ -51,8 +52,6 @@ if TYPE_CHECKING:
     from gateway.sink import Sink
 
 log = structlog.get_logger("gateway.route")
-
-_LOG_INTERVAL = 10.0
 
 
 class Overflow(Enum):
@@ -433,8 +432,7 @@ class Route:
         self._drop = policy is not None and policy.overflow in (Overflow.DROP_NEWEST, Overflow.DROP_OLDEST)
         self._timers: dict[asyncio.TimerHandle, Flight] = {}
         """Retries waiting for their delay, with their flights."""
-        self._last_log = 0.0
-        self._unlogged = 0
+        self._flood = Flood()
         self._idle: asyncio.Future[None] | None = None
         self._flights: deque[Flight] = deque()
         self._track = self._flights.append
@@ -936,9 +934,5 @@ class Route:
 
     def _log(self, event: str, error: BaseException | None) -> None:
         # Failures can come in floods (a poison topic): log the first, then a count every few seconds.
-        now = time.monotonic()
-        self._unlogged += 1
-        if now - self._last_log >= _LOG_INTERVAL:
-            log.warning(event, route=self.name, error=str(error), error_type=type(error).__name__, count=self._unlogged)
-            self._last_log = now
-            self._unlogged = 0
+        if n := self._flood.count():
+            log.warning(event, route=self.name, error=str(error), error_type=type(error).__name__, count=n)

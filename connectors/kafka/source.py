@@ -42,6 +42,7 @@ from gateway.dispatch import Dispatcher
 from gateway.envelope import Envelope, Receipt
 from gateway.errors import SinkError
 from gateway.headers import from_bytes
+from gateway.logs import Flood
 
 log = structlog.get_logger("gateway.connector.kafka")
 
@@ -160,8 +161,7 @@ class GroupSource:
         self.offset_reset = offset_reset
         self.unreadable = 0
         """Records failed because aiokafka could not decode them."""
-        self._last_log = 0.0
-        self._unlogged = 0
+        self._flood = Flood(_LOG_INTERVAL)
 
     async def commit(self, partitions: list[TopicPartition] | None = None, *, final: bool = False) -> None:
         """Commit the settled prefix of ``partitions`` (all if None); ``final`` forgets them after."""
@@ -328,9 +328,7 @@ class GroupSource:
         self.dispatcher.fail(Envelope(tp.topic, b"", None, None, 1, None, None, time.monotonic_ns(), receipt), error)
 
     def _log(self, tp: TopicPartition, offset: int, error: SinkError) -> None:
-        now = time.monotonic()
-        self._unlogged += 1
-        if now - self._last_log >= _LOG_INTERVAL:
+        if n := self._flood.count():
             log.warning(
                 "kafka.record_unreadable",
                 group=self.group,
@@ -338,10 +336,8 @@ class GroupSource:
                 partition=tp.partition,
                 offset=offset,
                 error=str(error),
-                count=self._unlogged,
+                count=n,
             )
-            self._last_log = now
-            self._unlogged = 0
 
     def rewind(self) -> int:
         """Read released records again: seek each partition back to its lowest released offset."""

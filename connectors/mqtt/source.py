@@ -29,6 +29,7 @@ from connectors.mqtt.codec import PUBACK, PUBREC, ack
 from gateway.dispatch import Dispatcher, RouteStats
 from gateway.envelope import Envelope, Headers, Receipt
 from gateway.errors import SinkError
+from gateway.logs import Flood
 
 log = structlog.get_logger("gateway.connector")
 
@@ -37,30 +38,23 @@ CONTENT_TYPE = "content-type"
 MESSAGE_EXPIRY = "message-expiry-interval"
 """The header that carries the MQTT 5 Message Expiry Interval, in seconds (both ways)."""
 
-_LOG_INTERVAL = 10.0
-
 
 class SourceCounters:
     """Per connector, across sessions: what its sources could not hand to a route (``/connz``, ``/metrics``)."""
 
-    __slots__ = ("dispatch_errors", "last_log", "unlogged", "unreadable_publishes")
+    __slots__ = ("dispatch_errors", "flood", "unreadable_publishes")
 
     def __init__(self) -> None:
         self.unreadable_publishes = 0
         """PUBLISH packets whose content could not be decoded (failed through the route's policy, acknowledged)."""
         self.dispatch_errors = 0
         """Messages whose dispatch raised (a bug): acknowledged, never allowed to end the session."""
-        self.last_log = 0.0
-        self.unlogged = 0
+        self.flood = Flood()
 
     def note(self, event: str, **fields: object) -> None:
         """Log the first of a flood, then a count every few seconds."""
-        self.unlogged += 1
-        now = time.monotonic()
-        if now - self.last_log >= _LOG_INTERVAL:
-            log.warning(event, count=self.unlogged, **fields)
-            self.last_log = now
-            self.unlogged = 0
+        if n := self.flood.count():
+            log.warning(event, count=n, **fields)
 
 
 class InboundAcks:

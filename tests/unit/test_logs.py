@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from gateway.config.loader import parse_config
-from gateway.logs import _Handler, _loop_exception, configure
+from gateway.logs import Flood, _Handler, _loop_exception, configure
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -177,3 +177,12 @@ def test_a_secret_that_json_escapes_is_masked_too(capsys: pytest.CaptureFixture[
     assert [line["event"] for line in lines[:1]] == ["login with *** refused"], text
     assert lines[1]["detail"] == "password *** refused", text
     assert "ss\\\\w" not in text and "w\\u00f6rd" not in text
+
+
+def test_a_flood_logs_its_first_event_then_a_count_per_interval() -> None:
+    flood = Flood(interval=3600)
+    assert flood.count() == 1  # the first is reported at once
+    assert [flood.count() for _ in range(5)] == [0] * 5  # then nothing within the interval
+    flood._last -= 3600  # the interval passed
+    assert flood.count() == 6  # the five held back and this one
+    assert flood.count() == 0
