@@ -20,8 +20,8 @@ unit: setup
 
 # Regenerate what is generated from the config Structs (tests check both are current).
 docs: setup
-	.venv/bin/python -m gateway.configdoc > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
-	.venv/bin/python -m gateway.schema > config/schema.json.tmp && mv config/schema.json.tmp config/schema.json
+	.venv/bin/python -m gateway.config.doc > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
+	.venv/bin/python -m gateway.config.schema > config/schema.json.tmp && mv config/schema.json.tmp config/schema.json
 
 loadtest: setup
 	.venv/bin/pip install -q -e '.[dev,loadtest]'

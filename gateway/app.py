@@ -23,17 +23,17 @@ from typing import Any
 
 import structlog
 
-from gateway.channel import ConnectorState
 from gateway.config import Config, load_config
-from gateway.connector import Connector, ConnectorContext
+from gateway.config.registry import plugins
+from gateway.core.channel import ConnectorState
+from gateway.core.connector import Connector, ConnectorContext
+from gateway.core.route import Overflow, Route, RoutePolicy, RouteState, Target
+from gateway.core.sink import Sink
+from gateway.core.supervisor import Supervisor
 from gateway.errors import ConfigError, ConfigIssue
-from gateway.registry import plugins
-from gateway.requests import ReplyRoute, Requests
-from gateway.route import Overflow, Route, RoutePolicy, RouteState, Target
-from gateway.sink import Sink
-from gateway.spooled import SpooledRoute
-from gateway.supervisor import Supervisor
-from gateway.transform import Transform
+from gateway.routes.requests import ReplyRoute, Requests
+from gateway.routes.spooled import SpooledRoute
+from gateway.routes.transform import Transform
 
 log = structlog.get_logger("gateway")
 

@@ -29,7 +29,7 @@ from gateway.errors import ConfigError
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
-    from gateway.monitor import Monitor
+    from gateway.ops.monitor import Monitor
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -189,9 +189,9 @@ def _unknown_connector(config: Config, connector: str) -> str:
 
 def _explanation(config: Config, source: str, connector: str, topic: str) -> _Explanation:
     from gateway.app import build_routes
-    from gateway.dispatch import Dispatcher
-    from gateway.registry import plugins
-    from gateway.route import Delivery
+    from gateway.config.registry import plugins
+    from gateway.core.dispatch import Dispatcher
+    from gateway.core.route import Delivery
 
     def rendered(d: Delivery) -> _Rendered:
         t = d.target
@@ -303,7 +303,7 @@ def _signal_reload(pid_file: str | None, url: str | None, token_file: str | None
 
 
 def _run(config: Config, level: str, fmt: str, path: str, pid_file: str | None) -> int:
-    from gateway.logs import configure
+    from gateway.ops.logs import configure
 
     configure(level, fmt)  # type: ignore[arg-type]
     if pid_file is not None:
@@ -346,8 +346,8 @@ async def _serve(config: Config, path: str) -> int:
     import structlog
 
     from gateway.app import Gateway
-    from gateway.logs import install_loop_handler
-    from gateway.monitor import Monitor, MonitorError
+    from gateway.ops.logs import install_loop_handler
+    from gateway.ops.monitor import Monitor, MonitorError
 
     log = structlog.get_logger("gateway")
     gw = Gateway(config)

@@ -16,10 +16,10 @@ from typing import Any
 
 from gateway.app import build_routes
 from gateway.config.loader import parse_config
-from gateway.dispatch import Dispatcher
-from gateway.envelope import Envelope, Receipt
-from gateway.patterns import MQTT
-from gateway.sink import Sink
+from gateway.core.dispatch import Dispatcher
+from gateway.core.envelope import Envelope, Receipt
+from gateway.core.sink import Sink
+from gateway.routing.patterns import MQTT
 
 
 class NullSink(Sink):

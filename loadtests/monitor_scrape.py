@@ -33,7 +33,7 @@ import uvloop
 from connectors.memory.broker import MemoryBroker
 from gateway.app import Gateway
 from gateway.config import parse_config
-from gateway.monitor import Monitor
+from gateway.ops.monitor import Monitor
 
 FETCHER = r"""
 import sys, time, urllib.request

@@ -12,9 +12,9 @@ import random
 import time
 from typing import Any
 
-from gateway.dispatch import Dispatcher, Route
-from gateway.patterns import MQTT, compile_pattern
-from gateway.router import Router
+from gateway.core.dispatch import Dispatcher, Route
+from gateway.routing.patterns import MQTT, compile_pattern
+from gateway.routing.router import Router
 
 
 def rules(count: int, rng: random.Random) -> list[str]:

@@ -6,11 +6,11 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gateway.bounds import Millis, MillisOrZero, PayloadBytes
-from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
-from gateway.patterns import KAFKA, SourcePattern, TopicSyntax, compile_pattern, compile_regex
-from gateway.redact import register_secret
-from gateway.tls import TlsConfig, read_secret
+from gateway.config.bounds import Millis, MillisOrZero, PayloadBytes
+from gateway.core.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
+from gateway.routing.patterns import KAFKA, SourcePattern, TopicSyntax, compile_pattern, compile_regex
+from gateway.util.redact import register_secret
+from gateway.util.tls import TlsConfig, read_secret
 
 OffsetReset = Literal["earliest", "latest"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]

@@ -24,8 +24,8 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from connectors.kafka.config import KafkaConfig
 from connectors.kafka.producer import ProducerSink, record_headers, tombstone_without_key, unproducible
 from connectors.kafka.security import librdkafka_security
+from gateway.core.sink import Item
 from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
-from gateway.sink import Item
 
 _POLL_INTERVAL = 0.001
 _IDLE_POLL = 1.0

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 from connectors.kafka.config import KafkaConfig, KafkaSource, OffsetReset
 from connectors.kafka.producer import ProducerSink
 from connectors.kafka.security import aiokafka_security, warn_if_exposed
-from gateway.connector import Connector, ConnectorContext
-from gateway.dispatch import Dispatcher, Route
+from gateway.core.connector import Connector, ConnectorContext
+from gateway.core.dispatch import Dispatcher, Route
+from gateway.core.sink import Sink
 from gateway.errors import ConnectorError
-from gateway.patterns import KAFKA
-from gateway.sink import Sink
-from gateway.tls import describe_ssl_error
+from gateway.routing.patterns import KAFKA
+from gateway.util.tls import describe_ssl_error
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer

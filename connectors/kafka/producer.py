@@ -14,10 +14,10 @@ from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
 from connectors.kafka.config import KafkaConfig
-from gateway.envelope import Headers
+from gateway.core.envelope import Headers
+from gateway.core.sink import Sink
 from gateway.errors import SinkError, TemplateError
-from gateway.headers import from_text
-from gateway.sink import Sink
+from gateway.routing.headers import from_text
 
 _LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 """Kafka's rule for topic names (and neither "." nor "..")."""

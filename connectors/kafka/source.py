@@ -11,7 +11,7 @@ keeps polling so the group does not evict it).
 Every record Kafka holds is read: batches in any codec (gzip, snappy, lz4,
 zstd; aiokafka decodes the last three with ``cramjam``), null keys, values and
 header values, repeated header names. Header values become ``str`` by
-:func:`gateway.headers.from_bytes` (binary values survive, byte for byte, to a
+:func:`gateway.routing.headers.from_bytes` (binary values survive, byte for byte, to a
 Kafka target); a record without headers pays nothing for it.
 
 A batch aiokafka cannot decode (a header name that is not UTF-8, a corrupt
@@ -38,11 +38,11 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, CorruptRecordException, KafkaError, UnsupportedCodecError
 from aiokafka.structs import ConsumerRecord
 
-from gateway.dispatch import Dispatcher
-from gateway.envelope import Envelope, Receipt
+from gateway.core.dispatch import Dispatcher
+from gateway.core.envelope import Envelope, Receipt
 from gateway.errors import SinkError
-from gateway.headers import from_bytes
-from gateway.logs import Flood
+from gateway.ops.logs import Flood
+from gateway.routing.headers import from_bytes
 
 log = structlog.get_logger("gateway.connector.kafka")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import msgspec
 
-from gateway.bounds import PayloadBytes
-from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
-from gateway.patterns import MQTT, SourcePattern, TopicSyntax, compile_pattern
+from gateway.config.bounds import PayloadBytes
+from gateway.core.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
+from gateway.routing.patterns import MQTT, SourcePattern, TopicSyntax, compile_pattern
 
 
 class MemoryConfig(

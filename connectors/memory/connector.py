@@ -7,11 +7,11 @@ import time
 
 from connectors.memory.broker import MemoryBroker, Record
 from connectors.memory.config import MemoryConfig
-from gateway.connector import Connector, ConnectorContext
-from gateway.dispatch import Dispatcher
-from gateway.envelope import Envelope, Receipt
-from gateway.patterns import MQTT
-from gateway.sink import Item, Sink
+from gateway.core.connector import Connector, ConnectorContext
+from gateway.core.dispatch import Dispatcher
+from gateway.core.envelope import Envelope, Receipt
+from gateway.core.sink import Item, Sink
+from gateway.routing.patterns import MQTT
 
 
 class MemoryReceipt(Receipt):

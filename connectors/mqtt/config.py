@@ -7,11 +7,11 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
-from gateway.bounds import PayloadBytes, Seconds
-from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
-from gateway.patterns import MQTT, SourcePattern, TopicSyntax, compile_pattern
-from gateway.redact import redact_url, register_secret
-from gateway.tls import TlsConfig, read_secret
+from gateway.config.bounds import PayloadBytes, Seconds
+from gateway.core.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
+from gateway.routing.patterns import MQTT, SourcePattern, TopicSyntax, compile_pattern
+from gateway.util.redact import redact_url, register_secret
+from gateway.util.tls import TlsConfig, read_secret
 
 QoS = Literal[0, 1, 2]
 _PLAIN = ("mqtt", "tcp")

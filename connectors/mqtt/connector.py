@@ -37,15 +37,15 @@ from connectors.mqtt.config import MqttConfig, MqttSource
 from connectors.mqtt.filters import FilterSet
 from connectors.mqtt.sink import MqttSink, PacketIds
 from connectors.mqtt.source import RetainedSubscriber, SourceCounters, Subscriber
-from gateway.channel import Channel
-from gateway.connector import Connector, ConnectorContext
-from gateway.dispatch import Dispatcher, Route
+from gateway.core.channel import Channel
+from gateway.core.connector import Connector, ConnectorContext
+from gateway.core.dispatch import Dispatcher, Route
+from gateway.core.route import Overflow
+from gateway.core.sink import Sink
 from gateway.errors import ConnectorError
-from gateway.patterns import MQTT
-from gateway.redact import redact_url
-from gateway.route import Overflow
-from gateway.sink import Sink
-from gateway.tls import client_context, describe_ssl_error
+from gateway.routing.patterns import MQTT
+from gateway.util.redact import redact_url
+from gateway.util.tls import client_context, describe_ssl_error
 
 _CLIENT_ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 _NEVER_PAUSES = (Overflow.DROP_NEWEST, Overflow.DROP_OLDEST)

@@ -6,11 +6,11 @@ too. :class:`PublishEncoder` refuses such a message before it is encoded, with
 an error that fails that message alone:
 
 - the topic: empty, a wildcard (``+`` ``#``), a character of
-  ``gateway.headers.MQTT_UNSAFE`` or a non-character of planes 1-16, longer
+  ``gateway.routing.headers.MQTT_UNSAFE`` or a non-character of planes 1-16, longer
   than 65535 bytes (checked once per distinct topic: a set lookup per message);
 - MQTT 5 only, and only for a message that has them: header names and values
   (a value MQTT cannot carry travels as ``NAME-bin`` with base64, by
-  :func:`gateway.headers.to_text`; a name it cannot carry fails the message),
+  :func:`gateway.routing.headers.to_text`; a name it cannot carry fails the message),
   the response topic, the 65535-byte limit of each string and of the
   correlation data;
 - the broker's maximum packet size (from its CONNACK), and whatever the codec
@@ -29,9 +29,9 @@ from time import monotonic_ns
 
 from connectors.mqtt.codec import Codec5, is_codec_panic
 from connectors.mqtt.source import CONTENT_TYPE, MESSAGE_EXPIRY
-from gateway.envelope import Envelope, Headers
+from gateway.core.envelope import Envelope, Headers
 from gateway.errors import GatewayError, HeaderError, PayloadTooLarge, SinkError, TemplateError
-from gateway.headers import BIN_SUFFIX, MQTT_UNSAFE, to_text
+from gateway.routing.headers import BIN_SUFFIX, MQTT_UNSAFE, to_text
 
 UNSAFE = MQTT_UNSAFE
 

@@ -38,9 +38,9 @@ from connectors.mqtt.client import MqttConnection
 from connectors.mqtt.codec import PUBREC, PUBREL, Codec5, ack
 from connectors.mqtt.config import MqttConfig
 from connectors.mqtt.publish import PublishEncoder
-from gateway.dispatch import Flight
+from gateway.core.dispatch import Flight
+from gateway.core.sink import Item, Sink
 from gateway.errors import ConnectorError, GatewayError, SinkError
-from gateway.sink import Item, Sink
 
 _COALESCE = 65536
 """Packets smaller than this are gathered into one write per batch; larger ones are written on their own."""

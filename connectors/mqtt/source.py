@@ -26,10 +26,10 @@ from mqtt5 import PublishPacket
 
 from connectors.mqtt.client import MqttConnection
 from connectors.mqtt.codec import PUBACK, PUBREC, ack
-from gateway.dispatch import Dispatcher, RouteStats
-from gateway.envelope import Envelope, Headers, Receipt
+from gateway.core.dispatch import Dispatcher, RouteStats
+from gateway.core.envelope import Envelope, Headers, Receipt
 from gateway.errors import SinkError
-from gateway.logs import Flood
+from gateway.ops.logs import Flood
 
 log = structlog.get_logger("gateway.connector")
 

@@ -8,11 +8,11 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
-from gateway.bounds import Bytes, Count, PayloadBytes, Seconds
-from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
-from gateway.patterns import NATS, SourcePattern, TopicSyntax, compile_pattern
-from gateway.redact import redact_url, register_secret
-from gateway.tls import TlsConfig
+from gateway.config.bounds import Bytes, Count, PayloadBytes, Seconds
+from gateway.core.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
+from gateway.routing.patterns import NATS, SourcePattern, TopicSyntax, compile_pattern
+from gateway.util.redact import redact_url, register_secret
+from gateway.util.tls import TlsConfig
 
 _BUCKET = re.compile(r"[A-Za-z0-9_-]+")
 """A JetStream key-value bucket name, as nats-server and the NATS clients accept it."""

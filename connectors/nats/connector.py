@@ -23,13 +23,13 @@ from connectors.nats.client import GatewayClient, TlsOnlyClient, loss_blame
 from connectors.nats.config import NatsConfig, NatsSource
 from connectors.nats.sink import NatsSink
 from connectors.nats.source import CoreSource, JetStreamSource, durable_name, subscription_of
-from gateway.connector import Connector, ConnectorContext
-from gateway.dispatch import Dispatcher, Route
+from gateway.core.connector import Connector, ConnectorContext
+from gateway.core.dispatch import Dispatcher, Route
+from gateway.core.sink import Sink
 from gateway.errors import ConnectorError
-from gateway.patterns import NATS
-from gateway.redact import redact_url
-from gateway.sink import Sink
-from gateway.tls import client_context, describe_ssl_error, read_secret
+from gateway.routing.patterns import NATS
+from gateway.util.redact import redact_url
+from gateway.util.tls import client_context, describe_ssl_error, read_secret
 
 
 async def _discard(nc: Client) -> None:

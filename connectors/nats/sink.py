@@ -38,8 +38,8 @@ from nats.errors import Error as NatsError
 
 from connectors.nats import wire
 from connectors.nats.config import NatsConfig, NatsTarget, is_kv_key
+from gateway.core.sink import Item, Sink
 from gateway.errors import ConnectorError, GatewayError, PayloadTooLarge, SinkError, TemplateError, Unavailable
-from gateway.sink import Item, Sink
 
 _MAX_UNCONFIRMED = 4
 """Batches of core publishes written but not yet confirmed by a PONG."""

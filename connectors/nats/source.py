@@ -24,8 +24,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from connectors.nats.config import NatsConfig, NatsSource
-from gateway.dispatch import Dispatcher, Route
-from gateway.envelope import Envelope, Receipt
+from gateway.core.dispatch import Dispatcher, Route
+from gateway.core.envelope import Envelope, Receipt
 from gateway.errors import ConnectorError
 
 _ACK = b"+ACK"

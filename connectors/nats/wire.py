@@ -25,7 +25,7 @@ import re
 from typing import Any
 
 from gateway.errors import HeaderError
-from gateway.headers import BIN_SUFFIX, NATS_UNSAFE, from_bytes, to_text
+from gateway.routing.headers import BIN_SUFFIX, NATS_UNSAFE, from_bytes, to_text
 
 MAX_CONTROL_LINE = 4096
 """nats-server's default ``max_control_line``; the server's INFO does not tell its own value."""
@@ -38,7 +38,7 @@ _HEADER_NAME = re.compile(r"[!-9;-~]+")
 """A header name NATS carries: printable ASCII without ':' (RFC 7230 token-ish, what nats-server and the
 clients parse back)."""
 VALUE_UNSAFE = re.compile(NATS_UNSAFE.pattern + r"|\A[ \t\x0b\x0c]|[ \t\x0b\x0c]\Z")
-""":data:`gateway.headers.NATS_UNSAFE`, plus leading or trailing blanks: every NATS client strips them when
+""":data:`gateway.routing.headers.NATS_UNSAFE`, plus leading or trailing blanks: every NATS client strips them when
 it reads a header, so such a value could not cross unchanged either (it is written as ``NAME-bin``)."""
 _BLANKS = " \t\x0b\x0c"
 _names: set[str] = set()
@@ -88,7 +88,7 @@ def control_line_length(subject: int, reply: int, header_block: int | None, payl
 
 def encode_headers(headers: list[tuple[str, str]] | dict[str, str]) -> bytes:
     """The NATS header block. Raises HeaderError for a name NATS cannot carry; a value it
-    cannot carry verbatim is written as ``NAME-bin: base64`` (:func:`gateway.headers.to_text`)."""
+    cannot carry verbatim is written as ``NAME-bin: base64`` (:func:`gateway.routing.headers.to_text`)."""
     out = [_HDR_LINE]
     names = _names
     items = headers.items() if isinstance(headers, dict) else headers
@@ -146,7 +146,7 @@ def parse_headers(block: bytes) -> tuple[dict[str, str] | None, int]:
 
     A block without its ``NATS/1.0`` line is read as header lines all the same. A line without ``:``, or
     whose name is empty or not a token, is dropped (counted): no header ever has an empty name. Values
-    that are not UTF-8 keep their bytes (``surrogateescape``, as :func:`gateway.headers.from_bytes`).
+    that are not UTF-8 keep their bytes (``surrogateescape``, as :func:`gateway.routing.headers.from_bytes`).
     """
     out: dict[str, str] = {}
     dropped = 0

@@ -22,16 +22,16 @@ import msgspec
 import yaml
 
 from gateway.config.model import Config, FileSection, RouteConfig, RouteSection, TargetConfig
-from gateway.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
+from gateway.config.registry import plugins
+from gateway.core.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.errors import ConfigError, ConfigIssue, TemplateError
-from gateway.loops import echo
-from gateway.patterns import SourcePattern
-from gateway.redact import MASK, MIN_SECRET_LENGTH
-from gateway.registry import plugins
-from gateway.requests import KINDS, RequestLeg, default_reply_to, reply_endpoints, reply_route_name
-from gateway.templates import compile_template
-from gateway.tls import check_files
-from gateway.transform import WhereError, compile_header, compile_where
+from gateway.routes.requests import KINDS, RequestLeg, default_reply_to, reply_endpoints, reply_route_name
+from gateway.routes.transform import WhereError, compile_header, compile_where
+from gateway.routing.loops import echo
+from gateway.routing.patterns import SourcePattern
+from gateway.routing.templates import compile_template
+from gateway.util.redact import MASK, MIN_SECRET_LENGTH
+from gateway.util.tls import check_files
 
 _INTERP = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 _MSGSPEC_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)

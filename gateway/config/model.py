@@ -1,7 +1,7 @@
 """The config file's shape: frozen msgspec Structs that reject unknown keys.
 
 Connector entries and route endpoints (``from`` / ``to``) are typed by the
-connector packages (see :mod:`gateway.registry`); this module holds the parts
+connector packages (see :mod:`gateway.config.registry`); this module holds the parts
 that belong to the gateway itself.
 """
 
@@ -13,17 +13,17 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from gateway.backoff import Backoff
-from gateway.bounds import Bytes, Count, PayloadBytes, Seconds, SecondsOrZero
-from gateway.connector import SourceSpec, TargetSpec
-from gateway.patterns import SourcePattern
-from gateway.redact import register_secret
-from gateway.requests import RequestConfig, RequestLeg
-from gateway.route import RetryPolicy
-from gateway.spooled import SpoolConfig
-from gateway.templates import Template
-from gateway.tls import read_secret
-from gateway.transform import Codec, SchemaConfig
+from gateway.config.bounds import Bytes, Count, PayloadBytes, Seconds, SecondsOrZero
+from gateway.core.connector import SourceSpec, TargetSpec
+from gateway.core.route import RetryPolicy
+from gateway.routes.requests import RequestConfig, RequestLeg
+from gateway.routes.spooled import SpoolConfig
+from gateway.routes.transform import Codec, SchemaConfig
+from gateway.routing.patterns import SourcePattern
+from gateway.routing.templates import Template
+from gateway.util.backoff import Backoff
+from gateway.util.redact import register_secret
+from gateway.util.tls import read_secret
 
 Listen = Annotated[str, msgspec.Meta(pattern=r"^$|^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}$")]
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
-from gateway.httpguard import HEADER_TIMEOUT, MAX_CONNECTIONS
+from gateway.ops.httpguard import HEADER_TIMEOUT, MAX_CONNECTIONS
 from tests.e2e.clients import MqttClient, NatsCollector, nats_connect
 from tests.e2e.gateway_process import GatewayProcess, mqtt_to_nats
 from tests.support.brokers import Mosquitto, NatsServer

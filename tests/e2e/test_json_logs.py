@@ -162,7 +162,7 @@ class InjectingGateway(GatewayProcess):
 
 @pytest.mark.skipif(
     "install_loop_handler" not in inspect.getsource(gateway.cli._serve),
-    reason="gateway.cli._serve does not call gateway.logs.install_loop_handler yet",
+    reason="gateway.cli._serve does not call gateway.ops.logs.install_loop_handler yet",
 )
 async def test_what_python_and_asyncio_print_themselves_becomes_json_lines(tmp_path: Path, unique: str) -> None:
     config = gateway_config(

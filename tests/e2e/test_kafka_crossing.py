@@ -9,7 +9,7 @@ values), all produced by librdkafka. One gateway process:
   arrives, in order per partition, with its headers; no connector reconnects;
 - the odd records come back to Kafka from NATS (from MQTT 5): binary header
   values are byte-identical after the trip (a text protocol carries them as
-  ``NAME-bin: base64``, ``gateway.headers``).
+  ``NAME-bin: base64``, ``gateway.routing.headers``).
 """
 
 from __future__ import annotations

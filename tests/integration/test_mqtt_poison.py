@@ -32,8 +32,8 @@ from paho.mqtt.properties import Properties
 from connectors.memory.broker import MemoryBroker
 from gateway import Gateway
 from gateway.config import parse_config
-from gateway.dispatch import Route
-from gateway.monitor import connector_view
+from gateway.core.dispatch import Route
+from gateway.ops.monitor import connector_view
 from tests.support.brokers import Mosquitto, NatsServer
 from tests.support.clients import NatsClient, wait_for
 

@@ -24,7 +24,7 @@ from connectors.mqtt.connector import MqttConnector
 from connectors.mqtt.filters import FilterSet
 from gateway import Gateway
 from gateway.config import parse_config
-from gateway.monitor import connector_view
+from gateway.ops.monitor import connector_view
 from tests.support.brokers import Mosquitto
 from tests.support.clients import MqttClient, wait_for
 

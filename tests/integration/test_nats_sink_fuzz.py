@@ -25,11 +25,11 @@ from connectors.nats import wire
 from connectors.nats.client import GatewayClient
 from connectors.nats.config import NatsConfig, NatsTarget
 from connectors.nats.sink import NatsSink
-from gateway.envelope import Envelope
-from gateway.headers import from_text, to_bytes
-from gateway.patterns import MQTT, NATS, compile_pattern
-from gateway.route import Delivery, Flight, Route, RoutePlan, Target
-from gateway.templates import compile_template
+from gateway.core.envelope import Envelope
+from gateway.core.route import Delivery, Flight, Route, RoutePlan, Target
+from gateway.routing.headers import from_text, to_bytes
+from gateway.routing.patterns import MQTT, NATS, compile_pattern
+from gateway.routing.templates import compile_template
 from tests.support.brokers import NatsServer
 from tests.unit.test_nats_fuzz import HEADERS, NOT_BYTES, SUBJECTS, name_ok, subject_ok
 

@@ -9,10 +9,10 @@ from typing import Any
 
 from gateway.app import build_routes
 from gateway.config.loader import parse_config
-from gateway.dispatch import Delivery, Dispatcher, Flight, Route
-from gateway.envelope import Envelope, Receipt
-from gateway.patterns import MQTT
-from gateway.sink import Item, Sink
+from gateway.core.dispatch import Delivery, Dispatcher, Flight, Route
+from gateway.core.envelope import Envelope, Receipt
+from gateway.core.sink import Item, Sink
+from gateway.routing.patterns import MQTT
 
 WAIT = 5.0
 """Upper bound for any wait on a condition; a healthy run needs a few event-loop turns."""

@@ -9,11 +9,11 @@ from typing import Any, Union
 import msgspec
 import pytest
 
-from gateway.backoff import Backoff
 from gateway.config.model import FileSection, GatewaySection, RouteSection
-from gateway.connector import Connector, ConnectorPlugin, SourceSpec, TargetSpec
-from gateway.patterns import TopicSyntax
-from gateway.registry import BUILTIN, plugins
+from gateway.config.registry import BUILTIN, plugins
+from gateway.core.connector import Connector, ConnectorPlugin, SourceSpec, TargetSpec
+from gateway.routing.patterns import TopicSyntax
+from gateway.util.backoff import Backoff
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER_LIBRARIES = frozenset({"nats", "aiokafka", "mqtt5", "confluent_kafka", "paho", "gmqtt", "aiomqtt", "kafka"})
@@ -129,7 +129,7 @@ def test_plugin_load_refuses_a_non_connector() -> None:
         source=plugin.source,
         target=plugin.target,
         syntax=plugin.syntax,
-        factory="gateway.patterns:compile_pattern",
+        factory="gateway.routing.patterns:compile_pattern",
     )
 
     with pytest.raises(TypeError, match="is not a Connector class"):

@@ -11,8 +11,8 @@ import pytest
 from gateway.config import parse_config
 from gateway.config.loader import MAX_DEPTH, MAX_NODES
 from gateway.config.model import FileSection, RouteSection
+from gateway.config.registry import plugins
 from gateway.errors import ConfigError
-from gateway.registry import plugins
 
 
 def numeric_fields() -> list[tuple[str, Any]]:
@@ -50,7 +50,7 @@ def test_every_number_in_a_config_has_a_range() -> None:
     assert len(fields) > 30
     unbounded = [path for path, t in fields if t.le is None and t.lt is None]
     negative = [path for path, t in fields if (t.ge is None or t.ge < 0) and t.gt is None]
-    assert not unbounded, f"numeric keys without an upper bound (use gateway.bounds): {unbounded}"
+    assert not unbounded, f"numeric keys without an upper bound (use gateway.config.bounds): {unbounded}"
     assert not negative, f"numeric keys that accept negative values: {negative}"
 
 

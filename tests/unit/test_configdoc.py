@@ -6,14 +6,14 @@ from pathlib import Path
 
 import msgspec
 
-from gateway.configdoc import field_docs, render
-from gateway.registry import plugins
+from gateway.config.doc import field_docs, render
+from gateway.config.registry import plugins
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
 
 def test_config_reference_is_up_to_date() -> None:
-    assert DOC.read_text() == render(), "run: python -m gateway.configdoc > docs/config.md"
+    assert DOC.read_text() == render(), "run: python -m gateway.config.doc > docs/config.md"
 
 
 def test_every_config_key_is_documented() -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.backoff import Backoff
-from gateway.channel import FLAPPING_DROPS
-from gateway.connector import Connector, ConnectorContext
+from gateway.core.channel import FLAPPING_DROPS
+from gateway.core.connector import Connector, ConnectorContext
+from gateway.core.sink import Sink
 from gateway.errors import ConnectorError
-from gateway.sink import Sink
+from gateway.util.backoff import Backoff
 from tests.unit.harness import until
 
 

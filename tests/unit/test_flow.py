@@ -10,8 +10,8 @@ import pytest
 from connectors.memory.broker import MemoryBroker
 from gateway.app import Gateway, GatewayState
 from gateway.config.loader import parse_config
-from gateway.dispatch import Route
-from gateway.flow import FlowGate
+from gateway.core.dispatch import Route
+from gateway.core.flow import FlowGate
 from tests.unit.conftest import StartGateway
 from tests.unit.harness import dispatcher_for, envelope, memory_config, turns, until
 

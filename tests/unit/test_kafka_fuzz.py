@@ -29,9 +29,9 @@ from connectors.kafka.config import KafkaConfig
 from connectors.kafka.confluent_sink import ConfluentSink, producer_config
 from connectors.kafka.producer import illegal_topic
 from connectors.kafka.source import GroupSource
-from gateway.envelope import Envelope
+from gateway.core.envelope import Envelope
 from gateway.errors import SinkError, TemplateError
-from gateway.headers import from_bytes, to_bytes
+from gateway.routing.headers import from_bytes, to_bytes
 from tests.unit.harness import FakeFlight
 
 LEGAL = re.compile(r"[A-Za-z0-9._-]{1,249}")

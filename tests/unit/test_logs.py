@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from gateway.config.loader import parse_config
-from gateway.logs import Flood, _Handler, _loop_exception, configure
+from gateway.ops.logs import Flood, _Handler, _loop_exception, configure
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,7 +90,7 @@ def test_the_loop_handler_survives_a_context_it_cannot_print(capsys: pytest.Capt
 STRAY = r"""
 import asyncio, gc, logging, threading, warnings
 import uvloop
-from gateway.logs import configure, install_loop_handler
+from gateway.ops.logs import configure, install_loop_handler
 
 configure("info", "json")
 

@@ -18,7 +18,7 @@ import pytest
 from connectors.memory.broker import MemoryBroker
 from gateway.app import Gateway
 from gateway.config import parse_config
-from gateway.monitor import Monitor
+from gateway.ops.monitor import Monitor
 
 HALF_SENT = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Never-Finished: "
 """A request head that never ends (no blank line)."""

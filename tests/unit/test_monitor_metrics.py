@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from connectors.memory.broker import MemoryBroker
 from gateway.app import Gateway
 from gateway.config import parse_config
-from gateway.metrics import ROUTES_PER_CHUNK, exposition
-from gateway.monitor import Monitor, quantiles
-from gateway.route import Latency, RouteState
+from gateway.core.route import Latency, RouteState
+from gateway.ops.metrics import ROUTES_PER_CHUNK, exposition
+from gateway.ops.monitor import Monitor, quantiles
 
 N_ROUTES = 2_000
 ACTIVE = range(0, N_ROUTES, 2)
@@ -178,7 +178,7 @@ async def test_scrapes_at_the_same_time_share_one_rendering(many: tuple[Gateway,
 
 
 def test_label_values_are_escaped() -> None:
-    from gateway.metrics import escape
+    from gateway.ops.metrics import escape
 
     assert escape('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
     text = f'gateway_route_acked_total{{route="{escape(ODD_NAME)}"}} 1\n'

@@ -30,9 +30,9 @@ from connectors.mqtt.config import MqttConfig, MqttTarget
 from connectors.mqtt.publish import UNSAFE
 from connectors.mqtt.sink import MqttSink, PacketIds
 from connectors.mqtt.source import Subscriber
-from gateway.envelope import Envelope
+from gateway.core.envelope import Envelope
 from gateway.errors import GatewayError, SinkError, TemplateError
-from gateway.headers import from_bytes, from_text, to_bytes, to_text
+from gateway.routing.headers import from_bytes, from_text, to_bytes, to_text
 from tests.unit.harness import FakeDelivery, FakeFlight, FakeTarget, FakeTransport, RecordingSink, dispatcher_for
 
 # ---------------------------------------------------------------- a connection without a socket

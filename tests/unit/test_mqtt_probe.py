@@ -21,7 +21,7 @@ from connectors.mqtt.client import MqttConnection
 from connectors.mqtt.codec import PUBACK, PUBCOMP, PUBREC, Codec5
 from connectors.mqtt.config import MqttConfig, MqttTarget
 from connectors.mqtt.sink import MqttSink, PacketIds
-from gateway.envelope import Envelope
+from gateway.core.envelope import Envelope
 from gateway.errors import ConnectorError, SinkError
 from tests.unit.harness import FakeDelivery, FakeFlight, FakeTarget, FakeTransport, turns
 

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from connectors.nats import wire
 from connectors.nats.client import GatewayClient
 from connectors.nats.source import headers_of
-from gateway.envelope import Envelope
+from gateway.core.envelope import Envelope
 from gateway.errors import SinkError
-from gateway.headers import from_text, to_bytes
+from gateway.routing.headers import from_text, to_bytes
 
 T = TypeVar("T")
 _NAME = re.compile(rb"[!-9;-~]+")

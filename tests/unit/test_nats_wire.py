@@ -103,7 +103,7 @@ def test_control_line_length_is_exact(reply: str, headers: list[tuple[str, str]]
         (b"NATS/1.0 503\r\n\r\n", {"Status": "503"}, 0),
         (b"NATS/1.0 404 No Messages\r\n\r\n", {"Status": "404", "Description": "No Messages"}, 0),
         (b"NATS/1.0\r\nbad name: x\r\n\xff\xfe: y\r\n\r\n", None, 2),
-        (b"NATS/1.0\r\nv: \xff\r\n\r\n", {"v": "\udcff"}, 0),  # the bytes kept, as gateway.headers does
+        (b"NATS/1.0\r\nv: \xff\r\n\r\n", {"v": "\udcff"}, 0),  # the bytes kept, as gateway.routing.headers does
         (b"\r\n\r\n", None, 0),
         (b"", None, 0),
     ],

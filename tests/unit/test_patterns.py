@@ -7,7 +7,7 @@ import re
 import pytest
 
 from gateway.errors import TemplateError
-from gateway.patterns import (
+from gateway.routing.patterns import (
     KAFKA,
     MQTT,
     NATS,

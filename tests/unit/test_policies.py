@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from connectors.memory.broker import MemoryBroker, Record
 from gateway.app import Gateway
+from gateway.core.route import RouteState
 from gateway.errors import SinkError, Unavailable
-from gateway.route import RouteState
 from tests.unit.conftest import StartGateway
 from tests.unit.harness import turns, until
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from gateway.config.loader import parse_config
-from gateway.envelope import Envelope
+from gateway.core.envelope import Envelope
+from gateway.core.route import Delivery, Route, RoutePlan, RouteState
 from gateway.errors import ConfigError
-from gateway.requests import RequestConfig, RequestLeg, Requests
-from gateway.route import Delivery, Route, RoutePlan, RouteState
+from gateway.routes.requests import RequestConfig, RequestLeg, Requests
 
 CONNECTORS = """\
 connectors:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from gateway.patterns import (
+from gateway.routing.patterns import (
     KAFKA,
     MQTT,
     NATS,
@@ -17,7 +17,7 @@ from gateway.patterns import (
     compile_pattern,
     compile_regex,
 )
-from gateway.router import Router
+from gateway.routing.router import Router
 
 
 def router_of(syntax: TopicSyntax, *patterns: str) -> Router[str]:

@@ -14,11 +14,11 @@ import pytest
 import yaml
 from jsonschema.exceptions import best_match
 
+from gateway.config.doc import field_docs
 from gateway.config.loader import CONNECTOR_NAME, parse_config
-from gateway.configdoc import field_docs
+from gateway.config.registry import BUILTIN, plugins
+from gateway.config.schema import main, render, schema
 from gateway.errors import ConfigError
-from gateway.registry import BUILTIN, plugins
-from gateway.schema import main, render, schema
 from tests.unit.test_config import MEMORY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +107,9 @@ def readme_examples() -> list[str]:
 
 
 def test_committed_schema_is_up_to_date() -> None:
-    assert SCHEMA_FILE.read_text(encoding="utf-8") == render(), "run: python -m gateway.schema > config/schema.json"
+    assert SCHEMA_FILE.read_text(encoding="utf-8") == render(), (
+        "run: python -m gateway.config.schema > config/schema.json"
+    )
 
 
 def test_schema_is_valid_draft_2020_12() -> None:
@@ -119,7 +121,7 @@ def test_schema_is_valid_draft_2020_12() -> None:
 def test_comment_says_how_to_use_it_in_an_editor() -> None:
     comment = schema()["$comment"]
     assert "# yaml-language-server: $schema=" in comment
-    assert "python -m gateway.schema > config/schema.json" in comment
+    assert "python -m gateway.config.schema > config/schema.json" in comment
 
 
 def test_module_prints_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
@@ -161,9 +163,9 @@ def test_only_the_selected_kinds() -> None:
 
 
 def struct_defs() -> list[type[msgspec.Struct]]:
-    from gateway.backoff import Backoff
     from gateway.config.model import GatewaySection, HttpSection, RouteSection
-    from gateway.route import RetryPolicy
+    from gateway.core.route import RetryPolicy
+    from gateway.util.backoff import Backoff
 
     classes: list[type[msgspec.Struct]] = [GatewaySection, HttpSection, Backoff, RouteSection, RetryPolicy]
     for kind in BUILTIN:

@@ -20,9 +20,9 @@ from gateway.app import Gateway
 from gateway.cli import main
 from gateway.config.loader import parse_config
 from gateway.errors import ConfigError, ConfigIssue
-from gateway.logs import configure
-from gateway.monitor import Monitor
-from gateway.redact import scrub
+from gateway.ops.logs import configure
+from gateway.ops.monitor import Monitor
+from gateway.util.redact import scrub
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +236,7 @@ async def test_http_token_guards_everything_but_the_probes_and_the_page() -> Non
 
 
 def test_served_json_masks_a_secret_that_reached_an_error_text() -> None:
-    from gateway.monitor import _dumps
+    from gateway.ops.monitor import _dumps
 
     parse_config(one("{type: nats, token: json-secret-token-31}"), environ={})
     assert json.loads(_dumps({"last_error": "refused json-secret-token-31"})) == {"last_error": "refused ***"}

@@ -10,10 +10,10 @@ import pytest
 from connectors.memory.broker import MemoryBroker
 from gateway.app import Gateway
 from gateway.config.loader import parse_config
-from gateway.envelope import Envelope
+from gateway.core.envelope import Envelope
 from gateway.errors import ConfigError
-from gateway.spool import Pending, Spool, SpoolError
-from gateway.spooled import SpooledRoute
+from gateway.routes.spool import Pending, Spool, SpoolError
+from gateway.routes.spooled import SpooledRoute
 from tests.unit.conftest import StartGateway
 from tests.unit.harness import until
 
@@ -218,7 +218,7 @@ def test_a_failed_write_leaves_no_partial_record(tmp_path: Path, monkeypatch: py
     def half(fd: int, data: bytes) -> int:  # the disk fills up in the middle of a batch
         return real_write(fd, data[: len(data) // 2])
 
-    monkeypatch.setattr("gateway.spool.os.write", half)
+    monkeypatch.setattr("gateway.routes.spool.os.write", half)
     with pytest.raises(OSError, match="short write"):
         write(spool, 3, start=2)
     monkeypatch.undo()

@@ -7,9 +7,9 @@ import re
 import pytest
 
 from gateway.errors import TemplateError
-from gateway.patterns import KAFKA, MQTT, NATS, SourcePattern, TopicSyntax, compile_pattern, compile_regex
-from gateway.router import Router
-from gateway.templates import Match, Template, compile_template
+from gateway.routing.patterns import KAFKA, MQTT, NATS, SourcePattern, TopicSyntax, compile_pattern, compile_regex
+from gateway.routing.router import Router
+from gateway.routing.templates import Match, Template, compile_template
 
 TELEMETRY = compile_pattern("devices/{device}/telemetry/#", MQTT)
 COMMANDS = compile_pattern("cmd.{device}.>", NATS)

@@ -10,7 +10,7 @@ import pytest
 from connectors.memory.broker import MemoryBroker
 from gateway.config.loader import parse_config
 from gateway.errors import ConfigError
-from gateway.transform import Transform
+from gateway.routes.transform import Transform
 from tests.unit.conftest import StartGateway
 from tests.unit.harness import memory_config, until
 

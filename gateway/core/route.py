@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 import structlog
 
-from gateway.backoff import Backoff
-from gateway.bounds import Seconds
-from gateway.envelope import Envelope
+from gateway.config.bounds import Seconds
+from gateway.core.envelope import Envelope
+from gateway.core.flow import FlowGate
 from gateway.errors import (
     GatewayError,
     HeaderError,
@@ -41,15 +41,15 @@ from gateway.errors import (
     TemplateError,
     Unavailable,
 )
-from gateway.flow import FlowGate
-from gateway.logs import Flood
-from gateway.patterns import SourcePattern
-from gateway.templates import Match, Template
-from gateway.transform import PayloadError, Transform
+from gateway.ops.logs import Flood
+from gateway.routes.transform import PayloadError, Transform
+from gateway.routing.patterns import SourcePattern
+from gateway.routing.templates import Match, Template
+from gateway.util.backoff import Backoff
 
 if TYPE_CHECKING:
-    from gateway.requests import RequestLeg, Requests
-    from gateway.sink import Sink
+    from gateway.core.sink import Sink
+    from gateway.routes.requests import RequestLeg, Requests
 
 log = structlog.get_logger("gateway.route")
 

@@ -1,6 +1,6 @@
 """Store-and-forward routes: the source is acknowledged once a message is on local disk.
 
-A route with ``spool:`` splits in two halves joined by a :class:`~gateway.spool.Spool`:
+A route with ``spool:`` splits in two halves joined by a :class:`~gateway.routes.spool.Spool`:
 
 * **in**: :meth:`SpooledRoute.admit` (called by the source's dispatcher) buffers the
   encoded message; the writer appends each buffer to the spool in one write, fsyncs
@@ -31,11 +31,11 @@ from typing import Annotated, Any
 import msgspec
 import structlog
 
-from gateway.dispatch import Dispatcher
-from gateway.envelope import Envelope, Receipt
-from gateway.patterns import SourcePattern
-from gateway.route import _NO_LIMIT, Overflow, Route, RoutePlan, RoutePolicy, RouteState
-from gateway.spool import Pending, Spool, SpoolError
+from gateway.core.dispatch import Dispatcher
+from gateway.core.envelope import Envelope, Receipt
+from gateway.core.route import _NO_LIMIT, Overflow, Route, RoutePlan, RoutePolicy, RouteState
+from gateway.routes.spool import Pending, Spool, SpoolError
+from gateway.routing.patterns import SourcePattern
 
 log = structlog.get_logger("gateway.spool")
 

@@ -9,8 +9,8 @@ the target for it and tests the result against the pattern.
 from __future__ import annotations
 
 from gateway.errors import TemplateError
-from gateway.patterns import SegmentKind, SourcePattern
-from gateway.templates import Match, Template
+from gateway.routing.patterns import SegmentKind, SourcePattern
+from gateway.routing.templates import Match, Template
 
 _SAMPLE = "x"
 

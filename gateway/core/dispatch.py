@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.envelope import Envelope
+from gateway.core.envelope import Envelope
+from gateway.core.flow import FlowGate
+from gateway.core.route import Delivery, Flight, Route, RoutePlan, RouteStats, Target
 from gateway.errors import SinkError
-from gateway.flow import FlowGate
-from gateway.patterns import TopicSyntax
-from gateway.route import Delivery, Flight, Route, RoutePlan, RouteStats, Target
-from gateway.router import Router
+from gateway.routing.patterns import TopicSyntax
+from gateway.routing.router import Router
 
 __all__ = ["Delivery", "Dispatcher", "Flight", "Plan", "Route", "RoutePlan", "RouteStats", "Target"]
 

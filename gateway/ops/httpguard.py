@@ -17,8 +17,8 @@ from typing import Any, cast
 import structlog
 from aiohttp import web
 
-from gateway.logs import Flood
-from gateway.metrics import family
+from gateway.ops.logs import Flood
+from gateway.ops.metrics import family
 
 log = structlog.get_logger("gateway.http")
 

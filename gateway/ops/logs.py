@@ -20,7 +20,7 @@ from typing import Any, Literal, TextIO
 
 import structlog
 
-from gateway.redact import scrub
+from gateway.util.redact import scrub
 
 Format = Literal["auto", "json", "console"]
 

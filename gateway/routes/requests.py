@@ -34,9 +34,9 @@ from typing import Any, Literal
 
 import msgspec
 
-from gateway.bounds import Count, Seconds
-from gateway.envelope import Envelope
-from gateway.route import Delivery, Route, RoutePlan, RouteState
+from gateway.config.bounds import Count, Seconds
+from gateway.core.envelope import Envelope
+from gateway.core.route import Delivery, Route, RoutePlan, RouteState
 
 KINDS = ("nats", "mqtt")
 """Connector kinds that carry a reply address."""

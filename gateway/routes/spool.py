@@ -33,7 +33,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.envelope import Envelope, Headers
+from gateway.core.envelope import Envelope, Headers
 
 _HEADER = struct.Struct("<II")
 _SEGMENT_SUFFIX = ".log"

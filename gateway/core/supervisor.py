@@ -17,8 +17,8 @@ from collections.abc import Mapping
 
 import structlog
 
-from gateway.connector import Connector
-from gateway.route import Overflow, Route, RouteState
+from gateway.core.connector import Connector
+from gateway.core.route import Overflow, Route, RouteState
 
 log = structlog.get_logger("gateway.supervisor")
 

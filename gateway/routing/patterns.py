@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from gateway.errors import TemplateError
-from gateway.headers import MQTT_UNSAFE
+from gateway.routing.headers import MQTT_UNSAFE
 
 _CAPTURE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _KAFKA_LEGAL = re.compile(r"[A-Za-z0-9._-]+\Z")

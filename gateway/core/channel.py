@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import ConnectorError
 
 if TYPE_CHECKING:
-    from gateway.connector import Connector
+    from gateway.core.connector import Connector
 
 
 STABLE_AFTER = 10.0

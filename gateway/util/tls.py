@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from gateway.redact import register_secret
+from gateway.util.redact import register_secret
 
 
 class TlsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

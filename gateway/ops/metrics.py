@@ -23,8 +23,8 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from gateway import __version__
-from gateway.channel import ConnectorState
-from gateway.route import Latency, Route, RouteState
+from gateway.core.channel import ConnectorState
+from gateway.core.route import Latency, Route, RouteState
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

@@ -44,8 +44,9 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from gateway import __version__
+from gateway.core.route import Latency, Route
 from gateway.errors import GatewayError
-from gateway.httpguard import (
+from gateway.ops.httpguard import (
     HANDLER_ARGS,
     HEADER_TIMEOUT,
     MAX_CONNECTIONS,
@@ -53,10 +54,9 @@ from gateway.httpguard import (
     GuardedHandler,
     GuardedSite,
 )
-from gateway.metrics import CONTENT_TYPE, exposition
-from gateway.redact import scrub
-from gateway.route import Latency, Route
-from gateway.spooled import SpooledRoute
+from gateway.ops.metrics import CONTENT_TYPE, exposition
+from gateway.routes.spooled import SpooledRoute
+from gateway.util.redact import scrub
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import TemplateError
-from gateway.patterns import SourcePattern, TopicSyntax
+from gateway.routing.patterns import SourcePattern, TopicSyntax
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 

@@ -7,7 +7,7 @@ talks to the broker. The core knows these shapes and nothing of the broker
 libraries behind them.
 
 A :class:`Connector` keeps one or more connections up, each a
-:class:`~gateway.channel.Channel` running one *session* at a time: connect,
+:class:`~gateway.core.channel.Channel` running one *session* at a time: connect,
 serve, and return or raise :class:`ConnectorError` when the connection is
 lost. Most connectors have one channel (:meth:`Connector.session`); MQTT
 gives every source route its own session, so that one route can be cut off
@@ -28,11 +28,11 @@ from typing import Any, ClassVar
 import msgspec
 import structlog
 
-from gateway.backoff import Backoff
-from gateway.channel import Channel, ConnectorState
-from gateway.dispatch import Route
-from gateway.patterns import SourcePattern, TopicSyntax
-from gateway.sink import Sink
+from gateway.core.channel import Channel, ConnectorState
+from gateway.core.dispatch import Route
+from gateway.core.sink import Sink
+from gateway.routing.patterns import SourcePattern, TopicSyntax
+from gateway.util.backoff import Backoff
 
 
 class PatternError(ValueError):

@@ -30,9 +30,9 @@ from typing import Any, Literal
 
 import msgspec
 
-from gateway.envelope import Envelope
+from gateway.core.envelope import Envelope
 from gateway.errors import SinkError, TemplateError
-from gateway.templates import Match, payload_field
+from gateway.routing.templates import Match, payload_field
 
 Codec = Literal["passthrough", "json_to_msgpack", "msgpack_to_json"]
 FieldType = Literal["str", "int", "float", "bool", "any", "str?", "int?", "float?", "bool?", "any?"]

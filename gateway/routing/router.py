@@ -4,7 +4,7 @@ A lookup walks one trie level per topic level, so its cost grows with the
 topic's depth and the number of *matching* rules, not with the number of rules
 (10 or 100 000 rules route at nearly the same speed). Regex rules (Kafka
 ``pattern`` sources) cannot live in a trie; they are tried in order after it.
-Callers cache results per topic (see :mod:`gateway.dispatch`).
+Callers cache results per topic (see :mod:`gateway.core.dispatch`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Generic, TypeVar
 
-from gateway.patterns import SegmentKind, SourcePattern, TopicSyntax
-from gateway.templates import Match
+from gateway.routing.patterns import SegmentKind, SourcePattern, TopicSyntax
+from gateway.routing.templates import Match
 
 T = TypeVar("T")
 
