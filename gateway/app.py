@@ -27,11 +27,13 @@ from gateway.config import Config, load_config
 from gateway.config.registry import plugins
 from gateway.core.channel import ConnectorState
 from gateway.core.connector import Connector, ConnectorContext
-from gateway.core.route import Overflow, Route, RoutePolicy, RouteState, Target
+from gateway.core.flight import Target
+from gateway.core.policies import Overflow, RoutePolicy, RouteState
+from gateway.core.route import Route
 from gateway.core.sink import Sink
 from gateway.core.supervisor import Supervisor
 from gateway.errors import ConfigError, ConfigIssue
-from gateway.routes.requests import ReplyRoute, Requests
+from gateway.routes.requests import ReplyRoute, RequestRoute, Requests
 from gateway.routes.spooled import SpooledRoute
 from gateway.routes.transform import Transform
 
@@ -80,6 +82,8 @@ def build_routes(config: Config) -> dict[str, Route]:
         )
         if rc.request is not None and rc.request.replies_for is not None:
             route: Route = ReplyRoute(s.name, rc.source.connector, rc.source, rc.patterns, policy)
+        elif rc.request is not None:
+            route = RequestRoute(s.name, rc.source.connector, rc.source, rc.patterns, policy)
         elif s.spool is None:
             route = Route(s.name, rc.source.connector, rc.source, rc.patterns, policy)
         else:
@@ -196,7 +200,7 @@ class Gateway:
             if isinstance(route, ReplyRoute):
                 route.table = table
                 table.bind(route)  # error replies made while a reload replaced it go out now
-            else:
+            elif isinstance(route, RequestRoute):
                 route.requests = table
             live.add(name)
         for name in set(self.requests) - live:

@@ -191,7 +191,7 @@ def _explanation(config: Config, source: str, connector: str, topic: str) -> _Ex
     from gateway.app import build_routes
     from gateway.config.registry import plugins
     from gateway.core.dispatch import Dispatcher
-    from gateway.core.route import Delivery
+    from gateway.core.flight import Delivery
 
     def rendered(d: Delivery) -> _Rendered:
         t = d.target

@@ -90,3 +90,17 @@ class HeadersTooLarge(HeaderError):
         super().__init__(
             f"{count} headers of {size} bytes exceed the limits of {max_count} headers / {max_bytes} bytes"
         )
+
+
+class PayloadError(SinkError):
+    """The payload cannot be decoded, or does not match the route's schema: failed for good."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=False)
+
+    @classmethod
+    def of(cls, exc: Exception) -> PayloadError:
+        """Any other error one payload caused while the route worked on it (it fails that message alone)."""
+        if isinstance(exc, RecursionError):
+            return cls("payload nested too deeply to decode or convert")
+        return cls(f"cannot process the payload: {type(exc).__name__}: {exc}")

@@ -41,8 +41,8 @@ from aiokafka.structs import ConsumerRecord
 from gateway.core.dispatch import Dispatcher
 from gateway.core.envelope import Envelope, Receipt
 from gateway.errors import SinkError
-from gateway.ops.logs import Flood
 from gateway.routing.headers import from_bytes
+from gateway.util.flood import Flood
 
 log = structlog.get_logger("gateway.connector.kafka")
 

@@ -40,7 +40,7 @@ from connectors.mqtt.source import RetainedSubscriber, SourceCounters, Subscribe
 from gateway.core.channel import Channel
 from gateway.core.connector import Connector, ConnectorContext
 from gateway.core.dispatch import Dispatcher, Route
-from gateway.core.route import Overflow
+from gateway.core.policies import Overflow
 from gateway.core.sink import Sink
 from gateway.errors import ConnectorError
 from gateway.routing.patterns import MQTT

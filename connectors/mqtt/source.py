@@ -29,7 +29,7 @@ from connectors.mqtt.codec import PUBACK, PUBREC, ack
 from gateway.core.dispatch import Dispatcher, RouteStats
 from gateway.core.envelope import Envelope, Headers, Receipt
 from gateway.errors import SinkError
-from gateway.ops.logs import Flood
+from gateway.util.flood import Flood
 
 log = structlog.get_logger("gateway.connector")
 

@@ -14,11 +14,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from gateway.config.bounds import Bytes, Count, PayloadBytes, Seconds, SecondsOrZero
+from gateway.config.options import Codec, RequestConfig, RequestLeg, RetryPolicy, SchemaConfig, SpoolConfig
 from gateway.core.connector import SourceSpec, TargetSpec
-from gateway.core.route import RetryPolicy
-from gateway.routes.requests import RequestConfig, RequestLeg
-from gateway.routes.spooled import SpoolConfig
-from gateway.routes.transform import Codec, SchemaConfig
 from gateway.routing.patterns import SourcePattern
 from gateway.routing.templates import Template
 from gateway.util.backoff import Backoff

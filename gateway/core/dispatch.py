@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gateway.core.envelope import Envelope
+from gateway.core.flight import Delivery, Flight, RoutePlan, Target
 from gateway.core.flow import FlowGate
-from gateway.core.route import Delivery, Flight, Route, RoutePlan, RouteStats, Target
+from gateway.core.route import Route
+from gateway.core.stats import RouteStats
 from gateway.errors import SinkError
 from gateway.routing.patterns import TopicSyntax
 from gateway.routing.router import Router

@@ -22,374 +22,58 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from enum import Enum
 from time import monotonic_ns
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Any, ClassVar, Literal, Protocol
 
 import msgspec
 import structlog
 
-from gateway.config.bounds import Seconds
+from gateway.config.options import RequestLeg
 from gateway.core.envelope import Envelope
+from gateway.core.flight import (
+    MAX_RESUBMITS,
+    STUCK_FACTOR,
+    SUPERSEDED,
+    DeadLetter,
+    Delivery,
+    Flight,
+    RoutePlan,
+    Target,
+    original_of,
+)
 from gateway.core.flow import FlowGate
+from gateway.core.policies import NO_LIMIT, Overflow, RoutePolicy, RouteState
+from gateway.core.sink import Sink
+from gateway.core.stats import Latency, RouteStats
 from gateway.errors import (
-    GatewayError,
     HeaderError,
     HeadersTooLarge,
+    PayloadError,
     PayloadTooLarge,
     SinkError,
     TemplateError,
     Unavailable,
 )
-from gateway.ops.logs import Flood
-from gateway.routes.transform import PayloadError, Transform
 from gateway.routing.patterns import SourcePattern
-from gateway.routing.templates import Match, Template
-from gateway.util.backoff import Backoff
-
-if TYPE_CHECKING:
-    from gateway.core.sink import Sink
-    from gateway.routes.requests import RequestLeg, Requests
+from gateway.routing.templates import Match
+from gateway.util.flood import Flood
 
 log = structlog.get_logger("gateway.route")
 
-
-class Overflow(Enum):
-    BLOCK = "block"
-    DROP_NEWEST = "drop_newest"
-    DROP_OLDEST = "drop_oldest"
-    DISCONNECT = "disconnect"
+Refusal = Literal["invalid", "filtered"]
+Ending = Literal["full", "released", "failed"]
 
 
-class RouteState(Enum):
-    RUNNING = "running"
-    DISCONNECTED = "disconnected"
-    """Cut off as a slow consumer; reconnects after a backoff."""
-    STOPPED = "stopped"
-    """Stopped by ``on_error: stop``; needs an operator."""
+class Stage(Protocol):
+    """The content stage a route runs before admission (``where``, ``schema``, ``codec``, ``headers``):
+    :class:`gateway.routes.transform.Transform`."""
 
+    doc: Any
+    """The payload as decoded by the last :meth:`apply` (what ``{payload.FIELD}`` templates read)."""
 
-class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Retries of a target that failed with a retriable error the broker returned for the message. A lost
-    connection is not one (the message is resent on the next), nor is a target that is unavailable for now
-    (:class:`~gateway.errors.Unavailable`): both are waited out, however long, within the route's budget."""
-
-    attempts: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 5
-    """Tries after the first one; 0 disables retries."""
-    initial: Seconds = 0.2
-    """Seconds; cap of the first delay (full jitter)."""
-    max: Seconds = 10.0
-    """Seconds; cap of any delay."""
-    max_time: Seconds = 60.0
-    """Seconds since the first failure after which the message fails for good."""
-
-    def delay(self, attempt: int) -> float:
-        return Backoff(initial=self.initial, max=self.max).delay(attempt)
-
-
-_NO_LIMIT = 1 << 62
-"""``max_payload`` when none is set: one integer comparison per message either way."""
-
-
-class RoutePolicy(msgspec.Struct, frozen=True):
-    """The flow-control and error settings of one route, resolved from its config."""
-
-    max_in_flight: int = 10_000
-    max_in_flight_bytes: int = 16 * 1024 * 1024
-    overflow: Overflow = Overflow.BLOCK
-    slow_consumer_deadline: float | None = 30.0
-    retry: RetryPolicy = RetryPolicy()
-    on_error: str = "drop"
-    reconnect: Backoff = Backoff(initial=0.5, max=30.0)
-    max_payload: int | None = None
-    """The route's own limit and its source connector's, the smaller; None: none."""
-    max_headers: int = 64
-    max_header_bytes: int = 16 * 1024
-    stuck_after: float | None = None
-    """Seconds a message may stay in flight, its targets connected, before the watchdog submits it again;
-    None: :data:`STUCK_FACTOR` times the slowest target sink's own timeout."""
-
-
-class RouteStats:
-    """Monotonic counters of one route. ``received == acked + failed + dropped + filtered + in flight``."""
-
-    __slots__ = (
-        "acked",
-        "dead_lettered",
-        "dropped_overflow",
-        "dropped_released",
-        "failed",
-        "filtered",
-        "received",
-        "resubmitted",
-        "retried",
-        "sent",
-        "slow_consumer_disconnects",
-    )
-
-    def __init__(self) -> None:
-        self.received = 0
-        self.sent = 0
-        """Target deliveries the sink broker confirmed (a fan-out message counts once per target)."""
-        self.acked = 0
-        self.failed = 0
-        self.dead_lettered = 0
-        """Of ``failed``: written to the dead-letter target."""
-        self.retried = 0
-        """Target deliveries tried again after a retriable error."""
-        self.dropped_overflow = 0
-        self.dropped_released = 0
-        self.filtered = 0
-        """Messages the route's ``where`` left out (acknowledged, not delivered)."""
-        self.slow_consumer_disconnects = 0
-        self.resubmitted = 0
-        """Messages the watchdog submitted again: in flight past ``stuck_after`` with no confirmation."""
-
-    @property
-    def dropped(self) -> int:
-        return self.dropped_overflow + self.dropped_released
-
-    def as_dict(self) -> dict[str, int]:
-        return {**{k: getattr(self, k) for k in self.__slots__}, "dropped": self.dropped}
-
-
-_LATENCY_SHIFT = 18
-"""The first latency bucket ends at 2**18 ns (0.26 ms); each next one doubles."""
-LATENCY_BUCKETS = 18
-"""Bounded buckets, up to 2**35 ns (34 s); above that, the unbounded one."""
-
-
-class Latency:
-    """Source receive → last target confirmed, per acknowledged message: a histogram of doubling buckets.
-
-    The bucket is the bit length of the latency in units of 2**18 ns, so recording one costs a
-    clock read, a shift and two additions (~0.14 µs; see loadtests/RESULTS.md). The route records
-    inline in :meth:`Route.finish`; the monitor reads it, nothing resets it.
-    """
-
-    __slots__ = ("counts", "sum_ns")
-
-    def __init__(self) -> None:
-        self.counts = [0] * 48
-        """Indexed by ``(ns >> 18).bit_length()``; indexes from ``LATENCY_BUCKETS`` up are the unbounded bucket."""
-        self.sum_ns = 0
-
-    def observe_ns(self, ns: int) -> None:
-        self.counts[(ns >> _LATENCY_SHIFT).bit_length()] += 1
-        self.sum_ns += ns
-
-    @property
-    def buckets(self) -> list[float]:
-        """Upper bounds in seconds of the bounded buckets."""
-        return [2 ** (_LATENCY_SHIFT + i) / 1e9 for i in range(LATENCY_BUCKETS)]
-
-    def bucket_counts(self) -> list[int]:
-        """Per bounded bucket, then the unbounded one (not cumulative)."""
-        return [*self.counts[:LATENCY_BUCKETS], sum(self.counts[LATENCY_BUCKETS:])]
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def quantile(self, q: float) -> float | None:
-        """The ``q`` quantile in seconds, interpolated inside its bucket; None before any message."""
-        counts = self.bucket_counts()
-        total = sum(counts)
-        if total == 0:
-            return None
-        rank = q * total
-        seen = 0
-        lower = 0.0
-        for upper, n in zip(self.buckets, counts, strict=False):
-            if n and seen + n >= rank:
-                return lower + (upper - lower) * (rank - seen) / n
-            seen += n
-            lower = upper
-        return lower  # in the unbounded bucket: at least the largest bound
-
-
-class Target:
-    """One compiled ``to`` entry (or the ``dead_letter``) of a route."""
-
-    __slots__ = (
-        "address",
-        "connector",
-        "index",
-        "key",
-        "max_payload",
-        "reads_payload",
-        "replies",
-        "route",
-        "sink",
-        "spec",
-    )
-
-    def __init__(
-        self,
-        route: Route,
-        index: int,
-        connector: str,
-        spec: Any,
-        address: Template,
-        key: Template | None,
-        max_payload: int | None = None,
-    ) -> None:
-        self.route = route
-        self.index = index
-        """Position in ``to``; -1 for the dead-letter target."""
-        self.connector = connector
-        self.spec = spec
-        self.address = address
-        self.key = key
-        self.sink: Sink | None = None
-        """Bound by the gateway when the connector is built."""
-        self.reads_payload = address.reads_payload or (key is not None and key.reads_payload)
-        """The subject, topic or key holds ``{payload.FIELD}``: rendered per message."""
-        self.max_payload = max_payload if max_payload is not None else _NO_LIMIT
-        """The target connector's ``max_payload``: larger messages fail here, never reach its sink."""
-        self.replies = False
-        """The target publishes ``env.reply`` as the reply address (a request route's NATS target)."""
-
-    def render(self, match: Match) -> Delivery:
-        if self.reads_payload:
-            return Delivery(self, "", None, None, match)  # rendered per message: Route.render_payload
-        try:
-            address = self.address.render(match)
-            key = self.key.render(match).encode() if self.key is not None else None
-        except TemplateError as exc:
-            return Delivery(self, "", None, exc)
-        except Exception as exc:  # a source name no target text can hold (a lone surrogate, ...): this topic's
-            return Delivery(self, "", None, TemplateError(f"cannot render {self.address.text!r}: {exc!r}"))
-        return Delivery(self, address, key, None)
-
-
-class Delivery:
-    """A target rendered for one source topic; cached with the topic's plan."""
-
-    __slots__ = ("address", "error", "key", "match", "max_payload", "replies", "sink", "target")
-
-    def __init__(
-        self,
-        target: Target,
-        address: str,
-        key: bytes | None,
-        error: GatewayError | None,
-        match: Match | None = None,
-    ) -> None:
-        self.target = target
-        self.match = match
-        """Set when the target's templates read the payload: rendered per message from this match."""
-        self.sink = target.sink
-        self.max_payload = target.max_payload
-        self.replies = target.replies
-        self.address = address
-        self.key = key
-        self.error = error
-
-
-class RoutePlan:
-    """What one route does with one source topic: its rendered targets and dead letter."""
-
-    __slots__ = ("dead_letter", "deliveries", "match", "route")
-
-    def __init__(
-        self,
-        route: Route,
-        deliveries: tuple[Delivery, ...],
-        dead_letter: Delivery | None,
-        match: Match | None = None,
-    ) -> None:
-        self.route = route
-        self.deliveries = deliveries
-        self.dead_letter = dead_letter
-        self.match = match
-        """What the source pattern matched (captures for header templates)."""
-
-
-_SUPERSEDED = 1 << 60
-"""``pending`` of a flight the watchdog replaced: whatever its sinks still report cannot finish it."""
-STUCK_FACTOR = 3
-"""``stuck_after`` by default: this many times the slowest target sink's own timeout."""
-MAX_RESUBMITS = 3
-"""Times the watchdog submits one message again before it fails it (dead letter / on_error)."""
-
-
-class Flight:
-    """One message inside one route, until every target of the route is done with it."""
-
-    __slots__ = ("attempts", "closed", "env", "error", "nbytes", "pending", "plan", "released", "route")
-
-    def __init__(self, route: Route, env: Envelope, plan: RoutePlan, nbytes: int) -> None:
-        self.route = route
-        self.env = env
-        self.plan = plan
-        self.pending = len(plan.deliveries)
-        self.nbytes = nbytes
-        self.error: BaseException | None = None
-        self.released = False
-        self.closed = False
-        """The route let it go (its budget slot is free); set once."""
-        self.attempts: dict[int, tuple[int, float, int]] | None = None
-        """Per target index: (retries so far, time of the first failure, waits for an unavailable target);
-        only once something failed."""
-
-    def done(self) -> None:
-        """A target's broker confirmed the message."""
-        self.route.stats.sent += 1
-        self.pending -= 1
-        if self.pending == 0:
-            self.route.finish(self)
-
-    def fail(self, delivery: Delivery, error: BaseException) -> None:
-        """A target refused or could not take the message; retriable errors are tried again later."""
-        if isinstance(error, SinkError) and error.retriable:
-            if self.route.state is RouteState.DISCONNECTED:
-                self.release()  # cut off meanwhile: give it back rather than call it a failure
-                return
-            if self.route.schedule_retry(self, delivery, error):
-                return
-        if self.error is None:
-            self.error = error
-        self.pending -= 1
-        if self.pending == 0:
-            self.route.finish(self)
-
-    def release(self) -> None:
-        """A target gives the message up undelivered (its route was disconnected)."""
-        self.released = True
-        self.pending -= 1
-        if self.pending == 0:
-            self.route.finish(self)
-
-
-class DeadLetter(Flight):
-    """The dead-letter write of a failed flight; its outcome completes the original."""
-
-    __slots__ = ("original",)
-
-    def __init__(self, original: Flight, env: Envelope, plan: RoutePlan) -> None:
-        super().__init__(original.route, env, plan, 0)
-        self.pending = 1
-        self.original = original
-
-    # Through the original's route, read now: a reload may have handed the original to its successor.
-    def done(self) -> None:
-        self.original.route.dead_letter_done(self.original, None)
-
-    def fail(self, delivery: Delivery, error: BaseException) -> None:
-        if isinstance(error, SinkError) and error.retriable:
-            self.original.route.schedule_retry(self, delivery, error, forever=True)
-            return
-        self.original.route.dead_letter_done(self.original, error)
-
-    def release(self) -> None:
-        self.original.released = True
-        self.original.route.dead_letter_done(self.original, None)
-
-
-def _original(flight: Flight) -> Flight:
-    """The flight a dead-letter write completes, or the flight itself."""
-    return flight.original if isinstance(flight, DeadLetter) else flight
+    def apply(self, env: Envelope, match: Match | None = None) -> Envelope | None:
+        """The message to admit (changed or not), or None to filter it out; raises for a bad payload."""
+        ...
 
 
 class Route:
@@ -405,17 +89,15 @@ class Route:
         self.policy = policy or RoutePolicy()
         self.max_in_flight = self.policy.max_in_flight
         self.max_in_flight_bytes = self.policy.max_in_flight_bytes
-        self.max_payload = self.policy.max_payload if self.policy.max_payload is not None else _NO_LIMIT
+        self.max_payload = self.policy.max_payload if self.policy.max_payload is not None else NO_LIMIT
         self.max_headers = self.policy.max_headers
         self.max_header_bytes = self.policy.max_header_bytes
-        self.transform: Transform | None = None
-        """The route's where / schema / codec / headers, compiled; None keeps the pass-through path."""
+        self._transform: Stage | None = None
+        self._staged = self.always_staged
         self.payload_templates = False
         """Some target's subject, topic or key reads the payload (``{payload.FIELD}``): rendered per message."""
         self.request_leg: RequestLeg | None = None
         """``request:`` settings (of a request route or of its companion ``.replies`` route)."""
-        self.requests: Requests | None = None
-        """A request route's table of requests waiting for an answer (bound by the gateway)."""
         self.targets: list[Target] = []
         self.dead_letter: Target | None = None
         self.in_flight = 0
@@ -448,54 +130,84 @@ class Route:
     def __repr__(self) -> str:
         return f"Route({self.name!r})"
 
+    always_staged: ClassVar[bool] = False
+    """A route kind whose :meth:`stage` runs for every message, transform or not (request/reply)."""
+
+    @property
+    def transform(self) -> Stage | None:
+        """The route's where / schema / codec / headers, compiled; None keeps the pass-through path."""
+        return self._transform
+
+    @transform.setter
+    def transform(self, stage: Stage | None) -> None:
+        self._transform = stage
+        self._staged = stage is not None or self.always_staged
+
     # -- the per-message path ---------------------------------------------------------------
     def admit(self, env: Envelope, plan: RoutePlan) -> None:
+        """One message matched by this route: run the content stage, then admit it under the budget and
+        hand it to every target's sink."""
         nbytes = len(env.payload)
         self.stats.received += 1
         if self.state is not RouteState.RUNNING:
             # Cut off or stopped: what still arrives goes back (redelivered by durable sources).
             self.stats.dropped_released += 1
-            if self.requests is not None and env.reply is not None and env.receipt is None:  # not redelivered
-                self.requests.refuse(env, 503, f"route {self.name!r} is {self.state.value}")
+            self.turned_away(env)
             self._settle(env.receipt, released=True)
             return
-        if self.transform is not None:  # where / schema / codec / headers: None on the pass-through path
-            try:
-                changed = self.transform.apply(env, plan.match)
-                if changed is not None and self.payload_templates:
-                    plan = self.render_payload(plan, self.transform.doc)
-            except Exception as exc:  # whatever one payload does, it fails alone, here
-                exc = exc if isinstance(exc, PayloadError) else PayloadError.of(exc)
-                if self.requests is not None and env.reply is not None:
-                    self.requests.refuse(env, 400, f"the request was refused: {exc}")
-                self.in_flight += 1
-                self.in_flight_bytes += nbytes
-                flight = Flight(self, env, plan, nbytes)
-                self._track(flight)
-                self._refuse(flight, exc)
+        if self._staged:  # where / schema / codec / headers (and a route kind's own step): not on pass-through
+            staged = self.stage(env, plan, nbytes)
+            if staged is None:
                 return
-            if changed is None:
-                self.stats.filtered += 1
-                if self.requests is not None and env.reply is not None:
-                    self.requests.refuse(env, 404, f"route {self.name!r} does not take this request (where)")
-                self._settle(env.receipt, released=False)
-                return
-            env = changed
-            if self.requests is not None and env.reply is not None:
-                opened = self.requests.open(env, plan)
-                if opened is None:  # too many waiting: the requester got an error reply at once
-                    self.stats.failed += 1
-                    self._settle(env.receipt, released=False)
-                    return
-                env, plan = opened
+            env, plan = staged
+        self.enter(env, plan, nbytes)
+
+    def stage(self, env: Envelope, plan: RoutePlan, nbytes: int) -> tuple[Envelope, RoutePlan] | None:
+        """The content stage before admission: the message to admit and its plan, or None when the stage
+        settled it (filtered out, or failed alone through the route's error policy)."""
+        transform = self._transform
+        if transform is None:
+            return env, plan
+        try:
+            changed = transform.apply(env, plan.match)
+            if changed is not None and self.payload_templates:
+                plan = self.render_payload(plan, transform.doc)
+        except Exception as exc:  # whatever one payload does, it fails alone, here
+            exc = exc if isinstance(exc, PayloadError) else PayloadError.of(exc)
+            self.refused(env, "invalid", exc)
+            self.in_flight += 1
+            self.in_flight_bytes += nbytes
+            flight = Flight(self, env, plan, nbytes)
+            self._track(flight)
+            self._refuse(flight, exc)
+            return None
+        if changed is None:
+            self.stats.filtered += 1
+            self.refused(env, "filtered", None)
+            self._settle(env.receipt, released=False)
+            return None
+        return changed, plan
+
+    # Hooks of the route kinds, called off the per-message path's common case only.
+    def turned_away(self, env: Envelope) -> None:
+        """A message arrived while the route is not running (it is released)."""
+
+    def refused(self, env: Envelope, reason: Refusal, error: BaseException | None) -> None:
+        """The content stage refused a message: ``invalid`` (a bad payload: ``error``) or ``filtered``."""
+
+    def given_up(self, env: Envelope, reason: Ending, error: BaseException | None) -> None:
+        """An admitted message ends undelivered: dropped because the route is ``full``, ``released`` (cut off),
+        or ``failed`` (``error``)."""
+
+    def enter(self, env: Envelope, plan: RoutePlan, nbytes: int) -> None:
+        """Admission proper: the overflow policy and the budget, then one flight to every target's sink."""
         if (
             self._drop
             and (self.in_flight >= self.max_in_flight or self.in_flight_bytes + nbytes > self.max_in_flight_bytes)
             and not (self.policy.overflow is Overflow.DROP_OLDEST and self._evict_oldest())
         ):
             self.stats.dropped_overflow += 1
-            if self.requests is not None:
-                self.requests.abort(env, 503, f"route {self.name!r} is full")
+            self.given_up(env, "full", None)
             self._settle(env.receipt, released=False)
             return
         self.in_flight += 1
@@ -567,8 +279,7 @@ class Route:
     def finish(self, flight: Flight) -> None:
         error = flight.error
         if error is not None and not flight.released:
-            if self.requests is not None:
-                self.requests.abort(flight.env, 502, f"the request could not be delivered: {error}")
+            self.given_up(flight.env, "failed", error)
             if flight.plan.dead_letter is not None:
                 self._write_dead_letter(flight, error)
                 return
@@ -579,8 +290,7 @@ class Route:
                 flight.released = True  # not acknowledged: redelivered once the route runs again
         elif flight.released:
             self.stats.dropped_released += 1
-            if self.requests is not None:
-                self.requests.abort(flight.env, 503, f"route {self.name!r} gave the request up")
+            self.given_up(flight.env, "released", None)
         else:
             self.stats.acked += 1
             received = flight.env.received_ns
@@ -713,8 +423,7 @@ class Route:
         if item is None:
             return False
         self.stats.dropped_overflow += 1
-        if self.requests is not None:
-            self.requests.abort(item[0].env, 503, f"route {self.name!r} is full")
+        self.given_up(item[0].env, "full", None)
         self._close(item[0])
         return True
 
@@ -792,20 +501,20 @@ class Route:
         previously, self._waiting = self._waiting, set()
         if not candidates or self.state is not RouteState.RUNNING:
             return 0
-        waiting = {id(_original(f)) for f in self._timers.values()}
+        waiting = {id(original_of(f)) for f in self._timers.values()}
         down = False
         for t in (*self.targets, self.dead_letter):
             sink = t.sink if t is not None else None
             if sink is None:
                 continue
             down = down or sink.up_since is None or now - sink.up_since < bound
-            waiting.update(id(_original(f)) for f, _ in sink.queued())
+            waiting.update(id(original_of(f)) for f, _ in sink.queued())
         self._waiting = waiting
         if down:
             return 0  # a target is down or just came back: its messages wait for it, however long
         resubmitted = 0
         for flight in candidates:
-            if flight.closed or not 0 < flight.pending < _SUPERSEDED or id(flight) in waiting:
+            if flight.closed or not 0 < flight.pending < SUPERSEDED or id(flight) in waiting:
                 continue  # finished, its outcome decided (a dead letter under way), or waiting
             if id(flight) in previously:  # it left a queue or a retry timer since the last pass
                 self.handed_over(flight, now)
@@ -826,7 +535,7 @@ class Route:
     def _resubmit(self, flight: Flight, times: int, now: float) -> None:
         fresh = Flight(self, flight.env, flight.plan, flight.nbytes)
         fresh.attempts = flight.attempts
-        flight.pending = _SUPERSEDED
+        flight.pending = SUPERSEDED
         flight.closed = True  # its sinks' late reports change nothing, its requeues are dropped
         self._watched.pop(flight, None)
         self._track(fresh)
@@ -843,7 +552,7 @@ class Route:
         self._watched.pop(flight, None)
         error = SinkError(f"no target confirmed the message within {bound:g} s, {times + 1} times", retriable=False)
         flight.error = flight.error or error
-        pending, flight.pending = flight.pending, _SUPERSEDED  # late reports from its sinks change nothing now
+        pending, flight.pending = flight.pending, SUPERSEDED  # late reports from its sinks change nothing now
         if pending > 0:
             self.finish(flight)
 

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 
-from gateway.core.route import Delivery, Flight
+from gateway.core.flight import Delivery, Flight
 
 Item = tuple[Flight, Delivery]
 

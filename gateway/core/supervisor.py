@@ -18,7 +18,8 @@ from collections.abc import Mapping
 import structlog
 
 from gateway.core.connector import Connector
-from gateway.core.route import Overflow, Route, RouteState
+from gateway.core.policies import Overflow, RouteState
+from gateway.core.route import Route
 
 log = structlog.get_logger("gateway.supervisor")
 

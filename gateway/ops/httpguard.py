@@ -17,8 +17,8 @@ from typing import Any, cast
 import structlog
 from aiohttp import web
 
-from gateway.ops.logs import Flood
 from gateway.ops.metrics import family
+from gateway.util.flood import Flood
 
 log = structlog.get_logger("gateway.http")
 

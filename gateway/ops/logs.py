@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import sys
 import threading
-import time
 from types import TracebackType
 from typing import Any, Literal, TextIO
 
@@ -166,24 +164,3 @@ def _scrubbed(renderer: structlog.types.Processor) -> structlog.types.Processor:
 
 class _Handler(logging.StreamHandler[TextIO]):
     """The stdlib handler :func:`configure` installs (a second call replaces it, keeping any other)."""
-
-
-class Flood:
-    """Events that can come in floods (a poison topic, a connection storm): the first is logged, then at most
-    one summary per ``interval`` seconds with how many came since. Never a line per event."""
-
-    __slots__ = ("_count", "_last", "interval")
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._last = -math.inf
-        self._count = 0
-
-    def count(self) -> int:
-        """Count one event: how many to report if a line is due now (counted since the last line), else 0."""
-        self._count += 1
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            return 0
-        n, self._count, self._last = self._count, 0, now
-        return n

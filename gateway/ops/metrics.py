@@ -24,7 +24,10 @@ from typing import TYPE_CHECKING
 
 from gateway import __version__
 from gateway.core.channel import ConnectorState
-from gateway.core.route import Latency, Route, RouteState
+from gateway.core.policies import RouteState
+from gateway.core.route import Route
+from gateway.core.stats import Latency
+from gateway.routes.requests import RequestRoute
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -141,8 +144,8 @@ def _write_routes(routes: Sequence[Route], families: list[list[str]]) -> None:
         oldest.append(f"gateway_route_oldest_in_flight_seconds{lab}{r.oldest_in_flight(now_ns)}\n")
         for st, suffix in _STATES:
             state.append(f'gateway_route_state{{route="{name}{suffix}{int(r.state is st)}\n')
-        table = r.requests
-        if table is not None:
+        if isinstance(r, RequestRoute):
+            table = r.requests
             head = f'gateway_route_requests_total{{route="{escape(table.route)}",outcome="'
             requests.extend(f'{head}{outcome}"}} {n}\n' for outcome, n in table.stats.as_dict().items())
             pending.append(f'gateway_route_requests_pending{{route="{escape(table.route)}"}} {table.pending}\n')

@@ -44,7 +44,8 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from gateway import __version__
-from gateway.core.route import Latency, Route
+from gateway.core.route import Route
+from gateway.core.stats import Latency
 from gateway.errors import GatewayError
 from gateway.ops.httpguard import (
     HANDLER_ARGS,
@@ -55,6 +56,7 @@ from gateway.ops.httpguard import (
     GuardedSite,
 )
 from gateway.ops.metrics import CONTENT_TYPE, exposition
+from gateway.routes.requests import RequestRoute
 from gateway.routes.spooled import SpooledRoute
 from gateway.util.redact import scrub
 
@@ -116,7 +118,7 @@ def route_view(route: Route) -> dict[str, Any]:
         "stuck_after": route.stuck_bound(),
         **s.as_dict(),
         **({"spool": route.spool_view()} if isinstance(route, SpooledRoute) else {}),
-        **({"requests": route.requests.view()} if route.requests is not None else {}),
+        **({"requests": route.requests.view()} if isinstance(route, RequestRoute) else {}),
         "latency": {
             "count": lat.count,
             "sum_seconds": lat.sum_ns / 1e9,

@@ -29,40 +29,21 @@ import os
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
-from gateway.config.bounds import Count, Seconds
+from gateway.config.options import RequestConfig, RequestLeg
 from gateway.core.envelope import Envelope
-from gateway.core.route import Delivery, Route, RoutePlan, RouteState
+from gateway.core.flight import Delivery, RoutePlan
+from gateway.core.policies import RouteState
+from gateway.core.route import Ending, Refusal, Route
 
 KINDS = ("nats", "mqtt")
 """Connector kinds that carry a reply address."""
 ERROR_CODE = "Nats-Service-Error-Code"
 ERROR_TEXT = "Nats-Service-Error"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-
-
-class RequestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """``request:`` of a route between NATS and MQTT connectors: messages that expect a reply (NATS requests,
-    MQTT 5 publishes with a response topic) are answered through the gateway, or get an error reply."""
-
-    timeout: Seconds = 5.0
-    """Seconds to wait for the answer; then the requester gets an error reply (code 504)."""
-    max_pending: Count = 10_000
-    """Requests waiting for an answer; a request beyond that gets an error reply at once (code 503)."""
-    reply_to: str | None = None
-    """Where responders answer, on the target's connector: the MQTT response topic (default
-    ``gateway/<gateway id>/replies/<route>``) or the NATS subject prefix of reply subjects (default
-    ``_INBOX.<gateway id>.<route>``)."""
-    correlation: Literal["properties", "topic"] | None = None
-    """MQTT targets: ``properties`` (MQTT 5 response topic and correlation data) or ``topic`` (the MQTT 3.1.1
-    convention: the request goes to ``<topic>/<id>``, the device answers on ``<reply_to>/<id>``). Default:
-    ``properties`` on an MQTT 5 connector, ``topic`` on a 3.1.1 one."""
-    reply_qos: Literal[0, 1, 2] = 1
-    """MQTT requesters: QoS of the answer published to their response topic."""
 
 
 def _safe(text: str) -> str:
@@ -100,19 +81,6 @@ def reply_endpoints(
     else:
         to = {"connector": source_connector, "topic": "gateway/reply", "qos": config.reply_qos}
     return from_, to
-
-
-@dataclass(frozen=True, slots=True)
-class RequestLeg:
-    """A request route's settings, resolved at load time; ``replies_for`` marks its companion route."""
-
-    config: RequestConfig
-    responder: str
-    """Kind of the target's connector: ``nats`` or ``mqtt``."""
-    mode: str
-    """``properties`` or ``topic`` (MQTT responders), ``subject`` (NATS responders)."""
-    reply_to: str
-    replies_for: str | None = None
 
 
 class RequestStats:
@@ -327,25 +295,70 @@ class Requests:
             self._error(entry, 503, "the gateway is stopping, or the route was removed")
 
 
+class RequestRoute(Route):
+    """A route with ``request:``: what expects a reply is forwarded under a correlation id and remembered in
+    :attr:`requests`; every way it can end without an answer sends its requester an error reply."""
+
+    always_staged = True
+    requests: Requests
+    """The route's table of requests waiting for an answer (bound by the gateway; it outlives reloads)."""
+
+    def stage(self, env: Envelope, plan: RoutePlan, nbytes: int) -> tuple[Envelope, RoutePlan] | None:
+        staged = Route.stage(self, env, plan, nbytes)
+        if staged is None or staged[0].reply is None:  # settled by the content stage, or a one-way message
+            return staged
+        opened = self.requests.open(*staged)
+        if opened is None:  # too many waiting: the requester got an error reply at once
+            self.stats.failed += 1
+            self._settle(env.receipt, released=False)
+        return opened
+
+    def turned_away(self, env: Envelope) -> None:
+        if env.reply is not None and env.receipt is None:  # not redelivered: nobody else will answer it
+            self.requests.refuse(env, 503, f"route {self.name!r} is {self.state.value}")
+
+    def refused(self, env: Envelope, reason: Refusal, error: BaseException | None) -> None:
+        if env.reply is None:
+            return
+        if reason == "invalid":
+            self.requests.refuse(env, 400, f"the request was refused: {error}")
+        else:
+            self.requests.refuse(env, 404, f"route {self.name!r} does not take this request (where)")
+
+    def given_up(self, env: Envelope, reason: Ending, error: BaseException | None) -> None:
+        if reason == "failed":
+            self.requests.abort(env, 502, f"the request could not be delivered: {error}")
+        elif reason == "full":
+            self.requests.abort(env, 503, f"route {self.name!r} is full")
+        else:
+            self.requests.abort(env, 503, f"route {self.name!r} gave the request up")
+
+
 class ReplyRoute(Route):
     """``<route>.replies``: reads the answers on the responders' side and publishes each to its requester."""
 
+    always_staged = True
     table: Requests
-    """The request route's table (bound by the gateway); ``requests`` stays None here."""
+    """The request route's table (bound by the gateway)."""
 
-    def admit(self, env: Envelope, plan: RoutePlan) -> None:
-        if self.state is not RouteState.RUNNING:
-            Route.admit(self, env, plan)  # released (redelivered by MQTT); the request stays waiting
-            return
+    def stage(self, env: Envelope, plan: RoutePlan, nbytes: int) -> tuple[Envelope, RoutePlan] | None:
         entry = self.table.answer(env)
         if entry is None:  # nobody waits for it (any more): acknowledged, counted as filtered
-            self.stats.received += 1
             self.stats.filtered += 1
             self._settle(env.receipt, released=False)
-            return
-        self.deliver(msgspec.structs.replace(env, reply=None, correlation=entry.correlation), entry)
+            return None
+        return Route.stage(
+            self,
+            *self._addressed(msgspec.structs.replace(env, reply=None, correlation=entry.correlation), entry),
+            nbytes,
+        )
 
     def deliver(self, env: Envelope, entry: _Pending) -> None:
-        """Publish ``env`` to the requester behind ``entry`` (its reply subject or response topic)."""
-        target = self.targets[0]
-        Route.admit(self, env, RoutePlan(self, (Delivery(target, entry.address, None, None),), None))
+        """Publish the error reply ``env`` to the requester behind ``entry`` (its reply subject or response topic)."""
+        self.stats.received += 1
+        staged = Route.stage(self, *self._addressed(env, entry), len(env.payload))
+        if staged is not None:
+            self.enter(*staged, len(env.payload))
+
+    def _addressed(self, env: Envelope, entry: _Pending) -> tuple[Envelope, RoutePlan]:
+        return env, RoutePlan(self, (Delivery(self.targets[0], entry.address, None, None),), None)

@@ -26,14 +26,16 @@ import contextlib
 import os
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Any
 
-import msgspec
 import structlog
 
+from gateway.config.options import SpoolConfig
 from gateway.core.dispatch import Dispatcher
 from gateway.core.envelope import Envelope, Receipt
-from gateway.core.route import _NO_LIMIT, Overflow, Route, RoutePlan, RoutePolicy, RouteState
+from gateway.core.flight import RoutePlan
+from gateway.core.policies import NO_LIMIT, Overflow, RoutePolicy, RouteState
+from gateway.core.route import Route
 from gateway.routes.spool import Pending, Spool, SpoolError
 from gateway.routing.patterns import SourcePattern
 
@@ -41,23 +43,6 @@ log = structlog.get_logger("gateway.spool")
 
 _READ_BATCH = 256
 _COMMIT_INTERVAL = 0.2
-
-
-class SpoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """``spool:`` of a route: keep messages on local disk until the targets confirm them."""
-
-    path: str
-    """Directory of this route's spool (created; one route, one gateway process at a time)."""
-    max_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 44)] = 1024 * 1024 * 1024
-    """Bytes the spool may hold undelivered; then the route's ``overflow`` applies (``block`` pauses the
-    source, ``drop_newest`` / ``drop_oldest`` drop and count)."""
-    fsync: bool = True
-    """fsync each write before acknowledging the source (survives power loss); false survives a crash of
-    the gateway only, and is faster."""
-
-    def __post_init__(self) -> None:
-        if self.max_bytes < 1024 * 1024:
-            raise ValueError("max_bytes: at least 1 MiB")
 
 
 class SpoolReceipt(Receipt):
@@ -97,7 +82,7 @@ class SpooledRoute(Route):
         # The replay half keeps the budget itself (see _replay): the base admission must never saturate,
         # which would pause the source, nor drop, which is the spool's business.
         self._budget = (self.max_in_flight, self.max_in_flight_bytes)
-        self.max_in_flight = self.max_in_flight_bytes = _NO_LIMIT
+        self.max_in_flight = self.max_in_flight_bytes = NO_LIMIT
         self._drop = False
         self.spooled = 0
         """Messages written to the spool (this run)."""

@@ -26,16 +26,15 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from random import getrandbits
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
+from gateway.config.options import Codec, SchemaConfig
 from gateway.core.envelope import Envelope
-from gateway.errors import SinkError, TemplateError
+from gateway.errors import PayloadError, TemplateError
 from gateway.routing.templates import Match, payload_field
 
-Codec = Literal["passthrough", "json_to_msgpack", "msgpack_to_json"]
-FieldType = Literal["str", "int", "float", "bool", "any", "str?", "int?", "float?", "bool?", "any?"]
 _TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool, "any": Any}
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "eq": operator.eq,
@@ -47,34 +46,6 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "in": lambda a, b: a in b,
 }
 _MISSING = object()
-
-
-class PayloadError(SinkError):
-    """The payload cannot be decoded, or does not match the route's schema: failed for good."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retriable=False)
-
-    @classmethod
-    def of(cls, exc: Exception) -> PayloadError:
-        """Any other error one payload caused while the route worked on it (it fails that message alone)."""
-        if isinstance(exc, RecursionError):
-            return cls("payload nested too deeply to decode or convert")
-        return cls(f"cannot process the payload: {type(exc).__name__}: {exc}")
-
-
-class SchemaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """``schema:`` of a route: the payload must be an object with these fields (JSON, or msgpack with
-    ``codec: msgpack_to_json``). Invalid messages go to the dead letter with the validation error."""
-
-    fields: dict[str, FieldType]
-    """Field name → ``str``, ``int``, ``float``, ``bool`` or ``any``; a ``?`` suffix makes it optional."""
-    extra: bool = True
-    """Accept fields not listed."""
-
-    def __post_init__(self) -> None:
-        if not self.fields:
-            raise ValueError("fields: name at least one field")
 
 
 Condition = Callable[[Envelope, Any], bool]
@@ -246,7 +217,6 @@ class Transform:
             and section.codec == "passthrough"
             and not section.headers
             and not trace
-            and getattr(section, "request", None) is None  # request routes register their requests there
             and not payload_templates
         ):
             return None

@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from connectors.memory.broker import MemoryBroker
 from gateway import Gateway
 from gateway.config import parse_config
-from gateway.core.route import RouteStats
+from gateway.core.stats import RouteStats
 from tests.integration.kafka_batches import CODEC_IDS, CODECS, Rec, batch_codecs, raw_batch, read_records, send_raw
 from tests.support.brokers import Tansu
 from tests.support.clients import KafkaClient, wait_for

@@ -26,7 +26,8 @@ from connectors.nats.client import GatewayClient
 from connectors.nats.config import NatsConfig, NatsTarget
 from connectors.nats.sink import NatsSink
 from gateway.core.envelope import Envelope
-from gateway.core.route import Delivery, Flight, Route, RoutePlan, Target
+from gateway.core.flight import Delivery, Flight, RoutePlan, Target
+from gateway.core.route import Route
 from gateway.routing.headers import from_text, to_bytes
 from gateway.routing.patterns import MQTT, NATS, compile_pattern
 from gateway.routing.templates import compile_template

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from gateway.core.route import LATENCY_BUCKETS, Latency
+from gateway.core.stats import LATENCY_BUCKETS, Latency
 
 
 def test_buckets_double_from_a_quarter_millisecond() -> None:

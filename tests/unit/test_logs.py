@@ -13,7 +13,8 @@ import pytest
 import structlog
 
 from gateway.config.loader import parse_config
-from gateway.ops.logs import Flood, _Handler, _loop_exception, configure
+from gateway.ops.logs import _Handler, _loop_exception, configure
+from gateway.util.flood import Flood
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from connectors.memory.broker import MemoryBroker
 from gateway.app import Gateway
 from gateway.config import parse_config
-from gateway.core.route import Latency, RouteState
+from gateway.core.policies import RouteState
+from gateway.core.stats import Latency
 from gateway.ops.metrics import ROUTES_PER_CHUNK, exposition
 from gateway.ops.monitor import Monitor, quantiles
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from connectors.memory.broker import MemoryBroker, Record
 from gateway.app import Gateway
-from gateway.core.route import RouteState
+from gateway.core.policies import RouteState
 from gateway.errors import SinkError, Unavailable
 from tests.unit.conftest import StartGateway
 from tests.unit.harness import turns, until

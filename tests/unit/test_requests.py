@@ -12,10 +12,13 @@ from typing import Any
 import pytest
 
 from gateway.config.loader import parse_config
+from gateway.config.options import RequestConfig, RequestLeg
 from gateway.core.envelope import Envelope
-from gateway.core.route import Delivery, Route, RoutePlan, RouteState
+from gateway.core.flight import Delivery, RoutePlan
+from gateway.core.policies import RouteState
+from gateway.core.route import Route
 from gateway.errors import ConfigError
-from gateway.routes.requests import RequestConfig, RequestLeg, Requests
+from gateway.routes.requests import Requests
 
 CONNECTORS = """\
 connectors:

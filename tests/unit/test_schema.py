@@ -164,7 +164,7 @@ def test_only_the_selected_kinds() -> None:
 
 def struct_defs() -> list[type[msgspec.Struct]]:
     from gateway.config.model import GatewaySection, HttpSection, RouteSection
-    from gateway.core.route import RetryPolicy
+    from gateway.config.options import RetryPolicy
     from gateway.util.backoff import Backoff
 
     classes: list[type[msgspec.Struct]] = [GatewaySection, HttpSection, Backoff, RouteSection, RetryPolicy]

@@ -6,7 +6,7 @@ import time
 
 from connectors.memory.broker import MemoryBroker, Record
 from gateway.app import Gateway
-from gateway.core.route import MAX_RESUBMITS
+from gateway.core.flight import MAX_RESUBMITS
 from gateway.errors import SinkError, Unavailable
 from tests.unit.conftest import StartGateway
 from tests.unit.harness import turns, until
