@@ -26,7 +26,7 @@ import structlog
 from gateway.config import Config, load_config
 from gateway.config.registry import plugins
 from gateway.core.channel import ConnectorState
-from gateway.core.connector import Connector, ConnectorContext
+from gateway.core.connector import Connector, ConnectorContext, connector_class
 from gateway.core.flight import Target
 from gateway.core.policies import Overflow, RoutePolicy, RouteState
 from gateway.core.route import Route
@@ -177,7 +177,7 @@ class Gateway:
         )
 
     def _make_connector(self, config: Config, name: str) -> Connector:
-        return plugins()[config.kind(name)].load()(name, config.connectors[name], self._context)
+        return connector_class(plugins()[config.kind(name)])(name, config.connectors[name], self._context)
 
     def _bind(self, route: Route) -> None:
         for target in (*route.targets, route.dead_letter):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from gateway.config.bounds import PayloadBytes
-from gateway.core.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
+from gateway.config.plugin import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.routing.patterns import MQTT, SourcePattern, TopicSyntax, compile_pattern
 
 

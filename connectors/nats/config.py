@@ -9,7 +9,7 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 
 from gateway.config.bounds import Bytes, Count, PayloadBytes, Seconds
-from gateway.core.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
+from gateway.config.plugin import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.routing.patterns import NATS, SourcePattern, TopicSyntax, compile_pattern
 from gateway.util.redact import redact_url, register_secret
 from gateway.util.tls import TlsConfig

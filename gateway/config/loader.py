@@ -23,14 +23,14 @@ import yaml
 
 from gateway.config.model import Config, FileSection, RouteConfig, RouteSection, TargetConfig
 from gateway.config.options import RequestLeg
+from gateway.config.plugin import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.config.registry import plugins
-from gateway.core.connector import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.errors import ConfigError, ConfigIssue, TemplateError
 from gateway.routes.requests import KINDS, default_reply_to, reply_endpoints, reply_route_name
-from gateway.routes.transform import WhereError, compile_header, compile_where
 from gateway.routing.loops import echo
 from gateway.routing.patterns import SourcePattern
-from gateway.routing.templates import compile_template
+from gateway.routing.templates import compile_header, compile_template
+from gateway.routing.where import WhereError, compile_where
 from gateway.util.redact import MASK, MIN_SECRET_LENGTH
 from gateway.util.tls import check_files
 

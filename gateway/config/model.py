@@ -15,7 +15,7 @@ import msgspec
 
 from gateway.config.bounds import Bytes, Count, PayloadBytes, Seconds, SecondsOrZero
 from gateway.config.options import Codec, RequestConfig, RequestLeg, RetryPolicy, SchemaConfig, SpoolConfig
-from gateway.core.connector import SourceSpec, TargetSpec
+from gateway.config.plugin import SourceSpec, TargetSpec
 from gateway.routing.patterns import SourcePattern
 from gateway.routing.templates import Template
 from gateway.util.backoff import Backoff

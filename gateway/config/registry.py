@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 
 import structlog
 
-from gateway.core.connector import ConnectorPlugin
+from gateway.config.plugin import ConnectorPlugin
 
 BUILTIN: dict[str, str] = {
     "mqtt": "connectors.mqtt",

@@ -26,8 +26,8 @@ import msgspec.inspect as mi
 from gateway.config.doc import field_docs
 from gateway.config.loader import CONNECTOR_NAME  # the loader's own rule, not a copy of it
 from gateway.config.model import FileSection, GatewaySection, RouteSection
+from gateway.config.plugin import ConnectorPlugin
 from gateway.config.registry import BUILTIN, plugins
-from gateway.core.connector import ConnectorPlugin
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 REF = "#/$defs/{name}"

@@ -15,12 +15,23 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from gateway.errors import ConnectorError
+from gateway.util.backoff import Backoff
 
-if TYPE_CHECKING:
-    from gateway.core.connector import Connector
+
+class ChannelOwner(Protocol):
+    """What a channel sees of its connector (:class:`gateway.core.connector.Connector`)."""
+
+    name: str
+    log: Any
+    intake_stopped: asyncio.Event
+
+    @property
+    def backoff(self) -> Backoff: ...
+
+    def channel_changed(self, channel: Channel | None = None) -> None: ...
 
 
 STABLE_AFTER = 10.0
@@ -45,7 +56,7 @@ class ConnectorState(Enum):
 class Channel:
     def __init__(
         self,
-        connector: Connector,
+        connector: ChannelOwner,
         name: str,
         session: Callable[[], Awaitable[None]],
         finish: Callable[[], Awaitable[None]] | None = None,
@@ -185,7 +196,7 @@ class Channel:
                     quick = time.monotonic() - self.connected_at < STABLE_AFTER
                     self.quick_drops = self.quick_drops + 1 if quick else 0
             self.last_error = f"{type(lost).__name__}: {lost}" if lost is not None else "connection closed"
-            delay = self.connector.context.backoff.delay(attempt)
+            delay = self.connector.backoff.delay(attempt)
             attempt += 1
             self.state = ConnectorState.BACKOFF
             self.log.warning(

@@ -18,83 +18,19 @@ reconnects with full-jitter backoff, and an orderly close.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
-import msgspec
 import structlog
 
+from gateway.config.plugin import ConnectorPlugin
 from gateway.core.channel import Channel, ConnectorState
 from gateway.core.dispatch import Route
 from gateway.core.sink import Sink
-from gateway.routing.patterns import SourcePattern, TopicSyntax
 from gateway.util.backoff import Backoff
-
-
-class PatternError(ValueError):
-    """A source pattern in key ``key`` of a route's ``from`` is invalid."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
-
-
-class SourceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Base of a route's ``from`` for one connector kind."""
-
-    connector: str
-    """Name of the connector (a key of ``connectors``) to read from."""
-
-    def patterns(self, syntax: TopicSyntax) -> list[SourcePattern]:
-        """The compiled source patterns; raise :class:`PatternError` naming the key of a bad one."""
-        raise NotImplementedError
-
-    @property
-    def at_least_once(self) -> bool:
-        """Whether the source redelivers what the gateway did not acknowledge (at-least-once)."""
-        return False
-
-
-class TargetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Base of a route's ``to`` entry for one connector kind."""
-
-    connector: str
-    """Name of the connector (a key of ``connectors``) to publish to."""
-
-    address_key: ClassVar[str] = "topic"
-
-    def address(self) -> str:
-        """The address template (topic or subject)."""
-        raise NotImplementedError
-
-    def key_template(self) -> str | None:
-        """The record-key template, where the protocol has keys."""
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectorPlugin:
-    """What a connector package registers."""
-
-    kind: str
-    config: type[msgspec.Struct]
-    source: type[SourceSpec]
-    target: type[TargetSpec]
-    syntax: TopicSyntax
-    factory: str
-    """``module:Class`` of the :class:`Connector`, imported only when the gateway runs."""
-
-    def load(self) -> type[Connector]:
-        module, _, attr = self.factory.partition(":")
-        cls = getattr(importlib.import_module(module), attr)
-        if not (isinstance(cls, type) and issubclass(cls, Connector)):
-            raise TypeError(f"{self.factory} is not a Connector class")
-        return cls
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +40,14 @@ class ConnectorContext:
     gateway_id: str
     cache_size: int = 10_000
     backoff: Backoff = field(default_factory=Backoff)
+
+
+def connector_class(plugin: ConnectorPlugin) -> type[Connector]:
+    """The :class:`Connector` class a plugin names, imported now (broker libraries load here)."""
+    cls = plugin.load()
+    if not (isinstance(cls, type) and issubclass(cls, Connector)):
+        raise TypeError(f"{plugin.factory} is not a Connector class")
+    return cls
 
 
 class Connector(ABC):
@@ -192,6 +136,11 @@ class Connector(ABC):
         self._channels_live += live - was_live
         self._channels_down += down - was_down
         channel.counted = (live, down)
+
+    @property
+    def backoff(self) -> Backoff:
+        """Reconnect delays of this connector's channels."""
+        return self.context.backoff
 
     def endpoint(self) -> str:
         """The broker address(es) for status displays, with any password masked."""

@@ -14,11 +14,16 @@ Placeholders:
 - ``{payload.FIELD[.FIELD...]}``: a field of the (JSON) payload, read per message: the route decodes
   the payload once, and a message without the field (or not JSON) fails like any unrenderable name;
 - ``{{`` / ``}}``: literal braces.
+
+Header values (a route's ``headers:``) are templates of the same language, with ``{gateway}``,
+``{received}`` and ``{received_ms}`` besides (:func:`compile_header`); both are parsed by one
+function, :func:`parse`.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +43,9 @@ class Match:
     remainder: tuple[str, ...]
 
 
-_LIT, _CAP, _REST, _TOPIC, _PAYLOAD = 0, 1, 2, 3, 4
+LIT, CAPTURE, REST, TOPIC, PAYLOAD, GATEWAY, RECEIVED, RECEIVED_MS = range(8)
+"""Kinds of the parts of a compiled template: (kind, value) pairs."""
+Parts = tuple[tuple[int, str], ...]
 _NO_DOC = object()
 
 
@@ -53,12 +60,12 @@ class Template:
 
     @property
     def is_constant(self) -> bool:
-        return all(kind == _LIT for kind, _ in self.parts)
+        return all(kind == LIT for kind, _ in self.parts)
 
     @property
     def reads_payload(self) -> bool:
         """Rendered per message (``{payload.FIELD}``), not once per topic."""
-        return any(kind == _PAYLOAD for kind, _ in self.parts)
+        return any(kind == PAYLOAD for kind, _ in self.parts)
 
     def render(self, match: Match, doc: Any = _NO_DOC) -> str:
         """Render for one matched topic (and decoded payload ``doc``, when the template reads it);
@@ -66,15 +73,15 @@ class Template:
         syn = self.syntax
         out: list[str] = []
         for kind, value in self.parts:
-            if kind == _LIT:
+            if kind == LIT:
                 out.append(value)
-            elif kind == _PAYLOAD:
+            elif kind == PAYLOAD:
                 v = payload_field(doc, value)
                 out.append(syn.from_neutral(v) if syn else v)
-            elif kind == _CAP:
+            elif kind == CAPTURE:
                 v = match.captures[value]
                 out.append(syn.from_neutral(v) if syn else v)
-            elif kind == _REST:
+            elif kind == REST:
                 if match.remainder:
                     out.append(self._join(match.remainder))
                 elif out and syn is not None and out[-1].endswith(syn.separator):
@@ -107,50 +114,81 @@ def payload_field(doc: Any, path: str) -> str:
     raise TemplateError(f"payload field {path!r} is not a string, number or boolean")
 
 
-def compile_template(text: str, source: SourcePattern, target: TopicSyntax | None) -> Template:
-    """Compile ``text`` for a route whose source is ``source``; raises ValueError on a bad template."""
+def parse(text: str, resolve: Callable[[str], tuple[int, str]]) -> Parts:
+    """``text`` as literal runs and placeholders; ``resolve`` turns a placeholder's name into its part or
+    raises ValueError saying what it may be instead."""
     parts: list[tuple[int, str]] = []
     pos = 0
-    captures = source.captures
     for m in _PLACEHOLDER.finditer(text):
         if m.start() > pos:
-            parts.append((_LIT, text[pos : m.start()]))
+            parts.append((LIT, text[pos : m.start()]))
         pos = m.end()
-        token = m.group(0)
+        token, name = m.group(0), m.group(1)
         if token in ("{{", "}}"):
-            parts.append((_LIT, token[0]))
-            continue
-        name = m.group(1)
-        if name is None:
+            parts.append((LIT, token[0]))
+        elif name is None:
             raise ValueError(f"unbalanced {token!r} (write {token}{token} for a literal brace)")
+        elif name.startswith("payload.") and all(name.split(".")[1:]):
+            parts.append((PAYLOAD, name[len("payload.") :]))
+        else:
+            parts.append(resolve(name))
+    if pos < len(text):
+        parts.append((LIT, text[pos:]))
+    merged: list[tuple[int, str]] = []
+    for kind, value in parts:
+        if kind == LIT and merged and merged[-1][0] == LIT:
+            merged[-1] = (LIT, merged[-1][1] + value)
+        else:
+            merged.append((kind, value))
+    return tuple(merged)
+
+
+def compile_template(text: str, source: SourcePattern, target: TopicSyntax | None) -> Template:
+    """Compile ``text`` for a route whose source is ``source``; raises ValueError on a bad template."""
+    captures = source.captures
+
+    def resolve(name: str) -> tuple[int, str]:
         if name in ("#", ">"):
             if not source.has_remainder:
                 raise ValueError(f"{{{name}}} needs a multi-level wildcard at the end of the source pattern")
-            parts.append((_REST, ""))
-        elif name == "topic":
-            parts.append((_TOPIC, ""))
-        elif name.startswith("payload.") and all(name.split(".")[1:]):
-            parts.append((_PAYLOAD, name[len("payload.") :]))
-        elif name in captures:
-            parts.append((_CAP, name))
-        else:
-            known = ", ".join(sorted(f"{{{c}}}" for c in captures)) or "none"
-            raise ValueError(
-                f"{{{name}}} is not a capture of the source pattern {source.text!r} (captures: {known}); "
-                "{topic} and {payload.FIELD} work too"
-            )
-    if pos < len(text):
-        parts.append((_LIT, text[pos:]))
-    merged: list[tuple[int, str]] = []
-    for kind, value in parts:
-        if kind == _LIT and merged and merged[-1][0] == _LIT:
-            merged[-1] = (_LIT, merged[-1][1] + value)
-        else:
-            merged.append((kind, value))
-    tpl = Template(text, tuple(merged), target, source.syntax.separator)
+            return REST, ""
+        if name == "topic":
+            return TOPIC, ""
+        if name in captures:
+            return CAPTURE, name
+        known = ", ".join(sorted(f"{{{c}}}" for c in captures)) or "none"
+        raise ValueError(
+            f"{{{name}}} is not a capture of the source pattern {source.text!r} (captures: {known}); "
+            "{topic} and {payload.FIELD} work too"
+        )
+
+    tpl = Template(text, parse(text, resolve), target, source.syntax.separator)
     if tpl.is_constant and target is not None:
         try:
             target.check_name(text)
         except Exception as exc:
             raise ValueError(str(exc)) from None
     return tpl
+
+
+_HEADER_NAMES = {"topic": TOPIC, "gateway": GATEWAY, "received": RECEIVED, "received_ms": RECEIVED_MS}
+
+
+def compile_header(text: str, captures: Iterable[str] = ()) -> tuple[Parts, bool]:
+    """A header value template, and whether it reads the payload; ValueError on a bad placeholder.
+
+    ``{topic}``, ``{gateway}`` (the gateway id), ``{received}`` (receive time, RFC 3339 UTC),
+    ``{received_ms}`` (Unix milliseconds), ``{payload.FIELD}``, a capture of the source pattern.
+    """
+    known = set(captures)
+
+    def resolve(name: str) -> tuple[int, str]:
+        if name in _HEADER_NAMES:
+            return _HEADER_NAMES[name], ""
+        if name in known:
+            return CAPTURE, name
+        names = ", ".join(f"{{{n}}}" for n in [*_HEADER_NAMES, *sorted(known), "payload.FIELD"])
+        raise ValueError(f"unknown placeholder {{{name}}} (one of: {names})")
+
+    parts = parse(text, resolve)
+    return parts, any(kind == PAYLOAD for kind, _ in parts)

@@ -10,8 +10,9 @@ import msgspec
 import pytest
 
 from gateway.config.model import FileSection, GatewaySection, RouteSection
+from gateway.config.plugin import ConnectorPlugin, SourceSpec, TargetSpec
 from gateway.config.registry import BUILTIN, plugins
-from gateway.core.connector import Connector, ConnectorPlugin, SourceSpec, TargetSpec
+from gateway.core.connector import Connector, connector_class
 from gateway.routing.patterns import TopicSyntax
 from gateway.util.backoff import Backoff
 
@@ -114,7 +115,7 @@ def test_plugin_endpoint_specs_subclass_the_core_specs(kind: str) -> None:
 def test_plugin_load_returns_a_connector_class(kind: str) -> None:
     plugin = plugins()[kind]
 
-    cls = plugin.load()
+    cls = connector_class(plugin)
 
     assert isinstance(cls, type)
     assert issubclass(cls, Connector)
@@ -133,7 +134,7 @@ def test_plugin_load_refuses_a_non_connector() -> None:
     )
 
     with pytest.raises(TypeError, match="is not a Connector class"):
-        bogus.load()
+        connector_class(bogus)
 
 
 def test_the_config_union_decodes_each_kind_to_its_own_struct() -> None:
