@@ -56,6 +56,11 @@ def _connector_limit(config: Config, name: str) -> int | None:
     return limit
 
 
+def _publishes_reply(kind: str) -> bool:
+    replies = plugins()[kind].replies
+    return replies is not None and replies.publishes_reply
+
+
 def _smallest(*limits: int | None) -> int | None:
     given = [n for n in limits if n is not None]
     return min(given) if given else None
@@ -105,7 +110,7 @@ def build_routes(config: Config) -> dict[str, Route]:
             )
             for i, tc in enumerate(rc.targets)
         )
-        if rc.request is not None and rc.request.replies_for is None and rc.request.responder == "nats":
+        if rc.request is not None and rc.request.replies_for is None and _publishes_reply(rc.request.responder):
             for target in route.targets:
                 target.replies = True  # the NATS sink publishes with the gateway's reply subject
         if rc.dead_letter is not None:

@@ -45,10 +45,6 @@ class ConnectorError(GatewayError):
     retriable = True
 
 
-class NotConnected(ConnectorError):
-    """The operation needs a live connection and there is none right now."""
-
-
 class SinkError(GatewayError):
     """A sink could not deliver a message. ``retriable`` says whether trying again may succeed."""
 

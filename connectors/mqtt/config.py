@@ -7,6 +7,7 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
+from connectors.mqtt.replies import MqttReplies
 from gateway.config.bounds import PayloadBytes, Seconds
 from gateway.config.plugin import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.routing.patterns import MQTT, SourcePattern, TopicSyntax, compile_pattern
@@ -151,4 +152,5 @@ PLUGIN = ConnectorPlugin(
     target=MqttTarget,
     syntax=MQTT,
     factory="connectors.mqtt.connector:MqttConnector",
+    replies=MqttReplies(),
 )

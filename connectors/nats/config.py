@@ -8,6 +8,7 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
+from connectors.nats.replies import NatsReplies
 from gateway.config.bounds import Bytes, Count, PayloadBytes, Seconds
 from gateway.config.plugin import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.routing.patterns import NATS, SourcePattern, TopicSyntax, compile_pattern
@@ -222,4 +223,5 @@ PLUGIN = ConnectorPlugin(
     target=NatsTarget,
     syntax=NATS,
     factory="connectors.nats.connector:NatsConnector",
+    replies=NatsReplies(),
 )

@@ -22,11 +22,10 @@ import msgspec
 import yaml
 
 from gateway.config.model import Config, FileSection, RouteConfig, RouteSection, TargetConfig
-from gateway.config.options import RequestLeg
-from gateway.config.plugin import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
+from gateway.config.options import RequestLeg, reply_route_name
+from gateway.config.plugin import ConnectorPlugin, PatternError, ReplyError, SourceSpec, TargetSpec
 from gateway.config.registry import plugins
 from gateway.errors import ConfigError, ConfigIssue, TemplateError
-from gateway.routes.requests import KINDS, default_reply_to, reply_endpoints, reply_route_name
 from gateway.routing.loops import echo
 from gateway.routing.patterns import SourcePattern
 from gateway.routing.templates import compile_header, compile_template
@@ -490,6 +489,11 @@ def _routes(
     return routes
 
 
+def _reply_kinds() -> str:
+    """The connector kinds that carry request/reply, for messages: "NATS or MQTT"."""
+    return " or ".join(sorted((k.upper() for k, p in plugins().items() if p.replies is not None), reverse=True))
+
+
 def _request_routes(
     rc: RouteConfig,
     connectors: dict[str, tuple[Any, ConnectorPlugin]],
@@ -502,9 +506,9 @@ def _request_routes(
     section, request = rc.section, rc.section.request
     assert request is not None
     where = f"{path}.request"
-    source_kind = connectors[rc.source.connector][1].kind
-    if source_kind not in KINDS:
-        issues.append(ConfigIssue(where, f"request/reply needs a NATS or MQTT source, not {source_kind}"))
+    source_cfg, source_plugin = connectors[rc.source.connector]
+    if source_plugin.replies is None:
+        issues.append(ConfigIssue(where, f"request/reply needs a {_reply_kinds()} source, not {source_plugin.kind}"))
         return None
     if len(rc.targets) != 1:
         issues.append(ConfigIssue(where, "a request route has exactly one target (the responder's side)"))
@@ -512,48 +516,26 @@ def _request_routes(
     if section.spool is not None:
         issues.append(ConfigIssue(where, "a request route cannot be spooled (the requester waits for its answer)"))
         return None
-    if getattr(rc.source, "stream", None) is not None or getattr(rc.source, "kv", None) is not None:
-        issues.append(ConfigIssue(where, "request/reply needs a core NATS source (without stream or kv)"))
-        return None
-    if source_kind == "mqtt" and getattr(connectors[rc.source.connector][0], "version", 5) != 5:
-        issues.append(
-            ConfigIssue(
-                where,
-                f"MQTT requests carry their response topic in MQTT 5 properties; connector "
-                f"{rc.source.connector!r} speaks 3.1.1",
-            )
-        )
+    try:
+        source_plugin.replies.check_requester(source_cfg, rc.source)
+    except ReplyError as exc:
+        issues.append(ConfigIssue(f"{where}.{exc.key}" if exc.key else where, exc.message))
         return None
     if request.reply_to == "":
         issues.append(ConfigIssue(f"{where}.reply_to", "empty: leave it out for the default"))
         return None
     target = rc.targets[0].spec
     target_cfg, target_plugin = connectors[target.connector]
-    responder = target_plugin.kind
-    if responder not in KINDS:
-        issues.append(ConfigIssue(where, f"request/reply needs a NATS or MQTT target, not {responder}"))
+    responder, replies = target_plugin.kind, target_plugin.replies
+    if replies is None:
+        issues.append(ConfigIssue(where, f"request/reply needs a {_reply_kinds()} target, not {responder}"))
         return None
-    if getattr(target, "jetstream", False) or getattr(target, "kv", None):
-        issues.append(
-            ConfigIssue(where, "request/reply needs a core NATS target (jetstream/kv publishes are not requests)")
-        )
+    try:
+        mode = replies.mode(target_cfg, target, request.correlation)
+    except ReplyError as exc:
+        issues.append(ConfigIssue(f"{where}.{exc.key}" if exc.key else where, exc.message))
         return None
-    mode = "subject"
-    if responder == "mqtt":
-        mqtt5 = getattr(target_cfg, "version", 5) == 5
-        mode = request.correlation or ("properties" if mqtt5 else "topic")
-        if mode == "properties" and not mqtt5:
-            issues.append(
-                ConfigIssue(
-                    f"{where}.correlation",
-                    f"properties needs MQTT 5; connector {target.connector!r} speaks 3.1.1 (use correlation: topic)",
-                )
-            )
-            return None
-    elif request.correlation is not None:
-        issues.append(ConfigIssue(f"{where}.correlation", "applies to MQTT targets only"))
-        return None
-    reply_to = request.reply_to or default_reply_to(responder, gateway_id, section.name)
+    reply_to = request.reply_to or replies.default_reply_to(gateway_id, section.name)
     try:
         target_plugin.syntax.check_name(reply_to)
         if "{" in reply_to or "}" in reply_to:
@@ -562,15 +544,8 @@ def _request_routes(
         issues.append(ConfigIssue(f"{where}.reply_to", str(exc)))
         return None
     name = reply_route_name(section.name)
-    from_, to = reply_endpoints(
-        request,
-        mode,
-        reply_to=reply_to,
-        source_connector=rc.source.connector,
-        source_kind=source_kind,
-        target_connector=target.connector,
-        target_kind=responder,
-    )
+    from_ = replies.answer_source(target.connector, reply_to, mode)
+    to = source_plugin.replies.reply_target(rc.source.connector, request)
     companion = RouteSection(
         name=name,
         from_=from_,
@@ -588,7 +563,7 @@ def _request_routes(
     if found or source is None or reply_target is None:
         issues.extend(ConfigIssue(f"{where}.reply_to", i.message) for i in found)
         return None
-    leg = RequestLeg(request, responder, mode, reply_to)
+    leg = RequestLeg(request, responder, mode, reply_to, requester=source_plugin.kind)
     return (
         dataclasses.replace(rc, request=leg),
         RouteConfig(

@@ -52,17 +52,25 @@ class RequestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     """MQTT requesters: QoS of the answer published to their response topic."""
 
 
+def reply_route_name(route: str) -> str:
+    """The name of a request route's companion, which carries the answers back."""
+    return f"{route}.replies"
+
+
 @dataclass(frozen=True, slots=True)
 class RequestLeg:
     """A request route's settings, resolved at load time; ``replies_for`` marks its companion route."""
 
     config: RequestConfig
     responder: str
-    """Kind of the target's connector: ``nats`` or ``mqtt``."""
+    """Kind of the target's connector (the responders' side), one whose plugin declares ``replies``."""
     mode: str
-    """``properties`` or ``topic`` (MQTT responders), ``subject`` (NATS responders)."""
+    """How the id travels to responders, as the responder's kind names it (``Replies.mode``): ``subject``
+    (NATS), ``properties`` or ``topic`` (MQTT)."""
     reply_to: str
     replies_for: str | None = None
+    requester: str | None = None
+    """Kind of the source's connector (the requesters' side); None: the responder's."""
 
 
 class SpoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -10,6 +10,7 @@ the runtime.
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -61,6 +62,67 @@ class TargetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
         return None
 
 
+class ReplyError(GatewayError):
+    """A ``request:`` route this connector kind cannot serve; ``key`` is the key of ``request`` at fault
+    (empty: the request as a whole)."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+class Replies(ABC):
+    """How one connector kind carries request/reply (``request:`` routes): where the requester's reply
+    address is, how a request travels to a responder with the gateway's correlation id, how the answer
+    comes back. Declared by the kind's plugin (:attr:`ConnectorPlugin.replies`); the gateway's request
+    tables (:mod:`gateway.routes.requests`) know nothing of the protocols beyond this."""
+
+    # -- the requester's side (the route's source) ----------------------------------------------
+    @abstractmethod
+    def check_requester(self, connector: Any, source: SourceSpec) -> None:
+        """Raise :class:`ReplyError` when requests cannot be read from ``source`` of a connector
+        configured as ``connector``."""
+
+    @abstractmethod
+    def reply_target(self, connector: str, config: Any) -> dict[str, Any]:
+        """``to`` of the companion route: publishes each answer to its requester's reply address
+        (``config``: the route's :class:`~gateway.config.options.RequestConfig`)."""
+
+    @abstractmethod
+    def error_headers(self, code: int, text: str) -> list[tuple[str, str]]:
+        """The headers of an error reply sent to a requester (code 503, 502, 504, 400, 404)."""
+
+    # -- the responder's side (the route's target) ------------------------------------------------
+    publishes_reply: ClassVar[bool] = False
+    """The target's sink publishes the forwarded message's reply address as the protocol's own."""
+
+    @abstractmethod
+    def mode(self, connector: Any, target: TargetSpec, correlation: str | None) -> str:
+        """How the id travels to responders behind ``target`` (``correlation``: what the route asked);
+        raise :class:`ReplyError` when this target cannot take requests."""
+
+    @abstractmethod
+    def default_reply_to(self, gateway_id: str, route: str) -> str:
+        """Where responders answer when the route does not say."""
+
+    @abstractmethod
+    def answer_source(self, connector: str, reply_to: str, mode: str) -> dict[str, Any]:
+        """``from`` of the companion route: reads the answers arriving at ``reply_to``."""
+
+    @abstractmethod
+    def forward(self, reply_to: str, mode: str, token: str) -> tuple[str | None, str | None]:
+        """For the request with id ``token``: the reply address it carries to the responder, and a suffix
+        appended to its target address (or None)."""
+
+    @abstractmethod
+    def answer(
+        self, topic: str, correlation: bytes | None, payload: bytes, headers: Any, mode: str
+    ) -> tuple[bytes, tuple[int, str] | None]:
+        """The id an answer carries, and, when the message is a broker's status instead of an answer, the
+        error (code, text) its requester gets."""
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectorPlugin:
     """What a connector package registers."""
@@ -72,6 +134,8 @@ class ConnectorPlugin:
     syntax: TopicSyntax
     factory: str
     """``module:Class`` of the :class:`Connector`, imported only when the gateway runs."""
+    replies: Replies | None = None
+    """How the kind carries request/reply; None: it does not (``request:`` routes refuse it)."""
 
     def load(self) -> Any:
         """The object named by :attr:`factory` (checked to be a connector class by the runtime:

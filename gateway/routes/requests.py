@@ -1,86 +1,42 @@
 """Request/reply across protocols: a NATS request answered by an MQTT device, an MQTT 5 request answered
 by a NATS service.
 
-A route with ``request:`` forwards every message that expects a reply (a NATS message with a reply
-subject, an MQTT 5 PUBLISH with a response topic) under a gateway-made correlation id, and remembers
-where the requester wants its answer in a bounded table. The responders answer on the gateway's
-reply address; a companion route, ``<route>.replies``, reads that address and publishes each answer
-to its requester. Whatever happens, the requester hears back: the answer, or at once an error reply
-(headers ``Nats-Service-Error-Code`` and ``Nats-Service-Error``, the NATS service convention, also as
-MQTT 5 user properties) when the table is full (503), the request could not be delivered (502) or no
-answer came within the timeout (504).
+A :class:`RequestRoute` (a route with ``request:``) forwards every message that expects a reply under a
+gateway-made correlation id, and remembers where the requester wants its answer in a bounded table
+(:class:`Requests`). The responders answer on the gateway's reply address; a companion
+:class:`ReplyRoute`, ``<route>.replies``, reads that address and publishes each answer to its requester.
+Whatever happens, the requester hears back: the answer, or at once an error reply when the table is
+full (503), the request could not be delivered (502) or no answer came within the timeout (504).
 
-How the id travels to the responder and back:
-
-- NATS responder: the request is published with reply subject ``<reply_to>.<id>``; the service's
-  answer to it comes back on the gateway's subscription ``<reply_to>.*``;
-- MQTT 5 responder (``correlation: properties``): Response Topic ``<reply_to>``, Correlation Data
-  ``<id>``; the device answers on the response topic with the correlation data, as MQTT 5 asks;
-- MQTT 3.1.1 responder (``correlation: topic``): the request goes to ``<topic>/<id>`` and the device
-  answers on ``<reply_to>/<id>``.
-
-Messages without a reply address pass through the route as one-way messages.
+How the id travels to the responder and back, and what an error reply looks like, is each protocol's
+own: its plugin declares it (:class:`gateway.config.plugin.Replies`; ``connectors/nats/replies.py``,
+``connectors/mqtt/replies.py``). Messages without a reply address pass through as one-way messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 import time
 from collections import OrderedDict
 from typing import Any
 
 import msgspec
 
-from gateway.config.options import RequestConfig, RequestLeg
+from gateway.config.options import RequestLeg
+from gateway.config.plugin import ConnectorPlugin, Replies
+from gateway.config.registry import plugins
 from gateway.core.envelope import Envelope
 from gateway.core.flight import Delivery, RoutePlan
 from gateway.core.policies import RouteState
 from gateway.core.route import Ending, Refusal, Route
-
-KINDS = ("nats", "mqtt")
-"""Connector kinds that carry a reply address."""
-ERROR_CODE = "Nats-Service-Error-Code"
-ERROR_TEXT = "Nats-Service-Error"
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+from gateway.errors import GatewayError
 
 
-def _safe(text: str) -> str:
-    return _UNSAFE.sub("_", text) or "_"
-
-
-def default_reply_to(kind: str, gateway_id: str, route: str) -> str:
-    if kind == "mqtt":
-        return f"gateway/{_safe(gateway_id)}/replies/{_safe(route)}"
-    return f"_INBOX.{_safe(gateway_id)}.{_safe(route)}"
-
-
-def reply_route_name(route: str) -> str:
-    return f"{route}.replies"
-
-
-def reply_endpoints(
-    config: RequestConfig,
-    mode: str,
-    *,
-    reply_to: str,
-    source_connector: str,
-    source_kind: str,
-    target_connector: str,
-    target_kind: str,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``from`` and ``to`` of the companion route that carries answers back to the requesters."""
-    if target_kind == "nats":
-        from_: dict[str, Any] = {"connector": target_connector, "subject": f"{reply_to}.*"}
-    else:
-        topic = f"{reply_to}/+" if mode == "topic" else reply_to
-        from_ = {"connector": target_connector, "topic": topic, "qos": 1}
-    if source_kind == "nats":
-        to: dict[str, Any] = {"connector": source_connector, "subject": "gateway.reply"}
-    else:
-        to = {"connector": source_connector, "topic": "gateway/reply", "qos": config.reply_qos}
-    return from_, to
+def _replies(plugin: ConnectorPlugin) -> Replies:
+    if plugin.replies is None:
+        raise GatewayError(f"connector kind {plugin.kind!r} does not carry request/reply")
+    return plugin.replies
 
 
 class RequestStats:
@@ -154,6 +110,9 @@ class Requests:
         self.responder = leg.responder
         self.mode = leg.mode
         self.reply_to = leg.reply_to
+        kinds = plugins()
+        self._answers = _replies(kinds[leg.responder])
+        self._errors = _replies(kinds[leg.requester or leg.responder])
 
     @property
     def pending(self) -> int:
@@ -186,14 +145,11 @@ class Requests:
         self.stats.forwarded += 1
         if self._timer is None:
             self._timer = loop.call_at(deadline, self._expire)
-        if self.responder == "nats":
-            forwarded = msgspec.structs.replace(env, reply=f"{self.reply_to}.{token}", correlation=key)
-        elif self.mode == "properties":
-            forwarded = msgspec.structs.replace(env, reply=self.reply_to, correlation=key)
-        else:  # MQTT 3.1.1: the id is the last level of the request topic
-            forwarded = msgspec.structs.replace(env, reply=None, correlation=key)
+        reply, suffix = self._answers.forward(self.reply_to, self.mode, token)
+        forwarded = msgspec.structs.replace(env, reply=reply, correlation=key)
+        if suffix is not None:  # the id travels in the request's name
             deliveries = tuple(
-                Delivery(d.target, f"{d.address}/{token}", d.key, d.error) if d.error is None else d
+                Delivery(d.target, f"{d.address}{suffix}", d.key, d.error) if d.error is None else d
                 for d in plan.deliveries
             )
             plan = RoutePlan(plan.route, deliveries, plan.dead_letter, plan.match)
@@ -226,21 +182,15 @@ class Requests:
         """The waiting request that ``env`` (read by the companion route) answers, removed from the table.
         A NATS status message instead of an answer (503: no service listens on the subject) ends the request
         with an error reply; None then too."""
-        if self.responder == "nats":
-            key = env.topic.rpartition(".")[2].encode()
-            if not env.payload and env.headers and (status := dict(env.headers).get("Status")):
-                entry = self._pending.pop(key, None)
-                if entry is not None:
-                    self.stats.failed += 1
-                    text = "no responder on the subject" if status == "503" else f"NATS status {status}"
-                    self._error(entry, 503 if status == "503" else 502, text)
-                else:
-                    self.stats.late += 1
-                return None
-        elif self.mode == "properties":
-            key = env.correlation or b""
-        else:
-            key = env.topic.rpartition("/")[2].encode()
+        key, status = self._answers.answer(env.topic, env.correlation, env.payload, env.headers, self.mode)
+        if status is not None:  # the broker's word instead of an answer (no responder)
+            entry = self._pending.pop(key, None)
+            if entry is not None:
+                self.stats.failed += 1
+                self._error(entry, *status)
+            else:
+                self.stats.late += 1
+            return None
         entry = self._pending.pop(key, None)
         if entry is None:
             self.stats.late += 1
@@ -278,7 +228,7 @@ class Requests:
         if route is None or route.state is not RouteState.RUNNING:
             self._deferred.append((entry, code, text))  # a reload is replacing the companion route
             return
-        headers = [(ERROR_CODE, str(code)), (ERROR_TEXT, text), ("x-gateway-route", self.route)]
+        headers = [*self._errors.error_headers(code, text), ("x-gateway-route", self.route)]
         env = Envelope(
             self.route, b"", headers, None, 0, None, entry.correlation, time.monotonic_ns(), None
         )  # no receipt: nothing to acknowledge

@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 
 from gateway.core.envelope import Envelope, Headers
+from gateway.errors import GatewayError
 
 _HEADER = struct.Struct("<II")
 _SEGMENT_SUFFIX = ".log"
@@ -41,7 +42,7 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(tuple[str, bytes, list[tuple[str, str]] | None, bytes | None]).decode
 
 
-class SpoolError(Exception):
+class SpoolError(GatewayError):
     """The spool directory cannot be used (locked by another process, unreadable, not a spool)."""
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 MASK = "***"
@@ -47,14 +46,3 @@ def scrub(text: str) -> str:
         if secret in text:
             text = text.replace(secret, MASK)
     return text
-
-
-def scrub_event(_logger: object, _method: str, event: dict[str, Any]) -> dict[str, Any]:
-    """structlog processor: mask registered secrets in every string of a log event."""
-    if _secrets:
-        for key, value in event.items():
-            if isinstance(value, str):
-                event[key] = scrub(value)
-            elif isinstance(value, BaseException):
-                event[key] = scrub(f"{type(value).__name__}: {value}")
-    return event
