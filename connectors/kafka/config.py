@@ -6,9 +6,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gateway.config.bounds import Millis, MillisOrZero, PayloadBytes
 from gateway.config.plugin import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.routing.patterns import KAFKA, SourcePattern, TopicSyntax, compile_pattern, compile_regex
+from gateway.util.bounds import Millis, MillisOrZero, PayloadBytes
 from gateway.util.redact import register_secret
 from gateway.util.tls import TlsConfig, read_secret
 

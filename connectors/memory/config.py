@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import msgspec
 
-from gateway.config.bounds import PayloadBytes
 from gateway.config.plugin import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.routing.patterns import MQTT, SourcePattern, TopicSyntax, compile_pattern
+from gateway.util.bounds import PayloadBytes
 
 
 class MemoryConfig(

@@ -8,9 +8,9 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 
 from connectors.mqtt.replies import MqttReplies
-from gateway.config.bounds import PayloadBytes, Seconds
 from gateway.config.plugin import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.routing.patterns import MQTT, SourcePattern, TopicSyntax, compile_pattern
+from gateway.util.bounds import PayloadBytes, Seconds
 from gateway.util.redact import redact_url, register_secret
 from gateway.util.tls import TlsConfig, read_secret
 

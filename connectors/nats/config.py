@@ -9,9 +9,9 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 
 from connectors.nats.replies import NatsReplies
-from gateway.config.bounds import Bytes, Count, PayloadBytes, Seconds
 from gateway.config.plugin import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.routing.patterns import NATS, SourcePattern, TopicSyntax, compile_pattern
+from gateway.util.bounds import Bytes, Count, PayloadBytes, Seconds
 from gateway.util.redact import redact_url, register_secret
 from gateway.util.tls import TlsConfig
 

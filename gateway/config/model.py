@@ -13,12 +13,12 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from gateway.config.bounds import Bytes, Count, PayloadBytes, Seconds, SecondsOrZero
 from gateway.config.options import Codec, RequestConfig, RequestLeg, RetryPolicy, SchemaConfig, SpoolConfig
 from gateway.config.plugin import SourceSpec, TargetSpec
 from gateway.routing.patterns import SourcePattern
 from gateway.routing.templates import Template
 from gateway.util.backoff import Backoff
+from gateway.util.bounds import Bytes, Count, PayloadBytes, Seconds, SecondsOrZero
 from gateway.util.redact import register_secret
 from gateway.util.tls import read_secret
 

@@ -10,8 +10,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gateway.config.bounds import Count, Seconds
 from gateway.util.backoff import Backoff
+from gateway.util.bounds import Count, Seconds
 
 
 class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -6,7 +6,7 @@ import random
 
 import msgspec
 
-from gateway.config.bounds import Seconds
+from gateway.util.bounds import Seconds
 
 
 class Backoff(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

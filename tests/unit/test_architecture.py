@@ -181,3 +181,137 @@ def test_every_config_field_is_required_or_has_a_default_its_own_type_accepts(st
 def test_config_structs_are_frozen_and_reject_unknown_keys(struct: type[msgspec.Struct]) -> None:
     assert struct.__struct_config__.frozen
     assert struct.__struct_config__.forbid_unknown_fields
+
+
+# ---------------------------------------------------------------- (d) the arrows only go down
+
+LAYERS: dict[str, tuple[str, ...]] = {
+    # a package (or module) of the gateway → the gateway packages it may import, besides itself
+    "gateway.errors": (),
+    "gateway.util": ("gateway.errors",),
+    "gateway.routing": ("gateway.errors",),
+    "gateway.config": ("gateway.errors", "gateway.util", "gateway.routing"),
+    "gateway.core": ("gateway.errors", "gateway.util", "gateway.routing", "gateway.config"),
+    "gateway.routes": ("gateway.errors", "gateway.util", "gateway.routing", "gateway.config", "gateway.core"),
+    "gateway.app": (
+        "gateway.errors",
+        "gateway.util",
+        "gateway.routing",
+        "gateway.config",
+        "gateway.core",
+        "gateway.routes",
+    ),
+    "gateway.ops": (
+        "gateway",  # the package's own __version__ and the Gateway it observes
+        "gateway.errors",
+        "gateway.util",
+        "gateway.routing",
+        "gateway.config",
+        "gateway.core",
+        "gateway.routes",
+        "gateway.app",
+    ),
+}
+"""From the bottom up: errors; util (backoff, bounds, flood, redact, tls); routing (pure: patterns, trie,
+templates, where, loops, headers); config (Structs, loader, plugin declarations, registry); core (the
+per-message path and the connector contract); routes (route kinds); app; ops (endpoint, metrics, logs);
+cli on top."""
+CONTRACT = "gateway.core.contract"
+CONNECTORS_MAY_IMPORT = ("gateway.errors", "gateway.util", "gateway.routing", "gateway.config", CONTRACT)
+"""A connector package sees the core only through its declared contract, plus the data and pure layers."""
+
+
+def gateway_imports(source: str) -> set[str]:
+    """Every module of this project (``gateway.…``, ``connectors.…``) that ``source`` imports, anywhere in it
+    (``if TYPE_CHECKING:`` blocks and functions too); ``from gateway import x`` counts as ``gateway``."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return {m for m in found if m.split(".")[0] in ("gateway", "connectors")}
+
+
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def layer_violations(module: str, imported: set[str]) -> list[str]:
+    """The imports of ``module`` (dotted name) that break the layering: each as ``module -> imported``."""
+    bad = []
+    if module.startswith("connectors."):
+        own = ".".join(module.split(".")[:2])
+        for m in sorted(imported):
+            if not (_within(m, own) or any(_within(m, ok) for ok in CONNECTORS_MAY_IMPORT)):
+                bad.append(f"{module} -> {m}")
+        return bad
+    layer = next((p for p in LAYERS if _within(module, p)), None)
+    if layer is None:  # gateway.cli, gateway.__init__, gateway.__main__: the top may import anything
+        return []
+    allowed = (layer, *LAYERS[layer])
+    for m in sorted(imported):
+        if m.startswith("connectors"):
+            bad.append(f"{module} -> {m}")  # the core loads connectors by name (the registry), never imports one
+        elif not any(_within(m, ok) if ok != "gateway" else m == "gateway" for ok in allowed):
+            bad.append(f"{module} -> {m}")
+    return bad
+
+
+def project_modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted([*(ROOT / "gateway").rglob("*.py"), *(ROOT / "connectors").rglob("*.py")]):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+MODULES = project_modules()
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_only_go_down_the_layers(module: str) -> None:
+    bad = layer_violations(module, gateway_imports(MODULES[module].read_text(encoding="utf-8")))
+
+    assert not bad, f"imports against the layering (see LAYERS in {Path(__file__).name}): {bad}"
+
+
+def test_the_layer_check_catches_each_of_the_three_rules() -> None:
+    # the core imports nothing from the route kinds
+    assert layer_violations("gateway.core.route", {"gateway.routes.requests"}) == [
+        "gateway.core.route -> gateway.routes.requests"
+    ]
+    # config imports nothing from the runtime
+    assert layer_violations("gateway.config.model", {"gateway.core.route", "gateway.routes.spooled"}) == [
+        "gateway.config.model -> gateway.core.route",
+        "gateway.config.model -> gateway.routes.spooled",
+    ]
+    # connectors import only the declared contract (and the data and pure layers, and their own package)
+    assert layer_violations(
+        "connectors.nats.sink",
+        {"gateway.core.contract", "gateway.core.sink", "gateway.errors", "connectors.nats.wire", "connectors.mqtt"},
+    ) == ["connectors.nats.sink -> connectors.mqtt", "connectors.nats.sink -> gateway.core.sink"]
+    assert layer_violations("gateway.core.route", {"gateway.core.flight", "gateway.config.options"}) == []
+    assert gateway_imports("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from gateway.app import X\n") == {
+        "gateway.app"
+    }
+
+
+def test_no_import_circles_between_modules() -> None:
+    graph = {
+        m: {i for i in gateway_imports(p.read_text(encoding="utf-8")) if i in MODULES and i != m}
+        for m, p in MODULES.items()
+    }
+    done: set[str] = set()
+
+    def visit(m: str, path: list[str]) -> None:
+        if m in path:
+            pytest.fail("import circle: " + " -> ".join([*path[path.index(m) :], m]))
+        if m in done:
+            return
+        for n in sorted(graph[m]):
+            visit(n, [*path, m])
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m, [])
