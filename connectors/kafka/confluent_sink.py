@@ -24,7 +24,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from connectors.kafka.config import KafkaConfig
 from connectors.kafka.producer import ProducerSink, record_headers, tombstone_without_key, unproducible
 from connectors.kafka.security import librdkafka_security
-from gateway.core.sink import Item
+from gateway.core.contract import Item
 from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
 
 _POLL_INTERVAL = 0.001

@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Awaitable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from connectors.kafka.config import KafkaConfig, KafkaSource, OffsetReset
 from connectors.kafka.producer import ProducerSink
 from connectors.kafka.security import aiokafka_security, warn_if_exposed
-from gateway.core.connector import Connector, ConnectorContext
-from gateway.core.dispatch import Dispatcher, Route
-from gateway.core.sink import Sink
+from gateway.core.contract import Connector, ConnectorContext, Route, Sink, Source
 from gateway.errors import ConnectorError
 from gateway.routing.patterns import KAFKA
 from gateway.util.tls import describe_ssl_error
@@ -34,7 +32,6 @@ class KafkaConnector(Connector):
 
     def __init__(self, name: str, config: KafkaConfig, context: ConnectorContext) -> None:
         super().__init__(name, config, context)
-        self._dispatchers: dict[str, Dispatcher] = {}
         self._sources: list[GroupSource] = []
         self._unreadable = 0
         """Records of ended sessions that could not be decoded (see ``counters``)."""
@@ -51,6 +48,9 @@ class KafkaConnector(Connector):
     def counters(self) -> dict[str, int]:
         """``unreadable_records``: records aiokafka could not decode, failed through their routes' policy."""
         return {"unreadable_records": self._unreadable + sum(s.unreadable for s in self._sources)}
+
+    def live_sources(self) -> Iterable[Source]:
+        return self._sources
 
     def make_sink(self) -> Sink:
         if self.config.driver == "confluent":
@@ -106,37 +106,30 @@ class KafkaConnector(Connector):
         self._unreadable += sum(s.unreadable for s in self._sources)  # the last session's, kept monotonic
         self._sources = []
         warn_if_exposed(cfg, self.log)
+        unreachable = f"cannot reach Kafka at {', '.join(cfg.bootstrap_servers)}"
         try:
             if sink is not None:
-                await _started(sink.open(self.client_id), cfg.bootstrap_servers, sink.errors)
+                await self.guard(sink.open(self.client_id), (*sink.errors, OSError), unreachable)
             for group, routes in self._groups().items():
                 try:
                     consumer = self._consumer(group, routes)  # reads the secret files
                 except (OSError, ValueError) as exc:
                     raise ConnectorError(f"cannot connect to Kafka: {describe_ssl_error(exc)}") from exc
                 consumers.append(consumer)
-                dispatcher = self._dispatchers.get(group)
-                if dispatcher is None:
-                    dispatcher = self._dispatchers[group] = Dispatcher(
-                        KAFKA, routes, cache_size=self.context.cache_size
-                    )
                 from connectors.kafka.source import GroupSource  # aiokafka, as in _consumer
 
+                topics, pattern = self._subscription(routes)
                 source = GroupSource(
                     consumer,
                     group,
-                    dispatcher,
+                    self.dispatcher(routes, key=group),
                     fetch_max_records=cfg.fetch_max_records,
                     commit_interval=cfg.commit_interval_ms / 1000,
                     offset_reset=self._offset_reset(routes),
+                    topics=topics,
+                    pattern=pattern,
                 )
-                topics, pattern = self._subscription(routes)
-                if topics is not None:
-                    consumer.subscribe(topics=topics, listener=source.listener)
-                else:
-                    assert pattern is not None
-                    consumer.subscribe(pattern=f"^(?:{pattern})$", listener=source.listener)
-                await _started(consumer.start(), cfg.bootstrap_servers, _consumer_errors())
+                await self.guard(source.start(), (*_consumer_errors(), OSError), unreachable)
                 self._sources.append(source)
             self._down = {}
             self.mark_connected(bootstrap=",".join(cfg.bootstrap_servers), groups=len(consumers))
@@ -145,14 +138,16 @@ class KafkaConnector(Connector):
             async with asyncio.TaskGroup() as tg:
                 if sink is not None:
                     tg.create_task(sink.run_writer(), name=f"{self.name}:writer")
-                    tg.create_task(self._watch(sink), name=f"{self.name}:watch")
+                    tg.create_task(self.watch(sink.broken.wait(), lambda _: _replaced(sink)), name=f"{self.name}:watch")
                     for job in sink.background():
                         tg.create_task(job, name=f"{self.name}:sink")
+                errors = _consumer_errors() if self._sources else ()  # aiokafka: loaded only with consumers
                 for source in self._sources:
-                    tg.create_task(self._guard(source.run(self.intake_stopped)), name=f"{self.name}:{source.group}")
-                    tg.create_task(self._guard(source.run_committer()), name=f"{self.name}:{source.group}:commit")
+                    name = f"{self.name}:{source.group}"
+                    tg.create_task(self.guard(source.run(self.intake_stopped), errors), name=name)
+                    tg.create_task(self.guard(source.run_committer(), errors), name=f"{name}:commit")
                     report = functools.partial(self._reachability, role=f"group {source.group}")
-                    tg.create_task(source.watch_brokers(report), name=f"{self.name}:{source.group}:probe")
+                    tg.create_task(source.watch_brokers(report), name=f"{name}:probe")
         finally:
             for consumer in consumers:
                 with contextlib.suppress(Exception):
@@ -173,28 +168,6 @@ class KafkaConnector(Connector):
         else:
             channel.mark_reachable(bootstrap=",".join(self.config.bootstrap_servers), recovered=True)
 
-    async def _watch(self, sink: ProducerSink) -> None:
-        await sink.broken.wait()
-        why = sink.replaced_because or "deliveries failing"
-        sink.replaced_because = None
-        raise ConnectorError(f"Kafka producer replaced ({why}); its records are sent again by a new one")
-
-    async def _guard(self, coro: Awaitable[None]) -> None:
-        try:
-            await coro
-        except _consumer_errors() as exc:
-            raise ConnectorError(f"{type(exc).__name__}: {exc}") from exc
-
-    async def quiesce(self) -> None:
-        """Until every consumer's fetch loop ended (what it fetched last is dispatched)."""
-        for source in self._sources:
-            await source.stopped.wait()
-
-    async def resume_route(self, route: Route) -> None:
-        for source in self._sources:
-            if route in source.dispatcher.routes and (n := source.rewind()):
-                self.log.info("kafka.rewound", route=route.name, group=source.group, partitions=n)
-
     async def finish(self) -> None:
         for source in self._sources:
             await source.commit()
@@ -209,9 +182,8 @@ def _consumer_errors() -> tuple[type[BaseException], ...]:
     return (KafkaError,)
 
 
-async def _started(start: Awaitable[None], servers: list[str], errors: tuple[type[BaseException], ...]) -> None:
-    caught: tuple[type[BaseException], ...] = (*errors, OSError)
-    try:
-        await start
-    except caught as exc:
-        raise ConnectorError(f"cannot reach Kafka at {', '.join(servers)}: {describe_ssl_error(exc)}") from exc
+def _replaced(sink: ProducerSink) -> str:
+    """Why the session ends when the producer was found broken (it is replaced by the next session's)."""
+    why = sink.replaced_because or "deliveries failing"
+    sink.replaced_because = None
+    return f"Kafka producer replaced ({why}); its records are sent again by a new one"

@@ -14,8 +14,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
 from connectors.kafka.config import KafkaConfig
-from gateway.core.envelope import Headers
-from gateway.core.sink import Sink
+from gateway.core.contract import Headers, Sink
 from gateway.errors import SinkError, TemplateError
 from gateway.routing.headers import from_text
 

@@ -24,7 +24,7 @@ from aiokafka.errors import (
 from connectors.kafka.config import KafkaConfig
 from connectors.kafka.producer import ProducerSink, record_headers, tombstone_without_key, unproducible
 from connectors.kafka.security import aiokafka_security
-from gateway.core.sink import Item
+from gateway.core.contract import Item
 from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
 
 

@@ -38,8 +38,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, CorruptRecordException, KafkaError, UnsupportedCodecError
 from aiokafka.structs import ConsumerRecord
 
-from gateway.core.dispatch import Dispatcher
-from gateway.core.envelope import Envelope, Receipt
+from gateway.core.contract import Dispatcher, Envelope, Receipt, Route, Source
 from gateway.errors import SinkError
 from gateway.routing.headers import from_bytes
 from gateway.util.flood import Flood
@@ -148,10 +147,15 @@ class GroupSource:
         fetch_max_records: int,
         commit_interval: float,
         offset_reset: Literal["earliest", "latest"] = "earliest",
+        topics: list[str] | None = None,
+        pattern: str | None = None,
     ) -> None:
         self.consumer = consumer
         self.group = group
         self.dispatcher = dispatcher
+        self.topics = topics
+        """The exact topic names it subscribes; or, when None, every topic ``pattern`` (a regex) matches."""
+        self.pattern = pattern
         self.fetch_max_records = fetch_max_records
         self.commit_interval = commit_interval
         self.trackers: dict[TopicPartition, PartitionTracker] = {}
@@ -185,11 +189,32 @@ class GroupSource:
             for tp in chosen:
                 trackers.pop(tp).revoked = True
 
+    async def start(self) -> None:
+        """Subscribe and join the group (the client's errors go through the connector's guard)."""
+        if self.topics is not None:
+            self.consumer.subscribe(topics=self.topics, listener=self.listener)
+        else:
+            assert self.pattern is not None
+            self.consumer.subscribe(pattern=f"^(?:{self.pattern})$", listener=self.listener)
+        await self.consumer.start()
+
     async def run(self, intake_stopped: asyncio.Event) -> None:
         try:
             await self._fetch_loop(intake_stopped)
         finally:
             self.stopped.set()
+
+    async def quiesce(self) -> None:
+        """Until the fetch loop ended (what it fetched last is dispatched)."""
+        await self.stopped.wait()
+
+    async def release(self, route: Route) -> None:
+        """Nothing to do now: a released record is never committed past, and :meth:`resume` rewinds to it."""
+
+    async def resume(self, route: Route) -> None:
+        """Read the route's released records again (:meth:`rewind`)."""
+        if n := self.rewind():
+            log.info("kafka.rewound", route=route.name, group=self.group, partitions=n)
 
     async def _fetch_loop(self, intake_stopped: asyncio.Event) -> None:
         consumer = self.consumer
@@ -408,3 +433,7 @@ class GroupSource:
                         raise
         finally:
             consumer.resume(*[tp for tp in assigned if tp in consumer.assignment()])
+
+
+_: type[Source] = GroupSource
+"""mypy checks here that :class:`GroupSource` keeps the :class:`Source` contract."""

@@ -1,7 +1,9 @@
 """A process-local broker with a durable log, acknowledgements and a controllable sink.
 
 Tests publish into it, watch what the gateway acknowledges, and hold or fail
-the gateway's publishes to exercise flow control without a network.
+the gateway's publishes to exercise flow control without a network. In the
+reference connector (:mod:`connectors.memory.connector`) it stands where a
+broker connector has its client library or wire format.
 """
 
 from __future__ import annotations

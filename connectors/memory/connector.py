@@ -1,58 +1,31 @@
-"""The in-memory connector: reads a :class:`MemoryBroker` log, publishes into its ``received`` list."""
+"""The in-memory connector: the reference a connector package copies.
+
+Every connector package has the same skeleton, and this one is the smallest that keeps the whole contract
+(:mod:`gateway.core.contract`, the only part of the core a connector imports):
+
+- ``config.py``: the connector's config Struct (tagged by ``type``), its ``from`` and ``to`` Structs, and
+  the ``PLUGIN`` that names them with the topic syntax and this module's :class:`MemoryConnector`;
+- ``connector.py`` (here): the :class:`~gateway.core.contract.Connector`: its sessions (connect, start the
+  sources, report connected, serve until the connection is lost), its sink, its sources;
+- ``source.py``: the :class:`~gateway.core.contract.Source` objects and their receipts;
+- ``sink.py``: the :class:`~gateway.core.contract.Sink`;
+- the broker client or wire format (here ``broker.py``, an in-process broker for tests and examples).
+
+A broker connector adds what a network needs: connecting (:meth:`Connector.guard` turns the client
+library's errors into ``ConnectorError``), noticing a lost connection (:meth:`Connector.watch`), and its
+own counters (``counters()``).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
+from collections.abc import Iterable
 
-from connectors.memory.broker import MemoryBroker, Record
+from connectors.memory.broker import MemoryBroker
 from connectors.memory.config import MemoryConfig
-from gateway.core.connector import Connector, ConnectorContext
-from gateway.core.dispatch import Dispatcher
-from gateway.core.envelope import Envelope, Receipt
-from gateway.core.sink import Item, Sink
-from gateway.routing.patterns import MQTT
-
-
-class MemoryReceipt(Receipt):
-    __slots__ = ("broker", "index")
-
-    def __init__(self, broker: MemoryBroker, index: int) -> None:
-        super().__init__()
-        self.broker = broker
-        self.index = index
-
-    def settle(self) -> None:
-        self.broker.acked.add(self.index)
-
-    def release(self) -> None:
-        self.broker.released.add(self.index)
-
-    def position(self) -> str:
-        return str(self.index)
-
-
-class MemorySink(Sink):
-    def __init__(self, broker: MemoryBroker) -> None:
-        super().__init__()
-        self.broker = broker
-
-    async def write_batch(self, batch: list[Item]) -> None:
-        broker = self.broker
-        while broker.hold:
-            broker.changed.clear()
-            await broker.changed.wait()
-        for flight, delivery in batch:
-            env = flight.env
-            record = Record(delivery.address, env.payload, env.headers, delivery.key)
-            if broker.swallow is not None and broker.swallow(record):
-                continue
-            error = broker.reject(record) if broker.reject is not None else None
-            if error is None:
-                broker.received.append(record)
-                flight.done()
-            else:
-                flight.fail(delivery, error)
+from connectors.memory.sink import MemorySink
+from connectors.memory.source import MemorySource
+from gateway.core.contract import Connector, ConnectorContext, Sink, Source
 
 
 class MemoryConnector(Connector):
@@ -61,6 +34,8 @@ class MemoryConnector(Connector):
     def __init__(self, name: str, config: MemoryConfig, context: ConnectorContext) -> None:
         super().__init__(name, config, context)
         self.broker = MemoryBroker.named(config.broker)
+        self._sources: list[MemorySource] = []
+        """The sources of the session running now."""
 
     def endpoint(self) -> str:
         return f"memory:{self.config.broker}"
@@ -68,34 +43,22 @@ class MemoryConnector(Connector):
     def make_sink(self) -> Sink:
         return MemorySink(self.broker)
 
-    async def session(self) -> None:
-        self.mark_connected(broker=self.broker.name)
-        async with asyncio.TaskGroup() as tg:
-            if self.has_sink:
-                tg.create_task(self.sink.run_writer(), name=f"{self.name}:writer")
-            if self.routes:
-                tg.create_task(self._read(Dispatcher(MQTT, self.routes, cache_size=self.context.cache_size)))
+    def live_sources(self) -> Iterable[Source]:
+        return self._sources
 
-    async def _read(self, dispatcher: Dispatcher) -> None:
-        broker, cursor = self.broker, 0
-        while True:
-            await dispatcher.gate.wait_open()
-            if self.intake_stopped.is_set():
-                return  # shutdown: read nothing more
-            if cursor >= len(broker.log):
-                broker.changed.clear()
-                await broker.changed.wait()
-                continue
-            rec = broker.log[cursor]
-            dispatcher.dispatch(
-                Envelope(
-                    rec.topic,
-                    rec.payload,
-                    headers=rec.headers,
-                    received_ns=time.monotonic_ns(),
-                    receipt=MemoryReceipt(broker, cursor),
-                )
-            )
-            cursor += 1
-            if cursor % 256 == 0:
-                await asyncio.sleep(0)  # let sinks run between bursts
+    async def session(self) -> None:
+        # One source reads for every route (a broker connector may have one per route or per consumer group);
+        # its dispatcher, cached by the base class, keeps its plan cache and flow gate across sessions.
+        sources = [MemorySource(self.broker, self.dispatcher(self.routes))] if self.routes else []
+        for source in sources:
+            await source.start()
+        self.mark_connected(broker=self.broker.name)
+        self._sources = sources
+        try:
+            async with asyncio.TaskGroup() as tg:
+                if self.has_sink:
+                    tg.create_task(self.sink.run_writer(), name=f"{self.name}:writer")
+                for source in sources:
+                    tg.create_task(source.run(self.intake_stopped), name=f"{self.name}:source")
+        finally:
+            self._sources = []

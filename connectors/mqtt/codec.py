@@ -39,6 +39,11 @@ PUBACK, PUBREC, PUBREL, PUBCOMP = 0x40, 0x50, 0x62, 0x70
 PINGREQ = b"\xc0\x00"
 DISCONNECT = b"\xe0\x00"
 
+CONTENT_TYPE = "content-type"
+"""The header that carries the MQTT 5 Content Type property (both ways: source and sink)."""
+MESSAGE_EXPIRY = "message-expiry-interval"
+"""The header that carries the MQTT 5 Message Expiry Interval, in seconds (both ways)."""
+
 
 def ack(kind: int, packet_id: int) -> bytes:
     """PUBACK / PUBREC / PUBREL / PUBCOMP with success, same bytes in 3.1.1 and 5."""
@@ -237,12 +242,11 @@ class Codec311(Codec5):
         retain: bool,
         packet_id: int | None,
         duplicate: bool,
-        user_properties: list[tuple[str, str]] | None,
-        response_topic: str | None,
-        correlation_data: bytes | None,
-        content_type: str | None = None,
-        message_expiry: int | None = None,
+        *_: object,
+        **__: object,
     ) -> bytes:
+        """A PUBLISH without what MQTT 5 adds (user properties, response topic, correlation data, content
+        type, message expiry): those arguments are taken, and dropped."""
         t = topic.encode()
         head = 0x30 | (qos << 1) | (1 if retain else 0) | (0x08 if duplicate and qos else 0)
         var = struct.pack(">H", len(t)) + t

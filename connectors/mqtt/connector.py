@@ -25,32 +25,27 @@ import asyncio
 import contextlib
 import re
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from mqtt5 import ConnAckPacket, ConnAckReasonCode, PublishPacket, SubAckPacket, UnsubAckPacket
+from mqtt5 import ConnAckPacket, ConnAckReasonCode, PublishPacket
 
-from connectors.mqtt.client import MqttConnection, open_connection
+from connectors.mqtt.client import MqttConnection, PacketHandler, open_connection
 from connectors.mqtt.codec import codec_for
 from connectors.mqtt.config import MqttConfig, MqttSource
 from connectors.mqtt.filters import FilterSet
 from connectors.mqtt.sink import MqttSink, PacketIds
-from connectors.mqtt.source import RetainedSubscriber, SourceCounters, Subscriber
-from gateway.core.channel import Channel
-from gateway.core.connector import Connector, ConnectorContext
-from gateway.core.dispatch import Dispatcher, Route
-from gateway.core.policies import Overflow
-from gateway.core.sink import Sink
+from connectors.mqtt.source import Requests, RouteSource, SharedSource, SourceCounters
+from gateway.core.contract import Channel, Connector, ConnectorContext, Overflow, Route, Sink, Source
 from gateway.errors import ConnectorError
-from gateway.routing.patterns import MQTT
 from gateway.util.redact import redact_url
 from gateway.util.tls import client_context, describe_ssl_error
 
 _CLIENT_ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 _NEVER_PAUSES = (Overflow.DROP_NEWEST, Overflow.DROP_OLDEST)
-_FILTERS_PER_PACKET = 256
-"""Topic filters per SUBSCRIBE / UNSUBSCRIBE of the shared session."""
+_SHARED = ("shared",)
+"""The shared session's key for its cached dispatcher (a tuple: never a route's name)."""
 
 
 class _Publisher:
@@ -70,25 +65,6 @@ class _Publisher:
         pass  # nothing is published to the publisher session
 
 
-class _RouteSession:
-    """PacketHandler and state of one source route's session."""
-
-    def __init__(self) -> None:
-        self.subscriber: Subscriber | None = None
-        self.conn: MqttConnection | None = None
-
-    def on_publish(self, packet: PublishPacket) -> None:
-        if self.subscriber is not None:
-            self.subscriber.on_publish(packet)
-
-    def on_ack(self, kind: int, packet_id: int, reason: int) -> None:
-        pass  # a source session publishes nothing
-
-    def on_unreadable(self, qos: int, packet_id: int, topic: bytes, payload: bytes, error: str) -> None:
-        if self.subscriber is not None:
-            self.subscriber.on_unreadable(qos, packet_id, topic, payload, error)
-
-
 class MqttConnector(Connector):
     config: MqttConfig
 
@@ -101,22 +77,13 @@ class MqttConnector(Connector):
         self.address = redact_url(config.url)
         self.codec = codec_for(config.version)
         self.ids = PacketIds()
+        self.requests = Requests(self.codec, self.ids, config.connect_timeout, self.address, self.log)
         self._publisher: MqttConnection | None = None
-        self._sessions: dict[str, _RouteSession] = {}
-        self._dispatchers: dict[str, Dispatcher] = {}
-        self._channels: dict[str, Channel] = {}
+        self._sources: dict[str, RouteSource] = {}
+        """The routes with a session of their own, by name."""
+        self._shared: SharedSource | None = None
+        """The session of the routes that share one (see the module's doc); None while there are none."""
         self.source_counters = SourceCounters()
-        self._shared: tuple[Route, ...] = ()
-        """The source routes on the shared session (see the module's doc)."""
-        self._shared_channel: Channel | None = None
-        self._shared_session = _RouteSession()
-        self._shared_dispatcher: Dispatcher | None = None
-        self._shared_filters: dict[str, int] = {}
-        """Filters subscribed on the shared connection now, with their QoS."""
-        self._cut: set[str] = set()
-        """Shared routes cut off as slow consumers: unsubscribed until they resume."""
-        self._filters_lock = asyncio.Lock()
-        """One change of the shared connection's subscriptions at a time (connect, reload, cut, resume)."""
 
     def endpoint(self) -> str:
         return redact_url(self.config.url)
@@ -134,6 +101,25 @@ class MqttConnector(Connector):
     def make_sink(self) -> Sink:
         return MqttSink(self.config, self.codec, self.ids)
 
+    def live_sources(self) -> Iterable[Source]:
+        sources: list[Source] = list(self._sources.values())
+        if self._shared is not None:
+            sources.append(self._shared)
+        return sources
+
+    def sources_of(self, route: Route) -> Iterable[Source]:
+        own = self._sources.get(route.name)
+        if own is not None:
+            return (own,)
+        if self._shared is not None and route in self._shared.routes:
+            return (self._shared,)
+        return ()
+
+    @property
+    def _shared_filters(self) -> dict[str, int]:
+        """Filters subscribed on the shared connection now."""
+        return self._shared.filters if self._shared is not None else {}
+
     def _tls_context(self) -> ssl.SSLContext | None:
         """A fresh context per connect (renewed certificate files are picked up), or None for plaintext."""
         return client_context(self.config.tls, self.log) if self.config.uses_tls else None
@@ -146,9 +132,8 @@ class MqttConnector(Connector):
         if self.has_sink:
             channels.append(Channel(self, self.name, self.session, self.finish))
         shared, own = self.sessions_of(self.routes)
-        self._set_shared(shared)
         if shared:
-            channels.append(self._make_shared_channel())
+            channels.append(self._shared_channel(tuple(shared)))
         channels.extend(self._route_channel(route) for route in own)
         return channels
 
@@ -180,23 +165,17 @@ class MqttConnector(Connector):
             n += 1
         return cid
 
-    def _set_shared(self, routes: Sequence[Route]) -> None:
-        self._shared = tuple(routes)
-        self._shared_dispatcher = (
-            Dispatcher(MQTT, self._shared, cache_size=self.context.cache_size) if self._shared else None
+    def _shared_channel(self, routes: tuple[Route, ...]) -> Channel:
+        source = self._shared = SharedSource(
+            routes, self.dispatcher(routes, _SHARED), self.source_counters, self.requests, self.intake_stopped
         )
-
-    def _make_shared_channel(self) -> Channel:
-        self._shared_channel = Channel(
+        source.channel = Channel(
             self,
             f"{self.name}/shared",
-            self._run_shared_session,
-            lambda: _disconnect(self._shared_session.conn),
+            lambda: self._source_session(source, self.shared_client_id(), clean=True, routes=len(source.routes)),
+            lambda: _disconnect(source.conn),
         )
-        return self._shared_channel
-
-    def _wanted_filters(self) -> dict[str, int]:
-        return {r.patterns[0].native_filter(): 0 for r in self._shared if r.name not in self._cut}
+        return source.channel
 
     def _route_channel(self, route: Route) -> Channel:
         spec: MqttSource = route.spec
@@ -204,14 +183,17 @@ class MqttConnector(Connector):
             # 3.1.1 brokers clear the retain flag on what they forward live: only the state sent at
             # subscribe time is seen, so updates and clears wait for the next connect.
             self.log.warning("connector.retained_only_needs_mqtt5", route=route.name)
-        rs = self._sessions[route.name] = _RouteSession()
-        ch = self._channels[route.name] = Channel(
+        dispatcher = self.dispatcher([route], route.name)
+        source = self._sources[route.name] = RouteSource(
+            route, dispatcher, self.source_counters, self.requests, self.intake_stopped
+        )
+        source.channel = Channel(
             self,
             f"{self.name}/{route.name}",
-            lambda: self._route_session(route, rs),
-            lambda: _disconnect(rs.conn),
+            lambda: self._source_session(source, self.route_client_id(route), topic=source.filter),
+            lambda: _disconnect(source.conn),
         )
-        return ch
+        return source.channel
 
     changes_routes_live = True
 
@@ -223,33 +205,31 @@ class MqttConnector(Connector):
         in between is counted as dropped; the shared session cannot pause one route.)"""
         shared, own = self.sessions_of(routes)
         keep = {r.name: r for r in own}
-        for name, old in list(self._channels.items()):
-            route = next((r for r in self.routes if r.name == name), None)
-            if keep.get(name) is not route:  # removed, changed, or moved to the shared session
-                del self._channels[name]
-                self._sessions.pop(name, None)
-                self._dispatchers.pop(name, None)
-                await self.retire_channel(old)
+        for name, source in list(self._sources.items()):
+            if keep.get(name) is not source.route:  # removed, changed, or moved to the shared session
+                del self._sources[name]
+                assert source.channel is not None
+                await self.retire_channel(source.channel)
         self.routes = tuple(routes)
-        # A cut route stays cut only as the same object: a changed one is a new, running route.
-        self._cut &= {r.name for r in shared if any(r is s for s in self._shared)}
-        if [id(r) for r in shared] != [id(r) for r in self._shared]:
-            self._set_shared(shared)
-            if shared and self._shared_channel is None:
-                self.add_channel(self._make_shared_channel())
-            elif not shared and self._shared_channel is not None:
-                channel, self._shared_channel = self._shared_channel, None
-                await self.retire_channel(channel)
-            else:
-                await self._resubscribe_shared()
+        old = self._shared
+        if old is None:
+            if shared:
+                self.add_channel(self._shared_channel(tuple(shared)))
+        elif not shared:
+            self._shared = None
+            assert old.channel is not None
+            await self.retire_channel(old.channel)
+        elif [id(r) for r in shared] != [id(r) for r in old.routes]:
+            old.use(tuple(shared), self.dispatcher(shared, _SHARED))
+            await old.resubscribe()
         for route in own:
-            if route.name not in self._channels:
+            if route.name not in self._sources:
                 self.add_channel(self._route_channel(route))
 
     async def _connect(
         self,
         client_id: str,
-        handler: _Publisher | _RouteSession,
+        handler: PacketHandler,
         prepare: Callable[[MqttConnection], None] | None = None,
         *,
         clean: bool = False,
@@ -329,7 +309,7 @@ class MqttConnector(Connector):
                 **extra,
             )
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(_watch(conn), name=f"{self.name}:watch")
+                tg.create_task(self.watch(asyncio.shield(conn.closed), str), name=f"{self.name}:watch")
                 tg.create_task(conn.keepalive(self.config.keepalive), name=f"{self.name}:keepalive")
                 if sink is not None:
                     tg.create_task(sink.run_writer(), name=f"{self.name}:writer")
@@ -342,175 +322,25 @@ class MqttConnector(Connector):
     async def finish(self) -> None:
         await _disconnect(self._publisher)
 
-    async def _route_session(self, route: Route, rs: _RouteSession) -> None:
-        """One source route's persistent session."""
-        spec: MqttSource = route.spec
-        dispatcher = self._dispatchers.get(route.name)
-        if dispatcher is None:
-            dispatcher = self._dispatchers[route.name] = Dispatcher(MQTT, [route], cache_size=self.context.cache_size)
-        client_id = self.route_client_id(route)
-        subscriber = RetainedSubscriber if spec.retained_only else Subscriber
-
-        def prepare(conn: MqttConnection) -> None:
-            rs.conn = conn
-            rs.subscriber = subscriber(conn, dispatcher, self.source_counters)
-
-        try:
-            conn, connack = await self._connect(client_id, rs, prepare)
-        except BaseException:
-            rs.subscriber = rs.conn = None
-            raise
-
-        subscribed = False
-
-        def on_gate(is_open: bool) -> None:
-            if not subscribed:
-                return  # the SUBACK must be read first (see below)
-            if is_open and not self.intake_stopped.is_set():
-                conn.resume_reading()
-            elif not is_open:
-                conn.pause_reading()
-
-        dispatcher.gate.add_listener(on_gate)
-        try:
-            topic = route.patterns[0].native_filter()
-            if spec.share_group:
-                topic = f"$share/{spec.share_group}/{topic}"
-            # Read until the SUBACK came, even while the route is full: paused, the SUBACK (and the backlog a
-            # persistent session sends before it) would never be read, and the session would time out and
-            # start over and over. What arrives meanwhile is bounded by the session's receive window.
-            await self._subscribe(conn, topic, spec.qos)
-            subscribed = True
-            if not dispatcher.gate.is_open:
-                conn.pause_reading()
-            self._channels[route.name].mark_connected(
-                url=self.address, client_id=client_id, session_present=connack.session_present, topic=topic
-            )
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(_watch(conn), name=f"{self.name}/{route.name}:watch")
-                tg.create_task(conn.keepalive(self.config.keepalive), name=f"{self.name}/{route.name}:keepalive")
-                tg.create_task(self._stop_on_intake_stop(rs), name=f"{self.name}/{route.name}:intake")
-        finally:
-            dispatcher.gate.remove_listener(on_gate)
-            rs.subscriber = None
-            rs.conn = None
-            conn.abort("session ended")
-
-    async def _subscribe(self, conn: MqttConnection, topic: str, qos: int) -> None:
-        await self._request(conn, self.codec.subscribe, [(topic, qos)], "SUBACK")
-
-    async def _request(
-        self, conn: MqttConnection, encode: Callable[[int, Any], bytes], items: list[Any], ack: str
+    async def _source_session(
+        self, source: RouteSource | SharedSource, client_id: str, *, clean: bool = False, **info: Any
     ) -> None:
-        """One SUBSCRIBE or UNSUBSCRIBE of ``items`` and its acknowledgement."""
-        pid = self.ids.take()
-        fut: asyncio.Future[SubAckPacket | UnsubAckPacket] = asyncio.get_running_loop().create_future()
-        conn.subacks[pid] = fut
-        conn.write(encode(pid, items))
+        """A source's session (a route's own, persistent; or the shared one, ``clean``): connect, subscribe,
+        serve until the connection is lost or intake stops."""
+        channel = source.channel
+        assert channel is not None
         try:
-            async with asyncio.timeout(self.config.connect_timeout):
-                reply = await fut
-        except (ConnectionError, TimeoutError) as exc:
-            raise ConnectorError(f"no {ack} from {self.address}: {str(exc) or 'timed out'}") from exc
-        finally:
-            conn.subacks.pop(pid, None)
-            self.ids.free(pid)
-        for item, code in zip(items, reply.reason_codes, strict=False):
-            if int(code) >= 0x80 and ack == "SUBACK":
-                # A refused subscription (ACL) is a configuration problem, not a connection one.
-                self.log.error("connector.subscribe_refused", filter=item[0], reason=code.name)
-
-    async def _change_filters(self, conn: MqttConnection, add: dict[str, int], drop: list[str]) -> None:
-        """Subscribe ``add`` then unsubscribe ``drop`` on the shared connection, a packet per 256 filters."""
-        items = list(add.items())
-        for i in range(0, len(items), _FILTERS_PER_PACKET):
-            await self._request(conn, self.codec.subscribe, items[i : i + _FILTERS_PER_PACKET], "SUBACK")
-        for i in range(0, len(drop), _FILTERS_PER_PACKET):
-            await self._request(conn, self.codec.unsubscribe, drop[i : i + _FILTERS_PER_PACKET], "UNSUBACK")
-
-    async def _resubscribe_shared(self) -> None:
-        """Bring the live shared connection's subscriptions and dispatcher to the current shared routes."""
-        rs = self._shared_session
-        conn = rs.conn
-        dispatcher = self._shared_dispatcher
-        if dispatcher is not None and rs.subscriber is not None:
-            rs.subscriber.dispatch = dispatcher.dispatch  # a changed route takes its messages from now on
-            rs.subscriber.fail = dispatcher.fail
-        async with self._filters_lock:
-            if conn is None or not conn.is_open or rs.conn is not conn:
-                return  # the next connection subscribes what is wanted then
-            wanted = self._wanted_filters()
-            add = {f: q for f, q in wanted.items() if f not in self._shared_filters}
-            drop = [f for f in self._shared_filters if f not in wanted]
-            self._shared_filters = wanted
-            try:
-                await self._change_filters(conn, add, drop)
-            except ConnectorError as exc:
-                conn.abort(str(exc))  # the reconnect subscribes afresh
-
-    async def _run_shared_session(self) -> None:
-        """The session of the routes that share one connection (a clean session: they are QoS 0)."""
-        rs = self._shared_session
-        client_id = self.shared_client_id()
-
-        def prepare(conn: MqttConnection) -> None:
-            rs.conn = conn
-            dispatcher = self._shared_dispatcher
-            assert dispatcher is not None
-            rs.subscriber = Subscriber(conn, dispatcher, self.source_counters)
-
-        try:
-            conn, connack = await self._connect(client_id, rs, prepare, clean=True)
-        except BaseException:
-            rs.subscriber = rs.conn = None
-            raise
-        try:
-            async with self._filters_lock:
-                self._shared_filters = wanted = self._wanted_filters()
-                await self._change_filters(conn, wanted, [])
-            assert self._shared_channel is not None
-            self._shared_channel.mark_connected(
-                url=self.address, client_id=client_id, session_present=connack.session_present, routes=len(self._shared)
+            conn, connack = await self._connect(client_id, source, source.attach, clean=clean)
+            await source.start()
+            channel.mark_connected(
+                url=self.address, client_id=client_id, session_present=connack.session_present, **info
             )
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(_watch(conn), name=f"{self.name}/shared:watch")
-                tg.create_task(conn.keepalive(self.config.keepalive), name=f"{self.name}/shared:keepalive")
-                tg.create_task(self._stop_on_intake_stop(rs), name=f"{self.name}/shared:intake")
+                tg.create_task(self.watch(asyncio.shield(conn.closed), str), name=f"{channel.name}:watch")
+                tg.create_task(conn.keepalive(self.config.keepalive), name=f"{channel.name}:keepalive")
+                tg.create_task(source.run(self.intake_stopped), name=f"{channel.name}:intake")
         finally:
-            rs.subscriber = None
-            rs.conn = None
-            self._shared_filters = {}
-            conn.abort("session ended")
-
-    async def _stop_on_intake_stop(self, rs: _RouteSession) -> None:
-        await self.intake_stopped.wait()
-        if rs.subscriber is not None:
-            rs.subscriber.stopped = True
-        if rs.conn is not None:
-            rs.conn.pause_reading()
-
-    async def release_route(self, route: Route) -> None:
-        """Close the route's session: the broker keeps what it did not acknowledge, and resends it. A route
-        on the shared session is unsubscribed instead (QoS 0: nothing is kept for it)."""
-        channel = self._channels.get(route.name)
-        if channel is not None:
-            channel.cut()
-        elif route in self._shared:
-            self._cut.add(route.name)
-            await self._resubscribe_shared()
-
-    async def resume_route(self, route: Route) -> None:
-        channel = self._channels.get(route.name)
-        if channel is not None:
-            channel.resume()
-        elif route.name in self._cut:
-            self._cut.discard(route.name)
-            await self._resubscribe_shared()
-
-
-async def _watch(conn: MqttConnection) -> None:
-    reason = await asyncio.shield(conn.closed)
-    raise ConnectorError(reason)
+            source.detach()
 
 
 async def _disconnect(conn: MqttConnection | None) -> None:

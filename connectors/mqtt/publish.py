@@ -27,9 +27,8 @@ from __future__ import annotations
 
 from time import monotonic_ns
 
-from connectors.mqtt.codec import Codec5, is_codec_panic
-from connectors.mqtt.source import CONTENT_TYPE, MESSAGE_EXPIRY
-from gateway.core.envelope import Envelope, Headers
+from connectors.mqtt.codec import CONTENT_TYPE, MESSAGE_EXPIRY, Codec5, is_codec_panic
+from gateway.core.contract import Envelope, Headers
 from gateway.errors import GatewayError, HeaderError, PayloadTooLarge, SinkError, TemplateError
 from gateway.routing.headers import BIN_SUFFIX, MQTT_UNSAFE, to_text
 

@@ -38,12 +38,17 @@ from connectors.mqtt.client import MqttConnection
 from connectors.mqtt.codec import PUBREC, PUBREL, Codec5, ack
 from connectors.mqtt.config import MqttConfig
 from connectors.mqtt.publish import PublishEncoder
-from gateway.core.dispatch import Flight
-from gateway.core.sink import Item, Sink
+from gateway.core.contract import Flight, Item, Sink
 from gateway.errors import ConnectorError, GatewayError, SinkError
 
 _COALESCE = 65536
 """Packets smaller than this are gathered into one write per batch; larger ones are written on their own."""
+
+
+class NoPacketId(GatewayError):
+    """All 65 535 MQTT packet identifiers are in use: more unacknowledged publishes and subscribes than
+    MQTT can number. The windows (``max_inflight``, the broker's Receive Maximum) keep far below it, so
+    reaching it is a bug, not a broker problem: the session ends and says so loudly."""
 
 
 class PacketIds:
@@ -55,7 +60,7 @@ class PacketIds:
 
     def take(self) -> int:
         if len(self.used) >= 65535:
-            raise RuntimeError("no free MQTT packet identifier")
+            raise NoPacketId("no free MQTT packet identifier")
         pid = self._next
         while True:
             pid = pid % 65535 + 1

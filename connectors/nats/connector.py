@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,8 @@ from connectors.nats.client import GatewayClient, TlsOnlyClient, loss_blame
 from connectors.nats.config import NatsConfig, NatsSource
 from connectors.nats.sink import NatsSink
 from connectors.nats.source import CoreSource, JetStreamSource, durable_name, subscription_of
-from gateway.core.connector import Connector, ConnectorContext
-from gateway.core.dispatch import Dispatcher, Route
-from gateway.core.sink import Sink
+from gateway.core.contract import Connector, ConnectorContext, Route, Sink, Source
 from gateway.errors import ConnectorError
-from gateway.routing.patterns import NATS
 from gateway.util.redact import redact_url
 from gateway.util.tls import client_context, describe_ssl_error, read_secret
 
@@ -54,10 +51,7 @@ class NatsConnector(Connector):
         """Times the client dropped messages because a subscription's pending limits were full."""
         self._acks: list[tuple[str, bytes]] = []
         self._ack_wakeup = asyncio.Event()
-        self._dispatchers: dict[str, Dispatcher] = {}
         self._last_slow_log = 0.0
-        self._pulls: list[JetStreamSource] = []
-        self._core: dict[str, CoreSource] = {}
         self._live: dict[str, tuple[CoreSource | JetStreamSource, asyncio.Task[None]]] = {}
         """Per source route in the current session: its source and the task running it."""
         self._session_tg: asyncio.TaskGroup | None = None
@@ -92,12 +86,6 @@ class NatsConnector(Connector):
         self._acks.append((reply, verdict))
         self._ack_wakeup.set()
 
-    def _dispatcher(self, route: Route) -> Dispatcher:
-        d = self._dispatchers.get(route.name)
-        if d is None or d.routes[0] is not route:
-            d = self._dispatchers[route.name] = Dispatcher(NATS, [route], cache_size=self.context.cache_size)
-        return d
-
     async def _on_error(self, exc: Exception) -> None:
         self._last_client_error = exc
         if isinstance(exc, SlowConsumerError):
@@ -108,7 +96,7 @@ class NatsConnector(Connector):
                 self.log.warning("connector.slow_consumer", subject=exc.subject, total=self.slow_consumer_events)
             return
         if isinstance(exc, StaleConnectionError):
-            return  # counted and reported once the session ends (see _watch)
+            return  # counted and reported once the session ends (see _lost_reason)
         if self.connected.is_set():  # while connecting, connect_failed says it once per attempt
             self.log.warning("connector.client_error", error=f"{type(exc).__name__}: {exc}")
 
@@ -178,17 +166,15 @@ class NatsConnector(Connector):
             locked = True
             if sink is not None:
                 await sink.attach(nc)
-            self._core = {}
-            self._pulls = []
             self._live = {}
             sources = [await self._start_source(nc, route) for route in self.routes]
-            await self._guard(wire.barrier(nc, cfg.connect_timeout))  # the subscriptions are live
+            await self.guard(wire.barrier(nc, cfg.connect_timeout), NatsError)  # the subscriptions are live
             self.mark_connected(
                 server=redact_url(nc.connected_url.geturl() if nc.connected_url else ""), max_payload=nc.max_payload
             )
             async with asyncio.TaskGroup() as tg:
                 self._session_tg = tg
-                tg.create_task(self._watch(lost, nc), name=f"{self.name}:watch")
+                tg.create_task(self.watch(lost.wait(), lambda _: self._lost_reason(nc)), name=f"{self.name}:watch")
                 tg.create_task(self._acker(nc), name=f"{self.name}:acker")
                 if sink is not None:
                     tg.create_task(sink.run_writer(), name=f"{self.name}:writer")
@@ -205,9 +191,7 @@ class NatsConnector(Connector):
             if locked:
                 self._routes_lock.release()
             self._session_tg = None
-            self._core = {}  # this connection's subscriptions ended with it; the next session makes its own
-            self._pulls = []
-            self._live = {}
+            self._live = {}  # this connection's subscriptions ended with it; the next session makes its own
             self.nc = None
             self._dropped_header_lines += nc.dropped_header_lines
             if sink is not None:
@@ -219,21 +203,26 @@ class NatsConnector(Connector):
     async def _start_source(self, nc: Client, route: Route) -> CoreSource | JetStreamSource:
         """Subscribe (core) or make sure the durable consumer exists (JetStream) for one route."""
         spec: NatsSource = route.spec
-        dispatcher = self._dispatcher(route)
+        dispatcher = self.dispatcher([route], key=route.name)
         source: CoreSource | JetStreamSource
         if spec.stream_name is not None:
             source = JetStreamSource(nc, route, dispatcher, self._ack, durable_name(route))
-            self._pulls.append(source)
         else:
-            source = CoreSource(nc, self.config, route, dispatcher)
-            self._core[route.name] = source
-        await self._guard(source.start(self.intake_stopped))
+            source = CoreSource(nc, self.config, route, dispatcher, self.intake_stopped)
+        await self.guard(source.start(), NatsError)
         return source
 
     def _run_source(self, source: CoreSource | JetStreamSource, tg: asyncio.TaskGroup) -> None:
         name = source.route.name
-        task = tg.create_task(self._guard(source.run(self.intake_stopped)), name=f"{self.name}:{name}")
+        task = tg.create_task(self.guard(source.run(self.intake_stopped), NatsError), name=f"{self.name}:{name}")
         self._live[name] = (source, task)
+
+    def live_sources(self) -> Iterable[Source]:
+        return [source for source, _ in self._live.values()]
+
+    def sources_of(self, route: Route) -> Iterable[Source]:
+        live = self._live.get(route.name)
+        return (live[0],) if live is not None else ()
 
     changes_routes_live = True
 
@@ -251,8 +240,6 @@ class NatsConnector(Connector):
             self.routes = tuple(routes)
             after = {r.name: r for r in self.routes}
             gone = [r for n, r in before.items() if after.get(n) is not r]
-            for route in gone:
-                self._dispatchers.pop(route.name, None)
             nc, tg = self.nc, self._session_tg
             if nc is None or tg is None or not nc.is_connected:
                 return  # no session serves routes now: the next one subscribes self.routes
@@ -265,28 +252,26 @@ class NatsConnector(Connector):
     async def _apply_routes(
         self, nc: Client, tg: asyncio.TaskGroup, gone: list[Route], after: dict[str, Route]
     ) -> None:
-        retired: list[tuple[CoreSource | JetStreamSource, asyncio.Task[None] | None]] = []
+        retired: list[tuple[CoreSource | JetStreamSource, asyncio.Task[None]]] = []
         for route in gone:
             live = self._live.pop(route.name, None)
-            core = self._core.pop(route.name, None)
+            if live is None:
+                continue
+            source = live[0]
             successor = after.get(route.name)
             if (
-                core is not None
-                and core.sub is not None
+                isinstance(source, CoreSource)
+                and source.sub is not None
                 and successor is not None
                 and subscription_of(successor) == subscription_of(route)
             ):
-                core.swap(successor, self._dispatcher(successor))
-                self._core[successor.name] = core
-                if live is not None:
-                    self._live[successor.name] = live
+                source.swap(successor, self.dispatcher([successor], key=successor.name))
+                self._live[successor.name] = live
                 continue
-            source = core if core is not None else live[0] if live is not None else None
-            if source is not None:
-                retired.append((source, live[1] if live is not None else None))
+            retired.append(live)
         started = [await self._start_source(nc, r) for r in self.routes if r.name not in self._live]
         if started:
-            await self._guard(wire.barrier(nc, self.config.connect_timeout))  # live before the old ones go
+            await self.guard(wire.barrier(nc, self.config.connect_timeout), NatsError)  # live before the old go
             if self._session_tg is not tg:
                 raise ConnectorError("the session ended while the routes changed")
             for source in started:
@@ -294,30 +279,21 @@ class NatsConnector(Connector):
         for source, task in retired:
             if isinstance(source, CoreSource):
                 await source.pause()  # what it still buffered counts as dropped, on the route's counters
-            elif source in self._pulls:
-                self._pulls.remove(source)
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
-    async def _guard(self, coro: Any) -> None:
-        try:
-            await coro
-        except NatsError as exc:
-            raise ConnectorError(f"{type(exc).__name__}: {exc}") from exc
-
-    async def _watch(self, lost: asyncio.Event, nc: Client) -> None:
-        await lost.wait()
+    def _lost_reason(self, nc: Client) -> str:
+        """Why the session ends, once the client reported the connection lost."""
         if isinstance(nc.last_error, StaleConnectionError):
             # End of stream, or PINGs unanswered: the server dropped us. nats-server does this to a
             # slow consumer without a word, so say what to look for rather than guess.
             self.server_closed += 1
-            raise ConnectorError(
+            return (
                 f"the server closed the connection ({type(nc.last_error).__name__}); if it repeats while the "
                 "server is up, nats-server may be cutting the gateway off as a slow consumer: look for "
                 "'Slow Consumer' in its log"
             )
-        raise ConnectorError("connection lost")
+        return "connection lost"
 
     async def _expire(self, sink: NatsSink) -> None:
         while True:
@@ -342,25 +318,15 @@ class NatsConnector(Connector):
 
     async def release_route(self, route: Route) -> None:
         """Core subscriptions unsubscribe; JetStream messages are NAKed as their flights release."""
-        async with self._routes_lock:
-            source = self._core.get(route.name)
-            if source is not None and source.route is route:
-                await source.pause()
+        async with self._routes_lock:  # not while a reload or a session start changes the sources
+            await super().release_route(route)
 
     async def resume_route(self, route: Route) -> None:
         async with self._routes_lock:
-            source = self._core.get(route.name)
-            if source is None or source.route is not route or source.sub is not None or self.intake_stopped.is_set():
-                return
             try:
-                await source.start(self.intake_stopped)
+                await super().resume_route(route)
             except NatsError as exc:  # the connection is going: the next session subscribes every route
                 self.log.warning("connector.resubscribe_failed", route=route.name, error=f"{type(exc).__name__}: {exc}")
-
-    async def quiesce(self) -> None:
-        """Until the JetStream sources' last pulls ended (their late deliveries NAKed)."""
-        for pull in self._pulls:
-            await pull.stopped.wait()
 
     async def finish(self) -> None:
         nc = self.nc

@@ -38,7 +38,7 @@ from nats.errors import Error as NatsError
 
 from connectors.nats import wire
 from connectors.nats.config import NatsConfig, NatsTarget, is_kv_key
-from gateway.core.sink import Item, Sink
+from gateway.core.contract import Item, Sink
 from gateway.errors import ConnectorError, GatewayError, PayloadTooLarge, SinkError, TemplateError, Unavailable
 
 _MAX_UNCONFIRMED = 4

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -24,8 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from connectors.nats.config import NatsConfig, NatsSource
-from gateway.core.dispatch import Dispatcher, Route
-from gateway.core.envelope import Envelope, Receipt
+from gateway.core.contract import Dispatcher, Envelope, Receipt, Route, Source, first
 from gateway.errors import ConnectorError
 
 _ACK = b"+ACK"
@@ -52,21 +51,25 @@ def subscription_of(route: Route) -> tuple[str, str] | None:
 class CoreSource:
     """A core NATS subscription feeding one route. Losses are the protocol's: counted, not hidden."""
 
-    def __init__(self, nc: Client, config: NatsConfig, route: Route, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, nc: Client, config: NatsConfig, route: Route, dispatcher: Dispatcher, intake_stopped: asyncio.Event
+    ) -> None:
         self.nc = nc
         self.config = config
         self.route = route
         self.dispatcher = dispatcher
+        self.intake_stopped = intake_stopped
         self.spec: NatsSource = route.spec
         self.sub: Any = None
         self._swapped = asyncio.Event()
         """Set when a reload put another route behind this subscription (:meth:`swap`)."""
         self._rebind: Callable[[], None] = lambda: None
 
-    async def start(self, intake_stopped: asyncio.Event) -> None:
-        """Subscribe (before the connector reports itself ready)."""
+    async def start(self) -> None:
+        """Subscribe (before the connector reports itself ready; again when a cut route resumes)."""
         dispatch = self.dispatcher.dispatch
         gate = self.dispatcher.gate
+        intake_stopped = self.intake_stopped
 
         async def on_msg(msg: Msg) -> None:
             if intake_stopped.is_set():
@@ -103,7 +106,7 @@ class CoreSource:
         """Until the gate of the route behind the subscription is open; a swap changes which gate that is."""
         while not self.dispatcher.gate.is_open:
             self._swapped.clear()
-            await _first(self.dispatcher.gate.wait_open(), self._swapped.wait())
+            await first(self.dispatcher.gate.wait_open(), self._swapped.wait())
 
     def swap(self, route: Route, dispatcher: Dispatcher) -> None:
         """A reload replaced the route but not what it subscribes: the new route takes the subscription over.
@@ -134,6 +137,20 @@ class CoreSource:
     async def run(self, intake_stopped: asyncio.Event) -> None:
         await intake_stopped.wait()
         await self.pause()
+
+    async def quiesce(self) -> None:
+        """A push source: it takes nothing once intake stopped."""
+
+    async def release(self, route: Route) -> None:
+        """Unsubscribe: at-most-once, what is published while the route is cut off is not ours."""
+        if route is self.route:
+            await self.pause()
+
+    async def resume(self, route: Route) -> None:
+        """Subscribe again (raises the client's error if the connection is going: the next session
+        subscribes every route)."""
+        if route is self.route and self.sub is None and not self.intake_stopped.is_set():
+            await self.start()
 
 
 class JetStreamReceipt(Receipt):
@@ -222,9 +239,19 @@ class JetStreamSource:
             )
         return f"JetStream stream {self.stream!r} does not exist; the gateway does not create it"
 
-    async def start(self, intake_stopped: asyncio.Event) -> None:
+    async def start(self) -> None:
         """Make sure the durable consumer exists (before the connector reports itself ready)."""
         await self.ensure_consumer()
+
+    async def quiesce(self) -> None:
+        """Until the last pull ended: what it still delivers is dispatched (and acknowledged once done)."""
+        await self.stopped.wait()
+
+    async def release(self, route: Route) -> None:
+        """Nothing to do: the route's messages are NAKed as its flights release (redelivered at once)."""
+
+    async def resume(self, route: Route) -> None:
+        """Nothing to do: the route's open gate lets the pull loop ask again."""
 
     async def run(self, intake_stopped: asyncio.Event) -> None:
         dispatch = self.dispatcher.dispatch
@@ -277,7 +304,7 @@ class JetStreamSource:
         try:
             while not intake_stopped.is_set():
                 if not gate.is_open:
-                    await _first(gate.wait_open(), intake_stopped.wait())
+                    await first(gate.wait_open(), intake_stopped.wait())
                     continue
                 # An open gate means the route is below its budget: ask for at most what it can take.
                 n = max(1, min(self.spec.batch, self.dispatcher.room()))
@@ -294,16 +321,11 @@ class JetStreamSource:
             await sub.unsubscribe()
 
 
-async def _first(*aws: Coroutine[Any, Any, Any]) -> None:
-    """Until the first of ``aws`` completes; the others are cancelled."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
 def durable_name(route: Route) -> str:
     spec: NatsSource = route.spec
     return spec.durable or f"gateway-{route.name}".replace(".", "_").replace(" ", "_")
+
+
+_core: type[Source] = CoreSource
+_pull: type[Source] = JetStreamSource
+"""mypy checks here that both keep the :class:`Source` contract."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from gateway.errors import HeaderError
+from gateway.errors import GatewayError, HeaderError
 from gateway.routing.headers import BIN_SUFFIX, NATS_UNSAFE, from_bytes, to_text
 
 MAX_CONTROL_LINE = 4096
@@ -50,12 +50,19 @@ _VERSION = b"NATS/1.0"
 _NAME_BYTES = re.compile(rb"[!-9;-~]+")
 
 
+class UnsupportedClient(GatewayError, RuntimeError):
+    """The installed nats-py lacks an internal that batched publishing or header parsing uses: a release the
+    gateway does not support. Not a broker problem, so never a :class:`~gateway.errors.ConnectorError`; a
+    ``RuntimeError`` as well, which it was before it joined the gateway's error tree."""
+
+
 def check(nc: Any) -> None:
-    """Raise if this nats-py client lacks what batched publishing and header parsing need."""
+    """Raise :class:`UnsupportedClient` if this nats-py client lacks what batched publishing and header
+    parsing need."""
     library = [k for k in type(nc).__mro__ if k.__module__.startswith("nats.")]  # not our overrides
     for name in ("_send_command", "_flush_pending", "_process_headers", "_build_message", "_close"):
         if not any(callable(vars(k).get(name)) for k in library):
-            raise RuntimeError(f"nats-py {type(nc).__module__} has no Client.{name}: pin nats-py>=2.9,<3")
+            raise UnsupportedClient(f"nats-py {type(nc).__module__} has no Client.{name}: pin nats-py>=2.9,<3")
 
 
 def subject_problem(subject: str) -> str | None:

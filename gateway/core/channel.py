@@ -131,7 +131,7 @@ class Channel:
             if self.held:
                 self.state = ConnectorState.HELD
                 self.connector.channel_changed(self)
-                await _first(self._resume.wait(), closing.wait())
+                await first(self._resume.wait(), closing.wait())
                 continue
             self.state = ConnectorState.CONNECTING
             self._kick.clear()
@@ -206,12 +206,13 @@ class Channel:
                 retry_in=round(delay, 3),
             )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_first(closing.wait(), self._kick.wait()), timeout=delay)
+                await asyncio.wait_for(first(closing.wait(), self._kick.wait()), timeout=delay)
         self.state = ConnectorState.CLOSED
 
 
-async def _first(*aws: Awaitable[Any]) -> None:
-    """Until the first of ``aws`` completes; the others are cancelled."""
+async def first(*aws: Awaitable[Any]) -> None:
+    """Until the first of ``aws`` completes; the others are cancelled (a session or a source waiting for its
+    gate to open *or* for intake to stop, say)."""
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

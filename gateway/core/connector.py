@@ -13,6 +13,13 @@ lost. Most connectors have one channel (:meth:`Connector.session`); MQTT
 gives every source route its own session, so that one route can be cut off
 without touching the others. The channels own the lifecycle: state,
 reconnects with full-jitter backoff, and an orderly close.
+
+What a connector shares with every other lives here, once: the :class:`Dispatcher` of each source, cached
+across sessions (:meth:`Connector.dispatcher`); the translation of a broker library's errors into
+:class:`ConnectorError` (:meth:`Connector.guard`); the session task that ends a session when its connection
+is lost (:meth:`Connector.watch`); and the hooks the gateway calls on a cut route and at shutdown, acting on
+the connector's :class:`~gateway.core.source.Source` objects (:meth:`Connector.live_sources`). A connector
+package imports all of it from :mod:`gateway.core.contract`.
 """
 
 from __future__ import annotations
@@ -20,17 +27,22 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import structlog
 
 from gateway.config.plugin import ConnectorPlugin
 from gateway.core.channel import Channel, ConnectorState
-from gateway.core.dispatch import Route
+from gateway.core.dispatch import Dispatcher, Route
 from gateway.core.sink import Sink
+from gateway.core.source import Source
+from gateway.errors import ConnectorError
 from gateway.util.backoff import Backoff
+from gateway.util.tls import describe_ssl_error
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +71,8 @@ class Connector(ABC):
         self.context = context
         self.connected = asyncio.Event()
         """Set while every channel that is not held down is connected: what readiness waits on."""
-        self.routes: tuple[Route, ...] = ()
+        self._dispatchers: dict[Hashable, Dispatcher] = {}
+        self._routes: tuple[Route, ...] = ()
         self.channels: list[Channel] = []
         self.log = structlog.get_logger("gateway.connector").bind(connector=name)
         self._closing = asyncio.Event()
@@ -74,6 +87,18 @@ class Connector(ABC):
         self._channels_down = 0
         """Of those, the ones not connected. Counted, not recomputed: with one channel per source route
         (MQTT), a pass over every channel at each connect and disconnect made start and stop quadratic."""
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """The routes reading from this connector (set by :meth:`run`, changed by :meth:`set_routes`)."""
+        return self._routes
+
+    @routes.setter
+    def routes(self, routes: tuple[Route, ...]) -> None:
+        self._routes = routes
+        if self._dispatchers:  # forget the dispatchers of routes that went away (a reload)
+            kept = {id(r) for r in routes}
+            self._dispatchers = {k: d for k, d in self._dispatchers.items() if all(id(r) in kept for r in d.routes)}
 
     # -- state, aggregated over the channels ---------------------------------------------------
     @property
@@ -167,27 +192,75 @@ class Connector(ABC):
     @abstractmethod
     def make_sink(self) -> Sink: ...
 
+    # -- sources -------------------------------------------------------------------------------
+    def dispatcher(self, routes: Sequence[Route], key: Hashable = "") -> Dispatcher:
+        """The :class:`Dispatcher` of the source that reads for ``routes`` (not empty), cached under ``key``:
+        which of this connector's sources it is (a route's name, a consumer group; "" for a connector with one
+        source). Kept across sessions, so a reconnect keeps its plan cache and its flow gate; built again only
+        when the routes are not the same objects (a reload changed them); forgotten when they leave
+        :attr:`routes`."""
+        d = self._dispatchers.get(key)
+        if d is None or len(d.routes) != len(routes) or any(a is not b for a, b in zip(d.routes, routes, strict=False)):
+            syntax = routes[0].patterns[0].syntax  # the plugin's: every source pattern was compiled with it
+            d = self._dispatchers[key] = Dispatcher(syntax, routes, cache_size=self.context.cache_size)
+        return d
+
+    def live_sources(self) -> Iterable[Source]:
+        """The sources reading for this connector now: what the default :meth:`release_route`,
+        :meth:`resume_route` and :meth:`quiesce` act on."""
+        return ()
+
+    def sources_of(self, route: Route) -> Iterable[Source]:
+        """The live sources that read for ``route`` (override for a lookup cheaper than a scan)."""
+        return [s for s in self.live_sources() if route in s.dispatcher.routes]
+
+    @staticmethod
+    async def guard(
+        aw: Awaitable[T], errors: type[BaseException] | tuple[type[BaseException], ...], what: str = ""
+    ) -> T:
+        """``await aw``, with the broker library's ``errors`` raised as :class:`ConnectorError`: what ends a
+        session (its channel reconnects). ``what`` starts the message (``cannot reach Kafka at …``)."""
+        try:
+            return await aw
+        except errors as exc:
+            reason = describe_ssl_error(exc)
+            raise ConnectorError(f"{what}: {reason}" if what else reason) from exc
+
+    @staticmethod
+    async def watch(lost: Awaitable[T], why: Callable[[T], str]) -> NoReturn:
+        """A session task: until ``lost`` completes (the connection is gone, the client must be replaced),
+        then end the session with :class:`ConnectorError`, ``why(what lost gave)`` its message."""
+        raise ConnectorError(why(await lost))
+
     # -- hooks -----------------------------------------------------------------------------------
     def stop_intake(self) -> None:
         self.intake_stopped.set()
 
-    async def release_route(self, route: Route) -> None:  # noqa: B027 - optional hook
+    async def release_route(self, route: Route) -> None:
         """A route reading from here was cut off as a slow consumer: let go of what it holds.
 
         Its flights are already released (receipts not acknowledged), and what arrives for it
-        meanwhile is released at admission; a connector makes sure that what was not
-        acknowledged comes back when the route resumes (e.g. closes the route's session or
-        rewinds its partitions).
+        meanwhile is released at admission; its sources make sure that what was not acknowledged
+        comes back when the route resumes (e.g. close the route's session or rewind its partitions):
+        :meth:`Source.release <gateway.core.source.Source.release>`.
         """
+        for source in self.sources_of(route):
+            await source.release(route)
 
-    async def resume_route(self, route: Route) -> None:  # noqa: B027 - optional hook
-        """The route's backoff is over: read for it again."""
+    async def resume_route(self, route: Route) -> None:
+        """The route's backoff is over: read for it again (:meth:`Source.resume
+        <gateway.core.source.Source.resume>`)."""
+        for source in self.sources_of(route):
+            await source.resume(route)
 
-    async def quiesce(self) -> None:  # noqa: B027 - optional hook
+    async def quiesce(self) -> None:
         """After :meth:`stop_intake`: until the sources will dispatch nothing more.
 
-        Most sources stop at once; a pull consumer may have a request in flight.
+        Most sources stop at once; a pull consumer may have a request in flight
+        (:meth:`Source.quiesce <gateway.core.source.Source.quiesce>`).
         """
+        for source in list(self.live_sources()):
+            await source.quiesce()
 
     def make_channels(self) -> list[Channel]:
         """The connections to keep up; by default one, running :meth:`session`."""

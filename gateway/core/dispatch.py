@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.core.envelope import Envelope
+from gateway.core.envelope import Envelope, Receipt
 from gateway.core.flight import Delivery, Flight, RoutePlan, Target
 from gateway.core.flow import FlowGate
 from gateway.core.route import Route
@@ -94,6 +94,23 @@ class Dispatcher:
             receipt.pending = len(plan)
         for rp in plan:
             rp.route.reject(env, rp, error)
+
+    def leave_out(self, topic: str, receipt: Receipt | None) -> None:
+        """A message its source leaves out on purpose, before routing (an MQTT ``retained_only`` route's live
+        update): every route that takes ``topic`` counts it as received and filtered, and its ``receipt`` is
+        settled at once (acknowledged in arrival order like any other); nothing is delivered. Sources count
+        nothing on a route themselves: its counters are the core's."""
+        plan = self._plans.get(topic)
+        if plan is None:
+            plan = self.plan(topic)
+        if not plan:
+            self.unrouted += 1
+        for rp in plan:
+            stats = rp.route.stats
+            stats.received += 1
+            stats.filtered += 1
+        if receipt is not None:
+            receipt.settle()
 
     def room(self) -> int:
         """Messages every route here can still admit: what a pull source may fetch next."""
