@@ -17,11 +17,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.clients import MqttPublisher, NatsCollector, nats_connect, wait_until
-from tests.e2e.gateway_process import gateway_config, mqtt_connector, nats_connector, run_cli
 from tests.support.brokers import Mosquitto, NatsServer, free_port
+from tests.support.clients.mqtt import MqttPublisher
+from tests.support.clients.nats import NatsCollector, nats_connect
+from tests.support.configs import gateway_config, mqtt_connector, nats_connector
+from tests.support.gateway_process import run_cli
+from tests.support.waits import wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(180)]
 
 MISSING_ENV = "E2E_GATEWAY_SURELY_UNSET_VARIABLE"
 
@@ -203,7 +206,7 @@ async def test_mqtt_broker_down_at_start(gateways: Any, nats_server: NatsServer,
         await asyncio.to_thread(pub.connect)
         try:
             for seq in range(10):
-                pub.publish(f"late/{u}/dev{seq % 2}", seq, 2)
+                pub.publish_seq(f"late/{u}/dev{seq % 2}", seq, 2)
             await asyncio.to_thread(pub.wait_accepted, 10, 10)
         finally:
             await asyncio.to_thread(pub.close)

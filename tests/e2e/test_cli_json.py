@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.gateway_process import run_cli
+from tests.support.gateway_process import run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

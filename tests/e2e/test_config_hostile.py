@@ -25,11 +25,14 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.e2e.clients import MqttPublisher, NatsCollector, nats_connect, wait_until
-from tests.e2e.gateway_process import mqtt_to_nats, run_cli
 from tests.support.brokers import Mosquitto, NatsServer
+from tests.support.clients.mqtt import MqttPublisher
+from tests.support.clients.nats import NatsCollector, nats_connect
+from tests.support.configs import mqtt_to_nats
+from tests.support.gateway_process import run_cli
+from tests.support.waits import wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(180)]
 
 MARKER = "TOPSECRET-7f3a9c"
 """Planted in the secret file's every line and in an environment variable; must never be printed."""
@@ -268,7 +271,7 @@ async def test_running_gateway_refuses_hostile_reloads_and_keeps_moving(
                 until = time.monotonic() + seconds
                 while time.monotonic() < until:
                     for _ in range(20):
-                        publisher.publish(f"hx/{u}/d{sent % 4}", sent, 4)
+                        publisher.publish_seq(f"hx/{u}/d{sent % 4}", sent, 4)
                         sent += 1
                     await asyncio.sleep(0.05)
 

@@ -15,44 +15,28 @@ before publishing, at a moderate rate.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
-from tests.e2e.clients import (
-    KafkaCollector,
-    MqttCollector,
-    MqttPublisher,
+from tests.support.brokers import Mosquitto, NatsServer, Tansu
+from tests.support.clients.kafka import KafkaCollector, create_topics, kafka_producer, produce
+from tests.support.clients.mqtt import MqttCollector, MqttPublisher
+from tests.support.clients.nats import (
     NatsCollector,
-    Received,
-    analyse,
-    check_metadata,
-    create_topics,
-    device_of,
-    flow_rate,
-    headers,
-    kafka_producer,
     nats_connect,
-    payload,
     preload_stream,
-    produce,
     stream_messages,
-    throughput,
     wait_nats_subscription,
 )
-from tests.e2e.gateway_process import (
-    GatewayProcess,
-    gateway_config,
-    kafka_connector,
-    mqtt_connector,
-    nats_connector,
-)
-from tests.support.brokers import Mosquitto, NatsServer, Tansu
+from tests.support.configs import gateway_config, kafka_connector, mqtt_connector, nats_connector
+from tests.support.gateway_process import GatewayProcess
+from tests.support.messages import Received, analyse, check_metadata, device_of, flow_rate, headers, payload, throughput
+from tests.support.waits import Count, wait_progress
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(180)]
 
 N = 10_000
 DEVICES = 7
@@ -63,24 +47,9 @@ SEQS = range(N)
 # ------------------------------------------------------------------ helpers
 
 
-async def wait_for_count(
-    count: Callable[[], int | Awaitable[int]], n: int, *, timeout: float = 45.0, stall: float = 10.0
-) -> float:
-    """Until ``count() >= n``; gives up early when nothing new arrived for ``stall`` s. Returns seconds waited."""
-    t0 = time.monotonic()
-    last, last_change = -1, t0
-    while True:
-        c = count()
-        if inspect.isawaitable(c):
-            c = await c
-        now = time.monotonic()
-        if c >= n:
-            return now - t0
-        if c != last:
-            last, last_change = c, now
-        if now - t0 > timeout or now - last_change > stall:
-            return now - t0
-        await asyncio.sleep(0.05)
+async def wait_for_count(count: Count, n: int) -> float:
+    """Until ``count() >= n``; gives up early when nothing new arrived for 10 s. Returns seconds waited."""
+    return await wait_progress(count, lambda c: c >= n, timeout=45, stall=10)
 
 
 def verify(
@@ -126,11 +95,9 @@ def assert_clean(gw: GatewayProcess) -> None:
 
 def mqtt_publish_all(broker: Mosquitto, client_id: str, topic_of: Callable[[int], str]) -> set[int]:
     """QoS 1 publish of every seq with its user properties; returns what the broker PUBACKed."""
-    pub = MqttPublisher(broker.port, client_id)
-    pub.connect()
+    pub = MqttPublisher(broker.port, client_id).connect()
     try:
-        for seq in SEQS:
-            pub.publish(topic_of(seq), seq, DEVICES)
+        pub.publish_paced(topic_of, SEQS, DEVICES)
         pub.wait_accepted(N, timeout=40)
     finally:
         pub.close()

@@ -14,11 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.clients import KafkaCollector, MqttPublisher, analyse, create_topics
-from tests.e2e.gateway_process import GatewayProcess, gateway_config, kafka_connector, mqtt_connector
 from tests.support.brokers import Mosquitto, Tansu
+from tests.support.clients.kafka import KafkaCollector, create_topics
+from tests.support.clients.mqtt import MqttPublisher
+from tests.support.configs import gateway_config, kafka_connector, mqtt_connector
+from tests.support.gateway_process import GatewayProcess
+from tests.support.messages import analyse
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(120)]
 
 WITHOUT_NATIVE_EXTRAS = (
     "import sys; sys.modules['uvloop'] = None; sys.modules['confluent_kafka'] = None; "
@@ -57,7 +60,7 @@ async def test_runs_without_uvloop_and_librdkafka(tmp_path: Path) -> None:
             pub.connect()
             try:
                 for seq in range(n):
-                    pub.publish(f"dev/dev{seq % devices}/t", seq, devices)
+                    pub.publish_seq(f"dev/dev{seq % devices}/t", seq, devices)
                 await asyncio.to_thread(pub.wait_accepted, n, 30)
                 await gw.await_until(lambda: collector.distinct() >= n, 60, f"all {n} in Kafka")
             finally:

@@ -19,11 +19,13 @@ import aiohttp
 import pytest
 
 from gateway.ops.httpguard import HEADER_TIMEOUT, MAX_CONNECTIONS
-from tests.e2e.clients import MqttClient, NatsCollector, nats_connect
-from tests.e2e.gateway_process import GatewayProcess, mqtt_to_nats
 from tests.support.brokers import Mosquitto, NatsServer
+from tests.support.clients.mqtt import MqttClient
+from tests.support.clients.nats import NatsCollector, nats_connect
+from tests.support.configs import mqtt_to_nats
+from tests.support.gateway_process import GatewayProcess
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(120)]
 
 N_HALF_SENT = 2_000
 BATCH = 100

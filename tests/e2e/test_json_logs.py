@@ -23,12 +23,14 @@ from pathlib import Path
 import pytest
 
 import gateway.cli
-from tests.e2e.clients import MqttClient, NatsCollector, nats_connect
-from tests.e2e.gateway_process import GatewayProcess, gateway_config, mqtt_connector, nats_connector
 from tests.support.brokers import Mosquitto, NatsServer
+from tests.support.clients.mqtt import MqttClient
+from tests.support.clients.nats import NatsCollector, nats_connect
+from tests.support.configs import gateway_config, mqtt_connector, nats_connector
+from tests.support.gateway_process import GatewayProcess
 from tests.support.proxy import TcpProxy
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.fault, pytest.mark.timeout(90)]
 
 STORM_SECONDS = 8.0
 

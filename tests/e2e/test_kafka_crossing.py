@@ -22,12 +22,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.e2e.clients import MqttCollector, NatsCollector, Received, create_topics, nats_connect, routez
-from tests.e2e.gateway_process import gateway_config, kafka_connector, mqtt_connector, nats_connector
-from tests.integration.kafka_batches import CODECS, Rec, produce_librdkafka, read_records
 from tests.support.brokers import Mosquitto, NatsServer, Tansu
+from tests.support.clients.kafka import create_topics, read_records
+from tests.support.clients.mqtt import MqttCollector
+from tests.support.clients.nats import NatsCollector, nats_connect
+from tests.support.configs import gateway_config, kafka_connector, mqtt_connector, nats_connector
+from tests.support.gateway_process import routez
+from tests.support.kafka_batches import CODECS, Rec, produce_librdkafka
+from tests.support.messages import Received
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(120)]
 
 N = 500
 PARTITIONS = 3

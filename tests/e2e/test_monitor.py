@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,14 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.clients import MqttClient, nats_connect
-from tests.e2e.gateway_process import GatewayProcess, gateway_config, mqtt_connector, nats_connector
 from tests.support.brokers import Mosquitto, NatsServer, free_port
+from tests.support.clients.mqtt import MqttClient
+from tests.support.clients.nats import nats_connect
+from tests.support.configs import gateway_config, mqtt_connector, nats_connector
+from tests.support.gateway_process import GatewayProcess
+from tests.support.waits import wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(120)]
 
 SECRET = "Zq7-monitor-secret-9xK"
 """The MQTT password of the run: Mosquitto (anonymous allowed) ignores it; it must never be printed."""
@@ -45,14 +47,6 @@ async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
 async def get_text(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
     async with http.get(url) as resp:
         return resp.status, await resp.text()
-
-
-async def wait_until(check: Callable[[], Any], timeout: float, what: Callable[[], str] | str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s: {what() if callable(what) else what}")
-        await asyncio.sleep(0.05)
 
 
 def balanced(route: dict[str, Any]) -> bool:

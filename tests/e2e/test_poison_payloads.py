@@ -16,11 +16,13 @@ import msgspec
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.e2e.clients import MqttClient, NatsCollector, nats_connect, routez
-from tests.e2e.gateway_process import GatewayProcess, gateway_config, mqtt_connector, nats_connector
 from tests.support.brokers import Mosquitto, NatsServer
+from tests.support.clients.mqtt import MqttClient
+from tests.support.clients.nats import NatsCollector, nats_connect
+from tests.support.configs import gateway_config, mqtt_connector, nats_connector
+from tests.support.gateway_process import GatewayProcess, routez
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(120)]
 
 DEEP_JSON = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
 DEEP_MSGPACK = b"\x91" * 100_000 + b"\x01"

@@ -28,11 +28,15 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.e2e.clients import MqttCollector, MqttPublisher, NatsCollector, nats_connect, parse_payload, wait_until
-from tests.e2e.gateway_process import GatewayProcess, gateway_config, mqtt_connector, nats_connector
 from tests.support.brokers import Mosquitto, NatsServer
+from tests.support.clients.mqtt import MqttCollector, MqttPublisher
+from tests.support.clients.nats import NatsCollector, nats_connect
+from tests.support.configs import gateway_config, mqtt_connector, nats_connector
+from tests.support.gateway_process import GatewayProcess
+from tests.support.messages import parse_payload
+from tests.support.waits import wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(120)]
 
 RATE = 400
 """Steady-route messages per second, before, during and after the reload."""
@@ -101,7 +105,7 @@ async def test_reload_keeps_the_unchanged_route_flowing(
         t0 = time.monotonic()
         seq = 0
         while not stop.is_set() and time.monotonic() - t0 < SECONDS:
-            pub.publish(f"rl/{u}/steady/dev{seq % 4}", seq, 4)
+            pub.publish_seq(f"rl/{u}/steady/dev{seq % 4}", seq, 4)
             seq += 1
             ahead = t0 + seq / RATE - time.monotonic()
             if ahead > 0:

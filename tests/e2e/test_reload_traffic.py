@@ -30,11 +30,14 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.e2e.clients import MqttCollector, nats_connect, routez, wait_until
-from tests.e2e.gateway_process import GatewayProcess, gateway_config, mqtt_connector, nats_connector
 from tests.support.brokers import Mosquitto, NatsServer
+from tests.support.clients.mqtt import MqttCollector
+from tests.support.clients.nats import nats_connect
+from tests.support.configs import gateway_config, mqtt_connector, nats_connector
+from tests.support.gateway_process import GatewayProcess, routez
+from tests.support.waits import wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(120)]
 
 RATE = 300
 """Messages per second on the changed route, all along."""

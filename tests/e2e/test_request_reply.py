@@ -10,7 +10,6 @@ table of 1 000 (every requester hears back, 503 or 504, and the table never hold
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,11 +21,13 @@ import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.e2e.clients import MqttClient, nats_connect, routez
-from tests.e2e.gateway_process import GatewayProcess, gateway_config, mqtt_connector, nats_connector, run_cli
 from tests.support.brokers import Mosquitto, NatsServer
+from tests.support.clients.mqtt import MqttClient
+from tests.support.clients.nats import nats_connect
+from tests.support.configs import gateway_config, mqtt_connector, nats_connector
+from tests.support.gateway_process import GatewayProcess, routez, run_cli
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(180)]
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "examples" / "request-reply.yaml"
 
@@ -49,14 +50,10 @@ class Device(MqttClient):
         self.answer = answer
         self.reply_topic = reply_topic
         self.requests: list[tuple[str, bytes, Any]] = []
-        self._subscribed = threading.Event()
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
 
     def start(self) -> Device:
         self.connect()
-        self.client.subscribe(self.topic_filter, qos=1)
-        assert self._subscribed.wait(10), f"no SUBACK for {self.topic_filter}"
+        self.subscribe(self.topic_filter)
         return self
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:

@@ -24,33 +24,16 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.clients import (
-    Analysis,
-    JetStreamPublisher,
-    KafkaCollector,
-    MqttCollector,
-    MqttPublisher,
-    Received,
-    analyse,
-    create_topics,
-    device_of,
-    headers,
-    kafka_producer,
-    nats_connect,
-    nats_connection,
-    payload,
-    stream_messages,
-)
-from tests.e2e.gateway_process import (
-    GatewayProcess,
-    gateway_config,
-    kafka_connector,
-    mqtt_connector,
-    nats_connector,
-)
 from tests.support.brokers import Mosquitto, NatsServer, Tansu
+from tests.support.clients.kafka import KafkaCollector, create_topics, kafka_producer
+from tests.support.clients.mqtt import MqttCollector, MqttPublisher
+from tests.support.clients.nats import JetStreamPublisher, nats_connect, nats_connection, stream_messages
+from tests.support.configs import gateway_config, kafka_connector, mqtt_connector, nats_connector
+from tests.support.gateway_process import GatewayProcess
+from tests.support.messages import Analysis, Received, analyse, device_of, headers, payload
+from tests.support.waits import wait_progress, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.fault, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.fault, pytest.mark.timeout(180)]
 
 N = 10_000
 DEVICES = 5
@@ -59,48 +42,22 @@ MQTT_RATE = 4_000.0
 publishers run unpaced, faster than the gateway drains, so it holds a full window when killed."""
 
 
-async def wait_for(check: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s: {what()}")
-        await asyncio.sleep(0.02)
-
-
 async def wait_for_all(
     seen: Callable[[], set[int]], accepted: set[int], *, timeout: float = 60.0, stall: float = 15.0
 ) -> float:
     """Until every accepted seq was seen, or nothing new came for ``stall`` s. Returns seconds waited."""
-    t0 = time.monotonic()
-    last, last_change = -1, t0
-    while True:
-        got = seen()
-        now = time.monotonic()
-        if accepted <= got:
-            return now - t0
-        if len(got) != last:
-            last, last_change = len(got), now
-        if now - t0 > timeout or now - last_change > stall:
-            return now - t0
-        await asyncio.sleep(0.05)
+    got: set[int] = set()
 
+    def count() -> int:
+        got.update(seen())
+        return len(got)
 
-async def wait_for_all_stored(count: Callable[[], int], n: int, *, timeout: float = 60.0, stall: float = 15.0) -> None:
-    """Until ``count() >= n`` or no progress for ``stall`` s (the analysis then names what is missing)."""
-    t0 = time.monotonic()
-    last, last_change = -1, t0
-    while (c := count()) < n:
-        now = time.monotonic()
-        if c != last:
-            last, last_change = c, now
-        if now - t0 > timeout or now - last_change > stall:
-            return
-        await asyncio.sleep(0.05)
+    return await wait_progress(count, lambda _: accepted <= got, timeout=timeout, stall=stall)
 
 
 async def stop_after_a_third(gw: GatewayProcess, arrived: Callable[[], int], how: str) -> int:
     """SIGKILL (or SIGTERM, asserting exit 0) once a third of N reached the sink; returns how many had."""
-    await wait_for(lambda: arrived() >= N // 3, 45, lambda: f"only {arrived()} of {N} arrived\n{gw.log_tail()}")
+    await wait_until(lambda: arrived() >= N // 3, 45, lambda: f"only {arrived()} of {N} arrived\n{gw.log_tail()}")
     if how == "sigkill":
         gw.kill()
     else:
@@ -149,13 +106,7 @@ def seen_seqs(messages: Sequence[Received]) -> set[int]:
 
 
 def paced_mqtt_publish(pub: MqttPublisher, topic_of: Callable[[int], str]) -> None:
-    t0 = time.monotonic()
-    for seq in range(N):
-        pub.publish(topic_of(seq), seq, DEVICES)
-        if seq % 50 == 49:
-            ahead = t0 + (seq + 1) / MQTT_RATE - time.monotonic()
-            if ahead > 0:
-                time.sleep(ahead)
+    pub.publish_paced(topic_of, range(N), DEVICES, rate=MQTT_RATE)
     pub.wait_accepted(N, timeout=30)
 
 
@@ -381,7 +332,8 @@ async def test_stop_kafka_source_to_jetstream(
         stored_before_restart = await stored()
         t_restart = time.monotonic()
         await gw.astart()
-        await wait_for_all_stored(lambda: stored_now, len(accepted))
+        # Until all are stored or no progress for 15 s (the analysis then names what is missing).
+        await wait_progress(lambda: stored_now, lambda c: c >= len(accepted), timeout=60, stall=15)
         waited = time.monotonic() - t_restart
         # The restarted gateway's NATS connection only publishes: what it sent beyond the records the
         # stream still lacked were re-publishes of records the first process had already stored.

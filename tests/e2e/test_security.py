@@ -36,20 +36,15 @@ import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.e2e.clients import MqttClient, nats_connect
-from tests.e2e.gateway_process import (
-    GatewayProcess,
-    gateway_config,
-    kafka_connector,
-    mqtt_connector,
-    nats_connector,
-    run_cli,
-)
 from tests.support.brokers import Mosquitto, NatsServer, Tansu
+from tests.support.clients.mqtt import MqttClient
+from tests.support.clients.nats import nats_connect
+from tests.support.configs import gateway_config, kafka_connector, mqtt_connector, nats_connector
+from tests.support.gateway_process import GatewayProcess, run_cli
 from tests.support.sasl_proxy import TansuSasl
 from tests.support.secure import GW_PASSWORD, GW_USER, NATS_TOKEN, Pki, SecureMosquitto, SecureNatsServer, TansuTls
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(120)]
 
 HTTP_TOKEN = "http-token-of-the-security-run-7f3a"
 N = 200

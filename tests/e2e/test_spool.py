@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.clients import KafkaCollector, MqttPublisher, analyse, create_topics
-from tests.e2e.gateway_process import GatewayProcess, gateway_config, kafka_connector, mqtt_connector
 from tests.support.brokers import Mosquitto, Tansu
+from tests.support.clients.kafka import KafkaCollector, create_topics
+from tests.support.clients.mqtt import MqttPublisher
+from tests.support.configs import gateway_config, kafka_connector, mqtt_connector
+from tests.support.gateway_process import GatewayProcess
+from tests.support.messages import analyse
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.fault, pytest.mark.timeout(180)]
 
 DEVICES = 8
 BEFORE_RESTART = 3_000
@@ -52,14 +55,14 @@ async def test_kafka_down_30s_and_a_gateway_restart_lose_nothing(
         pub.connect()
         try:
             for seq in range(BEFORE_RESTART):
-                pub.publish(f"dev/dev{seq % DEVICES}/t", seq, DEVICES)
+                pub.publish_seq(f"dev/dev{seq % DEVICES}/t", seq, DEVICES)
             await asyncio.to_thread(pub.wait_accepted, BEFORE_RESTART, 30)  # PUBACKed from the spool
             await gw.astop()
             gw.spawn()  # a new gateway process on the same spool, Kafka still down
             await gw.await_event("spool.opened", 30)
             opened = gw.events("spool.opened")[-1]
             for seq in range(BEFORE_RESTART, BEFORE_RESTART + AFTER_RESTART):
-                pub.publish(f"dev/dev{seq % DEVICES}/t", seq, DEVICES)
+                pub.publish_seq(f"dev/dev{seq % DEVICES}/t", seq, DEVICES)
             await asyncio.to_thread(pub.wait_accepted, BEFORE_RESTART + AFTER_RESTART, 30)
         finally:
             pub.close()

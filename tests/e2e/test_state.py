@@ -22,23 +22,18 @@ import nats.js.errors
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
-from tests.e2e.clients import MqttClient, nats_connect, routez, wait_until
-from tests.e2e.gateway_process import (
-    GatewayProcess,
-    gateway_config,
-    kafka_connector,
-    mqtt_connector,
-    nats_connector,
-    run_cli,
-)
-from tests.support.brokers import Mosquitto, NatsServer, Tansu
+from tests.support.brokers import Mosquitto, NatsServer, Tansu, running
+from tests.support.clients.kafka import create_topics, read_records
+from tests.support.clients.mqtt import MqttClient, user_properties
+from tests.support.clients.nats import nats_connect
+from tests.support.configs import gateway_config, kafka_connector, mqtt_connector, nats_connector
+from tests.support.gateway_process import GatewayProcess, routez, run_cli
+from tests.support.waits import wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(90)]
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "examples" / "last-value.yaml"
 DELETED = "<deleted>"
@@ -48,20 +43,17 @@ MISSING = "<missing>"
 # Own brokers: retained messages outlive a test, and must not surprise tests sharing the session's Mosquitto.
 @pytest.fixture(scope="module")
 def mq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    with Mosquitto(workdir=tmp_path_factory.mktemp("state-mosquitto")) as broker:
-        yield broker
+    yield from running(Mosquitto(workdir=tmp_path_factory.mktemp("state-mosquitto")))
 
 
 @pytest.fixture(scope="module")
 def ns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    with NatsServer(workdir=tmp_path_factory.mktemp("state-nats")) as broker:
-        yield broker
+    yield from running(NatsServer(workdir=tmp_path_factory.mktemp("state-nats")))
 
 
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
-    with Tansu(workdir=tmp_path_factory.mktemp("state-tansu")) as broker:
-        yield broker
+    yield from running(Tansu(workdir=tmp_path_factory.mktemp("state-tansu")))
 
 
 # ------------------------------------------------------------------ clients
@@ -82,27 +74,18 @@ class Device(MqttClient):
         super().__init__(port, client_id, **kwargs)
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        props = getattr(msg, "properties", None)
-        headers = [(str(k), str(v)) for k, v in getattr(props, "UserProperty", [])] if props is not None else []
+        seen = Seen(msg.topic, bytes(msg.payload), bool(msg.retain), user_properties(getattr(msg, "properties", None)))
         with self._lock:
-            self.seen.append(Seen(msg.topic, bytes(msg.payload), bool(msg.retain), headers))
+            self.seen.append(seen)
 
-    def subscribe(self, topic_filter: str) -> None:
-        self._subscribed.clear()
-        self.client.subscribe(topic_filter, qos=1)
-        assert self._subscribed.wait(10), f"no SUBACK for {topic_filter}"
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
+    def publish_state(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
+        info = self.publish(topic, payload, retain=retain)
         info.wait_for_publish(10)
         assert info.rc == mqtt.MQTT_ERR_SUCCESS and info.is_published()
 
-    def received(self, topic: str) -> list[Seen]:
+    def seen_on(self, topic: str) -> list[Seen]:
         with self._lock:
             return [s for s in self.seen if s.topic == topic]
 
@@ -129,11 +112,7 @@ async def wait_kv(kv: KeyValue, key: str, want: bytes | str, timeout: float = 15
         last[:] = [await kv_value(kv, key)]
         return last[0] == want
 
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"key {key!r}: {last[0]!r}, expected {want!r} after {timeout}s")
-        await asyncio.sleep(0.05)
+    await wait_until(check, timeout, lambda: f"key {key!r}: {last[0]!r}, expected {want!r}")
 
 
 async def create_bucket(nc: NatsClient, bucket: str) -> KeyValue:
@@ -141,32 +120,14 @@ async def create_bucket(nc: NatsClient, bucket: str) -> KeyValue:
 
 
 async def create_compacted_topic(bootstrap: str, name: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        topic = NewTopic(name, num_partitions=1, replication_factor=1, topic_configs={"cleanup.policy": "compact"})
-        await admin.create_topics([topic])
-    finally:
-        await admin.close()
+    await create_topics(bootstrap, [name], 1, configs={"cleanup.policy": "compact"})
 
 
-async def kafka_records(bootstrap: str, topic: str, n: int, timeout: float = 20.0) -> list[tuple[bytes | None, Any]]:
+async def kafka_records(bootstrap: str, topic: str, n: int) -> list[tuple[bytes | None, Any]]:
     """The first ``n`` records (key, value) of partition 0; a null value stays None (a tombstone)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    out: list[tuple[bytes | None, Any]] = []
-    try:
-        consumer.assign([TopicPartition(topic, 0)])
-        async with asyncio.timeout(timeout):
-            while len(out) < n:
-                for records in (await consumer.getmany(timeout_ms=200)).values():
-                    out.extend((r.key, r.value) for r in records)
-    except TimeoutError:
-        raise AssertionError(f"{topic}: {len(out)} of {n} records after {timeout}s: {out}") from None
-    finally:
-        await consumer.stop()
+    records = await read_records(bootstrap, topic, n, timeout=20)
+    out = [(r.key, r.value) for r in records]
+    assert len(out) >= n, f"{topic}: {len(out)} of {n} records after 20 s: {out}"
     return out
 
 
@@ -177,11 +138,7 @@ async def wait_route(gw: GatewayProcess, route: str, check: Callable[[dict[str, 
         last.update((await routez(gw.http_url))[route])
         return check(last)
 
-    deadline = asyncio.get_running_loop().time() + 15
-    while not await ok():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"route {route}: not {what} after 15 s: {last}\n{gw.log_tail()}")
-        await asyncio.sleep(0.05)
+    await wait_until(ok, 15, lambda: f"route {route}: not {what}: {last}\n{gw.log_tail()}")
 
 
 def assert_clean(gw: GatewayProcess) -> None:
@@ -199,7 +156,7 @@ async def test_retained_messages_mirror_into_a_kv_bucket(
     pub = device(mq, f"pub-{u}")
     try:
         kv = await create_bucket(nc, bucket)
-        pub.publish(f"{u}/devices/d0/state", b"booted")  # retained before the gateway runs
+        pub.publish_state(f"{u}/devices/d0/state", b"booted")  # retained before the gateway runs
         gw = gateways(
             gateway_config(
                 f"gw-{u}",
@@ -217,14 +174,14 @@ async def test_retained_messages_mirror_into_a_kv_bucket(
         key = f"{u}.devices.{{}}.state".format
         await wait_kv(kv, key("d0"), b"booted")  # sent by the broker when the route subscribed
 
-        pub.publish(f"{u}/devices/d1/state", b"not retained", retain=False)
-        pub.publish(f"{u}/devices/d2/state", b"on")
-        pub.publish(f"{u}/devices/d2/state", b"off")  # an update replaces the value
+        pub.publish_state(f"{u}/devices/d1/state", b"not retained", retain=False)
+        pub.publish_state(f"{u}/devices/d2/state", b"on")
+        pub.publish_state(f"{u}/devices/d2/state", b"off")  # an update replaces the value
         await wait_kv(kv, key("d2"), b"off")
         await wait_route(gw, "state", lambda r: r["filtered"] == 1 and r["acked"] == 3, "filtered 1, acked 3")
         assert await kv_value(kv, key("d1")) == MISSING, "a message without the retain flag is not state"
 
-        pub.publish(f"{u}/devices/d0/state", b"")  # MQTT "clear retained": the key is deleted
+        pub.publish_state(f"{u}/devices/d0/state", b"")  # MQTT "clear retained": the key is deleted
         await wait_kv(kv, key("d0"), DELETED)
         history = await kv.history(key("d0"))
         assert [(e.value or b"", e.operation) for e in history][-1] == (b"", "DEL")
@@ -233,7 +190,7 @@ async def test_retained_messages_mirror_into_a_kv_bucket(
         await gw.astop()
         assert_clean(gw)
     finally:
-        pub.publish(f"{u}/devices/d2/state", b"")
+        pub.publish_state(f"{u}/devices/d2/state", b"")
         pub.close()
         await nc.close()
 
@@ -247,7 +204,7 @@ async def test_retained_only_on_mqtt_311_sees_the_state_at_subscribe_time(
     pub = device(mq, f"pub-{u}")
     try:
         kv = await create_bucket(nc, bucket)
-        pub.publish(f"{u}/d0", b"v1")
+        pub.publish_state(f"{u}/d0", b"v1")
         gw = gateways(
             gateway_config(
                 f"gw-{u}",
@@ -264,7 +221,7 @@ async def test_retained_only_on_mqtt_311_sees_the_state_at_subscribe_time(
         await gw.astart()
         assert gw.events("connector.retained_only_needs_mqtt5", route="state")
         await wait_kv(kv, "d0", b"v1")
-        pub.publish(f"{u}/d0", b"v2")  # forwarded live without the retain flag by a 3.1.1 broker
+        pub.publish_state(f"{u}/d0", b"v2")  # forwarded live without the retain flag by a 3.1.1 broker
         await wait_route(gw, "state", lambda r: r["filtered"] == 1, "filtered 1")
         assert await kv_value(kv, "d0") == b"v1"
         await gw.astop()
@@ -272,7 +229,7 @@ async def test_retained_only_on_mqtt_311_sees_the_state_at_subscribe_time(
         await wait_kv(kv, "d0", b"v2")
         await gw.astop()
     finally:
-        pub.publish(f"{u}/d0", b"")
+        pub.publish_state(f"{u}/d0", b"")
         pub.close()
         await nc.close()
 
@@ -290,7 +247,7 @@ async def test_retained_messages_mirror_into_a_compacted_topic_with_tombstones(
     await create_compacted_topic(kafka.bootstrap, plain)
     pub = device(mq, f"pub-{u}")
     try:
-        pub.publish(f"{u}/devices/d0/state", b"booted")
+        pub.publish_state(f"{u}/devices/d0/state", b"booted")
         gw = gateways(
             gateway_config(
                 f"gw-{u}",
@@ -308,8 +265,8 @@ async def test_retained_messages_mirror_into_a_compacted_topic_with_tombstones(
             )
         )
         await gw.astart()
-        pub.publish(f"{u}/devices/d1/state", b"live, not retained", retain=False)
-        pub.publish(f"{u}/devices/d0/state", b"")  # cleared
+        pub.publish_state(f"{u}/devices/d1/state", b"live, not retained", retain=False)
+        pub.publish_state(f"{u}/devices/d0/state", b"")  # cleared
         await wait_route(gw, "state", lambda r: r["acked"] == 2 and r["filtered"] == 1, "acked 2, filtered 1")
         key = f"{u}/devices/d0/state".encode()
         assert await kafka_records(kafka.bootstrap, compacted, 2) == [(key, b"booted"), (key, None)]
@@ -354,8 +311,8 @@ async def test_a_kv_bucket_is_published_as_retained_messages(
         # A device that connects after the value was put gets it at once, as a retained message.
         late = device(mq, f"late-{u}")
         late.subscribe(f"{u}/devices/d1/config")
-        await wait_until(lambda: late.received(f"{u}/devices/d1/config"), 5, "the retained config")
-        assert [(s.payload, s.retain) for s in late.received(f"{u}/devices/d1/config")] == [(b'{"rate": 5}', True)]
+        await wait_until(lambda: late.seen_on(f"{u}/devices/d1/config"), 5, "the retained config")
+        assert [(s.payload, s.retain) for s in late.seen_on(f"{u}/devices/d1/config")] == [(b'{"rate": 5}', True)]
         late.close()
 
         watcher.subscribe(f"{u}/devices/+/config")
@@ -371,10 +328,10 @@ async def test_a_kv_bucket_is_published_as_retained_messages(
         await kv.purge("devices.d3.config")  # so does a purge
         await kv.put("devices.d4.config", b'{"rate": 4}')
         d1, d3 = f"{u}/devices/d1/config", f"{u}/devices/d3/config"
-        await wait_until(lambda: len(watcher.received(d3)) == 2, 10, "d3 put, then purged")
-        assert [s.payload for s in watcher.received(d1)] == [b'{"rate": 5}', b'{"rate": 7}', b""]
-        assert ("KV-Operation", "DEL") in watcher.received(d1)[-1].headers
-        assert ("KV-Operation", "PURGE") in watcher.received(d3)[-1].headers
+        await wait_until(lambda: len(watcher.seen_on(d3)) == 2, 10, "d3 put, then purged")
+        assert [s.payload for s in watcher.seen_on(d1)] == [b'{"rate": 5}', b'{"rate": 7}', b""]
+        assert ("KV-Operation", "DEL") in watcher.seen_on(d1)[-1].headers
+        assert ("KV-Operation", "PURGE") in watcher.seen_on(d3)[-1].headers
 
         fresh = device(mq, f"fresh-{u}")
         fresh.subscribe(f"{u}/devices/+/config")
@@ -389,7 +346,7 @@ async def test_a_kv_bucket_is_published_as_retained_messages(
         assert_clean(gw)
     finally:
         for d in ("d2", "d4"):
-            watcher.publish(f"{u}/devices/{d}/config", b"")
+            watcher.publish_state(f"{u}/devices/{d}/config", b"")
         watcher.close()
         await nc.close()
 
@@ -472,7 +429,7 @@ async def test_a_missing_bucket_is_reported_and_the_gateway_recovers_once_it_exi
         assert [(s.payload, s.retain) for s in watcher.seen] == [(b"cfg", True)]
         watcher.close()
 
-        pub.publish(f"{u}/devices/d1/state", b"on")
+        pub.publish_state(f"{u}/devices/d1/state", b"on")
         await wait_route(gw, "to-missing", lambda r: r["failed"] == 1, "failed 1")
         routes = await routez(gw.http_url)
         assert routes["to-missing"]["retried"] >= 1
@@ -482,7 +439,7 @@ async def test_a_missing_bucket_is_reported_and_the_gateway_recovers_once_it_exi
         await wait_route(gw, "from-missing", lambda r: r["acked"] == 2, "acked 2")
         await gw.astop()
     finally:
-        pub.publish(f"{u}/devices/d1/state", b"")
+        pub.publish_state(f"{u}/devices/d1/state", b"")
         pub.close()
         await nc.close()
 
@@ -505,7 +462,7 @@ async def test_last_value_example_end_to_end(
         cfg = await create_bucket(nc, "device-config")
         await create_compacted_topic(kafka.bootstrap, "device-state")
         await cfg.put("devices.d1.config", b'{"rate": 5}')
-        pub.publish("devices/d1/state", b"booted")
+        pub.publish_state("devices/d1/state", b"booted")
 
         config: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
         config["gateway"] = {"id": f"gw-{unique}", "http": {"listen": "127.0.0.1:0"}}
@@ -522,8 +479,8 @@ async def test_last_value_example_end_to_end(
         await wait_until(lambda: d1.seen, 5, "d1's retained configuration")
         assert [(s.payload, s.retain) for s in d1.seen] == [(b'{"rate": 5}', True)]
 
-        pub.publish("devices/d2/state", b"telemetry, not state", retain=False)
-        pub.publish("devices/d1/state", b"")  # cleared: a KV delete and a tombstone
+        pub.publish_state("devices/d2/state", b"telemetry, not state", retain=False)
+        pub.publish_state("devices/d1/state", b"")  # cleared: a KV delete and a tombstone
         await wait_kv(state, "devices.d1.state", DELETED)
         records = await kafka_records(kafka.bootstrap, "device-state", 2)
         assert records == [(b"devices/d1/state", b"booted"), (b"devices/d1/state", None)]

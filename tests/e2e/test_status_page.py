@@ -28,11 +28,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.e2e.clients import MqttPublisher
-from tests.e2e.gateway_process import GatewayProcess, gateway_config, mqtt_connector, nats_connector
 from tests.support.brokers import Mosquitto, NatsServer
+from tests.support.clients.mqtt import MqttPublisher
+from tests.support.configs import gateway_config, mqtt_connector, nats_connector
+from tests.support.gateway_process import GatewayProcess
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(60)]
 
 ROUTE = "telemetry"
 RATE = 300
@@ -182,7 +183,7 @@ class Traffic:
             batch, t0 = max(1, self.rate // 20), time.monotonic()
             for seq in itertools.count(0, batch):
                 for s in range(seq, seq + batch):
-                    self.pub.publish(self.topic.format(device=f"dev{s % DEVICES}"), s, DEVICES)
+                    self.pub.publish_seq(self.topic.format(device=f"dev{s % DEVICES}"), s, DEVICES)
                 ahead = t0 + (seq + batch) / self.rate - time.monotonic()
                 if self._stop.wait(max(0.0, ahead)):
                     return

@@ -18,14 +18,12 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
-from tests.e2e.clients import MqttClient, nats_connect, routez
-from tests.e2e.gateway_process import (
-    GatewayProcess,
-    run_cli,
-)
 from tests.support.brokers import Mosquitto, NatsServer
+from tests.support.clients.mqtt import MqttClient
+from tests.support.clients.nats import nats_connect
+from tests.support.gateway_process import GatewayProcess, routez, run_cli
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(120)]
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "examples" / "content-routing.yaml"
 N = 100

@@ -28,13 +28,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import json
 import os
 import re
 import statistics
 import threading
 import time
-import urllib.request
 import uuid
 from array import array
 from collections.abc import Callable
@@ -43,24 +41,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 import uvloop
 import yaml
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from nats.aio.client import Client as NatsClient
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from connectors.memory.broker import MemoryBroker
 from gateway import Gateway
 from gateway.config import parse_config
-from tests.e2e.clients import MqttClient, create_topics, nats_connect, wait_nats_subscription, wait_until
-from tests.e2e.gateway_process import GatewayProcess, gateway_config, mqtt_connector, nats_connector
 from tests.support.brokers import Mosquitto, NatsServer, Tansu
+from tests.support.clients.kafka import create_topics, read_records
+from tests.support.clients.mqtt import MqttPublisher
+from tests.support.clients.nats import nats_closed_connections, nats_connect, nats_connection, wait_nats_subscription
+from tests.support.configs import gateway_config, mqtt_connector, nats_connector
+from tests.support.gateway_process import GatewayProcess
 from tests.support.proxy import TcpProxy
+from tests.support.waits import wait_progress, wait_until, wait_until_blocking
 
-pytestmark = [pytest.mark.fault, pytest.mark.broker]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.fault]
 
 SEQ_DIGITS = 9
 
@@ -86,22 +84,6 @@ def rss_bytes(pid: int) -> int:
     except FileNotFoundError:
         psutil = pytest.importorskip("psutil")
         return int(psutil.Process(pid).memory_info().rss)
-
-
-def http_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return json.load(resp)
-
-
-def closed_connections(monitor_url: str, name: str) -> list[dict[str, Any]]:
-    """nats-server's closed connections (``/connz?state=closed``) of the client called ``name``."""
-    data = http_json(f"{monitor_url}/connz?state=closed&limit=10000")
-    return [c for c in data.get("connections") or [] if c.get("name") == name]
-
-
-def open_connection(monitor_url: str, name: str) -> dict[str, Any] | None:
-    data = http_json(f"{monitor_url}/connz?limit=10000")
-    return next((c for c in data.get("connections") or [] if c.get("name") == name), None)
 
 
 def parse_rfc3339(text: str) -> float:
@@ -130,24 +112,13 @@ async def settle(value: Callable[[], int], *, quiet: float, timeout: float) -> i
     return last
 
 
-async def wait_all_seen(seen: Callable[[], set[int] | dict[int, float]], wanted: set[int], timeout: float) -> None:
-    """Until every seq of ``wanted`` was seen, or nothing new arrived for 20 s, or ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last, last_change = -1, time.monotonic()
-    while True:
-        got = seen()
-        if wanted.issubset(got):
-            return
-        now = time.monotonic()
-        if len(got) != last:
-            last, last_change = len(got), now
-        if now > deadline or now - last_change > 20:
-            return
-        await asyncio.sleep(0.1)
+async def wait_all_seen(first: dict[int, float], wanted: set[int], timeout: float) -> None:
+    """Until every seq of ``wanted`` was seen (``first``: seq -> first arrival), or nothing new arrived for 20 s."""
+    await wait_progress(lambda: len(first), lambda _: wanted <= first.keys(), timeout=timeout, stall=20, interval=0.1)
 
 
-class Publisher(MqttClient):
-    """paho MQTT 5, QoS 1: records which sequence numbers the broker acknowledged (PUBACK).
+class Publisher(MqttPublisher):
+    """paho MQTT 5, QoS 1, publishing ``make_payload(seq, size)`` to ``topic(seq)``.
 
     :meth:`start_paced` publishes ``seq = 0, 1, ...`` at a fixed rate from its own thread
     (paho's network loop runs in another) and remembers when each one was handed to paho.
@@ -157,49 +128,14 @@ class Publisher(MqttClient):
         super().__init__(port, client_id)
         self.topic = topic
         self.size = size
-        self.accepted: set[int] = set()
-        self.refused = 0
         self.sent_at = array("d")
         """Monotonic time each paced seq was published (index = seq)."""
-        self._lock = threading.Lock()
-        self._mid_seq: dict[int, int] = {}
-        self._early: dict[int, bool] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.client.on_publish = self._on_publish
 
-    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
-        ok = not reason_code.is_failure
-        with self._lock:
-            seq = self._mid_seq.pop(mid, None)
-            if seq is None:
-                self._early[mid] = ok  # the PUBACK raced ahead of publish() returning the mid
-            elif ok:
-                self.accepted.add(seq)
-            else:
-                self.refused += 1
-
-    def publish(self, seq: int, *, size: int | None = None, headers: list[tuple[str, str]] | None = None) -> None:
-        props = None
-        if headers:
-            props = Properties(PacketTypes.PUBLISH)
-            props.UserProperty = headers
+    def send(self, seq: int, *, size: int | None = None, headers: list[tuple[str, str]] | None = None) -> None:
         data = make_payload(seq, self.size if size is None else size)
-        info = self.client.publish(self.topic(seq), data, qos=1, properties=props)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise AssertionError(f"paho publish failed: {mqtt.error_string(info.rc)}")
-        with self._lock:
-            early = self._early.pop(info.mid, None)
-            if early is None:
-                self._mid_seq[info.mid] = seq
-            elif early:
-                self.accepted.add(seq)
-            else:
-                self.refused += 1
-
-    @property
-    def published(self) -> int:
-        return len(self.sent_at)
+        self.track(self.publish(self.topic(seq), data, 1, headers), seq)
 
     def start_paced(self, rate: float, seconds: float) -> None:
         def run() -> None:
@@ -211,7 +147,7 @@ class Publisher(MqttClient):
                     return
                 due = int((now - t0) * rate)
                 while seq < due:
-                    self.publish(seq)
+                    self.send(seq)
                     self.sent_at.append(time.monotonic())
                     seq += 1
                 self._stop.wait(0.005)
@@ -225,13 +161,9 @@ class Publisher(MqttClient):
             self._thread.join(10)
 
     def wait_acks(self, timeout: float = 15.0) -> None:
-        """Until every publish got its PUBACK (or was refused)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._mid_seq:
-                    return
-            time.sleep(0.02)
+        """Until every publish got its PUBACK (or was refused), at most ``timeout`` s: the test judges what came."""
+        with contextlib.suppress(AssertionError):
+            wait_until_blocking(lambda: self.unacknowledged() == 0, timeout)
 
     def close(self) -> None:
         self.stop_paced()
@@ -364,8 +296,8 @@ async def test_stalled_sink_is_cut_off_without_stalling_its_neighbour(tmp_path: 
             await asyncio.to_thread(pub_b.wait_acks)
             sampler.cancel()
 
-            await wait_all_seen(lambda: col_b.first, set(pub_b.accepted), 60)
-            await wait_all_seen(lambda: col_a.first, set(pub_a.accepted), 60)
+            await wait_all_seen(col_b.first, set(pub_b.accepted), 60)
+            await wait_all_seen(col_a.first, set(pub_a.accepted), 60)
             end = time.monotonic()
 
             # -- B's rate, before and during the stall
@@ -552,7 +484,7 @@ async def test_at_most_once_losses_are_all_counted(tmp_path: Path, unique: str, 
             await wait_until(accounted, 30, lambda: f"in_flight={route.in_flight} state={route.state.value}")
             await sub.flush()
             await settle(lambda: len(col.times), quiet=1.0, timeout=10)
-            conn = await asyncio.to_thread(open_connection, nats.monitor_url, src_name)
+            conn = await asyncio.to_thread(nats_connection, nats.monitor_url, src_name)
             assert conn is not None, "the gateway's source connection is gone"
             out_msgs = int(conn["out_msgs"])
 
@@ -599,25 +531,10 @@ POISON_EVERY = 10
 MAX_PAYLOAD = 4096
 
 
-async def read_topic(bootstrap: str, topic: str, n: int, timeout: float) -> list[tuple[bytes, dict[str, str]]]:
-    """Every record of partition 0 of ``topic`` from the start, until ``n`` (values and headers)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    out: list[tuple[bytes, dict[str, str]]] = []
-    try:
-        tp = TopicPartition(topic, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        deadline = time.monotonic() + timeout
-        while len(out) < n and time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=300)
-            for records in batches.values():
-                for r in records:
-                    hdrs = {k: (v or b"").decode() for k, v in (r.headers or ())}
-                    out.append((r.value or b"", hdrs))
-    finally:
-        await consumer.stop()
-    return out
+async def read_letters(bootstrap: str, topic: str, n: int, timeout: float) -> list[tuple[bytes, dict[str, str]]]:
+    """The first ``n`` records of ``topic`` (values and headers)."""
+    records = await read_records(bootstrap, topic, n, timeout=timeout)
+    return [(r.value or b"", {k: (v or b"").decode() for k, v in r.headers}) for r in records]
 
 
 @pytest.mark.timeout(120)
@@ -663,7 +580,7 @@ async def test_poison_messages_go_to_the_dead_letter(tmp_path: Path, unique: str
             await gw.wait_ready(30)
             pub.connect()
             for seq in range(POISON_N):
-                pub.publish(seq, size=8192 if seq in poison else 100, headers=[("x-seq", str(seq))])
+                pub.send(seq, size=8192 if seq in poison else 100, headers=[("x-seq", str(seq))])
             await asyncio.to_thread(pub.wait_acks)
             assert pub.accepted == set(range(POISON_N)), f"broker accepted {len(pub.accepted)}"
             route = gw.routes["poison"]
@@ -673,7 +590,7 @@ async def test_poison_messages_go_to_the_dead_letter(tmp_path: Path, unique: str
                 lambda: f"received={route.stats.received} in_flight={route.in_flight} {route.stats.as_dict()}",
             )
             await wait_until(lambda: good.issubset(col.first), 15, lambda: f"{len(col.first)} of {len(good)}")
-            letters = await read_topic(kafka_broker.bootstrap, dlq, len(poison), 30)
+            letters = await read_letters(kafka_broker.bootstrap, dlq, len(poison), 30)
             s = route.stats
             print(
                 f"\nDLQ: sent={POISON_N} poison={len(poison)} delivered={len(col.first)} dead letters={len(letters)} "
@@ -705,7 +622,7 @@ async def test_poison_messages_go_to_the_dead_letter(tmp_path: Path, unique: str
 
             # The source acknowledged everything: a restart gets only what was published meanwhile.
             assert await gw.stop(), "the gateway did not drain"
-            pub.publish(POISON_N, headers=[("x-seq", str(POISON_N))])
+            pub.send(POISON_N, headers=[("x-seq", str(POISON_N))])
             await asyncio.to_thread(pub.wait_acks)
             gw2 = Gateway(parse_config(text))
             await gw2.start()
@@ -798,7 +715,7 @@ async def _slow_consumer_scenario(workdir: Path, unique: str) -> SlowConsumerRun
             async def cut() -> list[dict[str, Any]]:
                 deadline = time.monotonic() + 20
                 while time.monotonic() < deadline:
-                    found = await asyncio.to_thread(closed_connections, server.monitor_url, name)
+                    found = await asyncio.to_thread(nats_closed_connections, server.monitor_url, name)
                     if found:
                         return found
                     await asyncio.sleep(0.2)

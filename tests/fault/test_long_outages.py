@@ -1,9 +1,10 @@
 """Outages that must end in bounded time with nothing left behind (issue: every broker outage ends).
 
 **Long outages.**
-The three sink scenarios of ``test_broker_restarts`` (JetStream → Mosquitto, Kafka → JetStream,
-MQTT QoS 1 → Tansu), each with its sink broker SIGKILLed for ``LONG`` seconds — longer than
-``retry.max_time`` (60 s) and than librdkafka's delivery timeout — run side by side. Asserted on
+The three sink scenarios of the restart table (``SCENARIOS`` in ``tests/support/restarts.py``:
+JetStream → Mosquitto, Kafka → JetStream, MQTT QoS 1 → Tansu), each with its sink broker SIGKILLed
+for ``LONG`` seconds — longer than ``retry.max_time`` (60 s) and than librdkafka's delivery
+timeout — run side by side. Asserted on
 top of the restart checks (nothing accepted lost, duplicates within the window, the gateway
 alive): no message *failed* (a lost connection is waited out, it is no poison), nothing left in
 flight at the end, and the first delivery after the broker's return within ``FIRST_WITHIN`` s.
@@ -13,32 +14,32 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.fault.test_broker_restarts import (
+from tests.support.brokers import BrokerProcess, Mosquitto, NatsServer, Tansu
+from tests.support.outage_clients import KafkaSeqCollector, PacedMqttPublisher, close_all
+from tests.support.restarts import (
     KILL_AT,
+    PACE,
+    PUB_INFLIGHT,
     RESUME_AT,
-    KafkaCollector,
-    MqttPublisher,
+    SCENARIOS,
     N,
     Result,
     check,
-    close_all,
     create_topic,
     gateway_config,
     kafka_connector,
-    mosquitto_sink,
     mqtt_connector,
-    nats_sink,
+    run_scenario,
     running_gateway,
-    tansu_sink,
-    wait_until,
 )
-from tests.support.brokers import BrokerProcess, Mosquitto, NatsServer, Tansu
+from tests.support.waits import wait_until
 
-pytestmark = [pytest.mark.fault, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.timeout(300)]
 
 LONG = 75.0
 FIRST_WITHIN = 10.0
@@ -55,12 +56,21 @@ def check_long(result: Result) -> None:
 
 
 async def test_every_sink_broker_down_longer_than_the_retry_window(
-    tmp_path: Any, nats_server: NatsServer, kafka_broker: Tansu, mosquitto: Mosquitto, unique: str
+    tmp_path: Path, unique: str, request: pytest.FixtureRequest
 ) -> None:
+    sinks = [s for s in SCENARIOS if s.victim == "sink"]
     results = await asyncio.gather(
-        mosquitto_sink(tmp_path / "mosquitto", nats_server, unique + "m", "sigkill", outage=LONG),
-        nats_sink(tmp_path / "nats", kafka_broker, unique + "n", "sigkill", outage=LONG),
-        tansu_sink(tmp_path / "tansu", mosquitto, unique + "t", "sigkill", outage=LONG),
+        *(
+            run_scenario(
+                s,
+                "sigkill",
+                tmp_path / s.name,
+                request.getfixturevalue(s.other.fixture),
+                unique + s.name[0],
+                outage=LONG,
+            )
+            for s in sinks
+        )
     )
     for result in results:
         check_long(result)
@@ -79,9 +89,9 @@ async def test_a_kafka_broker_that_lost_the_producer_state_carries_traffic_again
     topic = f"fp-{u}"
     victim = Tansu(workdir=tmp_path / "tansu")
     victim.start()
-    before: KafkaCollector | None = None
-    after: KafkaCollector | None = None
-    publisher: MqttPublisher | None = None
+    before: KafkaSeqCollector | None = None
+    after: KafkaSeqCollector | None = None
+    publisher: PacedMqttPublisher | None = None
     kafka = {"type": "kafka", "bootstrap_servers": [victim.bootstrap], "session_timeout_ms": 6000}
     config = gateway_config(
         u,
@@ -93,10 +103,12 @@ async def test_a_kafka_broker_that_lost_the_producer_state_carries_traffic_again
     )
     try:
         await create_topic(victim.bootstrap, topic)
-        before = await KafkaCollector(victim.bootstrap, topic).start()
+        before = await KafkaSeqCollector(victim.bootstrap, topic).start()
         async with running_gateway(config) as (gw, runner):
             publisher = await asyncio.to_thread(
-                MqttPublisher(mosquitto.port, f"pub-{u}", lambda s: f"fp/{u}/dev{s % 4}").connect
+                PacedMqttPublisher(
+                    PACE, mosquitto.port, f"pub-{u}", lambda s: f"fp/{u}/dev{s % 4}", inflight=PUB_INFLIGHT
+                ).connect
             )
             publisher.start()
             col = before
@@ -113,7 +125,7 @@ async def test_a_kafka_broker_that_lost_the_producer_state_carries_traffic_again
             await asyncio.to_thread(victim.start, 30)
             t_up = time.monotonic()
             await create_topic(victim.bootstrap, topic)
-            after = await KafkaCollector(victim.bootstrap, topic).start()
+            after = await KafkaSeqCollector(victim.bootstrap, topic).start()
             publisher.up.set()
             await publisher.finish(timeout=60)
             # What the old broker had acknowledged went with its memory; what was published after the

@@ -33,23 +33,14 @@ import pytest
 import yaml
 
 from gateway.app import CLOSE_TIMEOUT
-from tests.e2e import conftest as e2e
-from tests.e2e.clients import (
-    MqttCollector,
-    MqttPublisher,
-    NatsCollector,
-    nats_connect,
-    routez,
-    wait_nats_subscription,
-    wait_until,
-)
-from tests.e2e.gateway_process import GatewayProcess, gateway_config, mqtt_connector, nats_connector
 from tests.support.brokers import BrokerProcess, Mosquitto, NatsServer
+from tests.support.clients.mqtt import MqttCollector, MqttPublisher
+from tests.support.clients.nats import NatsCollector, nats_connect, wait_nats_subscription
+from tests.support.configs import gateway_config, mqtt_connector, nats_connector
+from tests.support.gateway_process import GatewayProcess, routez
+from tests.support.waits import wait_until
 
-gateways = e2e.gateways
-"""The e2e suite's fixture: gateway processes in ``tmp_path``, killed at teardown, log tails on failure."""
-
-pytestmark = [pytest.mark.fault, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.fault, pytest.mark.timeout(120)]
 
 N = 5
 ROUTES = 2000
@@ -169,7 +160,7 @@ async def test_a_reload_while_the_target_is_down_gives_what_it_held_to_the_chang
             BrokerProcess.stop(nats_server, timeout=10)
             await gw.await_event("connector.disconnected", 15, connector="bus")
             for i in range(held):
-                pub.publish(f"rt/{u}/d", i, 1)
+                pub.publish_seq(f"rt/{u}/d", i, 1)
             pub.wait_accepted(held)
             await wait_until(lambda: _in_flight(gw) == held, 15, "the route holds what it received")
             gw.config_path.write_text(yaml.safe_dump(config(200)))
@@ -232,14 +223,14 @@ async def test_sigterm_with_thousands_of_routes_exits_within_the_shutdown_timeou
         pub.connect()
         try:
             for i in range(200):
-                pub.publish(f"sd/{u}/{i % 50}", i, 1)
+                pub.publish_seq(f"sd/{u}/{i % 50}", i, 1)
             pub.wait_accepted(200)
             await wait_until(lambda: _acked(gw) >= 200, 30, "the routes deliver")
             if nats_frozen:
                 assert nats_server.pid is not None
                 os.kill(nats_server.pid, signal.SIGSTOP)
                 for i in range(200, 400):
-                    pub.publish(f"sd/{u}/{i % 50}", i, 1)
+                    pub.publish_seq(f"sd/{u}/{i % 50}", i, 1)
                 pub.wait_accepted(400)
             t1 = time.monotonic()
             rc = await gw.astop(60, expect_rc=None)

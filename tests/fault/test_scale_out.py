@@ -77,30 +77,17 @@ import yaml
 from aiokafka import AIOKafkaProducer
 from nats.aio.client import Client as NatsClient
 
-from tests.e2e.clients import (
-    JetStreamPublisher,
-    MqttPublisher,
-    Received,
-    create_topics,
-    device_of,
-    nats_connect,
-    nats_subscriptions,
-    parse_payload,
-    payload,
-    stream_messages,
-    wait_until,
-)
-from tests.e2e.gateway_process import (
-    GatewayProcess,
-    gateway_config,
-    kafka_connector,
-    mqtt_connector,
-    nats_connector,
-)
 from tests.support.brokers import Mosquitto, NatsServer, Tansu
+from tests.support.clients.kafka import create_topics
+from tests.support.clients.mqtt import MqttPublisher
+from tests.support.clients.nats import JetStreamPublisher, nats_connect, nats_subscriptions, stream_messages
+from tests.support.configs import gateway_config, kafka_connector, mqtt_connector, nats_connector
+from tests.support.gateway_process import GatewayProcess
+from tests.support.messages import Received, device_of, parse_payload, payload
 from tests.support.proxy import TcpProxy
+from tests.support.waits import wait_progress, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.fault, pytest.mark.broker, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.fault, pytest.mark.timeout(120)]
 
 N = 30_000
 """Messages per source kind in the spread phase (the issue's figure)."""
@@ -248,17 +235,7 @@ class Sink:
 
 async def wait_delivered(sink: Sink, expected: set[int], *, timeout: float = 90.0, stall: float = STALL) -> float:
     """Until every expected seq reached the sink, or nothing new came for ``stall`` s. Returns seconds."""
-    t0 = time.monotonic()
-    last, last_change = -1, t0
-    while True:
-        now = time.monotonic()
-        if expected <= sink.seen:
-            return now - t0
-        if len(sink.seen) != last:
-            last, last_change = len(sink.seen), now
-        if now - t0 > timeout or now - last_change > stall:
-            return now - t0
-        await asyncio.sleep(0.05)
+    return await wait_progress(lambda: len(sink.seen), lambda _: expected <= sink.seen, timeout=timeout, stall=stall)
 
 
 # ------------------------------------------------------------------ outcome
@@ -358,13 +335,7 @@ def assert_spread(result: Outcome, *, min_share: float, durable: bool = True) ->
 
 
 def mqtt_publish(pub: MqttPublisher, u: str, seqs: Iterable[int], rate: float | None) -> None:
-    t0 = time.monotonic()
-    for i, seq in enumerate(seqs):
-        pub.publish(f"so/{u}/{device_of(seq, DEVICES)}", seq, DEVICES)
-        if rate is not None and i % 50 == 49:
-            ahead = t0 + (i + 1) / rate - time.monotonic()
-            if ahead > 0:
-                time.sleep(ahead)
+    pub.publish_paced(lambda seq: f"so/{u}/{device_of(seq, DEVICES)}", seqs, DEVICES, rate=rate)
 
 
 CHUNK = 100

@@ -15,11 +15,11 @@ from pathlib import Path
 import nats
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from tests.support.brokers import Mosquitto, NatsServer, Tansu
+from tests.support.brokers import Mosquitto, NatsServer, Tansu, recv_exact
+from tests.support.clients.kafka import create_topics
 
-pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.timeout(60)]
 
 
 # ---------------------------------------------------------------- raw MQTT 3.1.1
@@ -35,22 +35,13 @@ def _mqtt_packet(first: int, body: bytes) -> bytes:
     return bytes([first, len(body)]) + body
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        assert chunk, "broker closed the connection"
-        buf += chunk
-    return buf
-
-
 def _mqtt_connect(port: int, client_id: str, *, clean: bool = True) -> tuple[socket.socket, bool]:
     """CONNECT and return (socket, session_present); asserts CONNACK return code 0."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     flags = 0x02 if clean else 0x00
     variable_header = _mqtt_str("MQTT") + bytes([4, flags]) + b"\x00\x3c"  # level 4, keepalive 60
     sock.sendall(_mqtt_packet(0x10, variable_header + _mqtt_str(client_id)))
-    connack = _recv_exact(sock, 4)
+    connack = recv_exact(sock, 4)
     assert connack[:2] == b"\x20\x02", connack
     assert connack[3] == 0, f"CONNACK return code {connack[3]}"
     return sock, bool(connack[2] & 0x01)
@@ -67,11 +58,11 @@ def test_mqtt_connect_subscribe_publish(mosquitto: Mosquitto, unique: str) -> No
     topic = f"test/{unique}"
     # SUBSCRIBE (packet id 1, QoS 0) -> SUBACK granting QoS 0
     sock.sendall(_mqtt_packet(0x82, b"\x00\x01" + _mqtt_str(topic) + b"\x00"))
-    assert _recv_exact(sock, 5) == b"\x90\x03\x00\x01\x00"
+    assert recv_exact(sock, 5) == b"\x90\x03\x00\x01\x00"
     # PUBLISH QoS 0 to ourselves and read it back
     publish = _mqtt_packet(0x30, _mqtt_str(topic) + b"hello")
     sock.sendall(publish)
-    assert _recv_exact(sock, len(publish)) == publish
+    assert recv_exact(sock, len(publish)) == publish
     _mqtt_disconnect(sock)
 
 
@@ -82,7 +73,7 @@ def test_mosquitto_restart_same_port_keeps_sessions(tmp_path: Path, unique: str)
         sock, present = _mqtt_connect(port, client_id, clean=False)
         assert not present
         sock.sendall(_mqtt_packet(0x82, b"\x00\x01" + _mqtt_str(f"p/{unique}") + b"\x01"))
-        assert _recv_exact(sock, 5) == b"\x90\x03\x00\x01\x01"
+        assert recv_exact(sock, 5) == b"\x90\x03\x00\x01\x01"
         _mqtt_disconnect(sock)
 
         old_pid = broker.pid
@@ -168,12 +159,7 @@ async def test_nats_hard_restart_keeps_jetstream_data(tmp_path: Path, unique: st
 @pytest.mark.asyncio
 async def test_kafka_produce_and_group_consume(kafka_broker: Tansu, unique: str) -> None:
     topic = f"t-{unique}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name=topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topics(kafka_broker.bootstrap, [topic], 1)
 
     producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
     await producer.start()

@@ -22,11 +22,23 @@ from connectors.memory.broker import MemoryBroker
 from gateway import Gateway
 from gateway.config import parse_config
 from tests.support.brokers import Mosquitto, NatsServer, Tansu
-from tests.support.clients import KafkaClient, MqttClient, NatsClient, Received, wait_for
+from tests.support.clients.kafka import as_received, create_topics, produce_all, read_records
+from tests.support.clients.mqtt import MqttClient
+from tests.support.clients.nats import (
+    NatsCollector,
+    add_stream,
+    js_publish_all,
+    nats_connect,
+    publish_all,
+    stream_messages,
+)
+from tests.support.messages import Received
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
 N = 2000
+OUT_PARTITIONS = 3
 DEVICES = ["d0", "d1", "d2", "d3"]
 
 
@@ -107,8 +119,7 @@ async def kinds(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[di
 
     def mqtt(version: int) -> Kind:
         broker: Mosquitto = request.getfixturevalue("mosquitto")
-        sub = MqttClient(broker.port, version=version)
-        sub.connect()
+        sub = MqttClient(broker.port, protocol=version).connect()
 
         async def close_sub() -> None:
             sub.close()
@@ -116,8 +127,7 @@ async def kinds(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[di
         closers.append(close_sub)
 
         async def publish(u: str, msgs: list[tuple[str, int, bytes, list[tuple[str, str]]]]) -> None:
-            pub = MqttClient(broker.port, version=version)
-            pub.connect()
+            pub = MqttClient(broker.port, protocol=version).connect()
             try:
                 await asyncio.to_thread(pub.publish_all, [(f"src/{u}/{d}/t", p, h) for d, _, p, h in msgs])
             finally:
@@ -127,8 +137,8 @@ async def kinds(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[di
             sub.subscribe(f"out/{u}/#")
 
         async def collect(u: str, n: int) -> list[Received]:
-            await wait_for(lambda: len(sub.received) >= n, 60, f"{n} MQTT messages")
-            return sub.received
+            await wait_until(lambda: len(sub.messages) >= n, 60, f"{n} MQTT messages")
+            return sub.messages
 
         return Kind(
             f"mqtt{version}",
@@ -148,25 +158,25 @@ async def kinds(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[di
 
     async def nats_kind(jetstream: bool) -> Kind:
         server: NatsServer = request.getfixturevalue("nats_server")
-        client = NatsClient(server.url)
-        await client.connect()
-        closers.append(client.close)
+        nc = await nats_connect(server.url)
+        closers.append(nc.close)
+        sub = NatsCollector()
 
         async def publish(u: str, msgs: list[tuple[str, int, bytes, list[tuple[str, str]]]]) -> None:
             items = [(f"src.{u}.{d}.t", p, h) for d, _, p, h in msgs]
-            await (client.js_publish_all(items) if jetstream else client.publish_all(items))
+            await (js_publish_all(nc, items) if jetstream else publish_all(nc, items))
 
         async def prepare(u: str) -> None:
             if jetstream:
-                await client.add_stream(f"OUT_{u}", [f"out.{u}.>"])
+                await nc.jetstream().add_stream(name=f"OUT_{u}", subjects=[f"out.{u}.>"])
             else:
-                await client.subscribe(f"out.{u}.>")
+                await sub.subscribe(nc, f"out.{u}.>")
 
         async def collect(u: str, n: int) -> list[Received]:
             if jetstream:
-                return await client.js_read(f"OUT_{u}", f"out.{u}.>", n, timeout=60)
-            await wait_for(lambda: len(client.received) >= n, 60, f"{n} NATS messages")
-            return client.received
+                return await stream_messages(nc, f"OUT_{u}", f"out.{u}.>", n, timeout=60)
+            await wait_until(lambda: len(sub.messages) >= n, 60, f"{n} NATS messages")
+            return sub.messages
 
         return Kind(
             "jetstream" if jetstream else "nats",
@@ -186,17 +196,18 @@ async def kinds(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[di
 
     def kafka(driver: str) -> Kind:
         broker: Tansu = request.getfixturevalue("kafka_broker")
-        client = KafkaClient(broker.bootstrap)
+        bootstrap = broker.bootstrap
 
         async def publish(u: str, msgs: list[tuple[str, int, bytes, list[tuple[str, str]]]]) -> None:
             for dev in DEVICES:  # one topic per device: the source pattern captures it
-                await client.produce_all(f"src.{u}.{dev}", [(d.encode(), p, h) for d, _, p, h in msgs if d == dev])
+                await produce_all(bootstrap, f"src.{u}.{dev}", [(d.encode(), p, h) for d, _, p, h in msgs if d == dev])
 
         async def prepare(u: str) -> None:
-            await client.create_topic(f"out-{u}")
+            await create_topics(bootstrap, [f"out-{u}"], OUT_PARTITIONS)
 
         async def collect(u: str, n: int) -> list[Received]:
-            return await client.consume(f"out-{u}", n, timeout=60)
+            records = await read_records(bootstrap, f"out-{u}", n, partitions=OUT_PARTITIONS, timeout=60)
+            return [as_received(r) for r in records]
 
         return Kind(
             f"kafka-{driver}",
@@ -255,7 +266,7 @@ async def test_as_sink_delivers_all_in_order_with_headers(kinds: Any, name: str,
     try:
         got = await kind.collect(unique, N)
         check_delivery(got, N, headers=kind.headers, keys=kind.keys)
-        await wait_for(lambda: len(mem.acked) == N, 30, "every source message acked")
+        await wait_until(lambda: len(mem.acked) == N, 30, "every source message acked")
         stats = gw.routes["r"].stats
         assert (stats.received, stats.acked, stats.failed) == (N, N, 0)
     finally:
@@ -266,10 +277,7 @@ async def test_as_sink_delivers_all_in_order_with_headers(kinds: Any, name: str,
 async def test_as_source_delivers_and_acknowledges(kinds: Any, name: str, unique: str) -> None:
     kind: Kind = await kinds.get_kind(name)
     if name == "jetstream":
-        client = NatsClient(kind.connector()["servers"][0])
-        await client.connect()
-        await client.add_stream(f"SRC_{unique}", [f"src.{unique}.>"])
-        await client.close()
+        await add_stream(kind.connector()["servers"][0], f"SRC_{unique}", [f"src.{unique}.>"])
     mem = MemoryBroker.named(f"mem-{unique}")
     cfg = config(kind, unique, as_source=True)
     sent = messages()
@@ -279,7 +287,7 @@ async def test_as_source_delivers_and_acknowledges(kinds: Any, name: str, unique
     try:
         if not kind.preload:
             await kind.publish(unique, sent)
-        await wait_for(lambda: len(mem.received) >= N, 60, f"{N} messages at the memory sink")
+        await wait_until(lambda: len(mem.received) >= N, 60, f"{N} messages at the memory sink")
         got = [Received(r.topic, r.payload, r.headers or []) for r in mem.received]
         check_delivery(got, N, headers=kind.headers)
         assert {r.topic for r in mem.received} == {f"in/{d}" for d in DEVICES}
@@ -293,7 +301,7 @@ async def test_as_source_delivers_and_acknowledges(kinds: Any, name: str, unique
     gw = await _gateway(cfg)
     try:
         await kind.publish(unique, marker)
-        await wait_for(lambda: len(mem.received) >= len(DEVICES), 60, "the marker messages")
+        await wait_until(lambda: len(mem.received) >= len(DEVICES), 60, "the marker messages")
         assert sorted(r.payload for r in mem.received) == sorted(p for _, _, p, _ in marker), "redelivered"
     finally:
         assert await gw.stop()
@@ -303,10 +311,7 @@ async def test_as_source_delivers_and_acknowledges(kinds: Any, name: str, unique
 async def test_source_not_acknowledged_before_target_confirmed(kinds: Any, name: str, unique: str) -> None:
     kind: Kind = await kinds.get_kind(name)
     if name == "jetstream":
-        client = NatsClient(kind.connector()["servers"][0])
-        await client.connect()
-        await client.add_stream(f"SRC_{unique}", [f"src.{unique}.>"])
-        await client.close()
+        await add_stream(kind.connector()["servers"][0], f"SRC_{unique}", [f"src.{unique}.>"])
     mem = MemoryBroker.named(f"mem-{unique}")
     mem.hold = True  # the target accepts but never confirms
     cfg = config(kind, unique, as_source=True, max_in_flight=100)
@@ -317,7 +322,7 @@ async def test_source_not_acknowledged_before_target_confirmed(kinds: Any, name:
     if not kind.preload:
         await kind.publish(unique, sent)
     route = gw.routes["r"]
-    await wait_for(lambda: route.in_flight >= 100, 30, "the route budget to fill")
+    await wait_until(lambda: route.in_flight >= 100, 30, "the route budget to fill")
     assert route.in_flight <= 100 + 2000, "budget ignored"  # one fetch may overshoot, never unbounded
     assert route.stats.acked == 0
     assert not await gw.stop(timeout=0.5), "a held target cannot drain"
@@ -326,6 +331,6 @@ async def test_source_not_acknowledged_before_target_confirmed(kinds: Any, name:
     mem.release()
     gw = await _gateway(cfg)
     try:
-        await wait_for(lambda: len({r.payload for r in mem.received}) >= 400, 60, "all 400 after restart")
+        await wait_until(lambda: len({r.payload for r in mem.received}) >= 400, 60, "all 400 after restart")
     finally:
         assert await gw.stop()

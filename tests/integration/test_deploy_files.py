@@ -27,7 +27,7 @@ import yaml
 
 from gateway.config import Config, parse_config
 
-pytestmark = [pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"

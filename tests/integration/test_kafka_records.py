@@ -29,9 +29,10 @@ from connectors.memory.broker import MemoryBroker
 from gateway import Gateway
 from gateway.config import parse_config
 from gateway.core.stats import RouteStats
-from tests.integration.kafka_batches import CODEC_IDS, CODECS, Rec, batch_codecs, raw_batch, read_records, send_raw
 from tests.support.brokers import Tansu
-from tests.support.clients import KafkaClient, wait_for
+from tests.support.clients.kafka import create_topics, read_records
+from tests.support.kafka_batches import CODEC_IDS, CODECS, Rec, batch_codecs, raw_batch, send_raw
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
 
@@ -84,8 +85,7 @@ async def test_unreadable_records_fail_alone(kafka_broker: Tansu, memory: Memory
     record has a header name that is not UTF-8, 10 good; p2: 10 good, a batch marked snappy that is not,
     10 good."""
     topic = f"kr-poison-{unique}"
-    client = KafkaClient(kafka_broker.bootstrap)
-    await client.create_topic(topic, 3)
+    await create_topics(kafka_broker.bootstrap, [topic], 3)
 
     def good(p: int, seqs: range) -> list[tuple[int, Rec]]:
         return [(p, (None, f"p{p}-{i}".encode(), [("seq", str(i).encode())])) for i in seqs]
@@ -131,8 +131,8 @@ async def test_unreadable_records_fail_alone(kafka_broker: Tansu, memory: Memory
     try:
         # 60 good records, and the unreadable ones dead-lettered (how many of the p1 batch depends on
         # how far aiokafka decodes it; the snappy batch is unreadable as a whole).
-        await wait_for(lambda: sum(r.topic == "got" for r in memory.received) >= 60, 40, "the good records")
-        await wait_for(lambda: route.in_flight == 0 and route.stats.received >= 65, 20, "the unreadable ones")
+        await wait_until(lambda: sum(r.topic == "got" for r in memory.received) >= 60, 40, "the good records")
+        await wait_until(lambda: route.in_flight == 0 and route.stats.received >= 65, 20, "the unreadable ones")
         got = [r.payload.decode() for r in memory.received if r.topic == "got"]
         dead = [r for r in memory.received if r.topic == "dead"]
         for p in range(3):
@@ -183,10 +183,8 @@ async def read_values(bootstrap: str, topic: str) -> list[tuple[bytes, list[tupl
 async def test_sink_compression_read_back(kafka_broker: Tansu, memory: MemoryBroker, unique: str, driver: str) -> None:
     """One Kafka connector per codec; a plain consumer reads every record back with its headers, and the
     stored batches carry the codec."""
-    client = KafkaClient(kafka_broker.bootstrap)
     topics = {codec: f"kr-z-{driver}-{codec}-{unique}" for codec in CODECS}
-    for topic in topics.values():
-        await client.create_topic(topic, 1)
+    await create_topics(kafka_broker.bootstrap, topics.values(), 1)
     connectors: dict[str, Any] = {"mem": {"type": "memory", "broker": memory.name}}
     routes = []
     for codec, topic in topics.items():
@@ -202,7 +200,7 @@ async def test_sink_compression_read_back(kafka_broker: Tansu, memory: MemoryBro
         memory.publish(f"in/{i % 4}", f"reading {i:05d} ".encode() * 8, [("seq", str(i)), ("bin", "\udcff\x00")])
     gw = await running(config(unique, connectors, routes))
     try:
-        await wait_for(lambda: len(memory.acked) == N_COMPRESSED, 40, "every message acknowledged")
+        await wait_until(lambda: len(memory.acked) == N_COMPRESSED, 40, "every message acknowledged")
         for codec, topic in topics.items():
             got = await read_values(kafka_broker.bootstrap, topic)
             assert [int(dict(r[1])["seq"]) for r in got] == list(range(N_COMPRESSED)), f"{codec}: order or loss"
@@ -224,9 +222,7 @@ async def test_sink_fails_only_the_message_it_cannot_produce(
     kafka_broker: Tansu, memory: MemoryBroker, unique: str, driver: str
 ) -> None:
     topic = f"kr-bad-{driver}-{unique}"
-    client = KafkaClient(kafka_broker.bootstrap)
-    await client.create_topic(topic, 1)
-    await client.create_topic(f"{topic}.ok", 1)
+    await create_topics(kafka_broker.bootstrap, [topic, f"{topic}.ok"], 1)
     cfg = config(
         unique,
         {
@@ -269,7 +265,7 @@ async def test_sink_fails_only_the_message_it_cannot_produce(
             good += 1
     gw = await running(cfg)
     try:
-        await wait_for(lambda: len(memory.acked) == 60, 40, "every message settled")
+        await wait_until(lambda: len(memory.acked) == 60, 40, "every message settled")
         got = await read_values(kafka_broker.bootstrap, topic)
         assert [v.decode() for v, _ in got] == [f"good {i}" for i in range(good)]
         got = await read_values(kafka_broker.bootstrap, f"{topic}.ok")

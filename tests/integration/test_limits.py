@@ -12,7 +12,10 @@ from connectors.memory.broker import MemoryBroker
 from gateway import Gateway
 from gateway.config import parse_config
 from tests.support.brokers import Mosquitto, NatsServer, Tansu
-from tests.support.clients import KafkaClient, MqttClient, NatsClient, wait_for
+from tests.support.clients.kafka import create_topics, read_records
+from tests.support.clients.mqtt import MqttClient
+from tests.support.clients.nats import NatsCollector, nats_connect
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
 
@@ -57,49 +60,46 @@ def _publish(unique: str) -> MemoryBroker:
 
 async def _check(gw: Gateway, mem: MemoryBroker, received: list[bytes]) -> None:
     route = gw.routes["r"]
-    await wait_for(lambda: len(mem.acked) == 3, 20, "all three source messages acknowledged")
+    await wait_until(lambda: len(mem.acked) == 3, 20, "all three source messages acknowledged")
     assert received == [b"small-1", b"small-2"], "the oversized message must not be sent"
     assert (route.stats.received, route.stats.acked, route.stats.failed) == (3, 2, 1)
     assert await gw.stop()
 
 
 async def test_nats_refuses_payload_over_server_max_payload(small_nats: NatsServer, unique: str) -> None:
-    sub = NatsClient(small_nats.url)
-    await sub.connect()
-    await sub.subscribe(f"out.{unique}")
+    nc = await nats_connect(small_nats.url)
+    sub = await NatsCollector().subscribe(nc, f"out.{unique}")
     gw = await _run({"type": "nats", "servers": [small_nats.url]}, {"subject": f"out.{unique}"}, unique)
     mem = _publish(unique)
     try:
-        await wait_for(lambda: len(sub.received) >= 2, 20, "the two small messages")
-        await _check(gw, mem, [r.payload for r in sub.received])
+        await wait_until(lambda: len(sub.messages) >= 2, 20, "the two small messages")
+        await _check(gw, mem, [r.payload for r in sub.messages])
     finally:
-        await sub.close()
+        await nc.close()
 
 
 async def test_kafka_refuses_record_over_max_request_size(kafka_broker: Tansu, unique: str) -> None:
-    client = KafkaClient(kafka_broker.bootstrap)
-    await client.create_topic(f"out-{unique}", partitions=1)
+    await create_topics(kafka_broker.bootstrap, [f"out-{unique}"], partitions=1)
     gw = await _run(
         {"type": "kafka", "bootstrap_servers": [kafka_broker.bootstrap], "idempotent": False, "max_request_size": 4096},
         {"topic": f"out-{unique}"},
         unique,
     )
     mem = _publish(unique)
-    await wait_for(lambda: len(mem.acked) == 3, 20, "all three acknowledged")
-    got = await client.consume(f"out-{unique}", 2)
-    await _check(gw, mem, [r.payload for r in got])
+    await wait_until(lambda: len(mem.acked) == 3, 20, "all three acknowledged")
+    got = await read_records(kafka_broker.bootstrap, f"out-{unique}", 2)
+    await _check(gw, mem, [r.value for r in got])
 
 
 async def test_mqtt_refuses_payload_over_broker_maximum_packet_size(small_mosquitto: Mosquitto, unique: str) -> None:
-    sub = MqttClient(small_mosquitto.port)
-    sub.connect()
+    sub = MqttClient(small_mosquitto.port).connect()
     sub.subscribe(f"out/{unique}")
     gw = await _run(
         {"type": "mqtt", "url": small_mosquitto.url, "client_id": f"gw-{unique}"}, {"topic": f"out/{unique}"}, unique
     )
     mem = _publish(unique)
     try:
-        await wait_for(lambda: len(sub.received) >= 2, 20, "the two small messages")
-        await _check(gw, mem, [r.payload for r in sub.received])
+        await wait_until(lambda: len(sub.messages) >= 2, 20, "the two small messages")
+        await _check(gw, mem, [r.payload for r in sub.messages])
     finally:
         sub.close()

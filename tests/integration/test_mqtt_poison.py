@@ -24,8 +24,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
+from nats.aio.client import Client as NatsClient
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -35,7 +35,9 @@ from gateway.config import parse_config
 from gateway.core.dispatch import Route
 from gateway.ops.monitor import connector_view
 from tests.support.brokers import Mosquitto, NatsServer
-from tests.support.clients import NatsClient, wait_for
+from tests.support.clients.mqtt import MqttClient
+from tests.support.clients.nats import NatsCollector, nats_connect
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
 
@@ -43,25 +45,20 @@ pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
 # ---------------------------------------------------------------- helpers
 
 
-class Subscriber:
-    """paho (MQTT 5) in its own thread, keeping each message's topic, payload and properties."""
+class Subscriber(MqttClient):
+    """MQTT 5, subscribed to ``topic``, keeping each message's topic, payload and properties in ``seen``."""
 
     def __init__(self, port: int, topic: str) -> None:
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-        self.messages: list[dict[str, Any]] = []
+        super().__init__(port)
+        self.seen: list[dict[str, Any]] = []
         self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.connect("127.0.0.1", port, clean_start=True)
-        self.client.loop_start()
-        self.client.subscribe(topic, qos=1)
-        assert self._subscribed.wait(10), f"no SUBACK for {topic}"
+        self.connect()
+        self.subscribe(topic)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         props = msg.properties
         with self._lock:
-            self.messages.append(
+            self.seen.append(
                 {
                     "topic": msg.topic,
                     "payload": bytes(msg.payload),
@@ -73,11 +70,7 @@ class Subscriber:
 
     def payloads(self) -> list[bytes]:
         with self._lock:
-            return [m["payload"] for m in self.messages]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+            return [m["payload"] for m in self.seen]
 
 
 def first_occurrences(payloads: list[bytes]) -> list[bytes]:
@@ -147,12 +140,11 @@ def nats(tmp_path: Path) -> Iterator[NatsServer]:
 
 @pytest.fixture
 async def nats_client(nats: NatsServer) -> AsyncIterator[NatsClient]:
-    client = NatsClient(nats.url)
-    await client.connect()
+    nc = await nats_connect(nats.url)
     try:
-        yield client
+        yield nc
     finally:
-        await client.close()
+        await nc.close()
 
 
 # ---------------------------------------------------------------- NATS -> MQTT 5
@@ -176,17 +168,17 @@ async def test_a_bare_cr_in_a_nats_header_travels_as_name_bin_and_the_connection
         commands.append(hpub(f"cr.{unique}.t", b"X-A: a\rb\r\nX-B: ok\r\n", b"bad"))
         commands += [hpub(f"cr.{unique}.t", b"X-Seq: %d\r\n" % i, b"good-%d" % i) for i in range(5, 10)]
         raw_nats(nats.port, commands)
-        await wait_for(lambda: len(sub.payloads()) >= 11, 20, "all eleven messages")
+        await wait_until(lambda: len(sub.payloads()) >= 11, 20, "all eleven messages")
         want = [b"good-%d" % i for i in range(5)] + [b"bad"] + [b"good-%d" % i for i in range(5, 10)]
         assert sub.payloads() == want
-        bad = sub.messages[5]
+        bad = sub.seen[5]
         assert bad["user"] == [("X-A-bin", base64.b64encode(b"a\rb").decode()), ("X-B", "ok")]
-        assert sub.messages[0]["user"] == [("X-Seq", "0")]
+        assert sub.seen[0]["user"] == [("X-Seq", "0")]
         view = connector_view(gw, "devices")  # what /connz shows
         assert view["reconnects"] == 0, view
         assert view["closed_on_message"] == 0, view
         route = gw.routes["r"]
-        await wait_for(lambda: route.stats.acked == 11, 10, "all acknowledged")
+        await wait_until(lambda: route.stats.acked == 11, 10, "all acknowledged")
         assert (route.stats.received, route.stats.failed) == (11, 0)
         assert_invariant(route)
     finally:
@@ -197,7 +189,7 @@ async def test_a_bare_cr_in_a_nats_header_travels_as_name_bin_and_the_connection
 async def test_topics_a_broker_would_refuse_are_dead_lettered_and_the_others_delivered(
     mosquitto: Mosquitto, nats: NatsServer, nats_client: NatsClient, unique: str
 ) -> None:
-    await nats_client.subscribe(f"dead.{unique}")
+    dead = await NatsCollector().subscribe(nats_client, f"dead.{unique}")
     sub = Subscriber(mosquitto.port, f"tp-{unique}/#")
     cfg = (
         bus_and_devices(nats, mosquitto, unique)
@@ -221,16 +213,16 @@ async def test_topics_a_broker_would_refuse_are_dead_lettered_and_the_others_del
                 pub(p + b"z", b"2"),
             ],
         )
-        await wait_for(lambda: len(nats_client.received) >= 3, 20, "three dead letters")
-        await wait_for(lambda: len(sub.payloads()) >= 2, 20, "the two good messages")
+        await wait_until(lambda: len(dead.messages) >= 3, 20, "three dead letters")
+        await wait_until(lambda: len(sub.payloads()) >= 2, 20, "the two good messages")
         assert sub.payloads() == [b"1", b"2"]
-        assert [m["topic"] for m in sub.messages] == [f"tp-{unique}/a", f"tp-{unique}/z"]
-        assert sorted(r.payload for r in nats_client.received) == [b"c1", b"control", b"wildcard"]
-        errors = {r.payload: dict(r.headers)["x-gateway-error"] for r in nats_client.received}
+        assert [m["topic"] for m in sub.seen] == [f"tp-{unique}/a", f"tp-{unique}/z"]
+        assert sorted(r.payload for r in dead.messages) == [b"c1", b"control", b"wildcard"]
+        errors = {r.payload: dict(r.headers)["x-gateway-error"] for r in dead.messages}
         assert "control character" in errors[b"control"], errors
         assert "control character" in errors[b"c1"], errors
         route = gw.routes["r"]
-        await wait_for(lambda: route.stats.acked + route.stats.failed == 5, 10, "all five settled")
+        await wait_until(lambda: route.stats.acked + route.stats.failed == 5, 10, "all five settled")
         assert (route.stats.acked, route.stats.failed, route.stats.dead_lettered) == (2, 3, 3)
         assert_invariant(route)
         assert connector_view(gw, "devices")["reconnects"] == 0
@@ -284,7 +276,7 @@ async def test_a_message_the_broker_closes_the_connection_on_twice_fails_alone_a
                 mem.publish("in/a", b"B" * 8192)
             mem.publish("in/a", b"small-%d" % i)
             want.append(b"small-%d" % i)
-        await wait_for(lambda: len(mem.acked) == 41, 30, "all 41 source messages acknowledged")
+        await wait_until(lambda: len(mem.acked) == 41, 30, "all 41 source messages acknowledged")
         assert first_occurrences(sub.payloads()) == want
         assert b"B" * 8192 not in sub.payloads()
         route = gw.routes["r"]
@@ -300,7 +292,7 @@ async def test_a_message_the_broker_closes_the_connection_on_twice_fails_alone_a
         assert view["state"] == "connected", view
         # and the connection settled: later messages go through without another reconnect
         mem.publish("in/a", b"after")
-        await wait_for(lambda: b"after" in sub.payloads(), 10, "a message after the poison one")
+        await wait_until(lambda: b"after" in sub.payloads(), 10, "a message after the poison one")
         assert connector_view(gw, "devices")["reconnects"] == 2
     finally:
         sub.close()
@@ -359,14 +351,14 @@ async def test_a_64_mb_message_is_read_with_the_event_loop_responsive(
             check=False,
         )
         assert proc.returncode == 0, proc.stderr
-        await wait_for(lambda: len(mem.received) == 1, 60, "the 64 MB message")
+        await wait_until(lambda: len(mem.received) == 1, 60, "the 64 MB message")
         took = time.monotonic() - t0
         stop.set()
         await tick
         got = mem.received[0].payload
         assert len(got) == size and hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
         route = gw.routes["big"]
-        await wait_for(lambda: route.stats.acked == 1, 10, "acknowledged")
+        await wait_until(lambda: route.stats.acked == 1, 10, "acknowledged")
         worst = max(gaps)
         print(
             f"64 MB through Mosquitto into the MQTT source: {took:.2f} s, longest event-loop gap {worst * 1000:.0f} ms"
@@ -385,7 +377,7 @@ async def test_a_64_mb_message_is_read_with_the_event_loop_responsive(
 async def test_content_type_and_expiry_travel_mqtt5_to_nats_headers_and_back(
     mosquitto: Mosquitto, nats: NatsServer, nats_client: NatsClient, unique: str
 ) -> None:
-    await nats_client.subscribe(f"ct.{unique}.>")
+    on_nats = await NatsCollector().subscribe(nats_client, f"ct.{unique}.>")
     sub = Subscriber(mosquitto.port, f"ctout-{unique}/#")
     cfg = (
         bus_and_devices(nats, mosquitto, unique)
@@ -399,24 +391,22 @@ async def test_content_type_and_expiry_travel_mqtt5_to_nats_headers_and_back(
 """
     )
     gw = await start(cfg)
-    pub_client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-    pub_client.connect("127.0.0.1", mosquitto.port, clean_start=True)
-    pub_client.loop_start()
+    pub = MqttClient(mosquitto.port).connect()
     try:
         props = Properties(PacketTypes.PUBLISH)
         props.ContentType = "application/json"
         props.MessageExpiryInterval = 120
         props.UserProperty = [("u", "1")]
-        pub_client.publish(f"ctin-{unique}/a", b'{"x":1}', qos=1, properties=props).wait_for_publish(10)
-        await nats_client.nc.publish(f"ct.{unique}.b", b"plain", headers={"Content-Type": "text/plain", "v": "2"})
-        await wait_for(lambda: len(sub.messages) >= 2, 20, "both messages back on MQTT")
-        on_nats = {r.topic: dict(r.headers) for r in nats_client.received}
-        assert on_nats[f"ct.{unique}.a"] == {
+        pub.client.publish(f"ctin-{unique}/a", b'{"x":1}', qos=1, properties=props).wait_for_publish(10)
+        await nats_client.publish(f"ct.{unique}.b", b"plain", headers={"Content-Type": "text/plain", "v": "2"})
+        await wait_until(lambda: len(sub.seen) >= 2, 20, "both messages back on MQTT")
+        headers = {r.where: dict(r.headers) for r in on_nats.messages}
+        assert headers[f"ct.{unique}.a"] == {
             "u": "1",
             "content-type": "application/json",
             "message-expiry-interval": "120",
         }
-        by_topic = {m["topic"]: m for m in sub.messages}
+        by_topic = {m["topic"]: m for m in sub.seen}
         a = by_topic[f"ctout-{unique}/a"]
         assert a["content_type"] == "application/json"
         assert a["user"] == [("u", "1")]  # not also as user properties
@@ -428,7 +418,6 @@ async def test_content_type_and_expiry_travel_mqtt5_to_nats_headers_and_back(
         for name in ("up", "down"):
             assert_invariant(gw.routes[name])
     finally:
-        pub_client.disconnect()
-        pub_client.loop_stop()
+        pub.close()
         sub.close()
         assert await gw.stop()

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 
-import paho.mqtt.client as paho
 import pytest
 
 from connectors.memory.broker import MemoryBroker
 from gateway import Gateway
 from gateway.config import parse_config
 from tests.support.brokers import Mosquitto
-from tests.support.clients import wait_for
+from tests.support.clients.mqtt import MqttClient
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
@@ -41,17 +41,16 @@ routes:
 """
     gw = Gateway(parse_config(config, source="test"))
     await gw.start()
-    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    pub = MqttClient(mosquitto.port)
     try:
         await gw.wait_ready(10)
-        pub.connect("127.0.0.1", mosquitto.port)
-        pub.loop_start()
+        pub.connect()
         for i in range(30):
             pub.publish(f"rs/{unique}/d", b"%d" % i, qos=1)
         route = gw.routes["r"]
         channel = gw.connectors["mq"].channels[0]
         # Full, cut off as a slow consumer (its session closed), resumed while still full: a new session.
-        await wait_for(lambda: route.stats.slow_consumer_disconnects >= 1, 20, "cut off")
+        await wait_until(lambda: route.stats.slow_consumer_disconnects >= 1, 20, "cut off")
         errors, connected = set(), False
         for _ in range(200):  # 4 s, twice connect_timeout: a session stuck on its SUBACK would have failed
             if channel.last_error:
@@ -61,9 +60,8 @@ routes:
         assert not [e for e in errors if "SUBACK" in e], errors
         assert connected, "the session after the cut subscribed although its route is still full"
         sink.release()  # the target confirms: everything flows
-        await wait_for(lambda: route.stats.acked >= 30, 20, "all 30 acknowledged")
+        await wait_until(lambda: route.stats.acked >= 30, 20, "all 30 acknowledged")
     finally:
-        pub.loop_stop()
-        pub.disconnect()
+        pub.close()
         await gw.stop(5)
         MemoryBroker.reset()

@@ -26,7 +26,8 @@ from gateway import Gateway
 from gateway.config import parse_config
 from gateway.ops.monitor import connector_view
 from tests.support.brokers import Mosquitto
-from tests.support.clients import MqttClient, wait_for
+from tests.support.clients.mqtt import MqttClient
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
@@ -83,7 +84,7 @@ def listener(mosquitto: Mosquitto, unique: str) -> Iterator[MqttClient]:
 
 
 def topics(client: MqttClient, prefix: str) -> list[str]:
-    return [r.topic for r in list(client.received) if r.topic.startswith(prefix)]
+    return [r.where for r in list(client.messages) if r.where.startswith(prefix)]
 
 
 def test_filter_sets_keep_overlapping_filters_apart() -> None:
@@ -108,17 +109,17 @@ async def test_qos0_routes_share_one_connection_and_all_deliver(
         await gw.wait_ready(60)
         view = connector_view(gw, "mq")
         assert len(view["channels"]) == 4, [c["name"] for c in view["channels"]]  # publisher, shared, 2 own
-        await wait_for(lambda: broker_connections(mosquitto.port) >= 4 + 1, 10, "connections")
+        await wait_until(lambda: broker_connections(mosquitto.port) >= 4 + 1, 10, "connections")
         assert broker_connections(mosquitto.port) == 4 + 1  # + the listener
         items: list[tuple[str, bytes, Any]] = [(f"sh/{u}/{i}/d", b"%d" % i, None) for i in range(SHARED)]
         listener.publish_all(items, qos=0)
         listener.publish_all([(f"q1/{u}/{i}/d", b"q", None) for i in range(2)], qos=1)
-        await wait_for(lambda: len(topics(listener, f"out/{u}/")) >= SHARED + 2, 30, f"{SHARED + 2} deliveries")
+        await wait_until(lambda: len(topics(listener, f"out/{u}/")) >= SHARED + 2, 30, f"{SHARED + 2} deliveries")
         got = topics(listener, f"out/{u}/")
         assert sorted(got) == sorted([f"out/{u}/{i}/d" for i in range(SHARED)] + [f"out/{u}/q{i}/d" for i in range(2)])
         for name in ("s0", f"s{SHARED - 1}", "q0"):
             s = gw.routes[name].stats  # a QoS 1 delivery can reach the listener before its PUBACK reaches us
-            await wait_for(lambda s=s: s.acked == 1, 10, f"{name} acknowledged")
+            await wait_until(lambda s=s: s.acked == 1, 10, f"{name} acknowledged")
             assert s.received == s.acked == 1, (name, s.as_dict())
     finally:
         await gw.stop()
@@ -140,7 +141,7 @@ async def test_an_overlapping_filter_gets_its_own_session_and_nothing_twice(
     try:
         await gw.wait_ready(30)
         listener.publish_all([(f"ov/{u}/a/b", b"1", None), (f"ov/{u}/c", b"2", None)], qos=0)
-        await wait_for(lambda: len(topics(listener, f"out/{u}/")) >= 3, 20, "3 deliveries")
+        await wait_until(lambda: len(topics(listener, f"out/{u}/")) >= 3, 20, "3 deliveries")
         await asyncio.sleep(0.5)  # a duplicate would arrive right behind
         assert sorted(topics(listener, f"out/{u}/")) == [f"out/{u}/exact", f"out/{u}/other", f"out/{u}/wide"]
     finally:
@@ -164,20 +165,20 @@ async def test_reload_changes_the_shared_subscriptions_live_and_a_cut_route_resu
         assert shared.reconnects == 0 and shared in gw.connectors["mq"].channels
         listener.publish_all([(f"sh/{u}/{i}/d", b"x", None) for i in range(5)], qos=0)
         want = sorted([f"out/{u}/0/d", f"out2/{u}/2/d", f"out/{u}/3/d", f"out/{u}/4/d"])
-        await wait_for(lambda: len(topics(listener, "out")) >= 4, 20, "4 deliveries")
+        await wait_until(lambda: len(topics(listener, "out")) >= 4, 20, "4 deliveries")
         assert sorted(topics(listener, "out")) == want
         assert gw.connectors["mq"]._shared_filters.keys() == {f"sh/{u}/{i}/+" for i in (0, 2, 3, 4)}
 
         conn = gw.connectors["mq"]
         cut = gw.routes["s3"]
         await conn.release_route(cut)
-        listener.received.clear()
+        listener.messages.clear()
         listener.publish_all([(f"sh/{u}/3/d", b"cut", None), (f"sh/{u}/0/d", b"on", None)], qos=0)
-        await wait_for(lambda: len(topics(listener, "out")) >= 1, 20, "the uncut route")
+        await wait_until(lambda: len(topics(listener, "out")) >= 1, 20, "the uncut route")
         assert topics(listener, "out") == [f"out/{u}/0/d"] and cut.stats.received == 1
         await conn.resume_route(cut)
         listener.publish_all([(f"sh/{u}/3/d", b"back", None)], qos=0)
-        await wait_for(lambda: f"out/{u}/3/d" in topics(listener, "out"), 20, "the resumed route")
+        await wait_until(lambda: f"out/{u}/3/d" in topics(listener, "out"), 20, "the resumed route")
         assert shared.reconnects == 0
     finally:
         await gw.stop()
@@ -199,6 +200,6 @@ async def test_a_cut_shared_route_changed_by_a_reload_is_subscribed_again(
         await gw.reload(parse_config(config(mosquitto.port, u, 5, changed)))
         assert f"sh/{u}/1/+" in conn._shared_filters
         listener.publish_all([(f"sh/{u}/1/d", b"x", None)], qos=0)
-        await wait_for(lambda: f"out2/{u}/1/d" in topics(listener, "out2"), 20, "the changed route")
+        await wait_until(lambda: f"out2/{u}/1/d" in topics(listener, "out2"), 20, "the changed route")
     finally:
         await gw.stop()

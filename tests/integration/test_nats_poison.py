@@ -26,12 +26,14 @@ from paho.mqtt.properties import Properties
 from connectors.memory.broker import MemoryBroker
 from gateway import Gateway
 from gateway.config import parse_config
-from tests.e2e.clients import MqttClient, MqttCollector, NatsCollector, nats_connect, routez
-from tests.e2e.gateway_process import GatewayProcess, gateway_config, mqtt_connector, nats_connector
 from tests.support.brokers import Mosquitto, NatsServer
-from tests.support.clients import wait_for
+from tests.support.clients.mqtt import MqttClient, MqttCollector
+from tests.support.clients.nats import NatsCollector, nats_connect
+from tests.support.configs import gateway_config, mqtt_connector, nats_connector
+from tests.support.gateway_process import GatewayProcess, routez
+from tests.support.waits import wait_until
 
-pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(90)]
 
 HUGE = "x" * 60_000
 
@@ -118,8 +120,8 @@ async def test_a_60000_character_level_fails_alone_and_nats_never_reconnects(
                 assert info.rc == mqtt.MQTT_ERR_SUCCESS
                 await nc.publish(f"down.{n}", b"%d" % n)  # the other direction, all along
             await nc.flush()
-            await wait_for(lambda: len(up.messages) >= 20 and len(dead.messages) >= 3, 30, "20 up, 3 dead")
-            await wait_for(lambda: len(down.messages) >= len(sends) and len(dropped.messages) >= 1, 30, "down, drop")
+            await wait_until(lambda: len(up.messages) >= 20 and len(dead.messages) >= 3, 30, "20 up, 3 dead")
+            await wait_until(lambda: len(down.messages) >= len(sends) and len(dropped.messages) >= 1, 30, "down, drop")
             await asyncio.sleep(0.3)  # nothing more may come
         finally:
             pub.close()
@@ -186,8 +188,8 @@ routes:
         mem.publish("in/2", b"2", [("ok", "1"), ("bad name", "x")])
         mem.publish("in/3", b"3", [("k:v", "x")])
         mem.publish("in/4", b"4")
-        await wait_for(lambda: len(mem.acked) == 4, 20, "all four acknowledged")
-        await wait_for(lambda: len(got) == 2, 10, "the two good ones")
+        await wait_until(lambda: len(mem.acked) == 4, 20, "all four acknowledged")
+        await wait_until(lambda: len(got) == 2, 10, "the two good ones")
         await asyncio.sleep(0.2)
     finally:
         await nc.close()
@@ -243,8 +245,8 @@ routes:
             mem.publish("in/" + "y" * 1500, b"long")
             for i in range(5, 10):
                 mem.publish(f"in/{i}", b"%d" % i)
-            await wait_for(lambda: len(mem.acked) == 11, 30, "all eleven acknowledged")
-            await wait_for(lambda: len({m.data for m in got}) == 10, 10, "the ten good ones")
+            await wait_until(lambda: len(mem.acked) == 11, 30, "all eleven acknowledged")
+            await wait_until(lambda: len({m.data for m in got}) == 10, 10, "the ten good ones")
             if jetstream:
                 info = await nc.jetstream().stream_info(f"P{unique}")
                 assert info.state.messages == 10, "a resend is deduplicated by Nats-Msg-Id; the long one never"
@@ -328,7 +330,7 @@ routes:
                     for token, block, payload, _ in ODD
                 ],
             )
-            await wait_for(lambda: len(mem.received) == 2 * len(ODD), 20, "every odd message, on both routes")
+            await wait_until(lambda: len(mem.received) == 2 * len(ODD), 20, "every odd message, on both routes")
             for topic in ("core", "js"):
                 got = [(r.payload, r.headers) for r in mem.received if r.topic == topic]
                 assert got == [(payload, headers) for _, _, payload, headers in ODD], topic

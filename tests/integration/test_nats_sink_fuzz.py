@@ -32,7 +32,7 @@ from gateway.routing.headers import from_text, to_bytes
 from gateway.routing.patterns import MQTT, NATS, compile_pattern
 from gateway.routing.templates import compile_template
 from tests.support.brokers import NatsServer
-from tests.unit.test_nats_fuzz import HEADERS, NOT_BYTES, SUBJECTS, name_ok, subject_ok
+from tests.support.nats_rules import HEADERS, NOT_BYTES, SUBJECTS, name_ok, subject_ok
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 

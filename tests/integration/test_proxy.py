@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 
 from tests.support.brokers import NatsServer, free_port
 from tests.support.proxy import TcpProxy
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.timeout(60)]
 
@@ -26,15 +27,6 @@ Address = tuple[str, int]
 
 
 # ------------------------------------------------------------------ helpers
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
 
 
 class Sink:
@@ -191,7 +183,7 @@ async def test_echo_pass_through_and_counters(echo_server: Address, make_proxy: 
     assert stats.connections_total == 1
     writer.close()
     await writer.wait_closed()
-    await wait_until(lambda: proxy.stats().connections_active == 0, what="connection closed")
+    await wait_until(lambda: proxy.stats().connections_active == 0, 10, "connection closed")
     assert proxy.stats().held_upstream == proxy.stats().held_downstream == 0
 
 
@@ -327,7 +319,7 @@ async def test_blackhole_applies_tcp_backpressure_with_bounded_buffer(
 
     proxy.resume()
     await asyncio.wait_for(writer.drain(), 20)
-    await wait_until(lambda: sink.received == sent, timeout=20, what=f"sink to receive {sent} bytes")
+    await wait_until(lambda: sink.received == sent, 20, f"sink to receive {sent} bytes")
     assert proxy.stats().bytes_upstream == sent
     writer.close()
     await writer.wait_closed()
@@ -407,7 +399,8 @@ async def test_refuse_rejects_new_connections_only(nats_server: NatsServer, nats
         await asyncio.wait_for(events.disconnected.wait(), 10)
         await wait_until(
             lambda: sum(isinstance(e, ConnectionRefusedError) for e in events.errors) >= 3,
-            what="three refused reconnect attempts",
+            10,
+            "three refused reconnect attempts",
         )
         assert not nc.is_connected
         assert not events.reconnected.is_set()
@@ -462,5 +455,5 @@ async def test_lifecycle_and_upstream_failure(echo_server: Address) -> None:
         reader, writer = await asyncio.open_connection(*dead.address)
         assert await reader.read(1) == b""
         writer.close()
-        await wait_until(lambda: dead.stats().upstream_failures == 1, what="upstream failure counted")
+        await wait_until(lambda: dead.stats().upstream_failures == 1, 10, "upstream failure counted")
         assert dead.errors == []

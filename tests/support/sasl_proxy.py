@@ -73,17 +73,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from tests.support.brokers import (
-    _PROBE_TIMEOUT,
-    LOOPBACK,
-    StartStop,
-    TansuStorage,
-    _recv_exact,
-    free_port,
-    make_workdir,
-)
+from tests.support.brokers import LOOPBACK, PROBE_TIMEOUT, StartStop, TansuStorage, free_port, make_workdir, recv_exact
 from tests.support.proxy import run_loop
-from tests.support.secure import GW_PASSWORD, GW_USER, SERVER_NAME, Pki, _BackendTansu
+from tests.support.secure import GW_PASSWORD, GW_USER, SERVER_NAME, BackendTansu, Pki
 
 __all__ = [
     "ALL_MECHANISMS",
@@ -892,8 +884,8 @@ def _request(sock: socket.socket, api_key: int, api_version: int, corr: int, bod
 
 
 def _recv_frame(sock: socket.socket) -> bytes:
-    (size,) = struct.unpack(">i", _recv_exact(sock, 4))
-    return _recv_exact(sock, size)
+    (size,) = struct.unpack(">i", recv_exact(sock, 4))
+    return recv_exact(sock, size)
 
 
 def api_versions(sock: socket.socket, version: int = 0) -> dict[int, tuple[int, int]]:
@@ -1032,7 +1024,7 @@ class TansuSasl(StartStop):
         self.tls = tls
         self.port = port if port else free_port()
         self.host = LOOPBACK
-        self.backend = _BackendTansu(
+        self.backend = BackendTansu(
             advertised_port=self.port, authentication=False, workdir=self.workdir / "tansu", storage=storage
         )
         ssl_context = None
@@ -1129,7 +1121,7 @@ class TansuSasl(StartStop):
 
     def connect(self) -> socket.socket:
         """A client socket to the proxy (TLS-wrapped, hostname ``localhost`` verified, when ``tls``)."""
-        sock = socket.create_connection(self.address, timeout=_PROBE_TIMEOUT * 5)
+        sock = socket.create_connection(self.address, timeout=PROBE_TIMEOUT * 5)
         if self.tls is None:
             return sock
         try:

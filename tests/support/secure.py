@@ -45,16 +45,16 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 from tests.support.brokers import (
-    _PROBE_TIMEOUT,
     LOOPBACK,
-    BrokerProcess,
+    PROBE_TIMEOUT,
+    ConfigFileBroker,
     Mosquitto,
     NatsServer,
     Tansu,
     TansuStorage,
-    _recv_line,
     kafka_check,
     mqtt_handshake,
+    recv_line,
 )
 
 __all__ = [
@@ -167,7 +167,7 @@ def _tls_connect(
 ) -> ssl.SSLSocket:
     """TLS to ``address`` (or over ``sock``), verifying the chain and ``server_name``."""
     if sock is None:
-        sock = socket.create_connection(address, timeout=_PROBE_TIMEOUT)
+        sock = socket.create_connection(address, timeout=PROBE_TIMEOUT)
     ctx = pki.client_context(client_cert=client_cert)
     try:
         return ctx.wrap_socket(sock, server_hostname=server_name)
@@ -546,8 +546,8 @@ class SecureNatsServer(NatsServer):
         return opts
 
     def _probe(self) -> bool:
-        with socket.create_connection(self.address, timeout=_PROBE_TIMEOUT) as raw:
-            line = _recv_line(raw)
+        with socket.create_connection(self.address, timeout=PROBE_TIMEOUT) as raw:
+            line = recv_line(raw)
             if not line.startswith(b"INFO "):
                 raise ConnectionError("no INFO line from nats-server")
             info = json.loads(line[5:])
@@ -560,7 +560,7 @@ class SecureNatsServer(NatsServer):
             ) as s:
                 connect = json.dumps(self._connect_options(str(info.get("nonce", ""))))
                 s.sendall(f"CONNECT {connect}\r\nPING\r\n".encode())
-                reply = _recv_line(s)
+                reply = recv_line(s)
                 if reply != b"PONG\r\n":
                     raise ConnectionError(f"nats-server answered {reply!r}")
         if not self.jetstream:
@@ -581,7 +581,7 @@ def _stunnel_bin() -> str:
     raise RuntimeError("stunnel not installed: apt-get install -y stunnel4")
 
 
-class _BackendTansu(Tansu):
+class BackendTansu(Tansu):
     """Tansu on an internal loopback port, advertising the TLS front end's ``localhost:<port>``."""
 
     name = "tansu-backend"
@@ -606,11 +606,11 @@ class _BackendTansu(Tansu):
         return cmd
 
     def _probe(self) -> bool:
-        with socket.create_connection(self.address, timeout=_PROBE_TIMEOUT) as s:
+        with socket.create_connection(self.address, timeout=PROBE_TIMEOUT) as s:
             return kafka_check(s, self.advertised_port, metadata=not self.authentication)
 
 
-class TansuTls(BrokerProcess):
+class TansuTls(ConfigFileBroker):
     """Kafka over TLS: stunnel on ``127.0.0.1:<port>`` in front of a private Tansu.
 
     Tansu (``self.backend``, work dir ``workdir/tansu``) listens on an internal
@@ -625,6 +625,7 @@ class TansuTls(BrokerProcess):
     """
 
     name = "stunnel"
+    config_file = "stunnel.conf"
 
     def __init__(
         self,
@@ -643,7 +644,7 @@ class TansuTls(BrokerProcess):
         self.verify_client = verify_client
         self.wrong_host = wrong_host
         self.authentication = authentication
-        self.backend = _BackendTansu(
+        self.backend = BackendTansu(
             advertised_port=self.port,
             authentication=authentication,
             workdir=self.workdir / "tansu",
@@ -657,10 +658,6 @@ class TansuTls(BrokerProcess):
     @property
     def tls_server_name(self) -> str:
         return WRONG_HOST if self.wrong_host else SERVER_NAME
-
-    @property
-    def config_path(self) -> Path:
-        return self.workdir / "stunnel.conf"
 
     def config_text(self) -> str:
         cert, key = (
@@ -685,11 +682,8 @@ class TansuTls(BrokerProcess):
             lines.append("verify = 2")  # require a client certificate and verify its chain
         return "\n".join(lines) + "\n"
 
-    def _prepare(self) -> None:
-        self.config_path.write_text(self.config_text())
-
     def _command(self) -> list[str]:
-        return [self.binary, str(self.config_path)]
+        return [self.binary, str(self.config_path)]  # stunnel takes the file as its argument
 
     def _probe(self) -> bool:
         with _tls_connect(

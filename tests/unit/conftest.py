@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
 from connectors.memory.broker import MemoryBroker
 from gateway.app import Gateway
 from gateway.config.loader import parse_config
-from tests.unit.harness import memory_config
-
-StartGateway = Callable[[str], Awaitable[Gateway]]
-"""``start(routes)``: a gateway on memory brokers A, B, C with these routes; or, for ``start_config``,
-``start(config_text)``: a gateway from a whole config (connectors with their own settings)."""
+from tests.support.harness import StartGateway, memory_config
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,8 @@ from gateway import __version__
 from gateway.cli import main
 from gateway.config import Config, load_config
 from gateway.config.loader import parse_config
-from gateway.errors import ConfigError, ConfigIssue, GatewayError
+from gateway.errors import ConfigError, GatewayError
+from tests.support.harness import MEMORY, issues_of, only_issue
 
 EXAMPLE = """\
 connectors:
@@ -39,31 +40,10 @@ routes:
     to:   {connector: platform, topic: orders-archive}
 """
 
-MEMORY = """\
-connectors:
-  a: {type: memory}
-routes:
-  - name: r
-    from: {connector: a, topic: "in/{x}"}
-    to: {connector: a, topic: "out/{x}"}
-"""
-
 
 def edit(text: str, old: str, new: str) -> str:
     assert old in text, old
     return text.replace(old, new, 1)
-
-
-def issues_of(text: str, environ: dict[str, str] | None = None, base_dir: Path | None = None) -> list[ConfigIssue]:
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, environ={} if environ is None else environ, base_dir=base_dir)
-    return info.value.issues
-
-
-def only_issue(text: str, environ: dict[str, str] | None = None) -> ConfigIssue:
-    issues = issues_of(text, environ)
-    assert len(issues) == 1, issues
-    return issues[0]
 
 
 # ---------------------------------------------------------------- the example

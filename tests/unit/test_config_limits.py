@@ -50,7 +50,7 @@ def test_every_number_in_a_config_has_a_range() -> None:
     assert len(fields) > 30
     unbounded = [path for path, t in fields if t.le is None and t.lt is None]
     negative = [path for path, t in fields if (t.ge is None or t.ge < 0) and t.gt is None]
-    assert not unbounded, f"numeric keys without an upper bound (use gateway.config.bounds): {unbounded}"
+    assert not unbounded, f"numeric keys without an upper bound (use gateway.util.bounds): {unbounded}"
     assert not negative, f"numeric keys that accept negative values: {negative}"
 
 

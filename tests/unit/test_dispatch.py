@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from connectors.memory.broker import MemoryBroker, Record
 from gateway.errors import SinkError, TemplateError
-from tests.unit.conftest import StartGateway
-from tests.unit.harness import dispatcher_for, envelope, turns, until
+from tests.support.harness import StartGateway, dispatcher_for, envelope, turns, until
 
 TELEMETRY = """\
   - name: telemetry

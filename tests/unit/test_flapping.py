@@ -9,7 +9,7 @@ from gateway.core.connector import Connector, ConnectorContext
 from gateway.core.sink import Sink
 from gateway.errors import ConnectorError
 from gateway.util.backoff import Backoff
-from tests.unit.harness import until
+from tests.support.harness import until
 
 
 class Dropped(Connector):

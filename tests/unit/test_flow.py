@@ -12,8 +12,7 @@ from gateway.app import Gateway, GatewayState
 from gateway.config.loader import parse_config
 from gateway.core.dispatch import Route
 from gateway.core.flow import FlowGate
-from tests.unit.conftest import StartGateway
-from tests.unit.harness import dispatcher_for, envelope, memory_config, turns, until
+from tests.support.harness import StartGateway, dispatcher_for, envelope, memory_config, turns, until
 
 
 def budget_route(max_in_flight: int = 10, max_in_flight_bytes: int = 16 * 1024 * 1024) -> str:

@@ -32,7 +32,7 @@ from connectors.kafka.source import GroupSource
 from gateway.core.envelope import Envelope
 from gateway.errors import SinkError, TemplateError
 from gateway.routing.headers import from_bytes, to_bytes
-from tests.unit.harness import FakeFlight
+from tests.support.harness import FakeFlight
 
 LEGAL = re.compile(r"[A-Za-z0-9._-]{1,249}")
 

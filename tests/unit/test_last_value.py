@@ -25,8 +25,7 @@ from connectors.mqtt.source import RetainedSubscriber, Subscriber
 from connectors.nats.config import NatsSource, NatsTarget, is_kv_key
 from gateway.cli import main
 from gateway.config.loader import parse_config
-from tests.unit.harness import dispatcher_for
-from tests.unit.test_config import issues_of, only_issue
+from tests.support.harness import dispatcher_for, issues_of, only_issue
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "examples" / "last-value.yaml"
 

@@ -7,8 +7,7 @@ import pytest
 from connectors.memory.broker import MemoryBroker
 from gateway.config.loader import parse_config
 from gateway.errors import ConfigError
-from tests.unit.conftest import StartGateway
-from tests.unit.harness import until
+from tests.support.harness import StartGateway, until
 
 DLQ = '    dead_letter: {connector: c, topic: "dlq/{device}"}\n'
 

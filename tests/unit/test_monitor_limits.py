@@ -19,6 +19,7 @@ from connectors.memory.broker import MemoryBroker
 from gateway.app import Gateway
 from gateway.config import parse_config
 from gateway.ops.monitor import Monitor
+from tests.support.waits import wait_until
 
 HALF_SENT = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Never-Finished: "
 """A request head that never ends (no blank line)."""
@@ -41,14 +42,6 @@ async def gateway(unique: str) -> AsyncIterator[tuple[Gateway, MemoryBroker]]:
         yield gw, MemoryBroker.named(f"in-{unique}")
     finally:
         assert await gw.stop(5)
-
-
-async def until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} after {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 async def closed(reader: asyncio.StreamReader, timeout: float) -> bytes:
@@ -83,19 +76,23 @@ async def test_half_sent_requests_beyond_the_cap_are_closed_and_healthz_keeps_an
                     assert resp.status == 200
                     answered += 1
                 peak = max(peak, guard.open)
-            await until(lambda: guard.closed["evicted"] >= len(clients) - 16, 10, "the oldest half-sent ones evicted")
+            await wait_until(
+                lambda: guard.closed["evicted"] >= len(clients) - 16, 10, "the oldest half-sent ones evicted"
+            )
             assert peak <= 16
             # The oldest were closed at once, without an answer; the newest wait out the header timeout.
             for reader, _ in clients[: len(clients) - 16]:
                 assert await closed(reader, 5) == b""
             assert guard.open <= 16
-            await until(lambda: guard.open == 0, 2.0 + 5, "every half-sent request closed after the header timeout")
+            await wait_until(
+                lambda: guard.open == 0, 2.0 + 5, "every half-sent request closed after the header timeout"
+            )
             for reader, _ in clients[len(clients) - 16 :]:
                 assert await closed(reader, 5) == b""
             assert guard.closed["timeout"] >= 1 and guard.closed["refused"] == 0
             async with http.get(f"{base}/metrics") as resp:
                 metrics = await resp.text()
-        await until(lambda: len(src.acked) == published, 10, "every message acknowledged")
+        await wait_until(lambda: len(src.acked) == published, 10, "every message acknowledged")
         print(f"\nHALF-SENT: {len(clients)} connections, at most {peak} open, {answered} /healthz answered")
         print(f"closed by the guard: {guard.closed}")
         assert answered == 10
@@ -156,7 +153,7 @@ async def test_a_connection_over_the_cap_while_all_are_busy_is_refused_at_once(
 
             reloads = [asyncio.create_task(post()) for _ in range(2)]
             try:
-                await until(lambda: monitor.guard.open == 2, 5, "two reloads in progress")
+                await wait_until(lambda: monitor.guard.open == 2, 5, "two reloads in progress")
                 await asyncio.sleep(1.5)  # longer than the header timeout: a busy connection is never timed out
                 assert monitor.guard.open == 2
                 reader, writer = await asyncio.open_connection("127.0.0.1", monitor.port)
@@ -194,8 +191,8 @@ async def test_keep_alive_clients_are_served_and_a_reader_that_stalls_is_cut_off
         sock.connect(("127.0.0.1", monitor.port))
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: gateway\r\n\r\n")
         try:
-            await until(lambda: monitor.guard.open == 1, 5, "the request accepted")
-            await until(lambda: monitor.guard.open == 0, 1.0 + 5, "the stalled reader cut off")
+            await wait_until(lambda: monitor.guard.open == 1, 5, "the request accepted")
+            await wait_until(lambda: monitor.guard.open == 0, 1.0 + 5, "the stalled reader cut off")
             assert monitor.guard.closed["timeout"] == 1
         finally:
             sock.close()

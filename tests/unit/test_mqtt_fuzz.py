@@ -33,7 +33,7 @@ from connectors.mqtt.source import Subscriber
 from gateway.core.envelope import Envelope
 from gateway.errors import GatewayError, SinkError, TemplateError
 from gateway.routing.headers import from_bytes, from_text, to_bytes, to_text
-from tests.unit.harness import FakeDelivery, FakeFlight, FakeTarget, FakeTransport, RecordingSink, dispatcher_for
+from tests.support.harness import FakeDelivery, FakeFlight, FakeTarget, FakeTransport, RecordingSink, dispatcher_for
 
 # ---------------------------------------------------------------- a connection without a socket
 

@@ -23,7 +23,7 @@ from connectors.mqtt.config import MqttConfig, MqttTarget
 from connectors.mqtt.sink import MqttSink, PacketIds
 from gateway.core.envelope import Envelope
 from gateway.errors import ConnectorError, SinkError
-from tests.unit.harness import FakeDelivery, FakeFlight, FakeTarget, FakeTransport, turns
+from tests.support.harness import FakeDelivery, FakeFlight, FakeTarget, FakeTransport, turns
 
 
 class Transport(FakeTransport):

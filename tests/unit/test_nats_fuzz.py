@@ -26,29 +26,10 @@ from connectors.nats.source import headers_of
 from gateway.core.envelope import Envelope
 from gateway.errors import SinkError
 from gateway.routing.headers import from_text, to_bytes
+from tests.support.nats_rules import HEADER_NAME, HEADERS, NOT_BYTES, SUBJECTS, name_ok, subject_ok
 
 T = TypeVar("T")
-_NAME = re.compile(rb"[!-9;-~]+")
 _LIMIT = wire.MAX_CONTROL_LINE
-NOT_BYTES = re.compile("[\ud800-\udc7f\udd00-\udfff]")
-"""Lone surrogates that no bytes decode into (``surrogateescape`` gives U+DC80..U+DCFF only)."""
-
-# Characters chosen to hit every rule: separators, wildcards, whitespace, controls, non-ASCII, surrogates.
-_TRICKY = st.sampled_from(list(".*>: \t\r\n\x00\x01\x7f\u00a0\u2028ü€\U0001f600\udcff\ud800-_$/"))
-TEXT = st.text(alphabet=st.one_of(st.characters(), _TRICKY), max_size=40)
-_TOKEN = st.text(alphabet=st.one_of(st.characters(codec="ascii"), _TRICKY), min_size=0, max_size=12)
-_GOOD_TOKEN = st.from_regex(r"[A-Za-z0-9_$:/\-ü€]{1,8}", fullmatch=True)
-SUBJECTS = st.one_of(
-    TEXT,
-    st.lists(st.one_of(_GOOD_TOKEN, _GOOD_TOKEN, _TOKEN), min_size=1, max_size=6).map(".".join),
-    st.integers(3000, 5000).map(lambda n: "s." + "x" * n),  # around the control-line limit
-)
-_NAME_TEXT = st.one_of(st.from_regex(r"[!-9;-~]{1,12}", fullmatch=True), _TOKEN)
-HEADERS = st.one_of(st.none(), st.lists(st.tuples(_NAME_TEXT, TEXT), max_size=4, unique_by=lambda h: h[0]))
-
-
-def name_ok(name: str) -> bool:
-    return name.isascii() and _NAME.fullmatch(name.encode()) is not None
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -100,17 +81,6 @@ def test_a_received_message_becomes_an_envelope_without_an_empty_header_name(
         assert isinstance(value, str)
 
 
-def subject_ok(subject: bytes) -> bool:
-    """nats-server's view, independently: UTF-8, no empty token, no blank or control byte, no wildcard."""
-    try:
-        subject.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    if re.search(rb"[\x00-\x20\x7f*>]", subject):
-        return False
-    return all(subject.split(b"."))
-
-
 def _read_command(data: bytes) -> tuple[bytes, bytes, bytes | None, bytes]:
     """One PUB / HPUB as nats-server reads it: (subject, reply, header block, payload)."""
     end = data.index(b"\r\n")
@@ -136,7 +106,7 @@ def _read_command(data: bytes) -> tuple[bytes, bytes, bytes | None, bytes]:
     assert block.startswith(b"NATS/1.0\r\n") and block.endswith(b"\r\n\r\n"), block
     for header_line in block[10:-4].split(b"\r\n"):
         name, sep, value = header_line.partition(b": ")
-        assert sep and _NAME.fullmatch(name), header_line
+        assert sep and HEADER_NAME.fullmatch(name), header_line
         assert value == value.strip(), "a value a client would strip"
         value.decode("utf-8")
     return subject, reply, block, body[hsize:size]

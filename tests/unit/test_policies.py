@@ -6,8 +6,7 @@ from connectors.memory.broker import MemoryBroker, Record
 from gateway.app import Gateway
 from gateway.core.policies import RouteState
 from gateway.errors import SinkError, Unavailable
-from tests.unit.conftest import StartGateway
-from tests.unit.harness import turns, until
+from tests.support.harness import StartGateway, turns, until
 
 
 def route(extra: str, *, to: str = '{connector: b, topic: "out/{device}"}') -> str:

@@ -12,7 +12,7 @@ from connectors.memory.broker import MemoryBroker
 from gateway.app import Gateway
 from gateway.config import Config
 from gateway.config.loader import parse_config
-from tests.unit.harness import memory_config, until
+from tests.support.harness import memory_config, until
 
 BROKERS = ("A", "B", "C", "D")
 R1 = """\

@@ -19,7 +19,7 @@ from gateway.config.loader import CONNECTOR_NAME, parse_config
 from gateway.config.registry import BUILTIN, plugins
 from gateway.config.schema import main, render, schema
 from gateway.errors import ConfigError
-from tests.unit.test_config import MEMORY
+from tests.support.harness import MEMORY
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_FILE = ROOT / "config" / "schema.json"

@@ -14,8 +14,7 @@ from gateway.core.envelope import Envelope
 from gateway.errors import ConfigError
 from gateway.routes.spool import Pending, Spool, SpoolError
 from gateway.routes.spooled import SpooledRoute
-from tests.unit.conftest import StartGateway
-from tests.unit.harness import until
+from tests.support.harness import StartGateway, until
 
 MiB = 1024 * 1024
 

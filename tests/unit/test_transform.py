@@ -11,8 +11,7 @@ from connectors.memory.broker import MemoryBroker
 from gateway.config.loader import parse_config
 from gateway.errors import ConfigError
 from gateway.routes.transform import Transform
-from tests.unit.conftest import StartGateway
-from tests.unit.harness import memory_config, until
+from tests.support.harness import StartGateway, memory_config, until
 
 DLQ = '    dead_letter: {connector: c, topic: "dlq/{device}"}\n'
 

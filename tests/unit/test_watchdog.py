@@ -8,8 +8,7 @@ from connectors.memory.broker import MemoryBroker, Record
 from gateway.app import Gateway
 from gateway.core.flight import MAX_RESUBMITS
 from gateway.errors import SinkError, Unavailable
-from tests.unit.conftest import StartGateway
-from tests.unit.harness import turns, until
+from tests.support.harness import StartGateway, turns, until
 
 ROUTE = """\
   - name: r

@@ -7,20 +7,19 @@
   for batches no well-behaved client writes (a header name that is not UTF-8, a corrupt compressed
   batch) but that a broker stores and a consumer must get past;
 - :func:`batch_codecs`: the codec of each stored batch, read with a raw Fetch request (what a consumer
-  cannot tell: it sees decompressed records);
-- :func:`read_records`: every record of a topic as aiokafka gives it (raw bytes, ``None`` kept).
+  cannot tell: it sees decompressed records).
+
+Read them back with :func:`tests.support.clients.read_records` (raw bytes, ``None`` kept).
 """
 
 from __future__ import annotations
 
-import asyncio
 import struct
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import confluent_kafka as ck
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.protocol.produce import ProduceRequest
@@ -151,22 +150,3 @@ async def batch_codecs(bootstrap: str, topic: str, partition: int = 0) -> list[i
                 return codecs
     finally:
         await client.close()
-
-
-async def read_records(bootstrap: str, topic: str, partitions: int = 1, timeout: float = 30) -> list[Any]:
-    """Every record of ``topic`` up to its current end, partition after partition (no group)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest")
-    await consumer.start()
-    out: list[Any] = []
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        end = await consumer.end_offsets(tps)
-        async with asyncio.timeout(timeout):
-            for tp in tps:
-                while await consumer.position(tp) < end[tp]:
-                    for records in (await consumer.getmany(tp, timeout_ms=200)).values():
-                        out.extend(records)
-    finally:
-        await consumer.stop()
-    return out

@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Run the MQTT client benchmark matrix against a private Mosquitto instance.
 #
-#   bash loadtests/mqtt_clients/run_all.sh            # N=50000, 3 repetitions
-#   N=20000 REPS=1 bash loadtests/mqtt_clients/run_all.sh
+#   bash docs/decisions/mqtt-client/run_all.sh            # N=50000, 3 repetitions
+#   N=20000 REPS=1 bash docs/decisions/mqtt-client/run_all.sh
 #
 # Starts its own Mosquitto on a free 127.0.0.1 port with a temp config, runs every
 # library x throughput scenario REPS times (each in a fresh process, bounded by
 # `timeout`), then the feature probes once per library, stops the broker by its PID
-# and writes one JSON line per run to loadtests/mqtt_clients/results.jsonl.
+# and writes one JSON line per run to docs/decisions/mqtt-client/results.jsonl (the evidence behind
+# docs/decisions/mqtt-client.md).
 set -u
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(cd "$HERE/../.." && pwd)"
+ROOT="$(cd "$HERE/../../.." && pwd)"
 # The third-party clients live in their own virtualenv (gmqtt ships a top-level `tests` package that
 # would shadow the project's); it holds the gateway too, for the `gateway` / `gateway311` rows.
-VENV="${VENV:-$ROOT/loadtests/.venv-mqtt-clients}"
+VENV="${VENV:-$HERE/.venv}"  # git ignores every .venv/
 if [ -z "${PY:-}" ]; then
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -m venv "$VENV"

@@ -25,16 +25,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 
 from tests.support.brokers import pdeathsig_preexec
+from tests.support.waits import Check, wait_until, wait_until_blocking
 
 REPO = Path(__file__).resolve().parents[2]
+"""The repository: the gateway runs from here (``python -m gateway``)."""
 
 Event = dict[str, Any]
 
@@ -319,27 +321,28 @@ class GatewayProcess:
         await self.await_until(check, timeout, f"{count} x {name} {fields or ''}")
         return found
 
-    def wait_until(self, check: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        delay = 0.01
-        while not check():
-            if time.monotonic() >= deadline:
-                raise GatewayNotReady(f"{self.name}: not {what} after {timeout}s\n{self.log_tail()}")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+    def wait_until(self, check: Callable[[], object], timeout: float, what: str) -> None:
+        """Poll ``check``; :class:`GatewayNotReady` with the log tail unless true within ``timeout`` s."""
+        wait_until_blocking(check, timeout, lambda: self._not(what), error=GatewayNotReady)
 
-    async def await_until(self, check: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        delay = 0.01
-        while not check():
-            if time.monotonic() >= deadline:
-                raise GatewayNotReady(f"{self.name}: not {what} after {timeout}s\n{self.log_tail()}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+    async def await_until(self, check: Check, timeout: float, what: str) -> None:
+        """:meth:`wait_until` for async tests (``check`` may be a coroutine function)."""
+        await wait_until(check, timeout, lambda: self._not(what), error=GatewayNotReady)
+
+    def _not(self, what: str) -> str:
+        return f"{self.name}: not {what}\n{self.log_tail()}"
 
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.running else "stopped"
         return f"<GatewayProcess {self.name} {state} {self.config_path}>"
+
+
+async def routez(http_url: str | None) -> dict[str, dict[str, Any]]:
+    """The gateway's ``/routez``, by route name."""
+    assert http_url is not None, "the gateway has no HTTP endpoint"
+    async with aiohttp.ClientSession() as http, http.get(http_url + "/routez") as resp:
+        body: dict[str, Any] = await resp.json()
+    return {r["name"]: r for r in body["routes"]}
 
 
 def run_cli(
@@ -357,56 +360,4 @@ def run_cli(
         env=full_env,
         stdin=subprocess.DEVNULL,
         check=False,
-    )
-
-
-# -- connector entries for test configs ------------------------------------------------------
-
-
-def mqtt_connector(url: str, client_id: str, **extra: Any) -> dict[str, Any]:
-    """An MQTT connector with a fixed client id (persistent session) and a short connect timeout."""
-    return {"type": "mqtt", "url": url, "client_id": client_id, "connect_timeout": 3, **extra}
-
-
-def nats_connector(url: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "nats", "servers": [url], **extra}
-
-
-def kafka_connector(bootstrap: str, **extra: Any) -> dict[str, Any]:
-    """Tansu: no producer ids (``idempotent: false``); group join takes ~half the session timeout."""
-    return {
-        "type": "kafka",
-        "bootstrap_servers": [bootstrap],
-        "idempotent": False,
-        "session_timeout_ms": 6000,
-        "heartbeat_interval_ms": 1000,
-        **extra,
-    }
-
-
-def gateway_config(gateway_id: str, connectors: dict[str, Any], routes: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "gateway": {
-            "id": gateway_id,
-            "shutdown_timeout": 15,
-            "reconnect": {"initial": 0.1, "max": 2.0},
-            "http": {"listen": "127.0.0.1:0"},  # a free port: see GatewayProcess.http_url
-        },
-        "connectors": connectors,
-        "routes": routes,
-    }
-
-
-def mqtt_to_nats(gateway_id: str, mqtt_url: str, nats_url: str, topic: str, subject: str) -> dict[str, Any]:
-    """A gateway with one MQTT QoS 1 → core NATS route named ``flow`` (connectors ``mq`` and ``bus``)."""
-    return gateway_config(
-        gateway_id,
-        {"mq": mqtt_connector(mqtt_url, gateway_id), "bus": nats_connector(nats_url)},
-        [
-            {
-                "name": "flow",
-                "from": {"connector": "mq", "topic": topic, "qos": 1},
-                "to": {"connector": "bus", "subject": subject},
-            }
-        ],
     )

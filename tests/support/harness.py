@@ -1,18 +1,37 @@
-"""Helpers for unit tests that run a :class:`Gateway` over in-memory brokers, or a dispatcher alone."""
+"""Helpers for unit tests: a :class:`Gateway` over in-memory brokers, a dispatcher alone, fakes of the
+connector side, and config checks (what a config is refused for)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from gateway.app import build_routes
+import pytest
+
+from gateway.app import Gateway, build_routes
 from gateway.config.loader import parse_config
 from gateway.core.dispatch import Delivery, Dispatcher, Flight, Route
 from gateway.core.envelope import Envelope, Receipt
 from gateway.core.sink import Item, Sink
+from gateway.errors import ConfigError, ConfigIssue
 from gateway.routing.patterns import MQTT
+
+StartGateway = Callable[[str], Awaitable[Gateway]]
+"""``start(routes)``: a gateway on memory brokers A, B, C with these routes; or, for ``start_config``,
+``start(config_text)``: a gateway from a whole config (connectors with their own settings)."""
+
+MEMORY = """\
+connectors:
+  a: {type: memory}
+routes:
+  - name: r
+    from: {connector: a, topic: "in/{x}"}
+    to: {connector: a, topic: "out/{x}"}
+"""
+"""The smallest valid config: one memory connector, one route."""
 
 WAIT = 5.0
 """Upper bound for any wait on a condition; a healthy run needs a few event-loop turns."""
@@ -36,6 +55,19 @@ async def turns(n: int = 50) -> None:
     """Give every runnable task ``n`` event-loop turns: the chance to do what it should not."""
     for _ in range(n):
         await asyncio.sleep(0)
+
+
+def issues_of(text: str, environ: dict[str, str] | None = None, base_dir: Path | None = None) -> list[ConfigIssue]:
+    """What ``text`` is refused for (fails if it is accepted)."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, environ={} if environ is None else environ, base_dir=base_dir)
+    return info.value.issues
+
+
+def only_issue(text: str, environ: dict[str, str] | None = None) -> ConfigIssue:
+    issues = issues_of(text, environ)
+    assert len(issues) == 1, issues
+    return issues[0]
 
 
 def memory_config(routes: str, brokers: tuple[str, ...] = ("A", "B", "C"), *, extra: str = "") -> str:
