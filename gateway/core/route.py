@@ -160,7 +160,43 @@ class Route:
             if staged is None:
                 return
             env, plan = staged
-        self.enter(env, plan, nbytes)
+        # Admission proper: the overflow policy and the budget, then one flight to every target's sink.
+        if (
+            self._drop
+            and (self.in_flight >= self.max_in_flight or self.in_flight_bytes + nbytes > self.max_in_flight_bytes)
+            and not (self.policy.overflow is Overflow.DROP_OLDEST and self._evict_oldest())
+        ):
+            self.stats.dropped_overflow += 1
+            self.given_up(env, "full", None)
+            self._settle(env.receipt, released=False)
+            return
+        self.in_flight += 1
+        self.in_flight_bytes += nbytes
+        if not self.saturated and (
+            self.in_flight >= self.max_in_flight or self.in_flight_bytes >= self.max_in_flight_bytes
+        ):
+            # block / disconnect: stop the source; what is already on its way is admitted (push sources).
+            self.saturated = True
+            self.saturated_since = time.monotonic()
+            if not self._drop:
+                self.hold_gate()
+        flight = Flight(self, env, plan, nbytes)
+        self._track(flight)
+        if nbytes > self.max_payload:
+            self._refuse(flight, PayloadTooLarge(nbytes, self.max_payload, f"route {self.name!r} max_payload"))
+            return
+        headers = env.headers
+        if headers is not None and (
+            len(headers) > self.max_headers or sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes
+        ):
+            size = sum(len(k) + len(v) for k, v in headers)
+            self._refuse(flight, HeadersTooLarge(len(headers), size, self.max_headers, self.max_header_bytes))
+            return
+        for d in plan.deliveries:
+            if d.error is None and nbytes <= d.max_payload:
+                d.sink.submit(flight, d)  # type: ignore[union-attr]  # bound before any dispatch
+            else:
+                flight.fail(d, d.error or PayloadTooLarge(nbytes, d.max_payload, f"{d.target.connector} max_payload"))
 
     def stage(self, env: Envelope, plan: RoutePlan, nbytes: int) -> tuple[Envelope, RoutePlan] | None:
         """The content stage before admission: the message to admit and its plan, or None when the stage
@@ -198,45 +234,6 @@ class Route:
     def given_up(self, env: Envelope, reason: Ending, error: BaseException | None) -> None:
         """An admitted message ends undelivered: dropped because the route is ``full``, ``released`` (cut off),
         or ``failed`` (``error``)."""
-
-    def enter(self, env: Envelope, plan: RoutePlan, nbytes: int) -> None:
-        """Admission proper: the overflow policy and the budget, then one flight to every target's sink."""
-        if (
-            self._drop
-            and (self.in_flight >= self.max_in_flight or self.in_flight_bytes + nbytes > self.max_in_flight_bytes)
-            and not (self.policy.overflow is Overflow.DROP_OLDEST and self._evict_oldest())
-        ):
-            self.stats.dropped_overflow += 1
-            self.given_up(env, "full", None)
-            self._settle(env.receipt, released=False)
-            return
-        self.in_flight += 1
-        self.in_flight_bytes += nbytes
-        if not self.saturated and (
-            self.in_flight >= self.max_in_flight or self.in_flight_bytes >= self.max_in_flight_bytes
-        ):
-            # block / disconnect: stop the source; what is already on its way is admitted (push sources).
-            self.saturated = True
-            self.saturated_since = time.monotonic()
-            if not self._drop:
-                self.hold_gate()
-        flight = Flight(self, env, plan, nbytes)
-        self._track(flight)
-        if nbytes > self.max_payload:
-            self._refuse(flight, PayloadTooLarge(nbytes, self.max_payload, f"route {self.name!r} max_payload"))
-            return
-        headers = env.headers
-        if headers is not None and (
-            len(headers) > self.max_headers or sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes
-        ):
-            size = sum(len(k) + len(v) for k, v in headers)
-            self._refuse(flight, HeadersTooLarge(len(headers), size, self.max_headers, self.max_header_bytes))
-            return
-        for d in plan.deliveries:
-            if d.error is None and nbytes <= d.max_payload:
-                d.sink.submit(flight, d)  # type: ignore[union-attr]  # bound before any dispatch
-            else:
-                flight.fail(d, d.error or PayloadTooLarge(nbytes, d.max_payload, f"{d.target.connector} max_payload"))
 
     def reject(self, env: Envelope, plan: RoutePlan, error: SinkError) -> None:
         """A message its source could not read or represent: received, then failed through the route's policy

@@ -291,7 +291,13 @@ class ReplyRoute(Route):
     table: Requests
     """The request route's table (bound by the gateway)."""
 
+    _direct: Envelope | None = None
+    """An error reply :meth:`deliver` is admitting: already addressed, no answer to look up."""
+
     def stage(self, env: Envelope, plan: RoutePlan, nbytes: int) -> tuple[Envelope, RoutePlan] | None:
+        if env is self._direct:
+            self._direct = None
+            return Route.stage(self, env, plan, nbytes)
         entry = self.table.answer(env)
         if entry is None:  # nobody waits for it (any more): acknowledged, counted as filtered
             self.stats.filtered += 1
@@ -305,10 +311,8 @@ class ReplyRoute(Route):
 
     def deliver(self, env: Envelope, entry: _Pending) -> None:
         """Publish the error reply ``env`` to the requester behind ``entry`` (its reply subject or response topic)."""
-        self.stats.received += 1
-        staged = Route.stage(self, *self._addressed(env, entry), len(env.payload))
-        if staged is not None:
-            self.enter(*staged, len(env.payload))
+        self._direct = env
+        self.admit(*self._addressed(env, entry))
 
     def _addressed(self, env: Envelope, entry: _Pending) -> tuple[Envelope, RoutePlan]:
         return env, RoutePlan(self, (Delivery(self.targets[0], entry.address, None, None),), None)
