@@ -126,7 +126,7 @@ async def traffic(mqtt_port: int, nats_url: str, bootstrap: str, tally: Tally, s
             tally.sent["orders"] += 1
             await js.publish(f"orders.{tick % 4}", f'{{"archived":{tick}}}'.encode())
             tally.sent["archive"] += 1
-            tally.arrived["commands→mqtt"] = len(devices.received)
+            tally.arrived["commands→mqtt"] = len(devices.messages)
             await asyncio.sleep(0.05)
     finally:
         await producer.stop()

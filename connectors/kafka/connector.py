@@ -128,6 +128,7 @@ class KafkaConnector(Connector):
                     offset_reset=self._offset_reset(routes),
                     topics=topics,
                     pattern=pattern,
+                    logger=self.log,
                 )
                 await self.guard(source.start(), (*_consumer_errors(), OSError), unreachable)
                 self._sources.append(source)

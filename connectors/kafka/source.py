@@ -31,7 +31,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -149,7 +149,10 @@ class GroupSource:
         offset_reset: Literal["earliest", "latest"] = "earliest",
         topics: list[str] | None = None,
         pattern: str | None = None,
+        logger: Any = None,
     ) -> None:
+        self.log = logger if logger is not None else log
+        """The connector's logger (its lines carry ``connector=``)."""
         self.consumer = consumer
         self.group = group
         self.dispatcher = dispatcher
@@ -214,7 +217,7 @@ class GroupSource:
     async def resume(self, route: Route) -> None:
         """Read the route's released records again (:meth:`rewind`)."""
         if n := self.rewind():
-            log.info("kafka.rewound", route=route.name, group=self.group, partitions=n)
+            self.log.info("kafka.rewound", route=route.name, group=self.group, partitions=n)
 
     async def _fetch_loop(self, intake_stopped: asyncio.Event) -> None:
         consumer = self.consumer

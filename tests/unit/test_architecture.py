@@ -185,37 +185,23 @@ def test_config_structs_are_frozen_and_reject_unknown_keys(struct: type[msgspec.
 
 # ---------------------------------------------------------------- (d) the arrows only go down
 
-LAYERS: dict[str, tuple[str, ...]] = {
-    # a package (or module) of the gateway → the gateway packages it may import, besides itself
-    "gateway.errors": (),
-    "gateway.util": ("gateway.errors",),
-    "gateway.routing": ("gateway.errors",),
-    "gateway.config": ("gateway.errors", "gateway.util", "gateway.routing"),
-    "gateway.core": ("gateway.errors", "gateway.util", "gateway.routing", "gateway.config"),
-    "gateway.routes": ("gateway.errors", "gateway.util", "gateway.routing", "gateway.config", "gateway.core"),
-    "gateway.app": (
-        "gateway.errors",
-        "gateway.util",
-        "gateway.routing",
-        "gateway.config",
-        "gateway.core",
-        "gateway.routes",
-    ),
-    "gateway.ops": (
-        "gateway",  # the package's own __version__ and the Gateway it observes
-        "gateway.errors",
-        "gateway.util",
-        "gateway.routing",
-        "gateway.config",
-        "gateway.core",
-        "gateway.routes",
-        "gateway.app",
-    ),
-}
-"""From the bottom up: errors; util (backoff, bounds, flood, redact, tls); routing (pure: patterns, trie,
+ORDER = (
+    "gateway.errors",
+    "gateway.util",
+    "gateway.routing",
+    "gateway.config",
+    "gateway.core",
+    "gateway.routes",
+    "gateway.app",
+    "gateway.ops",
+)
+LAYERS: dict[str, tuple[str, ...]] = {layer: ORDER[:i] for i, layer in enumerate(ORDER)}
+"""A package (or module) of the gateway → the gateway packages it may import besides itself: those below it.
+From the bottom up: errors; util (backoff, bounds, flood, redact, tls); routing (pure: patterns, trie,
 templates, where, loops, headers); config (Structs, loader, plugin declarations, registry); core (the
 per-message path and the connector contract); routes (route kinds); app; ops (endpoint, metrics, logs);
-cli on top."""
+cli on top. The endpoint also reads the package's own ``__version__`` (``from gateway import``)."""
+LAYERS["gateway.ops"] += ("gateway",)
 CONTRACT = "gateway.core.contract"
 CONNECTORS_MAY_IMPORT = ("gateway.errors", "gateway.util", "gateway.routing", "gateway.config", CONTRACT)
 """A connector package sees the core only through its declared contract, plus the data and pure layers."""

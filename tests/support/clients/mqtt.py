@@ -66,11 +66,6 @@ class MqttClient:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
 
-    @property
-    def received(self) -> list[Received]:
-        """``messages`` under the name ``scripts/demo.py`` reads."""
-        return self.messages
-
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if not reason_code.is_failure:
             self._connected.set()
