@@ -100,3 +100,17 @@ class PayloadError(SinkError):
         if isinstance(exc, RecursionError):
             return cls("payload nested too deeply to decode or convert")
         return cls(f"cannot process the payload: {type(exc).__name__}: {exc}")
+
+
+class BrokerRefusal(ConnectorError):
+    """The broker refused the gateway: credentials, authorization, client id, TLS required, busy, quota, banned.
+
+    The message says why in one plain sentence (what ``last_error`` and the log's ``error`` show); ``fields``
+    keeps the protocol's own words for the log line (``code="0x86", reason="Bad User Name or Password"`` for
+    MQTT, ``nats_error="Authorization Violation"``, ``kafka_error="SASL_AUTHENTICATION_FAILED"``). Retried
+    with backoff like a lost connection: a refusal is often fixed on the broker's side while the gateway runs.
+    """
+
+    def __init__(self, message: str, **fields: str) -> None:
+        super().__init__(message)
+        self.fields = fields

@@ -23,7 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from connectors.kafka.config import KafkaConfig
 from connectors.kafka.producer import ProducerSink, record_headers, tombstone_without_key, unproducible
-from connectors.kafka.security import librdkafka_security
+from connectors.kafka.security import librdkafka_security, refusal
 from gateway.core.contract import Item
 from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
 
@@ -59,6 +59,12 @@ _REFUSED = (KafkaError._AUTHENTICATION, KafkaError._SSL, KafkaError.SASL_AUTHENT
 """Errors that another attempt with the same settings will not fix: reported as the reason at once."""
 _LOG = logging.getLogger("librdkafka")
 """librdkafka's own log lines, served by poll() into the stdlib logging (and its secret scrubbing)."""
+
+
+def topic_of(msg: Any) -> str:
+    """The topic of a delivery report's message (for an error that names no topic itself)."""
+    topic = msg.topic() if msg is not None else None
+    return f"topic {topic!r}" if topic else "Kafka"
 
 
 def delivery_timeout_ms(cfg: KafkaConfig) -> int:
@@ -99,6 +105,8 @@ class ConfluentSink(ProducerSink):
         self._reports = asyncio.Event()
         self.refused: str | None = None
         """The last TLS/SASL refusal librdkafka reported."""
+        self.refused_code = 0
+        """Its error code (``refusal`` says a SASL or authorization one in words)."""
         self.last_error: str | None = None
         """The last error librdkafka reported, whatever it was (the reason a session could not open)."""
         self.unreachable = False
@@ -112,6 +120,9 @@ class ConfluentSink(ProducerSink):
             if self.unreachable:
                 self._reachable()
             self._stall = _STALL
+        elif err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+            refused = refusal(err.code(), err.str(), topic_of(msg))
+            flight.fail(d, SinkError(str(refused), retriable=False))
         elif err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
             limit = self.config.max_request_size
             flight.fail(d, PayloadTooLarge(len(flight.env.payload), limit, "Kafka max_request_size"))
@@ -143,6 +154,7 @@ class ConfluentSink(ProducerSink):
         """librdkafka's error_cb (served inside poll(), on the loop): it reconnects by itself, we report it."""
         if err.code() in _REFUSED or (err.code() == KafkaError._TRANSPORT and "SSL" in err.str()):
             self.refused = err.str()  # TLS alerts (a certificate required, a protocol mismatch) come as _TRANSPORT
+            self.refused_code = err.code()
         if err.fatal() or err.code() in _PRODUCER_STATE:
             if self.producer is None:
                 self.refused = err.str()  # while opening: the reason the session could not start
@@ -293,7 +305,9 @@ class ConfluentSink(ProducerSink):
                 producer.poll(0)
                 if self.refused is not None:
                     servers = ", ".join(self.config.bootstrap_servers)
-                    raise ConnectorError(f"cannot reach Kafka at {servers}: {self.refused}") from None
+                    raise refusal(self.refused_code, self.refused, servers) or ConnectorError(
+                        f"cannot reach Kafka at {servers}: {self.refused}"
+                    ) from None
                 if loop.time() >= deadline:
                     if self.last_error is None:
                         raise

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING
 
 from connectors.kafka.config import KafkaConfig, KafkaSource, OffsetReset
 from connectors.kafka.producer import ProducerSink
-from connectors.kafka.security import aiokafka_security, warn_if_exposed
+from connectors.kafka.security import aiokafka_refusal, aiokafka_security, bootstrap_refusals, warn_if_exposed
 from gateway.core.contract import Connector, ConnectorContext, Route, Sink, Source
-from gateway.errors import ConnectorError
+from gateway.errors import BrokerRefusal, ConnectorError
 from gateway.routing.patterns import KAFKA
 from gateway.util.tls import describe_ssl_error
 
@@ -109,7 +109,7 @@ class KafkaConnector(Connector):
         unreachable = f"cannot reach Kafka at {', '.join(cfg.bootstrap_servers)}"
         try:
             if sink is not None:
-                await self.guard(sink.open(self.client_id), (*sink.errors, OSError), unreachable)
+                await self._open(sink.open(self.client_id), (*sink.errors, OSError), unreachable)
             for group, routes in self._groups().items():
                 try:
                     consumer = self._consumer(group, routes)  # reads the secret files
@@ -130,7 +130,7 @@ class KafkaConnector(Connector):
                     pattern=pattern,
                     logger=self.log,
                 )
-                await self.guard(source.start(), (*_consumer_errors(), OSError), unreachable)
+                await self._open(source.start(), (*_consumer_errors(), OSError), unreachable)
                 self._sources.append(source)
             self._down = {}
             self.mark_connected(bootstrap=",".join(cfg.bootstrap_servers), groups=len(consumers))
@@ -155,6 +155,26 @@ class KafkaConnector(Connector):
                     await consumer.stop()
             if sink is not None:
                 await sink.close()
+
+    async def _open(self, aw: Awaitable[None], errors: tuple[type[BaseException], ...], unreachable: str) -> None:
+        """``guard`` for the first contact of a producer or a consumer: a broker's refusal (SASL, authorization)
+        becomes a :class:`BrokerRefusal` in words, said with the protocol's error name."""
+        if self.config.driver == "aiokafka" or self._groups():
+            bootstrap_refusals()  # aiokafka logs its bootstrap refusals, and raises "Unable to bootstrap"
+        try:
+            await self.guard(aw, errors, unreachable)
+        except ConnectorError as exc:
+            refused = exc if isinstance(exc, BrokerRefusal) else aiokafka_refusal(exc.__cause__, self._servers)
+            if refused is None:
+                raise
+            self.log.warning("connector.refused", error=str(refused), **refused.fields)
+            if refused is exc:
+                raise
+            raise refused from exc
+
+    @property
+    def _servers(self) -> list[str]:
+        return list(self.config.bootstrap_servers)
 
     def _reachability(self, up: bool, why: str, role: str = "producer") -> None:
         """The producer (its error_cb) or a consumer group (its metadata probe) lost every broker or got one

@@ -23,7 +23,7 @@ from aiokafka.errors import (
 
 from connectors.kafka.config import KafkaConfig
 from connectors.kafka.producer import ProducerSink, record_headers, tombstone_without_key, unproducible
-from connectors.kafka.security import aiokafka_security
+from connectors.kafka.security import aiokafka_security, refusal
 from gateway.core.contract import Item
 from gateway.errors import ConnectorError, PayloadTooLarge, SinkError
 
@@ -125,9 +125,8 @@ class KafkaSink(ProducerSink):
                     flight.fail(d, SinkError(f"Kafka has no topic {topic!r}: {exc}", retriable=True))
                     continue
                 except TopicAuthorizationFailedError as exc:
-                    flight.fail(
-                        d, SinkError(f"not authorized to write to Kafka topic {topic!r}: {exc}", retriable=False)
-                    )
+                    refused = refusal(exc.errno, f"{type(exc).__name__}: {exc}", f"topic {topic!r}")
+                    flight.fail(d, SinkError(str(refused or exc), retriable=False))
                     continue
                 except KafkaError as exc:
                     if exc.retriable or isinstance(exc, KafkaTimeoutError):  # timeout: the buffer stays full, no broker

@@ -39,6 +39,7 @@ from connectors.mqtt.codec import (
     PUBREC,
     Codec5,
     ack,
+    disconnect_reason,
     frame,
     is_codec_panic,
     varint,
@@ -255,9 +256,7 @@ class MqttConnection(asyncio.Protocol):
         elif isinstance(packet, PingRespPacket):
             pass
         elif isinstance(packet, DisconnectPacket):
-            self._disconnect_reason = (
-                f"broker sent DISCONNECT: {packet.reason_code.name} {packet.reason_str or ''}".strip()
-            )
+            self._disconnect_reason = disconnect_reason(int(packet.reason_code), packet.reason_str)
             self.abort(self._disconnect_reason)
             self.broker_closed = int(packet.reason_code) not in _NOT_ABOUT_A_MESSAGE
 

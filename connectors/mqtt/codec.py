@@ -317,3 +317,122 @@ class Codec311(Codec5):
 
 def codec_for(version: int) -> Codec5:
     return Codec5() if version == 5 else Codec311()
+
+
+# -- refusals in words ------------------------------------------------------------------------------
+REASONS = {
+    0x80: "Unspecified error",
+    0x81: "Malformed Packet",
+    0x82: "Protocol Error",
+    0x83: "Implementation specific error",
+    0x84: "Unsupported Protocol Version",
+    0x85: "Client Identifier not valid",
+    0x86: "Bad User Name or Password",
+    0x87: "Not authorized",
+    0x88: "Server unavailable",
+    0x89: "Server busy",
+    0x8A: "Banned",
+    0x8B: "Server shutting down",
+    0x8C: "Bad authentication method",
+    0x8D: "Keep Alive timeout",
+    0x8E: "Session taken over",
+    0x8F: "Topic Filter invalid",
+    0x90: "Topic Name invalid",
+    0x91: "Packet Identifier in use",
+    0x93: "Receive Maximum exceeded",
+    0x94: "Topic Alias invalid",
+    0x95: "Packet too large",
+    0x96: "Message rate too high",
+    0x97: "Quota exceeded",
+    0x98: "Administrative action",
+    0x99: "Payload format invalid",
+    0x9A: "Retain not supported",
+    0x9B: "QoS not supported",
+    0x9C: "Use another server",
+    0x9D: "Server moved",
+    0x9E: "Shared Subscriptions not supported",
+    0x9F: "Connection rate exceeded",
+    0xA0: "Maximum connect time",
+    0xA1: "Subscription Identifiers not supported",
+    0xA2: "Wildcard Subscriptions not supported",
+}
+"""MQTT 5 reason codes of failures, by the names the specification gives them."""
+
+_V311_RETURN_CODES = {
+    1: "Connection Refused, unacceptable protocol version",
+    2: "Connection Refused, identifier rejected",
+    3: "Connection Refused, Server unavailable",
+    4: "Connection Refused, bad user name or password",
+    5: "Connection Refused, not authorized",
+}
+"""MQTT 3.1.1 CONNACK return codes, as the 3.1.1 specification names them."""
+_V311_CODE_OF = {int(reason): code for code, reason in _V311_CONNACK.items()}
+"""A 3.1.1 return code by the MQTT 5 reason code :meth:`Codec311.read` gave it."""
+
+_SAID = {
+    0x80: "the broker refused it without saying why",
+    0x81: "the broker found a packet from the gateway malformed",
+    0x82: "the broker found a protocol error in what the gateway sent",
+    0x83: "the broker refused it for a reason of its own",
+    0x84: 'the broker does not speak this MQTT version: set the connector\'s protocol to 5 or "3.1.1"',
+    0x85: "the broker refused the client id",
+    0x86: "the broker refused the user name or password",
+    0x87: "the broker refused the user name or password, or does not authorize this client",
+    0x88: "the broker is unavailable",
+    0x89: "the broker is busy",
+    0x8A: "the broker has banned this client",
+    0x8B: "the broker is shutting down",
+    0x8C: "the broker does not support the authentication method",
+    0x8D: "the broker heard nothing from the gateway within the keepalive",
+    0x8E: "another client connected with the same client id and took the session over",
+    0x8F: "the broker refused the topic filter",
+    0x90: "the broker refused the topic name",
+    0x95: "the broker refused a packet as too large",
+    0x96: "the broker refused the message rate as too high",
+    0x97: "the broker's quota for this client is exceeded",
+    0x98: "an administrator of the broker disconnected this client",
+    0x99: "the broker refused the payload format",
+    0x9A: "the broker does not support retained messages",
+    0x9B: "the broker does not support this QoS",
+    0x9C: "the broker sends this client to another server",
+    0x9D: "the broker has moved to another server",
+    0x9E: "the broker does not support shared subscriptions",
+    0x9F: "the broker refuses connections this fast",
+    0xA0: "the broker's maximum connect time is over",
+    0xA2: "the broker does not support wildcard subscriptions",
+}
+"""What a failure reason code means to an operator, in one sentence (the packet's context aside)."""
+_ON_PUBLISH = {
+    0x87: "the broker does not authorize this client to publish to this topic",
+    0x80: "the broker refused the publish without saying why",
+    0x83: "the broker refused the publish for a reason of its own",
+}
+
+
+def refusal_code(reason: int) -> str:
+    return f"0x{reason:02X}"
+
+
+def connack_refusal(version: int, reason: ConnAckReasonCode) -> tuple[str, dict[str, str]]:
+    """A refused CONNECT in words, and the protocol's own code for the log (``code``, ``reason``)."""
+    code = int(reason)
+    if version != 5:
+        raw = _V311_CODE_OF.get(code)
+        if raw is not None and raw in _V311_RETURN_CODES:
+            said = _SAID[{1: 0x84, 2: 0x85, 3: 0x88, 4: 0x86, 5: 0x87}[raw]]
+            return said, {"code": refusal_code(raw), "reason": _V311_RETURN_CODES[raw]}
+    said = _SAID.get(code, "the broker refused the connection")
+    return said, {"code": refusal_code(code), "reason": REASONS.get(code, reason.name)}
+
+
+def publish_refusal(reason: int) -> str:
+    """A PUBACK / PUBREC failure reason in words, with its code: the message of the publish's error."""
+    said = _ON_PUBLISH.get(reason) or _SAID.get(reason, "the broker refused the publish")
+    return f"{said} (reason code {refusal_code(reason)} {REASONS.get(reason, 'unknown')})"
+
+
+def disconnect_reason(reason: int, text: str | None) -> str:
+    """A DISCONNECT from the broker in words, with its code (and the broker's own reason string)."""
+    said = _SAID.get(reason, "the broker closed the connection") if reason else "the broker closed the connection"
+    detail = f"DISCONNECT {refusal_code(reason)} {REASONS.get(reason, 'Normal disconnection' if not reason else '')}"
+    return f"{said} ({detail.strip()}{': ' + text if text else ''})"

@@ -32,13 +32,13 @@ from urllib.parse import urlsplit
 from mqtt5 import ConnAckPacket, ConnAckReasonCode, PublishPacket
 
 from connectors.mqtt.client import MqttConnection, PacketHandler, open_connection
-from connectors.mqtt.codec import codec_for
+from connectors.mqtt.codec import codec_for, connack_refusal
 from connectors.mqtt.config import MqttConfig, MqttSource
 from connectors.mqtt.filters import FilterSet
 from connectors.mqtt.sink import MqttSink, PacketIds
 from connectors.mqtt.source import Requests, RouteSource, SharedSource, SourceCounters
 from gateway.core.contract import Channel, Connector, ConnectorContext, Overflow, Route, Sink, Source
-from gateway.errors import ConnectorError
+from gateway.errors import BrokerRefusal, ConnectorError
 from gateway.util.redact import redact_url
 from gateway.util.tls import client_context, describe_ssl_error
 
@@ -278,7 +278,10 @@ class MqttConnector(Connector):
             except (ConnectionError, TimeoutError) as exc:
                 raise ConnectorError(f"no CONNACK from {self.address}: {str(exc) or 'timed out'}") from exc
             if connack.reason_code != ConnAckReasonCode.SUCCESS:
-                raise ConnectorError(f"{self.address} refused the connection: {connack.reason_code.name}")
+                said, fields = connack_refusal(self.codec.version, connack.reason_code)
+                refusal = BrokerRefusal(f"{said} ({self.address} refused the connection: {fields['reason']})", **fields)
+                self.log.warning("connector.refused", error=str(refusal), client_id=client_id, **fields)
+                raise refusal
         except BaseException:
             conn.abort("connect failed")
             raise

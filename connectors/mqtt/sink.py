@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 
 from connectors.mqtt.client import MqttConnection
-from connectors.mqtt.codec import PUBREC, PUBREL, Codec5, ack
+from connectors.mqtt.codec import PUBREC, PUBREL, Codec5, ack, publish_refusal
 from connectors.mqtt.config import MqttConfig
 from connectors.mqtt.publish import PublishEncoder
 from gateway.core.contract import Flight, Item, Sink
@@ -240,7 +240,7 @@ class MqttSink(Sink):
         if reason >= 0x80:
             # 0x97 quota exceeded may pass; not authorized, bad topic or payload will not.
             retriable = reason == 0x97
-            flight.fail(d, SinkError(f"MQTT broker refused the publish (reason code {reason})", retriable=retriable))
+            flight.fail(d, SinkError(publish_refusal(reason), retriable=retriable))
         else:
             flight.done()
 

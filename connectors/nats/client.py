@@ -14,11 +14,12 @@ from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import AuthorizationError, UnexpectedEOF
 from nats.errors import Error as NatsError
-from nats.errors import UnexpectedEOF
 from nats.protocol.parser import PERMISSIONS_ERR
 
 from connectors.nats import wire
+from gateway.errors import BrokerRefusal
 
 
 class GatewayClient(Client):
@@ -106,3 +107,56 @@ def loss_blame(nc: GatewayClient, ended: BaseException | None) -> str | None:
         if isinstance(error, OSError) and not isinstance(error, TimeoutError):  # a reset, a broken pipe
             return f"{type(error).__name__}: {error}"
     return None
+
+
+_REFUSALS = (
+    (
+        "authorization violation",
+        "the server refused the credentials: check the user and password, token, NKey seed or creds file",
+    ),
+    ("user authentication expired", "the server refused the credentials: they have expired"),
+    ("user authentication revoked", "the server refused the credentials: they were revoked"),
+    ("account authentication expired", "the server refused the credentials: their account has expired"),
+    ("authentication timeout", "the server timed out waiting for the credentials"),
+    ("secure connection - tls required", "the server requires TLS: use a tls:// URL or a tls block"),
+    ("maximum account active connections exceeded", "the account has reached its limit of connections"),
+    ("maximum connections exceeded", "the server has reached its limit of connections"),
+    ("maximum subscriptions exceeded", "the server refused a subscription: the user's limit is reached"),
+)
+"""nats-server's ``-ERR`` texts that refuse the gateway, in words (matched in lower case)."""
+
+
+def server_error_text(exc: BaseException) -> str:
+    """The server's own ``-ERR`` text in a nats-py error (``nats: 'Authorization Violation'``)."""
+    if isinstance(exc, AuthorizationError):
+        return "Authorization Violation"
+    text = str(exc)
+    return text.removeprefix("nats: ").strip().strip("'")
+
+
+def refusal_words(text: str) -> str | None:
+    """A refusal by nats-server (its ``-ERR`` text) in one sentence, or None if ``text`` is not one.
+
+    ``Permissions Violation for Publish to "x"`` / ``for Subscription to "x"``: the connection stays up,
+    nothing is delivered there."""
+    low = text.lower()
+    if low.startswith(PERMISSIONS_ERR):
+        what = text[len(PERMISSIONS_ERR) :].strip()
+        if what.lower().startswith("for publish to"):
+            return f"the server does not permit this user to publish to {what[len('for publish to') :].strip()}"
+        if what.lower().startswith("for subscription to"):
+            subject = what[len("for subscription to") :].strip()
+            return f"the server does not permit this user to subscribe to {subject}"
+        return f"the server does not permit this user that ({what})"
+    return next((said for err, said in _REFUSALS if low.startswith(err)), None)
+
+
+def refusal(exc: BaseException, servers: str) -> BrokerRefusal | None:
+    """A connect that nats-server refused (its ``-ERR``) as :class:`BrokerRefusal`, or None."""
+    if not isinstance(exc, NatsError):
+        return None
+    text = server_error_text(exc)
+    said = refusal_words(text)
+    if said is None:
+        return None
+    return BrokerRefusal(f"{said} ({servers}: -ERR '{text}')", nats_error=text)

@@ -17,14 +17,16 @@ from typing import Any
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError, SlowConsumerError, StaleConnectionError
+from nats.protocol.parser import PERMISSIONS_ERR
 
 from connectors.nats import wire
-from connectors.nats.client import GatewayClient, TlsOnlyClient, loss_blame
+from connectors.nats.client import GatewayClient, TlsOnlyClient, loss_blame, refusal, refusal_words, server_error_text
 from connectors.nats.config import NatsConfig, NatsSource
 from connectors.nats.sink import NatsSink
 from connectors.nats.source import CoreSource, JetStreamSource, durable_name, subscription_of
 from gateway.core.contract import Connector, ConnectorContext, Route, Sink, Source
 from gateway.errors import ConnectorError
+from gateway.util.flood import Flood
 from gateway.util.redact import redact_url
 from gateway.util.tls import client_context, describe_ssl_error, read_secret
 
@@ -64,6 +66,10 @@ class NatsConnector(Connector):
         self.server_closed = 0
         """Times the server closed the connection, or stopped answering PINGs. nats-server cuts a slow
         consumer off this way (``max_pending``, ``write_deadline``) without sending a reason."""
+        self.permissions_violations = 0
+        """``-ERR 'Permissions Violation ...'``: a publish or a subscription the server did not permit (it
+        drops the message, or delivers nothing there, and the connection stays up)."""
+        self._violations_said = Flood()
 
     def endpoint(self) -> str:
         return ", ".join(redact_url(u) for u in self.config.servers)
@@ -73,6 +79,7 @@ class NatsConnector(Connector):
         sink = self._sink if isinstance(self._sink, NatsSink) else None
         return {
             "server_closed": self.server_closed,
+            "permissions_violations": self.permissions_violations,
             "client_slow_consumer_drops": self.slow_consumer_events,
             "header_lines_dropped": self._dropped_header_lines + (nc.dropped_header_lines if nc is not None else 0),
             "probe_resends": sink.probes if sink is not None else 0,
@@ -97,6 +104,15 @@ class NatsConnector(Connector):
             return
         if isinstance(exc, StaleConnectionError):
             return  # counted and reported once the session ends (see _lost_reason)
+        text = server_error_text(exc)
+        if text.lower().startswith(PERMISSIONS_ERR):  # one per refused message: counted, said in a flood line
+            self.permissions_violations += 1
+            said = refusal_words(text) or text
+            if self.channels:
+                self.channels[0].last_error = said  # /connz and the status page show it while connected
+            if n := self._violations_said.count():
+                self.log.warning("connector.permissions_violation", error=said, nats_error=text, count=n)
+            return
         if self.connected.is_set():  # while connecting, connect_failed says it once per attempt
             self.log.warning("connector.client_error", error=f"{type(exc).__name__}: {exc}")
 
@@ -156,6 +172,10 @@ class NatsConnector(Connector):
                 exc = self._last_client_error  # "no servers available" hides why: the attempt's own error
             if isinstance(self._sink, NatsSink):
                 self._sink.forgive()
+            refused = refusal(exc, servers)
+            if refused is not None:
+                self.log.warning("connector.refused", error=str(refused), **refused.fields)
+                raise refused from exc
             raise ConnectorError(f"cannot connect to {servers}: {describe_ssl_error(exc)}") from exc
         self.nc = nc
         sink = self._sink if isinstance(self._sink, NatsSink) else None
