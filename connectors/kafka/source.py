@@ -38,7 +38,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, CorruptRecordException, KafkaError, UnsupportedCodecError
 from aiokafka.structs import ConsumerRecord
 
-from gateway.core.contract import Dispatcher, Envelope, Receipt, Route, Source
+from gateway.core.contract import LAG_EVERY, Backlog, Dispatcher, Envelope, Receipt, Route, Source
 from gateway.errors import SinkError
 from gateway.routing.headers import from_bytes
 from gateway.util.flood import Flood
@@ -202,10 +202,68 @@ class GroupSource:
         await self.consumer.start()
 
     async def run(self, intake_stopped: asyncio.Event) -> None:
+        lag = asyncio.create_task(self._watch_lag(), name=f"kafka:{self.group}:lag")  # one per session
         try:
             await self._fetch_loop(intake_stopped)
         finally:
+            lag.cancel()
+            await asyncio.wait([lag])
             self.stopped.set()
+
+    # -- consumer lag, measured every LAG_EVERY seconds (never per record) -------------------------
+    async def _watch_lag(self) -> None:
+        while True:
+            await asyncio.sleep(LAG_EVERY)
+            try:
+                async with asyncio.timeout(_PROBE_TIMEOUT):
+                    await self.measure_lag()
+            except (KafkaError, OSError, TimeoutError):
+                continue  # the broker probe says when no broker answers; the last figures stay
+
+
+    async def measure_lag(self) -> None:
+        """Each route's backlog from the log-end offsets of its assigned partitions (one ListOffsets
+        request): behind its position (the record after the last one dispatched) and its committed
+        offset. A partition this member has not read yet counts from the group's committed offset."""
+        consumer = self.consumer
+        assigned = sorted(consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
+        ends = await consumer.end_offsets(assigned) if assigned else {}
+        rows: list[tuple[TopicPartition, int, int | None, int | None]] = []
+        for tp in assigned:
+            tracker = self.trackers.get(tp)
+            committed = tracker.committed if tracker is not None and tracker.committed >= 0 else None
+            if committed is None:
+                committed = await consumer.committed(tp)
+            # Tansu answers ListOffsets(latest) with the last batch's base offset: the high watermark of
+            # the last fetch response is the better figure there, and the fresher one while reading.
+            end = max(ends[tp], consumer.highwater(tp) or 0)
+            position = tracker.next_offset if tracker is not None and tracker.next_offset is not None else None
+            rows.append((tp, end, position, committed))
+        fresh = [tp for tp, _, position, committed in rows if committed is None]
+        starts: dict[TopicPartition, int] = {}  # nothing committed: the group starts where offset_reset says
+        if fresh:
+            starts = await consumer.beginning_offsets(fresh) if self.offset_reset == "earliest" else ends
+        table: list[tuple[TopicPartition, int, int, int]] = []
+        for tp, end, position, committed in rows:
+            base = committed if committed is not None else starts[tp]
+            table.append((tp, end, position if position is not None else base, base))
+        now = time.monotonic()
+        plan = self.dispatcher.plan
+        for route in self.dispatcher.routes:
+            behind = 0
+            partitions: dict[str, dict[str, int | None]] = {}
+            for tp, end, position, committed in table:
+                if not any(rp.route is route for rp in plan(tp.topic)):
+                    continue
+                partitions[f"{tp.topic}/{tp.partition}"] = {
+                    "end": end,
+                    "position": position,
+                    "committed": committed,
+                    "lag": end - position,
+                    "uncommitted": end - committed,
+                }
+                behind += end - position
+            route.backlog = Backlog(behind, {"partitions": partitions}, now)
 
     async def quiesce(self) -> None:
         """Until the fetch loop ended (what it fetched last is dispatched)."""

@@ -24,12 +24,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from connectors.nats.config import NatsConfig, NatsSource
-from gateway.core.contract import Dispatcher, Envelope, Receipt, Route, Source, first
+from gateway.core.contract import LAG_EVERY, Backlog, Dispatcher, Envelope, Receipt, Route, Source, first
 from gateway.errors import ConnectorError
 
 _ACK = b"+ACK"
 _NAK = b"-NAK"
 _STREAM_NOT_FOUND = 10059
+_LAG_TIMEOUT = 3.0
+"""Seconds a consumer-info request may take before this measurement is skipped."""
 """JetStream API error code: the stream does not exist."""
 
 
@@ -301,6 +303,7 @@ class JetStreamSource:
         request_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
         expires = PULL_EXPIRES
         gate = self.dispatcher.gate
+        lag = asyncio.create_task(self._watch_lag(), name=f"jetstream:{self.durable}:lag")  # one per session
         try:
             while not intake_stopped.is_set():
                 if not gate.is_open:
@@ -317,8 +320,32 @@ class JetStreamSource:
                     async with asyncio.timeout(expires + 2.0):
                         await done.wait()
         finally:
+            lag.cancel()
+            await asyncio.wait([lag])
             self.stopped.set()
             await sub.unsubscribe()
+
+    # -- consumer lag, measured every LAG_EVERY seconds (never per message) ------------------------
+    async def _watch_lag(self) -> None:
+        while True:
+            await asyncio.sleep(LAG_EVERY)
+            try:
+                async with asyncio.timeout(_LAG_TIMEOUT):
+                    await self.measure_lag()
+            except (nats.errors.Error, OSError, TimeoutError):
+                continue  # the connection's own watch says when the server is gone; the last figures stay
+
+    async def measure_lag(self) -> None:
+        """The route's backlog from its durable consumer's info: messages not yet delivered to the gateway
+        (``num_pending``), delivered but not acknowledged (``num_ack_pending``), redelivered."""
+        info = await self.nc.jetstream().consumer_info(self.stream, self.durable)
+        detail = {
+            "pending": info.num_pending,
+            "ack_pending": info.num_ack_pending,
+            "redelivered": info.num_redelivered,
+            "stream_sequence": info.delivered.stream_seq if info.delivered is not None else None,
+        }
+        self.route.backlog = Backlog(info.num_pending, detail, time.monotonic())
 
 
 def durable_name(route: Route) -> str:

@@ -27,8 +27,11 @@ from gateway.core.envelope import Envelope, Headers, Receipt
 from gateway.core.policies import Overflow
 from gateway.core.sink import Item, Sink
 from gateway.core.source import Source
+from gateway.core.stats import LAG_EVERY, Backlog
 
 __all__ = [
+    "LAG_EVERY",
+    "Backlog",
     "Channel",
     "Connector",
     "ConnectorContext",

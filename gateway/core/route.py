@@ -44,7 +44,7 @@ from gateway.core.flight import (
 from gateway.core.flow import FlowGate
 from gateway.core.policies import NO_LIMIT, Overflow, RoutePolicy, RouteState
 from gateway.core.sink import Sink
-from gateway.core.stats import Latency, RouteStats
+from gateway.core.stats import Backlog, Latency, RouteStats
 from gateway.errors import (
     HeaderError,
     HeadersTooLarge,
@@ -103,6 +103,8 @@ class Route:
         self.in_flight = 0
         self.in_flight_bytes = 0
         self.stats = RouteStats()
+        self.backlog: Backlog | None = None
+        """What the source has not taken yet at its broker (consumer lag), set by the source every few seconds."""
         self.latency = Latency()
         self.state = RouteState.RUNNING
         self.saturated = False

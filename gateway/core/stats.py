@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class RouteStats:
     """Monotonic counters of one route. ``received == acked + failed + dropped + filtered + in flight``."""
@@ -99,3 +101,24 @@ class Latency:
             seen += n
             lower = upper
         return lower  # in the unbounded bucket: at least the largest bound
+
+
+LAG_EVERY = 5.0
+"""Seconds between two measurements of a source's backlog at its broker (never per message)."""
+
+
+class Backlog:
+    """What a route's source has not taken yet, as its broker counts it, measured every :data:`LAG_EVERY`
+    seconds by the source (a Kafka consumer's offsets, a JetStream consumer's info, a client's buffer).
+
+    ``messages`` is the one figure to watch (``gateway_route_lag_messages``); ``detail`` holds the
+    protocol's own counters (per partition, ack pending, ...), shown on ``/routez``."""
+
+    __slots__ = ("detail", "measured", "messages")
+
+    def __init__(self, messages: int | None, detail: dict[str, Any], measured: float) -> None:
+        self.messages = messages
+        """Messages waiting at the broker for this route; None when the broker cannot say (yet)."""
+        self.detail = detail
+        self.measured = measured
+        """``time.monotonic()`` of the measurement."""

@@ -26,7 +26,7 @@ from gateway import __version__
 from gateway.core.channel import ConnectorState
 from gateway.core.policies import RouteState
 from gateway.core.route import Route
-from gateway.core.stats import Latency
+from gateway.core.stats import Backlog, Latency
 from gateway.routes.requests import RequestRoute
 
 if TYPE_CHECKING:
@@ -69,6 +69,29 @@ _ROUTE_FAMILIES: tuple[tuple[str, str, str], ...] = (
         "answers that matched no waiting request",
     ),
     ("gateway_route_requests_pending", "gauge", "Request routes: requests waiting for an answer"),
+    (
+        "gateway_route_lag_messages",
+        "gauge",
+        "Consumer lag: messages waiting at the source's broker for this route (Kafka: log-end offset minus "
+        "the gateway's position, summed over partitions; JetStream: the durable's pending), measured every "
+        "few seconds",
+    ),
+    (
+        "gateway_route_partition_lag_messages",
+        "gauge",
+        "Kafka sources: per partition, the log-end offset minus the gateway's position (behind) and minus "
+        "its committed offset (uncommitted)",
+    ),
+    (
+        "gateway_route_ack_pending_messages",
+        "gauge",
+        "JetStream sources: messages delivered to the gateway and not acknowledged yet (num_ack_pending)",
+    ),
+    (
+        "gateway_route_redelivered_messages",
+        "gauge",
+        "JetStream sources: messages of the durable delivered more than once and not acknowledged yet",
+    ),
     (
         "gateway_route_latency_seconds",
         "histogram",
@@ -125,7 +148,7 @@ def _write_routes(routes: Sequence[Route], families: list[list[str]]) -> None:
     counters = out[:_N_COUNTERS]
     keys = tuple(_COUNTERS)
     (dropped, in_flight, in_flight_bytes, max_in_flight, max_in_flight_bytes, oldest, state, requests, pending,
-     latency) = out[_N_COUNTERS:]  # fmt: skip
+     lag, partition_lag, ack_pending, redelivered, latency) = out[_N_COUNTERS:]  # fmt: skip
     now_ns = time.monotonic_ns()
     for r in routes:
         name = escape(r.name)
@@ -149,6 +172,9 @@ def _write_routes(routes: Sequence[Route], families: list[list[str]]) -> None:
             head = f'gateway_route_requests_total{{route="{escape(table.route)}",outcome="'
             requests.extend(f'{head}{outcome}"}} {n}\n' for outcome, n in table.stats.as_dict().items())
             pending.append(f'gateway_route_requests_pending{{route="{escape(table.route)}"}} {table.pending}\n')
+        backlog = r.backlog
+        if backlog is not None:
+            _write_backlog(name, lab, backlog, lag, partition_lag, ack_pending, redelivered)
         lat = r.latency
         counts = lat.bucket_counts()
         if any(counts):
@@ -164,6 +190,29 @@ def _write_routes(routes: Sequence[Route], families: list[list[str]]) -> None:
     for parts, lines in zip(families, out, strict=True):
         if lines:
             parts.append("".join(lines))
+
+
+def _write_backlog(
+    name: str,
+    lab: str,
+    backlog: Backlog,
+    lag: list[str],
+    partition_lag: list[str],
+    ack_pending: list[str],
+    redelivered: list[str],
+) -> None:
+    if backlog.messages is not None:
+        lag.append(f"gateway_route_lag_messages{lab}{backlog.messages}\n")
+    detail = backlog.detail
+    for partition, row in detail.get("partitions", {}).items():
+        head = f'gateway_route_partition_lag_messages{{route="{name}",partition="{escape(partition)}",of="'
+        if row["lag"] is not None:
+            partition_lag.append(f'{head}position"}} {row["lag"]}\n')
+        if row["uncommitted"] is not None:
+            partition_lag.append(f'{head}committed"}} {row["uncommitted"]}\n')
+    if "ack_pending" in detail:
+        ack_pending.append(f"gateway_route_ack_pending_messages{lab}{detail['ack_pending']}\n")
+        redelivered.append(f"gateway_route_redelivered_messages{lab}{detail['redelivered']}\n")
 
 
 def _connectors(gw: Gateway) -> str:

@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 
 from gateway import __version__
 from gateway.core.route import Route
-from gateway.core.stats import Latency
+from gateway.core.stats import Backlog, Latency
 from gateway.errors import GatewayError
 from gateway.ops.httpguard import (
     HANDLER_ARGS,
@@ -116,6 +116,8 @@ def route_view(route: Route) -> dict[str, Any]:
         "overflow": route.policy.overflow.value,
         "oldest_in_flight_seconds": round(route.oldest_in_flight(time.monotonic_ns()), 3),
         "stuck_after": route.stuck_bound(),
+        "lag": route.backlog.messages if route.backlog is not None else None,
+        **({"backlog": backlog_view(route.backlog)} if route.backlog is not None else {}),
         **s.as_dict(),
         **({"spool": route.spool_view()} if isinstance(route, SpooledRoute) else {}),
         **({"requests": route.requests.view()} if isinstance(route, RequestRoute) else {}),
@@ -126,6 +128,15 @@ def route_view(route: Route) -> dict[str, Any]:
             "p90": p90,
             "p99": p99,
         },
+    }
+
+
+def backlog_view(backlog: Backlog) -> dict[str, Any]:
+    """A route's consumer lag as its source last measured it, and how long ago."""
+    return {
+        "messages": backlog.messages,
+        "measured_seconds_ago": round(time.monotonic() - backlog.measured, 1),
+        **backlog.detail,
     }
 
 

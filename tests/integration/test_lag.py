@@ -1,0 +1,147 @@
+"""Consumer lag per route (the seeds' first golden signal): a Kafka and a JetStream source whose target
+holds every message. The route fills its budget, its source stops reading, and what stays at the broker
+shows as the route's lag on ``/routez`` (``Route.backlog``) and ``/metrics``, measured by the source every
+few seconds from the broker's own counters; once the target confirms, the lag falls to 0."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from connectors.memory.broker import MemoryBroker
+from gateway import Gateway
+from gateway.config import parse_config
+from gateway.ops.metrics import exposition
+from gateway.ops.monitor import route_view
+from tests.support.brokers import NatsServer, Tansu
+from tests.support.clients.kafka import create_topics, produce_all
+from tests.support.clients.nats import js_publish_all, nats_connect
+from tests.support.waits import wait_until
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(90)]
+
+N = 300
+BUDGET = 20
+
+
+def _config(unique: str, source_connector: str, source: str) -> Any:
+    return parse_config(
+        f"""
+gateway: {{id: lag-{unique}}}
+connectors:
+  {source_connector}
+  held: {{type: memory, broker: held}}
+routes:
+  - name: r
+    from: {source}
+    to: {{connector: held, topic: "out"}}
+    max_in_flight: {BUDGET}
+    slow_consumer_deadline: 0
+""",
+        source="test",
+    )
+
+
+def _metric(text: str, name: str, labels: str) -> float | None:
+    m = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+async def _lag_while_held(gw: Gateway) -> tuple[dict[str, Any], str]:
+    route = gw.routes["r"]
+    await wait_until(lambda: route.in_flight >= BUDGET, 30, "the route full")
+    await wait_until(
+        lambda: route.backlog is not None and (route.backlog.messages or 0) >= N - 2 * BUDGET, 30, "the lag measured"
+    )
+    return route_view(route), "".join(exposition(gw))
+
+
+async def test_kafka_lag_per_partition_while_the_target_holds(kafka_broker: Tansu, unique: str) -> None:
+    MemoryBroker.reset()
+    held = MemoryBroker.named("held")
+    held.hold = True
+    topic = f"lag-{unique}"
+    await create_topics(kafka_broker.bootstrap, [topic], 2)
+    await produce_all(kafka_broker.bootstrap, topic, [(b"k%d" % (i % 7), b"%d" % i, None) for i in range(N)])
+    gw = Gateway(
+        _config(
+            unique,
+            f'kafka: {{type: kafka, bootstrap_servers: ["{kafka_broker.bootstrap}"], session_timeout_ms: 6000}}',
+            f'{{connector: kafka, topic: "{topic}", group: "g-{unique}"}}',
+        )
+    )
+    await gw.start()
+    try:
+        view, text = await _lag_while_held(gw)
+        partitions = view["backlog"]["partitions"]
+        assert set(partitions) == {f"{topic}/0", f"{topic}/1"}
+        assert sum(p["end"] for p in partitions.values()) == N, "log-end offsets of both partitions"
+        assert (
+            view["lag"]
+            == sum(p["lag"] for p in partitions.values())
+            == N - sum(p["position"] for p in partitions.values())
+        )
+        assert all(p["uncommitted"] >= p["lag"] for p in partitions.values()), "nothing settled: nothing committed"
+        assert _metric(text, "gateway_route_lag_messages", 'route="r"') == view["lag"]
+        for name, p in partitions.items():
+            labels = f'route="r",partition="{name}",of="position"'
+            assert _metric(text, "gateway_route_partition_lag_messages", labels) == p["lag"]
+
+        held.release()  # the target confirms: the route drains, the source reads the rest, commits
+        route = gw.routes["r"]
+        await wait_until(lambda: route.stats.acked == N, 30, "all delivered")
+        await wait_until(
+            lambda: (
+                route.backlog is not None
+                and route.backlog.messages == 0
+                and all(p["uncommitted"] == 0 for p in route.backlog.detail["partitions"].values())
+            ),
+            30,
+            "lag and uncommitted back to 0",
+        )
+    finally:
+        await gw.stop(5)
+        MemoryBroker.reset()
+
+
+async def test_jetstream_pending_and_ack_pending_while_the_target_holds(nats_server: NatsServer, unique: str) -> None:
+    MemoryBroker.reset()
+    held = MemoryBroker.named("held")
+    held.hold = True
+    nc = await nats_connect(nats_server.url)
+    try:
+        await nc.jetstream().add_stream(name=f"LAG_{unique}", subjects=[f"lag.{unique}.>"])
+        await js_publish_all(nc, [(f"lag.{unique}.d{i % 3}", b"%d" % i, None) for i in range(N)])
+    finally:
+        await nc.close()
+    gw = Gateway(
+        _config(
+            unique,
+            f'bus: {{type: nats, servers: ["{nats_server.url}"]}}',
+            f'{{connector: bus, subject: "lag.{unique}.>", stream: "LAG_{unique}", durable: "gw_{unique}"}}',
+        )
+    )
+    await gw.start()
+    try:
+        view, text = await _lag_while_held(gw)
+        backlog = view["backlog"]
+        assert view["lag"] == backlog["pending"] == N - backlog["stream_sequence"]
+        assert backlog["ack_pending"] >= BUDGET, "delivered to the gateway, held by the target, not acknowledged"
+        assert _metric(text, "gateway_route_lag_messages", 'route="r"') == backlog["pending"]
+        assert _metric(text, "gateway_route_ack_pending_messages", 'route="r"') == backlog["ack_pending"]
+
+        held.release()
+        route = gw.routes["r"]
+        await wait_until(lambda: route.stats.acked == N, 30, "all delivered")
+        await wait_until(
+            lambda: (
+                route.backlog is not None and route.backlog.messages == 0 and route.backlog.detail["ack_pending"] == 0
+            ),
+            30,
+            "pending and ack pending back to 0",
+        )
+    finally:
+        await gw.stop(5)
+        MemoryBroker.reset()
