@@ -220,7 +220,6 @@ class GroupSource:
             except (KafkaError, OSError, TimeoutError):
                 continue  # the broker probe says when no broker answers; the last figures stay
 
-
     async def measure_lag(self) -> None:
         """Each route's backlog from the log-end offsets of its assigned partitions (one ListOffsets
         request): behind its position (the record after the last one dispatched) and its committed

@@ -25,6 +25,7 @@ the session (the broker would only send it again).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from connectors.mqtt.client import MqttConnection
 from connectors.mqtt.codec import CONTENT_TYPE, MESSAGE_EXPIRY, PUBACK, PUBREC, Codec5, ack
 from connectors.mqtt.config import MqttSource
 from connectors.mqtt.sink import PacketIds
-from gateway.core.contract import Channel, Dispatcher, Envelope, Headers, Receipt, Route, Source
+from gateway.core.contract import LAG_EVERY, Backlog, Channel, Dispatcher, Envelope, Headers, Receipt, Route, Source
 from gateway.errors import ConnectorError, SinkError
 from gateway.util.flood import Flood
 
@@ -307,7 +308,11 @@ class SessionSource:
 
     async def run(self, intake_stopped: asyncio.Event) -> None:
         """Until intake stops; then take nothing more (what is unacknowledged comes back next session)."""
-        await intake_stopped.wait()
+        while not intake_stopped.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LAG_EVERY):
+                    await intake_stopped.wait()
+            self.measure_lag()
         if self.subscriber is not None:
             self.subscriber.stopped = True
         if self.conn is not None:
@@ -315,6 +320,9 @@ class SessionSource:
 
     async def quiesce(self) -> None:
         """A push source: it takes nothing once intake stopped."""
+
+    def measure_lag(self) -> None:
+        """Every few seconds: the route's backlog, as far as MQTT shows one (see :class:`RouteSource`)."""
 
 
 class RouteSource(SessionSource):
@@ -365,6 +373,14 @@ class RouteSource(SessionSource):
     def detach(self) -> None:
         self.dispatcher.gate.remove_listener(self._on_gate)
         super().detach()
+
+    def measure_lag(self) -> None:
+        """MQTT does not tell what the broker still queues for a session: the backlog shown is the receive
+        window in use, the QoS 1/2 publishes the broker sent this session that are not acknowledged yet."""
+        subscriber = self.subscriber
+        if subscriber is not None:
+            in_use = len(subscriber.acks.pending)
+            self.route.backlog = Backlog(in_use, {"receive_window_in_use": in_use}, time.monotonic())
 
     async def release(self, route: Route) -> None:
         """Close the session: the broker keeps what it did not acknowledge, and resends it on resume."""

@@ -137,8 +137,20 @@ class CoreSource:
                 await sub.unsubscribe()
 
     async def run(self, intake_stopped: asyncio.Event) -> None:
-        await intake_stopped.wait()
+        while not intake_stopped.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LAG_EVERY):
+                    await intake_stopped.wait()
+            self.measure_lag()
         await self.pause()
+
+    def measure_lag(self) -> None:
+        """The route's backlog: what the client holds for the subscription and has not handed over yet (it
+        drops beyond its pending limits and reports a slow consumer, counted on the connector)."""
+        sub = self.sub
+        if sub is not None:
+            detail = {"pending_bytes": sub.pending_bytes, "pending_limit": self.config.pending_msgs_limit}
+            self.route.backlog = Backlog(sub.pending_msgs, detail, time.monotonic())
 
     async def quiesce(self) -> None:
         """A push source: it takes nothing once intake stopped."""

@@ -15,8 +15,9 @@ from gateway import Gateway
 from gateway.config import parse_config
 from gateway.ops.metrics import exposition
 from gateway.ops.monitor import route_view
-from tests.support.brokers import NatsServer, Tansu
+from tests.support.brokers import Mosquitto, NatsServer, Tansu
 from tests.support.clients.kafka import create_topics, produce_all
+from tests.support.clients.mqtt import MqttClient
 from tests.support.clients.nats import js_publish_all, nats_connect
 from tests.support.waits import wait_until
 
@@ -26,7 +27,7 @@ N = 300
 BUDGET = 20
 
 
-def _config(unique: str, source_connector: str, source: str) -> Any:
+def _config(unique: str, source_connector: str, source: str, overflow: str = "block") -> Any:
     return parse_config(
         f"""
 gateway: {{id: lag-{unique}}}
@@ -38,6 +39,7 @@ routes:
     from: {source}
     to: {{connector: held, topic: "out"}}
     max_in_flight: {BUDGET}
+    overflow: {overflow}
     slow_consumer_deadline: 0
 """,
         source="test",
@@ -143,5 +145,60 @@ async def test_jetstream_pending_and_ack_pending_while_the_target_holds(nats_ser
             "pending and ack pending back to 0",
         )
     finally:
+        await gw.stop(5)
+        MemoryBroker.reset()
+
+
+async def test_core_nats_lag_is_what_the_client_buffers(nats_server: NatsServer, unique: str) -> None:
+    MemoryBroker.reset()
+    held = MemoryBroker.named("held")
+    held.hold = True
+    gw = Gateway(
+        _config(
+            unique,
+            f'bus: {{type: nats, servers: ["{nats_server.url}"]}}',
+            f'{{connector: bus, subject: "c.{unique}.>"}}',
+        )
+    )
+    await gw.start()
+    nc = await nats_connect(nats_server.url)
+    try:
+        await gw.wait_ready(10)
+        for i in range(N):
+            await nc.publish(f"c.{unique}.d", b"%d" % i)
+        await nc.flush()
+        view, text = await _lag_while_held(gw)
+        assert view["backlog"]["pending_bytes"] > 0
+        assert _metric(text, "gateway_route_lag_messages", 'route="r"') == view["lag"]
+    finally:
+        await nc.close()
+        await gw.stop(5)
+        MemoryBroker.reset()
+
+
+async def test_mqtt_lag_is_the_receive_window_in_use(mosquitto: Mosquitto, unique: str) -> None:
+    MemoryBroker.reset()
+    held = MemoryBroker.named("held")
+    held.hold = True
+    gw = Gateway(
+        _config(
+            unique,
+            f'mq: {{type: mqtt, url: "{mosquitto.url}", client_id: "lag-{unique}"}}',
+            f'{{connector: mq, topic: "m/{unique}/#", qos: 1}}',
+        )
+    )
+    await gw.start()
+    pub = MqttClient(mosquitto.port)
+    try:
+        await gw.wait_ready(10)
+        pub.connect()
+        for i in range(BUDGET * 3):
+            pub.publish(f"m/{unique}/d", b"%d" % i, qos=1)
+        route = gw.routes["r"]
+        await wait_until(lambda: route.in_flight >= BUDGET, 30, "the route full")
+        await wait_until(lambda: route.backlog is not None and (route.backlog.messages or 0) >= BUDGET, 30, "measured")
+        assert route_view(route)["backlog"]["receive_window_in_use"] == route.backlog.messages  # type: ignore[union-attr]
+    finally:
+        pub.close()
         await gw.stop(5)
         MemoryBroker.reset()
