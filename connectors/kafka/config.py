@@ -8,7 +8,7 @@ import msgspec
 
 from gateway.config.plugin import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.routing.patterns import KAFKA, SourcePattern, TopicSyntax, compile_pattern, compile_regex
-from gateway.util.bounds import Millis, MillisOrZero, PayloadBytes
+from gateway.util.bounds import IN_MILLIS, Millis, MillisOrZero, PayloadBytes
 from gateway.util.redact import register_secret
 from gateway.util.tls import TlsConfig, read_secret
 
@@ -69,7 +69,7 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     idempotent: bool = True
     """Producer: idempotent delivery (``acks=all`` always). Needs a broker that grants producer ids
     (InitProducerId); the Tansu test broker does not, so the tests and the demo turn it off."""
-    linger_ms: Annotated[int, msgspec.Meta(ge=0, le=900_000)] = 2
+    linger_ms: Annotated[int, msgspec.Meta(ge=0, le=900_000, extra=IN_MILLIS)] = 2
     """Producer: how long to wait to fill a batch (at high rates batches fill before it expires)."""
     max_batch_size: Annotated[int, msgspec.Meta(ge=1024, le=1_000_000_000)] = 1_048_576
     """Producer: bytes per partition batch."""

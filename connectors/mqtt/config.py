@@ -10,7 +10,7 @@ import msgspec
 from connectors.mqtt.replies import MqttReplies
 from gateway.config.plugin import ConnectorPlugin, PatternError, SourceSpec, TargetSpec
 from gateway.routing.patterns import MQTT, SourcePattern, TopicSyntax, compile_pattern
-from gateway.util.bounds import PayloadBytes, Seconds
+from gateway.util.bounds import IN_SECONDS, PayloadBytes, Seconds
 from gateway.util.redact import redact_url, register_secret
 from gateway.util.tls import TlsConfig, read_secret
 
@@ -34,9 +34,9 @@ class MqttConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     """MQTT protocol version: 5 or "3.1.1"."""
     clean_start: bool = False
     """False keeps the session across reconnects and restarts, so the broker redelivers what was not acknowledged."""
-    session_expiry: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)] = 86_400
+    session_expiry: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF, extra=IN_SECONDS)] = 86_400
     """Seconds the broker keeps the session after a disconnect (MQTT 5; a 3.1.1 session never expires)."""
-    keepalive: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 30
+    keepalive: Annotated[int, msgspec.Meta(ge=0, le=65535, extra=IN_SECONDS)] = 30
     """Seconds between PINGREQs; 0 disables them."""
     username: str | None = None
     """MQTT user name; use ``${ENV}`` or ``${file:PATH}`` rather than a literal."""

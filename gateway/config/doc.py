@@ -21,6 +21,7 @@ import msgspec
 
 from gateway.config.model import GatewaySection, RouteSection
 from gateway.config.registry import BUILTIN, plugins
+from gateway.util.bounds import duration_unit
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -50,8 +51,15 @@ def _type_name(t: Any) -> str:
     text = re.sub(
         r"\b(typing|msgspec|collections\.abc|builtins)\.", "", repr(t) if not isinstance(t, type) else t.__name__
     )
+    duration = duration_unit(t)
+    if duration is not None:  # "duration in ms (ge=1, le=604800000)": a number of that unit, or one with units
+        unit, whole = duration
+        text = re.sub(r", extra=\{[^}]*\}", "", text)
+        text = re.sub(
+            r"Annotated\[\w+,", f"Annotated[duration in {'whole ' if whole and unit == 's' else ''}{unit},", text
+        )
     text = re.sub(r"\b(?:[a-z_][a-z0-9_]*\.)+(?=[A-Z])", "", text)  # gateway.util.tls.TlsConfig -> TlsConfig
-    text = re.sub(r"Annotated\[(\w+), Meta\(([^)]*)\)\]", lambda m: f"{m.group(1)} ({m.group(2)})", text)
+    text = re.sub(r"Annotated\[([\w ]+), Meta\(([^)]*)\)\]", lambda m: f"{m.group(1)} ({m.group(2)})", text)
     text = re.sub(r"^Optional\[(.*)\]$", r"\1 | None", text)
     text = re.sub(r"\bNone(Type)?\b", "null", text).replace("Literal", "one of ")
     return text
@@ -118,6 +126,11 @@ def render() -> str:
         "Any string value may use `${VAR}`, `${VAR:-default}` or `${file:PATH}` (relative to the config file);",
         "`$${` is a literal `${`. Unknown keys are errors. `gateway validate -c FILE` checks a file",
         "without connecting to anything.",
+        "",
+        "A *duration* (type `duration in s`, `duration in ms`) is a number of that unit, or a string with units",
+        "converted to it when the config loads: `500ms`, `2s`, `1.5m`, `1h`, `1d`, `1m30s` (`ms`, `s`, `m`, `h`,",
+        '`d`; largest first). So `"2s"` is 2000 for a `*_ms` key. The key\'s range applies after conversion, and',
+        'a key of whole units (`ms`, `whole s`) takes no fraction of one (`"1.5ms"` is an error).',
         "",
         "## `gateway`",
         "",

@@ -30,6 +30,7 @@ from gateway.routing.loops import echo
 from gateway.routing.patterns import SourcePattern
 from gateway.routing.templates import compile_header, compile_template
 from gateway.routing.where import WhereError, compile_where
+from gateway.util.bounds import Unit, duration_unit, read_duration
 from gateway.util.redact import MASK, MIN_SECRET_LENGTH
 from gateway.util.tls import check_files
 
@@ -300,6 +301,7 @@ def _convert(obj: Any, typ: Any, path: str, issues: list[ConfigIssue]) -> Any:
         before = len(issues)
         cfg = typ.__struct_config__
         fields = _fields(typ)
+        converted: dict[str, Any] = {}  # values as the Struct takes them: nested Structs, durations in their unit
         for key, value in obj.items():
             if key == cfg.tag_field:
                 continue
@@ -309,7 +311,11 @@ def _convert(obj: Any, typ: Any, path: str, issues: list[ConfigIssue]) -> Any:
                 continue
             nested = _struct_of(f.type)
             if nested is not None and value is not None:
-                _convert(value, nested, _join(path, str(key)), issues)  # every problem inside, not the first
+                converted[key] = _convert(value, nested, _join(path, str(key)), issues)  # every problem inside
+                continue
+            duration = duration_unit(f.type) if isinstance(value, str) else None
+            if duration is not None:
+                converted[key] = _duration(value, f.type, *duration, _join(path, str(key)), issues)
                 continue
             try:
                 msgspec.convert(value, f.type, strict=False)
@@ -320,10 +326,36 @@ def _convert(obj: Any, typ: Any, path: str, issues: list[ConfigIssue]) -> Any:
                 issues.append(ConfigIssue(_join(path, name), "required key is missing"))
         if len(issues) > before:
             return None
+        obj = {**obj, **converted}
     try:
         return msgspec.convert(obj, typ, strict=False)
     except msgspec.ValidationError as exc:
         issues.append(_issue(str(exc), path, typ))
+        return None
+
+
+def _duration(text: str, typ: Any, unit: Unit, whole: bool, path: str, issues: list[ConfigIssue]) -> Any:
+    """The string value of a duration key, as the key's number: ``"2s"`` is 2000 for a ``*_ms`` key.
+
+    A plain number (``"30"``, as ``${ENV}`` gives) is read as today, in the key's unit; anything else must be
+    written with units (:func:`gateway.util.bounds.read_duration`). Either way the key's range applies to the
+    converted number. Adds an issue and returns None when the value is not accepted.
+    """
+    try:
+        number: Any = msgspec.convert(text, int if whole else float, strict=False)
+    except msgspec.ValidationError:
+        try:
+            number = read_duration(text, unit, whole)
+        except ValueError as exc:
+            issues.append(ConfigIssue(path, str(exc)))
+            return None
+        written = f"{text!r} ({number:.15g} {unit}) is out of range: "
+    else:
+        written = ""
+    try:
+        return msgspec.convert(number, typ, strict=False)
+    except msgspec.ValidationError as exc:
+        issues.append(ConfigIssue(path, written + _issue(str(exc), "", typ).message))
         return None
 
 

@@ -18,7 +18,7 @@ from gateway.config.plugin import SourceSpec, TargetSpec
 from gateway.routing.patterns import SourcePattern
 from gateway.routing.templates import Template
 from gateway.util.backoff import Backoff
-from gateway.util.bounds import Bytes, Count, PayloadBytes, Seconds, SecondsOrZero
+from gateway.util.bounds import IN_SECONDS, Bytes, Count, PayloadBytes, Seconds, SecondsOrZero
 from gateway.util.redact import register_secret
 from gateway.util.tls import read_secret
 
@@ -40,7 +40,7 @@ class HttpSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     max_connections: Annotated[int, msgspec.Meta(ge=2, le=65_535)] = 128
     """Connections the endpoint keeps open at once; at the cap a new one closes the oldest idle one (503 when
     all are inside a request). Each holds a file descriptor."""
-    header_timeout: Annotated[float, msgspec.Meta(ge=0.5, le=3600)] = 10.0
+    header_timeout: Annotated[float, msgspec.Meta(ge=0.5, le=3600, extra=IN_SECONDS)] = 10.0
     """Seconds a connection may go without a request in progress: to send a request's head after connecting,
     and after each response (an idle keep-alive connection closes then)."""
 

@@ -5,7 +5,8 @@ The same Structs and field docstrings as the reference in ``docs/config.md``
 connector kind, chosen by ``type``) and ``routes`` (``from`` / ``to`` /
 ``dead_letter`` as any kind's endpoint, since the kind is that of the named
 connector). Values that may come from ``${VAR}`` accept such a reference
-wherever a number, boolean, choice or pattern is expected.
+wherever a number, boolean, choice or pattern is expected; durations also accept
+their form with units (``"500ms"``, ``"2s"``: ``$defs/Duration``).
 
 ``python -m gateway.config.schema > config/schema.json`` regenerates it (built-in
 kinds only, so that it does not depend on what is installed); ``--all`` adds
@@ -28,10 +29,12 @@ from gateway.config.loader import CONNECTOR_NAME  # the loader's own rule, not a
 from gateway.config.model import FileSection, GatewaySection, RouteSection
 from gateway.config.plugin import ConnectorPlugin
 from gateway.config.registry import BUILTIN, plugins
+from gateway.util.bounds import DURATION_FORMS, DURATION_PATTERN, duration_unit
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 REF = "#/$defs/{name}"
 INTERPOLATION = "Interpolation"
+DURATION = "Duration"
 _ANNOTATIONS = ("title", "description", "default", "examples")
 
 COMMENT = (
@@ -109,6 +112,14 @@ def _interpolable_items(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def _with_units(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a duration key (a number, or a number or null), also accepting the form with units."""
+    if "anyOf" in schema:
+        return {**schema, "anyOf": [*schema["anyOf"], _ref(DURATION)]}
+    core = {k: v for k, v in schema.items() if k not in _ANNOTATIONS}
+    return {"anyOf": [core, _ref(DURATION)], **{k: v for k, v in schema.items() if k in _ANNOTATIONS}}
+
+
 def _describe(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     """``schema`` with ``description`` first (editors show it on hover and in completion lists)."""
     rest = {k: v for k, v in schema.items() if k != "description"}
@@ -125,13 +136,16 @@ def _struct_def(cls: type[msgspec.Struct], schema: dict[str, Any]) -> dict[str, 
     """msgspec's schema of ``cls`` with field docstrings as descriptions and ``${VAR}`` allowed in scalars."""
     docs = field_docs(cls)
     tag_field = cls.__struct_config__.tag_field
-    names = {f.encode_name: f.name for f in msgspec.structs.fields(cls)}
+    fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
     props: dict[str, Any] = {}
     for key, prop in schema.get("properties", {}).items():
         if key == tag_field:
             props[key] = _describe("The connector kind.", prop)
-        else:
-            props[key] = _describe(docs.get(names.get(key, key), ""), _interpolable(prop))
+            continue
+        f = fields[key]
+        if duration_unit(f.type) is not None:
+            prop = _with_units(prop)
+        props[key] = _describe(docs.get(f.name, ""), _interpolable(prop))
     out = {"title": schema.get("title", cls.__name__), **_describe(_doc(cls), schema)}
     out["properties"] = props
     if not out.get("required"):
@@ -172,6 +186,12 @@ def schema(kinds: Sequence[str] | None = None) -> dict[str, Any]:
         "description": "A route's `to` entry or its `dead_letter`: `connector: NAME` plus the keys of that "
         "connector's kind.",
         "anyOf": [_ref(name_of[p.target]) for p in selected],
+    }
+    defs[DURATION] = {
+        "description": "A duration with units, converted to the key's own unit when the config loads: "
+        f"{DURATION_FORMS} (ms, s, m, h, d; largest first, each at most once).",
+        "type": "string",
+        "pattern": DURATION_PATTERN,
     }
     defs[INTERPOLATION] = {
         "description": "A `${VAR}`, `${VAR:-default}` or `${file:PATH}` reference: replaced when the config loads, "

@@ -30,6 +30,8 @@ def numeric_fields() -> list[tuple[str, Any]]:
         elif isinstance(t, mi.UnionType):
             for member in t.types:
                 walk(member, path)
+        elif isinstance(t, mi.Metadata):  # a Meta with ``extra`` (durations: IN_SECONDS, IN_MILLIS) wraps the number
+            walk(t.type, path)
         elif isinstance(t, mi.ListType | mi.TupleType | mi.SetType | mi.FrozenSetType):
             walk(t.item_type, path)
         elif isinstance(t, mi.DictType):
