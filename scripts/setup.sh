@@ -3,6 +3,8 @@
 #   - Mosquitto and its command-line clients (Debian packages) when missing
 #   - Chromium (Debian package) when missing: the status page's browser test drives it headless
 #   - stunnel4 (Debian package) when missing: the Kafka TLS tests put it in front of the Tansu broker
+#   - Prometheus and promtool (Debian package prometheus) when missing: the alert rules' tests and the
+#     Prometheus end-to-end test (tests/integration/test_alerts.py, tests/e2e/test_prometheus.py)
 #   - .venv with the gateway (editable) and its dev dependencies, incl. nats-server and the Tansu broker
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,7 @@ apt_install() {
 { have mosquitto && have mosquitto_pub; } || apt_install mosquitto mosquitto-clients
 have chromium || apt_install chromium
 { have stunnel4 || have stunnel; } || apt_install stunnel4
+{ have prometheus && have promtool; } || apt_install prometheus
 
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

@@ -1,7 +1,7 @@
 """Shared fixtures: real brokers, started lazily once per session, and gateway processes.
 
 ``mosquitto``, ``nats_server`` and ``kafka_broker`` are session-scoped and only
-start when a test asks for them.  Tests that stop, kill or restart a broker
+start when a test asks for them; ``prometheus`` is one server per test.  Tests that stop, kill or restart a broker
 must create their own instance (``Mosquitto(workdir=tmp_path)`` etc.) instead
 of touching the shared ones.  ``gateways`` makes gateway processes that never
 outlive their test.  The helpers behind them are in ``tests/support``.
@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from tests.support.brokers import Mosquitto, NatsServer, Tansu, running
+from tests.support.brokers import Mosquitto, NatsServer, Prometheus, Tansu, prometheus_bin, running
 from tests.support.gateway_process import GatewayProcess
 
 
@@ -32,7 +32,7 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     return {"uvloop": uvloop.new_event_loop}
 
 
-BROKER_FIXTURES = frozenset({"mosquitto", "nats_server", "kafka_broker"})
+BROKER_FIXTURES = frozenset({"mosquitto", "nats_server", "kafka_broker", "prometheus"})
 LAYER_MARKERS = {"e2e": "e2e", "fault": "fault"}
 """Directories whose every test carries that marker."""
 
@@ -110,6 +110,15 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
     yield from running(Tansu(workdir=tmp_path_factory.mktemp("tansu")))
+
+
+@pytest.fixture
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    """A Prometheus server of the test's own (scrape and rule evaluation every second), no targets or rules
+    yet: ``prometheus.scrape("127.0.0.1:PORT")``, ``prometheus.load_rules({...})``."""
+    if prometheus_bin() is None:
+        pytest.skip("prometheus is not installed (Debian package prometheus; scripts/setup.sh installs it)")
+    yield from running(Prometheus(workdir=tmp_path_factory.mktemp("prometheus")))
 
 
 @pytest.fixture

@@ -8,6 +8,9 @@ pytest fixtures, demo scripts and load tests alike::
     with Mosquitto() as mqtt, NatsServer() as nats, Tansu() as kafka:
         print(mqtt.url, nats.url, kafka.bootstrap)
 
+:class:`Prometheus` (the Debian package's server) runs the same way, to scrape a gateway process and
+evaluate the shipped alert rules against it.
+
 Every broker gets a free loopback port (unless one is given) and a per-broker
 work directory holding its config file, its data and its log file
 (``broker.log``: the broker's stdout/stderr, plus Mosquitto's own log).
@@ -38,6 +41,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import importlib
+import json
 import os
 import shutil
 import signal
@@ -64,6 +68,7 @@ __all__ = [
     "LocalS3",
     "Mosquitto",
     "NatsServer",
+    "Prometheus",
     "StartStop",
     "Tansu",
     "TansuStorage",
@@ -883,3 +888,113 @@ class Tansu(BrokerProcess):
     def _probe(self) -> bool:
         with socket.create_connection((self.host, self.port), timeout=PROBE_TIMEOUT) as s:
             return kafka_check(s, self.port, metadata=True)
+
+
+# --------------------------------------------------------------------------
+# Prometheus (scrapes gateways, evaluates alert rules)
+# --------------------------------------------------------------------------
+
+
+def prometheus_bin(name: str = "prometheus") -> str | None:
+    """``prometheus`` or ``promtool`` (Debian package ``prometheus``, see scripts/setup.sh); None if missing."""
+    found = shutil.which(name)
+    if found:
+        return found
+    return f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None
+
+
+class Prometheus(BrokerProcess):
+    """A Prometheus server scraping ``targets`` every ``interval`` seconds and evaluating, as often, every
+    rule file in ``workdir/rules``.
+
+    Targets are a file_sd file that :meth:`scrape` rewrites (Prometheus watches it), and rule files
+    are copied in by :meth:`load_rules`, which then reloads the configuration
+    (``--web.enable-lifecycle``): one server can follow a gateway whose port is known only once it
+    runs. :meth:`api` reads the HTTP API (``/api/v1/query``, ``/api/v1/alerts``).
+    """
+
+    name = "prometheus"
+
+    def __init__(self, *, port: int | None = None, workdir: Path | None = None, interval: float = 1.0) -> None:
+        binary = prometheus_bin()
+        if binary is None:
+            raise RuntimeError("prometheus not installed: apt-get install -y prometheus (scripts/setup.sh does)")
+        self.binary = binary
+        super().__init__(port=port, workdir=workdir)
+        self.interval = interval
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def rules_dir(self) -> Path:
+        return self.workdir / "rules"
+
+    @property
+    def targets_path(self) -> Path:
+        return self.workdir / "targets.json"
+
+    def config_text(self) -> str:
+        every = f"{self.interval:g}s"
+        return (
+            f"global:\n  scrape_interval: {every}\n  scrape_timeout: {every}\n  evaluation_interval: {every}\n"
+            f'rule_files: ["{self.rules_dir}/*.yaml"]\n'
+            "scrape_configs:\n"
+            "  - job_name: gateway\n"
+            f'    file_sd_configs: [{{files: ["{self.targets_path}"], refresh_interval: {every}}}]\n'
+        )
+
+    def _prepare(self) -> None:
+        self.rules_dir.mkdir(parents=True, exist_ok=True)
+        if not self.targets_path.exists():
+            self.targets_path.write_text("[]\n")
+        (self.workdir / "prometheus.yml").write_text(self.config_text())
+
+    def _command(self) -> list[str]:
+        return [
+            self.binary,
+            f"--config.file={self.workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address={self.host}:{self.port}",
+            "--web.enable-lifecycle",
+            "--log.level=warn",
+        ]
+
+    def _probe(self) -> bool:
+        with urllib.request.urlopen(self.url + "/-/ready", timeout=PROBE_TIMEOUT) as resp:
+            return int(resp.status) == 200
+
+    def scrape(self, *addresses: str) -> None:
+        """Scrape these ``host:port`` targets (``/metrics``) from now on, instead of the previous ones."""
+        entries = ", ".join(f'"{a}"' for a in addresses)
+        tmp = self.targets_path.with_suffix(".tmp")
+        tmp.write_text(f'[{{"targets": [{entries}]}}]\n')
+        tmp.replace(self.targets_path)  # atomic: Prometheus never reads half a file
+
+    def load_rules(self, files: dict[str, str]) -> None:
+        """Replace the rule files (name -> text) and reload; RuntimeError with Prometheus' answer if refused."""
+        for old in self.rules_dir.glob("*.yaml"):
+            old.unlink()
+        for name, text in files.items():
+            (self.rules_dir / name).write_text(text)
+        request = urllib.request.Request(self.url + "/-/reload", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                resp.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                raise RuntimeError(f"prometheus refused the rules: {exc.read().decode(errors='replace')}") from None
+
+    def api(self, path: str, **params: str) -> object:
+        """``data`` of a ``/api/v1/<path>`` answer; RuntimeError with Prometheus' error otherwise."""
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=10) as resp:
+                body = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                body = json.loads(exc.read() or b"{}")
+        if body.get("status") != "success":
+            raise RuntimeError(f"prometheus /api/v1/{path} {params}: {body.get('error', body)}")
+        return body["data"]
