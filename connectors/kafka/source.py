@@ -304,6 +304,7 @@ class GroupSource:
         dispatch = self.dispatcher.dispatch
         trackers = self.trackers
         now_ns = time.monotonic_ns()
+        wall_ms = time.time_ns() // 1_000_000  # freshness: each record's age from its timestamp, one clock read
         for tp, records in batches.items():
             tracker = trackers.get(tp)
             if tracker is None:
@@ -325,6 +326,7 @@ class GroupSource:
                         None,
                         now_ns,
                         receipt,
+                        (wall_ms - rec.timestamp) * 1_000_000 if rec.timestamp > 0 else -1,
                     )
                 )
             if records:

@@ -167,6 +167,21 @@ class CoreSource:
             await self.start()
 
 
+def stamp_of(reply: str) -> int:
+    """The publish time (Unix ns) a JetStream message's ack subject carries, or 0:
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>``, or with a domain
+    and account hash in front and a random token at the end. Two ``rfind`` and an ``int`` per message:
+    no list of tokens."""
+    end = reply.rfind(".")
+    start = reply.rfind(".", 0, end)
+    token = reply[start + 1 : end]
+    if len(token) < 16:  # the newer form: <ns>.<pending>.<token>
+        end = start
+        start = reply.rfind(".", 0, end)
+        token = reply[start + 1 : end]
+    return int(token) if token.isdigit() else 0
+
+
 class JetStreamReceipt(Receipt):
     __slots__ = ("acks", "reply")
 
@@ -271,6 +286,7 @@ class JetStreamSource:
         dispatch = self.dispatcher.dispatch
         acks = self.acks
         done = self._request_done
+        clock = time.time_ns() - time.monotonic_ns()
 
         async def on_msg(msg: Msg) -> None:
             if not msg.reply:
@@ -281,6 +297,7 @@ class JetStreamSource:
                 done.set()
                 return
             hdrs = msg.headers
+            now = time.monotonic_ns()
             # Even after intake stopped: the pull in flight is finished and its messages delivered,
             # so that a graceful stop leaves nothing delivered-but-unacknowledged on the server.
             dispatch(
@@ -292,8 +309,9 @@ class JetStreamSource:
                     1,
                     None,
                     None,
-                    time.monotonic_ns(),
+                    now,
                     JetStreamReceipt(msg.reply, acks),
+                    now + clock - stamp if (stamp := stamp_of(msg.reply)) else -1,
                 )
             )
             self._outstanding -= 1
@@ -323,6 +341,7 @@ class JetStreamSource:
                     continue
                 # An open gate means the route is below its budget: ask for at most what it can take.
                 n = max(1, min(self.spec.batch, self.dispatcher.room()))
+                clock = time.time_ns() - time.monotonic_ns()  # wall minus monotonic: message ages, one read a pull
                 self._outstanding = n
                 done.clear()
                 body = msgspec.json.encode({"batch": n, "expires": int(expires * 1e9)})

@@ -73,3 +73,6 @@ class Envelope(msgspec.Struct, gc=False):
     """``time.monotonic_ns()`` when the source received it (end-to-end latency)."""
     receipt: Receipt | None = None
     """``None`` for at-most-once sources (core NATS, MQTT QoS 0): nothing to acknowledge."""
+    age_ns: int = -1
+    """How old the message was when the source received it, from the broker's timestamp (Kafka record
+    timestamp, JetStream message time); -1 where the protocol has none (MQTT, core NATS)."""

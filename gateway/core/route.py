@@ -44,7 +44,7 @@ from gateway.core.flight import (
 from gateway.core.flow import FlowGate
 from gateway.core.policies import NO_LIMIT, Overflow, RoutePolicy, RouteState
 from gateway.core.sink import Sink
-from gateway.core.stats import Backlog, Latency, RouteStats
+from gateway.core.stats import Ages, Backlog, Latency, RouteStats
 from gateway.errors import (
     HeaderError,
     HeadersTooLarge,
@@ -106,6 +106,8 @@ class Route:
         self.backlog: Backlog | None = None
         """What the source has not taken yet at its broker (consumer lag), set by the source every few seconds."""
         self.latency = Latency()
+        self.ages = Ages()
+        """Age of messages at admission (freshness), for sources with broker timestamps."""
         self.state = RouteState.RUNNING
         self.saturated = False
         self.saturated_since = 0.0
@@ -151,6 +153,8 @@ class Route:
         hand it to every target's sink."""
         nbytes = len(env.payload)
         self.stats.received += 1
+        if env.age_ns >= 0:  # freshness, where the source's broker stamps its messages
+            self.ages.observe_ns(env.age_ns)
         if self.state is not RouteState.RUNNING:
             # Cut off or stopped: what still arrives goes back (redelivered by durable sources).
             self.stats.dropped_released += 1
@@ -583,6 +587,7 @@ class Route:
                 setattr(stats, key, getattr(old.stats, key))
             stats.received -= old.in_flight  # the old route's own to finish (or release), outside this view
         self.latency = old.latency
+        self.ages = old.ages
         if not adopt:
             return
         watched = old._watched

@@ -103,6 +103,32 @@ class Latency:
         return lower  # in the unbounded bucket: at least the largest bound
 
 
+_AGE_SHIFT = 20
+AGE_BUCKETS = 24
+"""Message-age buckets: doubling from 2**20 ns (~1 ms) up to 2**43 ns (~2.4 h), then unbounded."""
+
+
+class Ages(Latency):
+    """Freshness: the age of each message when its route admits it (the source broker's timestamp to now),
+    for sources whose messages carry one (Kafka record timestamps, JetStream message times).
+
+    The same doubling histogram as :class:`Latency`, on a coarser scale: ages run from milliseconds to hours
+    (a backlog). A negative age (the producer's clock ahead of ours) counts as 0."""
+
+    __slots__ = ()
+
+    def observe_ns(self, ns: int) -> None:
+        self.counts[(ns >> _AGE_SHIFT).bit_length() if ns > 0 else 0] += 1
+        self.sum_ns += ns if ns > 0 else 0
+
+    @property
+    def buckets(self) -> list[float]:
+        return [2 ** (_AGE_SHIFT + i) / 1e9 for i in range(AGE_BUCKETS)]
+
+    def bucket_counts(self) -> list[int]:
+        return [*self.counts[:AGE_BUCKETS], sum(self.counts[AGE_BUCKETS:])]
+
+
 LAG_EVERY = 5.0
 """Seconds between two measurements of a source's backlog at its broker (never per message)."""
 

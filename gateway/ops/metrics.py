@@ -26,7 +26,7 @@ from gateway import __version__
 from gateway.core.channel import ConnectorState
 from gateway.core.policies import RouteState
 from gateway.core.route import Route
-from gateway.core.stats import Backlog, Latency
+from gateway.core.stats import Ages, Backlog, Latency
 from gateway.routes.requests import RequestRoute
 
 if TYPE_CHECKING:
@@ -93,6 +93,12 @@ _ROUTE_FAMILIES: tuple[tuple[str, str, str], ...] = (
         "JetStream sources: messages of the durable delivered more than once and not acknowledged yet",
     ),
     (
+        "gateway_route_message_age_seconds",
+        "histogram",
+        "Freshness: age of messages when the route admitted them, from the source broker's timestamp (Kafka "
+        "record timestamp, JetStream message time; MQTT and core NATS carry none)",
+    ),
+    (
         "gateway_route_latency_seconds",
         "histogram",
         "End-to-end latency of acknowledged messages: source receive to the last target's confirmation "
@@ -102,6 +108,7 @@ _ROUTE_FAMILIES: tuple[tuple[str, str, str], ...] = (
 _N_COUNTERS = len(_COUNTERS)
 _STATES = tuple((st, f'",state="{st.value}"}} ') for st in RouteState)
 _LE = (*(f'",le="{bound!r}"}} ' for bound in Latency().buckets), '",le="+Inf"} ')
+_AGE_LE = (*(f'",le="{bound!r}"}} ' for bound in Ages().buckets), '",le="+Inf"} ')
 
 
 def exposition(gw: Gateway) -> Iterator[str]:
@@ -148,7 +155,7 @@ def _write_routes(routes: Sequence[Route], families: list[list[str]]) -> None:
     counters = out[:_N_COUNTERS]
     keys = tuple(_COUNTERS)
     (dropped, in_flight, in_flight_bytes, max_in_flight, max_in_flight_bytes, oldest, state, requests, pending,
-     lag, partition_lag, ack_pending, redelivered, latency) = out[_N_COUNTERS:]  # fmt: skip
+     lag, partition_lag, ack_pending, redelivered, age, latency) = out[_N_COUNTERS:]  # fmt: skip
     now_ns = time.monotonic_ns()
     for r in routes:
         name = escape(r.name)
@@ -175,21 +182,23 @@ def _write_routes(routes: Sequence[Route], families: list[list[str]]) -> None:
         backlog = r.backlog
         if backlog is not None:
             _write_backlog(name, lab, backlog, lag, partition_lag, ack_pending, redelivered)
-        lat = r.latency
-        counts = lat.bucket_counts()
-        if any(counts):
-            head = f'gateway_route_latency_seconds_bucket{{route="{name}'
-            cumulative = 0
-            for suffix, n in zip(_LE, counts, strict=True):
-                cumulative += n
-                latency.append(f"{head}{suffix}{cumulative}\n")
-            latency.append(
-                f"gateway_route_latency_seconds_count{lab}{cumulative}\n"
-                f"gateway_route_latency_seconds_sum{lab}{lat.sum_ns / 1e9}\n"
-            )
+        _write_histogram("gateway_route_latency_seconds", name, lab, r.latency, _LE, latency)
+        if r.ages.count:
+            _write_histogram("gateway_route_message_age_seconds", name, lab, r.ages, _AGE_LE, age)
     for parts, lines in zip(families, out, strict=True):
         if lines:
             parts.append("".join(lines))
+
+
+def _write_histogram(metric: str, name: str, lab: str, hist: Latency, le: tuple[str, ...], lines: list[str]) -> None:
+    counts = hist.bucket_counts()
+    if any(counts):
+        head = f'{metric}_bucket{{route="{name}'
+        cumulative = 0
+        for suffix, n in zip(le, counts, strict=True):
+            cumulative += n
+            lines.append(f"{head}{suffix}{cumulative}\n")
+        lines.append(f"{metric}_count{lab}{cumulative}\n{metric}_sum{lab}{hist.sum_ns / 1e9}\n")
 
 
 def _write_backlog(

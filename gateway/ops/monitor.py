@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 
 from gateway import __version__
 from gateway.core.route import Route
-from gateway.core.stats import Backlog, Latency
+from gateway.core.stats import Ages, Backlog, Latency
 from gateway.errors import GatewayError
 from gateway.ops.httpguard import (
     HANDLER_ARGS,
@@ -86,7 +86,7 @@ def quantiles(lat: Latency, qs: tuple[float, ...] = (0.50, 0.90, 0.99)) -> list[
     out: list[float | None] = []
     for q in qs:
         rank, seen, lower = q * total, 0, 0.0
-        for upper, n in zip(_BOUNDS, counts, strict=False):
+        for upper, n in zip(_BOUNDS if type(lat) is Latency else lat.buckets, counts, strict=False):
             if n and seen + n >= rank:
                 out.append(lower + (upper - lower) * (rank - seen) / n)
                 break
@@ -117,6 +117,7 @@ def route_view(route: Route) -> dict[str, Any]:
         "oldest_in_flight_seconds": round(route.oldest_in_flight(time.monotonic_ns()), 3),
         "stuck_after": route.stuck_bound(),
         "lag": route.backlog.messages if route.backlog is not None else None,
+        **({"age": age_view(route.ages)} if route.ages.count else {}),
         **({"backlog": backlog_view(route.backlog)} if route.backlog is not None else {}),
         **s.as_dict(),
         **({"spool": route.spool_view()} if isinstance(route, SpooledRoute) else {}),
@@ -129,6 +130,12 @@ def route_view(route: Route) -> dict[str, Any]:
             "p99": p99,
         },
     }
+
+
+def age_view(ages: Ages) -> dict[str, Any]:
+    """Freshness: how old messages were when the route admitted them (seconds), from the broker's stamps."""
+    p50, p90, p99 = quantiles(ages)
+    return {"count": ages.count, "p50": p50, "p90": p90, "p99": p99}
 
 
 def backlog_view(backlog: Backlog) -> dict[str, Any]:
@@ -365,7 +372,7 @@ class Monitor:
             self._rendering.cancel()
 
     async def _index(self, request: web.Request) -> web.Response:
-        page = resources.files("gateway").joinpath("status.html").read_text(encoding="utf-8")
+        page = resources.files("gateway.ops").joinpath("status.html").read_text(encoding="utf-8")
         return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
 
     async def _reload_config(self, request: web.Request) -> web.Response:

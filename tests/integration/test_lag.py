@@ -5,7 +5,9 @@ few seconds from the broker's own counters; once the target confirms, the lag fa
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from typing import Any
 
 import pytest
@@ -51,6 +53,16 @@ def _metric(text: str, name: str, labels: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def _assert_fresh_ages(view: dict[str, Any], text: str, *, produced_before: float) -> None:
+    """Freshness: every admitted message's age, from the broker's timestamp, is at least the pause between
+    producing and starting the gateway (and at most the whole test so far)."""
+    age = view["age"]
+    assert age["count"] == view["received"]
+    bound = time.monotonic() - produced_before + 1.0 + 10.0
+    assert 0.5 <= age["p50"] <= age["p99"] <= bound * 2, age  # doubling buckets: each figure within a factor of 2
+    assert _metric(text, "gateway_route_message_age_seconds_count", 'route="r"') == age["count"]
+
+
 async def _lag_while_held(gw: Gateway) -> tuple[dict[str, Any], str]:
     route = gw.routes["r"]
     await wait_until(lambda: route.in_flight >= BUDGET, 30, "the route full")
@@ -67,6 +79,8 @@ async def test_kafka_lag_per_partition_while_the_target_holds(kafka_broker: Tans
     topic = f"lag-{unique}"
     await create_topics(kafka_broker.bootstrap, [topic], 2)
     await produce_all(kafka_broker.bootstrap, topic, [(b"k%d" % (i % 7), b"%d" % i, None) for i in range(N)])
+    await asyncio.sleep(1.0)  # every record is at least this old when the gateway admits it
+    start = time.monotonic()
     gw = Gateway(
         _config(
             unique,
@@ -87,6 +101,7 @@ async def test_kafka_lag_per_partition_while_the_target_holds(kafka_broker: Tans
         )
         assert all(p["uncommitted"] >= p["lag"] for p in partitions.values()), "nothing settled: nothing committed"
         assert _metric(text, "gateway_route_lag_messages", 'route="r"') == view["lag"]
+        _assert_fresh_ages(view, text, produced_before=start)
         for name, p in partitions.items():
             labels = f'route="r",partition="{name}",of="position"'
             assert _metric(text, "gateway_route_partition_lag_messages", labels) == p["lag"]
@@ -118,6 +133,8 @@ async def test_jetstream_pending_and_ack_pending_while_the_target_holds(nats_ser
         await js_publish_all(nc, [(f"lag.{unique}.d{i % 3}", b"%d" % i, None) for i in range(N)])
     finally:
         await nc.close()
+    await asyncio.sleep(1.0)
+    start = time.monotonic()
     gw = Gateway(
         _config(
             unique,
@@ -133,6 +150,7 @@ async def test_jetstream_pending_and_ack_pending_while_the_target_holds(nats_ser
         assert backlog["ack_pending"] >= BUDGET, "delivered to the gateway, held by the target, not acknowledged"
         assert _metric(text, "gateway_route_lag_messages", 'route="r"') == backlog["pending"]
         assert _metric(text, "gateway_route_ack_pending_messages", 'route="r"') == backlog["ack_pending"]
+        _assert_fresh_ages(view, text, produced_before=start)
 
         held.release()
         route = gw.routes["r"]
