@@ -1,12 +1,20 @@
-"""The status page (``/``) in a real browser, against a gateway process with traffic flowing.
+"""The status page (``/``) in a real browser.
 
 Headless Chromium (Debian package ``chromium``, installed by ``scripts/setup.sh``)
 is driven over the Chrome DevTools protocol with aiohttp's websocket client: one
-page stays open, so its own 1 s polling runs in real time. The test reads the
-numbers the page rendered (``data-route``/``data-field``/``data-value``
-attributes) twice, a few seconds apart, while an MQTT QoS 1 publisher feeds an
-MQTT -> NATS route; checks they moved and agree with ``/routez``; saves a
-screenshot; then stops the gateway and checks the page says it is unreachable.
+page stays open, so its own 1 s polling runs in real time. The tests read what
+the page rendered (``data-route``/``data-field``/``data-value`` attributes, the
+topology picture's ``data-node``/``data-edge`` elements) and save a full-page
+screenshot into the test's tmp dir.
+
+* against a gateway process with traffic flowing: the numbers of an MQTT -> NATS
+  route, read twice a few seconds apart, moved and agree with ``/routez``; then
+  the gateway stops and the page says it is unreachable;
+* against an in-process gateway whose JetStream route has a backlog (its memory
+  target holds every message, as in ``tests/integration/test_lag.py``), among 20
+  routes: the lag, the broker's counters behind it and the freshness columns show
+  what ``/routez`` says, and the topology picture has one node per connector and
+  route and one line per link.
 """
 
 from __future__ import annotations
@@ -28,10 +36,16 @@ from typing import Any
 import aiohttp
 import pytest
 
+from connectors.memory.broker import MemoryBroker
+from gateway import Gateway
+from gateway.config import parse_config
+from gateway.ops.monitor import Monitor
 from tests.support.brokers import Mosquitto, NatsServer
 from tests.support.clients.mqtt import MqttPublisher
+from tests.support.clients.nats import js_publish_all, nats_connect
 from tests.support.configs import gateway_config, mqtt_connector, nats_connector
 from tests.support.gateway_process import GatewayProcess
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -131,7 +145,10 @@ class Browser:
         return value
 
     async def screenshot(self, path: Path) -> Path:
-        result = await self.send("Page.captureScreenshot", format="png")
+        """The whole page, beyond the window's height too."""
+        size = (await self.send("Page.getLayoutMetrics"))["cssContentSize"]
+        clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+        result = await self.send("Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True)
         path.write_bytes(base64.b64decode(result["data"]))
         return path
 
@@ -215,6 +232,7 @@ READ_ROUTE = """(route) => {
   const row = document.querySelector(`[data-route="${CSS.escape(route)}"]`);
   if (!row) return null;
   const f = (n) => row.querySelector(`[data-field="${n}"]`);
+  const detail = document.querySelector(`[data-backlog-of="${CSS.escape(route)}"]`);
   const conns = {};
   for (const c of document.querySelectorAll("[data-connector]"))
     conns[c.dataset.connector] = c.querySelector('[data-field="state"]').textContent;
@@ -227,10 +245,44 @@ READ_ROUTE = """(route) => {
     in_flight: value(f("in_flight")), dropped: value(f("dropped")), failed: value(f("failed")),
     dead_lettered: value(f("dead_lettered")), p99_ms: value(f("latency_p99")),
     sparkline_points: row.querySelector("svg.spark.in polyline").getAttribute("points").split(" ").length,
+    lag: value(f("lag")), lag_text: f("lag").textContent,
+    backlog: Object.fromEntries([...(detail ? detail.querySelectorAll("[data-counter]") : [])].map(
+      (n) => [n.dataset.counter, n.textContent])),
+    backlog_open: Boolean(detail && !detail.hidden),
+    age_p99: value(f("age_p99")), age_text: f("age_p99").textContent,
+    oldest_in_flight: value(f("oldest_in_flight")),
   };
 }"""
 READ_PAGE = f"({READ_ROUTE})({json.dumps(ROUTE)})"
 """What the page shows: the header, the connectors' states and the route's row (numbers from ``data-value``)."""
+
+READ_TOPOLOGY = """(() => {
+  const svg = document.getElementById("topology");
+  return {
+    nodes: [...svg.querySelectorAll("[data-node]")].map((n) => n.dataset.node).sort(),
+    edges: [...svg.querySelectorAll("[data-edge]")].map((e) => e.dataset.edge + " " + e.dataset.role).sort(),
+    dashed: [...svg.querySelectorAll("[data-edge]")].filter((e) => getComputedStyle(e).strokeDasharray !== "none")
+      .map((e) => e.dataset.edge).sort(),
+    width: svg.getBoundingClientRect().width, height: svg.getBoundingClientRect().height,
+  };
+})()"""
+"""The topology picture: its nodes (``connector:NAME``, ``route:NAME``), its lines and their sizes on screen."""
+
+
+def expected_topology(routez: dict[str, Any], connz: dict[str, Any]) -> dict[str, list[str]]:
+    """What the picture must hold, from ``/routez`` and ``/connz``: a node per connector and route; a line from a
+    route's source, one to each connector among its targets (several targets on one connector: one line),
+    a dashed one to its dead letter."""
+    nodes = {f"connector:{c['name']}" for c in connz["connectors"]}
+    edges, dashed = set(), set()
+    for r in routez["routes"]:
+        nodes.add(f"route:{r['name']}")
+        edges.add(f"{r['source']}→{r['name']} source")
+        edges |= {f"{r['name']}→{t.split(':', 1)[0]} target" for t in r["targets"]}
+        if r["dead_letter"]:
+            edges.add(f"{r['name']}→{r['dead_letter']} dead-letter")
+            dashed.add(f"{r['name']}→{r['dead_letter']}")
+    return {"nodes": sorted(nodes), "edges": sorted(edges), "dashed": sorted(dashed)}
 
 
 async def fetch_json(url: str) -> Any:
@@ -276,6 +328,8 @@ async def test_status_page_in_chromium(
         second = await browser.evaluate(READ_PAGE)
         routez = await fetch_json(f"{gw.http_url}/routez")
         varz = await fetch_json(f"{gw.http_url}/varz")
+        connz = await fetch_json(f"{gw.http_url}/connz")
+        topology = await browser.evaluate(READ_TOPOLOGY)
         shot = await browser.screenshot(tmp_path / "status-page.png")
         published = await asyncio.to_thread(traffic.stop)
 
@@ -306,6 +360,18 @@ async def test_status_page_in_chromium(
         [route] = [r for r in routez["routes"] if r["name"] == ROUTE]
         assert first["received"] <= second["received"] <= route["received"]
         assert second["acked"] <= route["acked"]
+        # lag and freshness: an MQTT source measures its receive window every few seconds (— before that);
+        # MQTT messages carry no broker timestamp: no age
+        assert second["lag"] is None or 0 <= second["lag"] <= 10_000, second
+        assert second["lag_text"] == ("—" if second["lag"] is None else f"{second['lag']:,}")
+        if "age" not in route:
+            assert second["age_p99"] is None and second["age_text"] == "—"
+        assert second["oldest_in_flight"] is not None and second["oldest_in_flight"] >= 0
+        # the topology: mq -> telemetry -> bus
+        assert topology["nodes"] == ["connector:bus", "connector:mq", f"route:{ROUTE}"]
+        assert topology["edges"] == [f"mq→{ROUTE} source", f"{ROUTE}→bus target"]
+        assert {k: topology[k] for k in ("nodes", "edges", "dashed")} == expected_topology(routez, connz)
+        assert 0 < topology["height"] < 200, f"one route, a small picture: {topology}"
 
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert shot.stat().st_size > 20_000, "screenshot looks empty"
@@ -326,3 +392,143 @@ async def test_status_page_in_chromium(
             await asyncio.to_thread(traffic.stop)
     problems = gw.problems()
     assert not problems, "gateway logged errors:\n" + "\n".join(problems[:10])
+
+
+# ------------------------------------------------------------------ lag, freshness and the topology
+
+HELD_ROUTE = "backlog"
+BACKLOG = 300
+"""Messages waiting in the JetStream stream before the gateway starts."""
+BUDGET = 20
+"""The held route's max_in_flight: what it takes before its source stops pulling."""
+QUIET_ROUTES = 18
+"""Routes from an in-memory source nobody publishes to: the picture holds 20 routes in all."""
+
+
+def _lag_config(u: str, nats_url: str) -> Any:
+    quiet = "\n".join(
+        f"""  - name: quiet-{i:02d}
+    from: {{connector: devices, topic: "d/{i}/{{device}}/#"}}
+    to: [{{connector: {"archive" if i % 3 else "held"}, topic: "q/{i}/{{device}}"}}"""
+        + (', {connector: bus, subject: "q.{device}"}]' if i % 4 == 0 else "]")
+        + ("\n    dead_letter: {connector: dead, topic: dlq}" if i % 5 == 0 else "")
+        for i in range(QUIET_ROUTES)
+    )
+    return parse_config(
+        f"""
+gateway: {{id: page-{u}}}
+connectors:
+  bus: {{type: nats, servers: ["{nats_url}"]}}
+  devices: {{type: memory, broker: devices}}
+  held: {{type: memory, broker: held}}
+  archive: {{type: memory, broker: archive}}
+  dead: {{type: memory, broker: dead}}
+routes:
+  - name: {HELD_ROUTE}
+    from: {{connector: bus, subject: "page.{u}.>", stream: "PAGE_{u}", durable: "gw_{u}"}}
+    to: {{connector: held, topic: "out"}}
+    dead_letter: {{connector: dead, topic: dlq}}
+    max_in_flight: {BUDGET}
+    slow_consumer_deadline: 0
+  - name: commands
+    from: {{connector: bus, subject: "cmd.{u}.>"}}
+    to: {{connector: devices, topic: "cmd/{u}"}}
+{quiet}
+""",
+        source="test",
+    )
+
+
+async def test_status_page_shows_lag_freshness_and_topology(
+    nats_server: NatsServer, unique: str, tmp_path: Path
+) -> None:
+    chromium_binary()
+    t_start = time.monotonic()
+    u = unique
+    MemoryBroker.reset()
+    held = MemoryBroker.named("held")
+    held.hold = True  # the target confirms nothing: the route fills its budget, the rest waits in the stream
+    nc = await nats_connect(nats_server.url)
+    try:
+        await nc.jetstream().add_stream(name=f"PAGE_{u}", subjects=[f"page.{u}.>"])
+        await js_publish_all(nc, [(f"page.{u}.d{i % 3}", b"%d" % i, None) for i in range(BACKLOG)])
+    finally:
+        await nc.close()
+    gw = Gateway(_lag_config(u, nats_server.url))
+    monitor = Monitor(gw, "127.0.0.1:0")
+    browser = Browser(tmp_path)
+    await gw.start()
+    try:
+        await monitor.start()
+        base = f"http://127.0.0.1:{monitor.port}"
+        await gw.wait_ready(10)
+        route = gw.routes[HELD_ROUTE]
+        await wait_until(
+            lambda: route.backlog is not None and (route.backlog.messages or 0) >= BACKLOG - 2 * BUDGET,
+            30,
+            "the lag measured",
+        )
+        await browser.start()
+        await browser.send("Page.enable")
+        await browser.send("Page.navigate", url=f"{base}/")
+        read = f"({READ_ROUTE})({json.dumps(HELD_ROUTE)})"
+        await browser.wait_for(
+            f"(() => {{ const r = {read}; return r && r.lag >= {BACKLOG - 2 * BUDGET}; }})()", 15, "showing the lag"
+        )
+        # open the backlog's detail (a click on the lag): it stays open across the page's redraws
+        await browser.evaluate(
+            "window.__row = document.querySelector('[data-route=\"backlog\"]');"
+            "window.__row.querySelector('button[data-field=backlog]').click()"
+        )
+        await browser.wait_for(
+            "document.querySelector('[data-route=\"backlog\"]') !== window.__row", 5, "redrawn once more"
+        )
+        shown = await browser.evaluate(read)
+        quiet = await browser.evaluate(f"({READ_ROUTE})('quiet-01')")
+        topology = await browser.evaluate(READ_TOPOLOGY)
+        routez = await fetch_json(f"{base}/routez")
+        connz = await fetch_json(f"{base}/connz")
+        shot = await browser.screenshot(tmp_path / "status-page-topology.png")
+        print(f"\nSTATUS PAGE held route: {shown}\nSTATUS PAGE quiet route: {quiet}")
+        print(
+            f"STATUS PAGE topology: {len(topology['nodes'])} nodes, {len(topology['edges'])} lines, "
+            f"{topology['width']:.0f}x{topology['height']:.0f} px"
+        )
+        print(f"STATUS PAGE screenshot: {shot} ({shot.stat().st_size} bytes)")
+
+        [view] = [r for r in routez["routes"] if r["name"] == HELD_ROUTE]
+        backlog = view["backlog"]
+        # lag: the number, and the broker's counters behind it in the opened detail (held: they stand still)
+        assert shown["lag"] == view["lag"] == backlog["pending"], (shown, backlog)
+        assert shown["lag_text"] == f"{view['lag']:,}"
+        assert shown["backlog_open"], "the opened detail closed on the next redraw"
+        for counter in ("pending", "ack_pending", "redelivered"):
+            assert shown["backlog"][counter] == f"{backlog[counter]:,}", (counter, shown["backlog"], backlog)
+        assert backlog["ack_pending"] >= BUDGET
+        # freshness: the oldest message in flight is as old as the hold; the age p99 where JetStream's stamps are read
+        assert shown["oldest_in_flight"] is not None and shown["oldest_in_flight"] > 0
+        assert shown["in_flight"] == BUDGET
+        if "age" in view:
+            assert shown["age_p99"] == pytest.approx(view["age"]["p99"])
+            assert shown["age_text"].startswith("p99 ")
+        else:
+            assert shown["age_p99"] is None and shown["age_text"] == "—"
+        # a route whose source measures no lag and stamps no time shows —, not 0
+        assert quiet["lag"] is None and quiet["lag_text"] == "—"
+        assert quiet["age_p99"] is None and quiet["age_text"] == "—"
+        # the topology: every connector and route once, a line per link, dead letters dashed
+        want = expected_topology(routez, connz)
+        assert len(want["nodes"]) == 5 + 2 + QUIET_ROUTES
+        assert {k: topology[k] for k in ("nodes", "edges", "dashed")} == want
+        assert f"{HELD_ROUTE}→dead" in topology["dashed"] and "commands→devices target" in topology["edges"]
+        assert 300 < topology["height"] < 700 and topology["width"] > 600, f"20 routes, readable: {topology}"
+
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert shot.stat().st_size > 20_000, "screenshot looks empty"
+        print(f"STATUS PAGE lag test took {time.monotonic() - t_start:.1f} s")
+    finally:
+        await browser.close()
+        held.release()
+        await monitor.stop()
+        await gw.stop(5)
+        MemoryBroker.reset()

@@ -595,7 +595,7 @@ def test_wheel_from_the_docker_build_context(tmp_path: Path, dockerfile: tuple[d
         (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         assert "Name: mp-gateway" in zf.read(metadata).decode().splitlines()
 
-    assert "gateway/status.html" in names
+    assert "gateway/ops/status.html" in names
     assert "gateway/cli.py" in names and "gateway/config/loader.py" in names
     packages = [p.name for p in (ROOT / "connectors").iterdir() if (p / "__init__.py").exists()]
     assert {"kafka", "mqtt", "nats"} <= set(packages)
