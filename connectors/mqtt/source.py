@@ -25,7 +25,6 @@ the session (the broker would only send it again).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -38,7 +37,17 @@ from connectors.mqtt.client import MqttConnection
 from connectors.mqtt.codec import CONTENT_TYPE, MESSAGE_EXPIRY, PUBACK, PUBREC, Codec5, ack
 from connectors.mqtt.config import MqttSource
 from connectors.mqtt.sink import PacketIds
-from gateway.core.contract import LAG_EVERY, Backlog, Channel, Dispatcher, Envelope, Headers, Receipt, Route, Source
+from gateway.core.contract import (
+    Backlog,
+    Channel,
+    Dispatcher,
+    Envelope,
+    Headers,
+    Receipt,
+    Route,
+    Source,
+    measure_until,
+)
 from gateway.errors import ConnectorError, SinkError
 from gateway.util.flood import Flood
 
@@ -308,11 +317,7 @@ class SessionSource:
 
     async def run(self, intake_stopped: asyncio.Event) -> None:
         """Until intake stops; then take nothing more (what is unacknowledged comes back next session)."""
-        while not intake_stopped.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(LAG_EVERY):
-                    await intake_stopped.wait()
-            self.measure_lag()
+        await measure_until(intake_stopped, self.measure_lag)
         if self.subscriber is not None:
             self.subscriber.stopped = True
         if self.conn is not None:

@@ -24,7 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from connectors.nats.config import NatsConfig, NatsSource
-from gateway.core.contract import LAG_EVERY, Backlog, Dispatcher, Envelope, Receipt, Route, Source, first
+from gateway.core.contract import LAG_EVERY, Backlog, Dispatcher, Envelope, Receipt, Route, Source, first, measure_until
 from gateway.errors import ConnectorError
 
 _ACK = b"+ACK"
@@ -137,11 +137,7 @@ class CoreSource:
                 await sub.unsubscribe()
 
     async def run(self, intake_stopped: asyncio.Event) -> None:
-        while not intake_stopped.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(LAG_EVERY):
-                    await intake_stopped.wait()
-            self.measure_lag()
+        await measure_until(intake_stopped, self.measure_lag)
         await self.pause()
 
     def measure_lag(self) -> None:

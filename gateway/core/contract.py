@@ -26,7 +26,7 @@ from gateway.core.dispatch import Delivery, Dispatcher, Flight, Route
 from gateway.core.envelope import Envelope, Headers, Receipt
 from gateway.core.policies import Overflow
 from gateway.core.sink import Item, Sink
-from gateway.core.source import Source
+from gateway.core.source import Source, measure_until
 from gateway.core.stats import LAG_EVERY, Backlog
 
 __all__ = [
@@ -48,4 +48,5 @@ __all__ = [
     "Sink",
     "Source",
     "first",
+    "measure_until",
 ]

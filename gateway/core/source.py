@@ -37,9 +37,12 @@ The default hooks of :class:`~gateway.core.connector.Connector` (``release_route
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 from typing import Protocol
 
 from gateway.core.dispatch import Dispatcher, Route
+from gateway.core.stats import LAG_EVERY
 
 
 class Source(Protocol):
@@ -70,3 +73,13 @@ class Source(Protocol):
     async def resume(self, route: Route) -> None:
         """``route``'s backoff is over: read for it again."""
         ...
+
+
+async def measure_until(stopped: asyncio.Event, measure: Callable[[], None]) -> None:
+    """Call ``measure`` every :data:`~gateway.core.stats.LAG_EVERY` seconds until ``stopped`` is set: how a
+    push source whose backlog is a local counter (a client's buffer, a receive window) keeps it current."""
+    while not stopped.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LAG_EVERY):
+                await stopped.wait()
+        measure()

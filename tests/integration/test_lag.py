@@ -6,8 +6,10 @@ few seconds from the broker's own counters; once the target confirms, the lag fa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -29,7 +31,32 @@ N = 300
 BUDGET = 20
 
 
-def _config(unique: str, source_connector: str, source: str, overflow: str = "block") -> Any:
+@contextlib.asynccontextmanager
+async def held_gateway(unique: str, source_connector: str, source: str) -> AsyncIterator[tuple[Gateway, MemoryBroker]]:
+    """A gateway whose one route ``r`` reads ``source`` into a memory target that holds every message."""
+    MemoryBroker.reset()
+    held = MemoryBroker.named("held")
+    held.hold = True
+    gw = Gateway(_config(unique, source_connector, source))
+    await gw.start()
+    try:
+        yield gw, held
+    finally:
+        await gw.stop(5)
+        MemoryBroker.reset()
+
+
+async def _drains(gw: Gateway, held: MemoryBroker, settled: Callable[[dict[str, Any]], bool], what: str) -> None:
+    """Let the target confirm: everything is delivered and the source's backlog falls to 0."""
+    held.release()
+    route = gw.routes["r"]
+    await wait_until(lambda: route.stats.acked == N, 30, "all delivered")
+    await wait_until(
+        lambda: route.backlog is not None and route.backlog.messages == 0 and settled(route.backlog.detail), 30, what
+    )
+
+
+def _config(unique: str, source_connector: str, source: str) -> Any:
     return parse_config(
         f"""
 gateway: {{id: lag-{unique}}}
@@ -41,7 +68,7 @@ routes:
     from: {source}
     to: {{connector: held, topic: "out"}}
     max_in_flight: {BUDGET}
-    overflow: {overflow}
+    overflow: block
     slow_consumer_deadline: 0
 """,
         source="test",
@@ -73,23 +100,16 @@ async def _lag_while_held(gw: Gateway) -> tuple[dict[str, Any], str]:
 
 
 async def test_kafka_lag_per_partition_while_the_target_holds(kafka_broker: Tansu, unique: str) -> None:
-    MemoryBroker.reset()
-    held = MemoryBroker.named("held")
-    held.hold = True
     topic = f"lag-{unique}"
     await create_topics(kafka_broker.bootstrap, [topic], 2)
     await produce_all(kafka_broker.bootstrap, topic, [(b"k%d" % (i % 7), b"%d" % i, None) for i in range(N)])
     await asyncio.sleep(1.0)  # every record is at least this old when the gateway admits it
     start = time.monotonic()
-    gw = Gateway(
-        _config(
-            unique,
-            f'kafka: {{type: kafka, bootstrap_servers: ["{kafka_broker.bootstrap}"], session_timeout_ms: 6000}}',
-            f'{{connector: kafka, topic: "{topic}", group: "g-{unique}"}}',
-        )
-    )
-    await gw.start()
-    try:
+    source = f'kafka: {{type: kafka, bootstrap_servers: ["{kafka_broker.bootstrap}"], session_timeout_ms: 6000}}'
+    async with held_gateway(unique, source, f'{{connector: kafka, topic: "{topic}", group: "g-{unique}"}}') as (
+        gw,
+        held,
+    ):
         view, text = await _lag_while_held(gw)
         partitions = view["backlog"]["partitions"]
         assert set(partitions) == {f"{topic}/0", f"{topic}/1"}
@@ -105,28 +125,16 @@ async def test_kafka_lag_per_partition_while_the_target_holds(kafka_broker: Tans
         for name, p in partitions.items():
             labels = f'route="r",partition="{name}",of="position"'
             assert _metric(text, "gateway_route_partition_lag_messages", labels) == p["lag"]
-
-        held.release()  # the target confirms: the route drains, the source reads the rest, commits
-        route = gw.routes["r"]
-        await wait_until(lambda: route.stats.acked == N, 30, "all delivered")
-        await wait_until(
-            lambda: (
-                route.backlog is not None
-                and route.backlog.messages == 0
-                and all(p["uncommitted"] == 0 for p in route.backlog.detail["partitions"].values())
-            ),
-            30,
+        # The target confirms: the route drains, the source reads the rest and commits.
+        await _drains(
+            gw,
+            held,
+            lambda d: all(p["uncommitted"] == 0 for p in d["partitions"].values()),
             "lag and uncommitted back to 0",
         )
-    finally:
-        await gw.stop(5)
-        MemoryBroker.reset()
 
 
 async def test_jetstream_pending_and_ack_pending_while_the_target_holds(nats_server: NatsServer, unique: str) -> None:
-    MemoryBroker.reset()
-    held = MemoryBroker.named("held")
-    held.hold = True
     nc = await nats_connect(nats_server.url)
     try:
         await nc.jetstream().add_stream(name=f"LAG_{unique}", subjects=[f"lag.{unique}.>"])
@@ -135,15 +143,8 @@ async def test_jetstream_pending_and_ack_pending_while_the_target_holds(nats_ser
         await nc.close()
     await asyncio.sleep(1.0)
     start = time.monotonic()
-    gw = Gateway(
-        _config(
-            unique,
-            f'bus: {{type: nats, servers: ["{nats_server.url}"]}}',
-            f'{{connector: bus, subject: "lag.{unique}.>", stream: "LAG_{unique}", durable: "gw_{unique}"}}',
-        )
-    )
-    await gw.start()
-    try:
+    source = f'{{connector: bus, subject: "lag.{unique}.>", stream: "LAG_{unique}", durable: "gw_{unique}"}}'
+    async with held_gateway(unique, f'bus: {{type: nats, servers: ["{nats_server.url}"]}}', source) as (gw, held):
         view, text = await _lag_while_held(gw)
         backlog = view["backlog"]
         assert view["lag"] == backlog["pending"] == N - backlog["stream_sequence"]
@@ -151,72 +152,42 @@ async def test_jetstream_pending_and_ack_pending_while_the_target_holds(nats_ser
         assert _metric(text, "gateway_route_lag_messages", 'route="r"') == backlog["pending"]
         assert _metric(text, "gateway_route_ack_pending_messages", 'route="r"') == backlog["ack_pending"]
         _assert_fresh_ages(view, text, produced_before=start)
-
-        held.release()
-        route = gw.routes["r"]
-        await wait_until(lambda: route.stats.acked == N, 30, "all delivered")
-        await wait_until(
-            lambda: (
-                route.backlog is not None and route.backlog.messages == 0 and route.backlog.detail["ack_pending"] == 0
-            ),
-            30,
-            "pending and ack pending back to 0",
-        )
-    finally:
-        await gw.stop(5)
-        MemoryBroker.reset()
+        await _drains(gw, held, lambda d: d["ack_pending"] == 0, "pending and ack pending back to 0")
 
 
 async def test_core_nats_lag_is_what_the_client_buffers(nats_server: NatsServer, unique: str) -> None:
-    MemoryBroker.reset()
-    held = MemoryBroker.named("held")
-    held.hold = True
-    gw = Gateway(
-        _config(
-            unique,
-            f'bus: {{type: nats, servers: ["{nats_server.url}"]}}',
-            f'{{connector: bus, subject: "c.{unique}.>"}}',
-        )
-    )
-    await gw.start()
-    nc = await nats_connect(nats_server.url)
-    try:
-        await gw.wait_ready(10)
-        for i in range(N):
-            await nc.publish(f"c.{unique}.d", b"%d" % i)
-        await nc.flush()
-        view, text = await _lag_while_held(gw)
+    connector = f'bus: {{type: nats, servers: ["{nats_server.url}"]}}'
+    async with held_gateway(unique, connector, f'{{connector: bus, subject: "c.{unique}.>"}}') as (gw, _):
+        nc = await nats_connect(nats_server.url)
+        try:
+            await gw.wait_ready(10)
+            for i in range(N):
+                await nc.publish(f"c.{unique}.d", b"%d" % i)
+            await nc.flush()
+            view, text = await _lag_while_held(gw)
+        finally:
+            await nc.close()
         assert view["backlog"]["pending_bytes"] > 0
         assert _metric(text, "gateway_route_lag_messages", 'route="r"') == view["lag"]
-    finally:
-        await nc.close()
-        await gw.stop(5)
-        MemoryBroker.reset()
+        assert "age" not in view, "core NATS messages carry no timestamp"
 
 
 async def test_mqtt_lag_is_the_receive_window_in_use(mosquitto: Mosquitto, unique: str) -> None:
-    MemoryBroker.reset()
-    held = MemoryBroker.named("held")
-    held.hold = True
-    gw = Gateway(
-        _config(
-            unique,
-            f'mq: {{type: mqtt, url: "{mosquitto.url}", client_id: "lag-{unique}"}}',
-            f'{{connector: mq, topic: "m/{unique}/#", qos: 1}}',
-        )
-    )
-    await gw.start()
-    pub = MqttClient(mosquitto.port)
-    try:
-        await gw.wait_ready(10)
-        pub.connect()
-        for i in range(BUDGET * 3):
-            pub.publish(f"m/{unique}/d", b"%d" % i, qos=1)
-        route = gw.routes["r"]
-        await wait_until(lambda: route.in_flight >= BUDGET, 30, "the route full")
-        await wait_until(lambda: route.backlog is not None and (route.backlog.messages or 0) >= BUDGET, 30, "measured")
-        assert route_view(route)["backlog"]["receive_window_in_use"] == route.backlog.messages  # type: ignore[union-attr]
-    finally:
-        pub.close()
-        await gw.stop(5)
-        MemoryBroker.reset()
+    connector = f'mq: {{type: mqtt, url: "{mosquitto.url}", client_id: "lag-{unique}"}}'
+    async with held_gateway(unique, connector, f'{{connector: mq, topic: "m/{unique}/#", qos: 1}}') as (gw, _):
+        pub = MqttClient(mosquitto.port)
+        try:
+            await gw.wait_ready(10)
+            pub.connect()
+            for i in range(BUDGET * 3):
+                pub.publish(f"m/{unique}/d", b"%d" % i, qos=1)
+            route = gw.routes["r"]
+            await wait_until(lambda: route.in_flight >= BUDGET, 30, "the route full")
+            await wait_until(
+                lambda: route.backlog is not None and (route.backlog.messages or 0) >= BUDGET, 30, "measured"
+            )
+            view = route_view(route)
+        finally:
+            pub.close()
+        assert view["backlog"]["receive_window_in_use"] == view["lag"]
+        assert "age" not in view, "MQTT messages carry no timestamp"
