@@ -175,7 +175,7 @@ def stamp_of(reply: str) -> int:
         end = start
         start = reply.rfind(".", 0, end)
         token = reply[start + 1 : end]
-    return int(token) if token.isdigit() else 0
+    return int(token) if len(token) >= 16 and token.isascii() and token.isdigit() else 0
 
 
 class JetStreamReceipt(Receipt):
