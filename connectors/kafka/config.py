@@ -56,8 +56,9 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """Largest payload in bytes read from or written to this connector; larger messages fail before they are
     produced (counted, dead-lettered). ``max_request_size`` applies as well."""
     driver: Literal["confluent", "aiokafka"] = "confluent"
-    """Producer client: ``confluent`` (librdkafka, the default: ~9x aiokafka's produce rate here) or
-    ``aiokafka`` (pure Python, for installs without native wheels). Consumers use aiokafka."""
+    """Kafka client of the producer and the consumers: ``confluent`` (librdkafka, the default: it fetches,
+    decompresses and parses batches on its own threads, and produces ~9x faster than aiokafka here) or
+    ``aiokafka`` (pure Python, for installs without native wheels). Both keep the same guarantees."""
     client_id: str = ""
     """Default: ``<gateway id>-<connector name>``."""
     session_timeout_ms: Millis = 10_000
@@ -86,7 +87,8 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     fetch_max_records: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 2_000
     """Consumer: records per fetch."""
     fetch_max_wait_ms: MillisOrZero = 10
-    """Consumer: how long the broker may hold a fetch that found nothing (latency at low rates)."""
+    """Consumer: how long the broker may hold a fetch that found nothing (latency at low rates). Tansu holds
+    every such fetch for the whole wait even when records arrive meanwhile: set ``2`` there."""
     commit_interval_ms: Millis = 200
     """Consumer: how often acknowledged offsets are committed (also on rebalance and stop)."""
 

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import Awaitable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from connectors.kafka.config import KafkaConfig, KafkaSource, OffsetReset
 from connectors.kafka.producer import ProducerSink
-from connectors.kafka.security import aiokafka_refusal, aiokafka_security, bootstrap_refusals, warn_if_exposed
+from connectors.kafka.security import (
+    aiokafka_refusal,
+    aiokafka_security,
+    bootstrap_refusals,
+    librdkafka_security,
+    warn_if_exposed,
+)
 from gateway.core.contract import Connector, ConnectorContext, Route, Sink, Source
 from gateway.errors import BrokerRefusal, ConnectorError
 from gateway.routing.patterns import KAFKA
@@ -19,6 +24,7 @@ from gateway.util.tls import describe_ssl_error
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer
 
+    from connectors.kafka.confluent_source import ConfluentGroupSource
     from connectors.kafka.source import GroupSource
 
 
@@ -32,7 +38,7 @@ class KafkaConnector(Connector):
 
     def __init__(self, name: str, config: KafkaConfig, context: ConnectorContext) -> None:
         super().__init__(name, config, context)
-        self._sources: list[GroupSource] = []
+        self._sources: list[GroupSource | ConfluentGroupSource] = []
         self._unreadable = 0
         """Records of ended sessions that could not be decoded (see ``counters``)."""
         self._down: dict[str, str] = {}
@@ -87,6 +93,47 @@ class KafkaConnector(Connector):
             **aiokafka_security(cfg),
         )
 
+    def _source(
+        self, group: str, routes: list[Route], topics: list[str] | None, pattern: str | None
+    ) -> GroupSource | ConfluentGroupSource:
+        """The consumer-group member of ``routes``, on the connector's driver (its client not connected yet)."""
+        cfg = self.config
+        specs: list[KafkaSource] = [r.spec for r in routes]
+        session_timeout = max((s.session_timeout_ms or cfg.session_timeout_ms) for s in specs)
+        common: dict[str, Any] = {
+            "fetch_max_records": cfg.fetch_max_records,
+            "commit_interval": cfg.commit_interval_ms / 1000,
+            "offset_reset": self._offset_reset(routes),
+            "topics": topics,
+            "pattern": pattern,
+            "logger": self.log,
+        }
+        try:
+            if cfg.driver == "confluent":
+                from connectors.kafka.confluent_source import ConfluentGroupSource, consumer_config
+
+                base = {
+                    "bootstrap.servers": ",".join(cfg.bootstrap_servers),
+                    "client.id": self.client_id,
+                    "heartbeat.interval.ms": min(cfg.heartbeat_interval_ms, session_timeout // 3),
+                    "socket.timeout.ms": cfg.request_timeout_ms,
+                    "fetch.wait.max.ms": cfg.fetch_max_wait_ms,
+                    **librdkafka_security(cfg),  # reads the secret files
+                }
+                config = consumer_config(
+                    base, group, offset_reset=common["offset_reset"], session_timeout_ms=session_timeout
+                )
+                dispatcher = self.dispatcher(routes, key=group)
+                return ConfluentGroupSource(
+                    config, group, dispatcher, open_timeout=cfg.request_timeout_ms / 1000, **common
+                )
+            consumer = self._consumer(group, routes)  # reads the secret files
+        except (OSError, ValueError) as exc:
+            raise ConnectorError(f"cannot connect to Kafka: {describe_ssl_error(exc)}") from exc
+        from connectors.kafka.source import GroupSource  # aiokafka, as in _consumer
+
+        return GroupSource(consumer, group, self.dispatcher(routes, key=group), **common)
+
     def _offset_reset(self, routes: list[Route]) -> OffsetReset:
         specs: list[KafkaSource] = [r.spec for r in routes]
         return next((s.auto_offset_reset for s in specs if s.auto_offset_reset), self.config.auto_offset_reset)
@@ -102,7 +149,6 @@ class KafkaConnector(Connector):
     async def session(self) -> None:
         cfg = self.config
         sink = self._sink if isinstance(self._sink, ProducerSink) else None
-        consumers: list[AIOKafkaConsumer] = []
         self._unreadable += sum(s.unreadable for s in self._sources)  # the last session's, kept monotonic
         self._sources = []
         warn_if_exposed(cfg, self.log)
@@ -111,29 +157,12 @@ class KafkaConnector(Connector):
             if sink is not None:
                 await self._open(sink.open(self.client_id), (*sink.errors, OSError), unreachable)
             for group, routes in self._groups().items():
-                try:
-                    consumer = self._consumer(group, routes)  # reads the secret files
-                except (OSError, ValueError) as exc:
-                    raise ConnectorError(f"cannot connect to Kafka: {describe_ssl_error(exc)}") from exc
-                consumers.append(consumer)
-                from connectors.kafka.source import GroupSource  # aiokafka, as in _consumer
-
                 topics, pattern = self._subscription(routes)
-                source = GroupSource(
-                    consumer,
-                    group,
-                    self.dispatcher(routes, key=group),
-                    fetch_max_records=cfg.fetch_max_records,
-                    commit_interval=cfg.commit_interval_ms / 1000,
-                    offset_reset=self._offset_reset(routes),
-                    topics=topics,
-                    pattern=pattern,
-                    logger=self.log,
-                )
-                await self._open(source.start(), (*_consumer_errors(), OSError), unreachable)
+                source = self._source(group, routes, topics, pattern)
                 self._sources.append(source)
+                await self._open(source.start(), (*_consumer_errors(cfg), OSError), unreachable)
             self._down = {}
-            self.mark_connected(bootstrap=",".join(cfg.bootstrap_servers), groups=len(consumers))
+            self.mark_connected(bootstrap=",".join(cfg.bootstrap_servers), groups=len(self._sources))
             if sink is not None:
                 sink.reachability = self._reachability
             async with asyncio.TaskGroup() as tg:
@@ -142,7 +171,7 @@ class KafkaConnector(Connector):
                     tg.create_task(self.watch(sink.broken.wait(), lambda _: _replaced(sink)), name=f"{self.name}:watch")
                     for job in sink.background():
                         tg.create_task(job, name=f"{self.name}:sink")
-                errors = _consumer_errors() if self._sources else ()  # aiokafka: loaded only with consumers
+                errors = _consumer_errors(cfg) if self._sources else ()  # client loaded only with consumers
                 for source in self._sources:
                     name = f"{self.name}:{source.group}"
                     tg.create_task(self.guard(source.run(self.intake_stopped), errors), name=name)
@@ -150,9 +179,8 @@ class KafkaConnector(Connector):
                     report = functools.partial(self._reachability, role=f"group {source.group}")
                     tg.create_task(source.watch_brokers(report), name=f"{name}:probe")
         finally:
-            for consumer in consumers:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
+            for source in self._sources:
+                await source.close()
             if sink is not None:
                 await sink.close()
 
@@ -197,7 +225,11 @@ class KafkaConnector(Connector):
             await sink.flush()
 
 
-def _consumer_errors() -> tuple[type[BaseException], ...]:
+def _consumer_errors(cfg: KafkaConfig) -> tuple[type[BaseException], ...]:
+    if cfg.driver == "confluent":
+        from confluent_kafka import KafkaException
+
+        return (KafkaException,)
     from aiokafka.errors import KafkaError  # reached only once consumers exist: aiokafka is loaded
 
     return (KafkaError,)

@@ -29,7 +29,6 @@ import contextlib
 import gzip
 import time
 import zlib
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -38,7 +37,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, CorruptRecordException, KafkaError, UnsupportedCodecError
 from aiokafka.structs import ConsumerRecord
 
-from gateway.core.contract import LAG_EVERY, Backlog, Dispatcher, Envelope, Receipt, Route, Source
+from connectors.kafka.offsets import KafkaReceipt, PartitionTracker, set_backlogs, settled_offsets
+from gateway.core.contract import LAG_EVERY, Dispatcher, Envelope, Route, Source
 from gateway.errors import SinkError
 from gateway.routing.headers import from_bytes
 from gateway.util.flood import Flood
@@ -71,57 +71,6 @@ def unreadable(exc: BaseException) -> bool:
     if isinstance(exc, CorruptRecordException | UnsupportedCodecError | gzip.BadGzipFile | zlib.error):
         return True
     return isinstance(exc, Exception) and not isinstance(exc, KafkaError | OSError | ConsumerStoppedError)
-
-
-class PartitionTracker:
-    """Settled-prefix tracking of one assigned partition."""
-
-    __slots__ = ("committable", "committed", "next_offset", "pending", "revoked", "rewind", "tp")
-
-    def __init__(self, tp: TopicPartition) -> None:
-        self.tp = tp
-        self.next_offset: int | None = None
-        """Offset after the last record dispatched (set once per fetched batch): where to read again
-        from when aiokafka dropped a fetch; None until this tracker dispatched one."""
-        self.pending: deque[KafkaReceipt] = deque()
-        self.committable = -1
-        """Next offset to commit (last settled contiguous offset + 1); -1 until one settled."""
-        self.committed = -1
-        self.revoked = False
-        self.rewind: int | None = None
-        """The lowest released offset: where to read again from when the route resumes."""
-
-    def advance(self) -> None:
-        pending = self.pending
-        while pending and pending[0].settled:
-            self.committable = pending.popleft().offset + 1
-
-
-class KafkaReceipt(Receipt):
-    __slots__ = ("offset", "settled", "tracker")
-
-    def __init__(self, tracker: PartitionTracker, offset: int) -> None:
-        self.pending = 0  # Receipt.__init__, inlined: one receipt per message
-        self.released = False
-        self.tracker = tracker
-        self.offset = offset
-        self.settled = False
-
-    def settle(self) -> None:
-        self.settled = True
-        tracker = self.tracker
-        if tracker.pending and tracker.pending[0] is self:
-            tracker.advance()
-
-    def release(self) -> None:
-        # Never settled: the committed offset stops below it; the partition is rewound to it on resume.
-        tracker = self.tracker
-        if tracker.rewind is None or self.offset < tracker.rewind:
-            tracker.rewind = self.offset
-
-    def position(self) -> str:
-        tp = self.tracker.tp
-        return f"{tp.topic}/{tp.partition}/{self.offset}"
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -174,11 +123,7 @@ class GroupSource:
         """Commit the settled prefix of ``partitions`` (all if None); ``final`` forgets them after."""
         trackers = self.trackers
         chosen = list(trackers) if partitions is None else [tp for tp in partitions if tp in trackers]
-        offsets = {}
-        for tp in chosen:
-            t = trackers[tp]
-            if t.committable > t.committed:
-                offsets[tp] = t.committable
+        offsets = settled_offsets(trackers, chosen)
         if offsets:
             try:
                 await self.consumer.commit(offsets)
@@ -200,6 +145,11 @@ class GroupSource:
             assert self.pattern is not None
             self.consumer.subscribe(pattern=f"^(?:{self.pattern})$", listener=self.listener)
         await self.consumer.start()
+
+    async def close(self) -> None:
+        """Leave the group and close the consumer (whatever it raises: the session is over)."""
+        with contextlib.suppress(Exception):
+            await self.consumer.stop()
 
     async def run(self, intake_stopped: asyncio.Event) -> None:
         lag = asyncio.create_task(self._watch_lag(), name=f"kafka:{self.group}:lag")  # one per session
@@ -246,23 +196,7 @@ class GroupSource:
         for tp, end, position, committed in rows:
             base = committed if committed is not None else starts[tp]
             table.append((tp, end, position if position is not None else base, base))
-        now = time.monotonic()
-        plan = self.dispatcher.plan
-        for route in self.dispatcher.routes:
-            behind = 0
-            partitions: dict[str, dict[str, int | None]] = {}
-            for tp, end, position, committed in table:
-                if not any(rp.route is route for rp in plan(tp.topic)):
-                    continue
-                partitions[f"{tp.topic}/{tp.partition}"] = {
-                    "end": end,
-                    "position": position,
-                    "committed": committed,
-                    "lag": end - position,
-                    "uncommitted": end - committed,
-                }
-                behind += end - position
-            route.backlog = Backlog(behind, {"partitions": partitions}, now)
+        set_backlogs(self.dispatcher, table)
 
     async def quiesce(self) -> None:
         """Until the fetch loop ended (what it fetched last is dispatched)."""

@@ -3,8 +3,9 @@
 The gateway runs in-process with the in-memory connector on the other side
 (as the conformance suite does), so each case tests the Kafka connector alone:
 
-- partitions holding batches aiokafka cannot decode (a header name that is
-  not UTF-8, corrupt gzip and snappy batches) between good records: the good records
+- partitions holding batches that cannot be decoded (a header name that is
+  not UTF-8, corrupt gzip and snappy batches) between good records, with both
+  consumer drivers (librdkafka and aiokafka): the good records
   of every partition arrive in order, each unreadable record is dead-lettered
   with its position, the consumer never reconnects, and the group's commit
   goes past them;
@@ -80,10 +81,14 @@ def memory(unique: str) -> AsyncIterator[MemoryBroker]:
 # ---------------------------------------------------------------- source: records aiokafka cannot decode
 
 
-async def test_unreadable_records_fail_alone(kafka_broker: Tansu, memory: MemoryBroker, unique: str) -> None:
+@pytest.mark.parametrize("driver", ["confluent", "aiokafka"])
+async def test_unreadable_records_fail_alone(
+    kafka_broker: Tansu, memory: MemoryBroker, unique: str, driver: str
+) -> None:
     """p0: 10 good records, a batch marked gzip that is not, 10 good; p1: 10 good, a batch whose second
     record has a header name that is not UTF-8, 10 good; p2: 10 good, a batch marked snappy that is not,
-    10 good."""
+    10 good. Both drivers: librdkafka refetches the gzip batch forever and skips the snappy one whole,
+    aiokafka raises for either; each record of them fails alone all the same."""
     topic = f"kr-poison-{unique}"
     await create_topics(kafka_broker.bootstrap, [topic], 3)
 
@@ -116,7 +121,7 @@ async def test_unreadable_records_fail_alone(kafka_broker: Tansu, memory: Memory
 
     cfg = config(
         unique,
-        {"k": kafka_connector(kafka_broker), "mem": {"type": "memory", "broker": memory.name}},
+        {"k": kafka_connector(kafka_broker, driver=driver), "mem": {"type": "memory", "broker": memory.name}},
         [
             {
                 "name": "r",
