@@ -228,14 +228,16 @@ def peer_names(route: str, ep: Endpoints) -> tuple[str, str, str]:
 def base_route(name: str) -> str:
     """The route a variant runs: ``mqtt_to_kafka_kafkadriver_aiokafka`` and ``mqtt_to_kafka_spool`` are
     ``mqtt_to_kafka`` with other gateway settings."""
-    return name.partition("_kafkadriver_")[0].removesuffix("_spool")
+    return name.partition("_kafkadriver_")[0].partition("_compression_")[0].removesuffix("_spool")
 
 
 def gateway_config(route: str, ep: Endpoints) -> tuple[str, int]:
     """YAML for one harness route, and how many connectors it uses (``*_kafkadriver_aiokafka``: that Kafka
-    driver; ``*_spool``: the route stores and forwards through a spool, fsync on)."""
+    driver; ``*_compression_none``: that producer codec; ``*_spool``: the route stores and forwards through a
+    spool, fsync on)."""
     spooled = route.endswith("_spool")
-    route, _, driver = route.removesuffix("_spool").partition("_kafkadriver_")
+    route, _, codec = route.removesuffix("_spool").partition("_compression_")
+    route, _, driver = route.partition("_kafkadriver_")
     connectors: dict[str, dict[str, Any]] = {
         "mqtt": {
             "type": "mqtt",
@@ -254,6 +256,7 @@ def gateway_config(route: str, ep: Endpoints) -> tuple[str, int]:
             "session_timeout_ms": 6000,
             "fetch_max_wait_ms": 2,
             "driver": driver or "confluent",
+            **({"compression": codec} if codec else {}),
         },
     }
     sources = {

@@ -99,9 +99,17 @@ class Run:
 
     async def route(self, kind: str, route: Route) -> None:
         a = self.args
-        plan = [(128, a.n)] * a.repeats + ([(4096, a.n_large)] if a.n_large else [])
+
+        def count(base: int) -> int:
+            return max(1_000, round(base * (1.0 if a.fixed else route.scale)))
+
+        plan = [(128, count(a.n))] * a.repeats
+        if a.n_large:
+            plan += [(4096, count(a.n_large))] * a.repeats_large
+        if a.n_huge and route.huge:
+            plan += [(65536, count(a.n_huge))] * a.repeats_large
         for i, (size, n) in enumerate(plan):
-            label = f"{kind} {size} B #{i + 1}" if size == 128 else f"{kind} {size} B"
+            label = f"{kind} {size} B #{i + 1}"
             try:
                 row = await throughput(
                     kind,
@@ -150,9 +158,19 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="small counts, one repeat, no peer")
     p.add_argument("--routes", nargs="*", choices=[r.name for r in ROUTES])
     p.add_argument("--no-peer", dest="peer", action="store_false")
-    p.add_argument("--n", type=int, default=100_000, help="messages per 128-byte throughput run")
-    p.add_argument("--n-large", type=int, default=20_000, help="messages per 4 KiB run (0 to skip)")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=400_000,
+        help="messages per 128-byte throughput run, times the route's scale (steady windows of seconds)",
+    )
+    p.add_argument("--n-large", type=int, default=100_000, help="messages per 4 KiB run, times the scale (0 to skip)")
+    p.add_argument(
+        "--n-huge", type=int, default=10_000, help="messages per 64 KiB run on the main routes, times the scale"
+    )
+    p.add_argument("--fixed", action="store_true", help="the same counts on every route (no per-route scale)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats-large", type=int, default=3, help="runs per 4 KiB and 64 KiB measurement")
     p.add_argument("--rates", type=float, nargs="*", default=[1000.0, 5000.0])
     p.add_argument("--latency-seconds", type=float, default=4.0)
     p.add_argument(
@@ -163,7 +181,15 @@ def main() -> int:
     )
     args = p.parse_args()
     if args.quick:
-        args.n, args.n_large, args.repeats, args.peer, args.latency_seconds = 20_000, 2_000, 1, False, 2.0
+        args.n, args.n_large, args.n_huge, args.repeats, args.peer, args.latency_seconds = (
+            20_000,
+            2_000,
+            0,
+            1,
+            False,
+            2.0,
+        )
+        args.repeats_large, args.fixed = 1, True
         args.profile = ""
     if args.peer and not peer_available():
         print("peer (mq-bridge) not installed: run loadtests/peer/setup_venv.sh, or pass --no-peer", file=sys.stderr)

@@ -51,17 +51,33 @@ class Route:
     """Core NATS sources: the fixed offered rate of the throughput measurement (msgs/s)."""
     gateway_only: bool = False
     """A variant of the gateway's own settings (no peer run)."""
+    scale: float = 1.0
+    """Messages per run relative to the harness's per-size counts, so that the steady window of the faster
+    bridge lasts seconds on this route (fast routes move more per run, slow ones less)."""
+    huge: bool = False
+    """Also measured at 64 KiB."""
 
 
 ROUTES = [
-    Route("kafka_to_nats", "Kafka → NATS", "kafka", ("nats",)),
-    Route("jetstream_to_kafka", "JetStream → Kafka", "jetstream", ("kafka",)),
-    Route("corenats_to_kafka", "core NATS → Kafka", "corenats", ("kafka",), offered=20_000),
-    Route("mqtt_to_kafka", "MQTT QoS 1 → Kafka", "mqtt", ("kafka",)),
-    Route("mqtt_to_nats", "MQTT QoS 1 → NATS", "mqtt", ("nats",)),
-    Route("kafka_to_mqtt", "Kafka → MQTT QoS 1", "kafka", ("mqtt",)),
-    Route("corenats_to_mqtt", "core NATS → MQTT QoS 1", "corenats", ("mqtt",), offered=10_000),
-    Route("fanout_mqtt", "MQTT QoS 1 → Kafka + NATS", "mqtt", ("kafka", "nats")),
+    Route("kafka_to_nats", "Kafka → NATS", "kafka", ("nats",), scale=2.0, huge=True),
+    Route(
+        "kafka_to_nats_kafkadriver_aiokafka", "Kafka → NATS, `driver: aiokafka`", "kafka", ("nats",), gateway_only=True
+    ),
+    Route("jetstream_to_kafka", "JetStream → Kafka", "jetstream", ("kafka",), scale=0.75),
+    Route("corenats_to_kafka", "core NATS → Kafka", "corenats", ("kafka",), offered=20_000, scale=0.25),
+    Route("mqtt_to_kafka", "MQTT QoS 1 → Kafka", "mqtt", ("kafka",), huge=True),
+    Route("mqtt_to_nats", "MQTT QoS 1 → NATS", "mqtt", ("nats",), scale=2.5, huge=True),
+    Route("kafka_to_mqtt", "Kafka → MQTT QoS 1", "kafka", ("mqtt",), scale=0.25),
+    Route("corenats_to_mqtt", "core NATS → MQTT QoS 1", "corenats", ("mqtt",), offered=10_000, scale=0.25),
+    Route("fanout_mqtt", "MQTT QoS 1 → Kafka + NATS", "mqtt", ("kafka", "nats"), scale=0.75),
+    Route(
+        "mqtt_to_kafka_compression_none",
+        "MQTT QoS 1 → Kafka, `compression: none`",
+        "mqtt",
+        ("kafka",),
+        gateway_only=True,
+        huge=True,
+    ),
     Route("mqtt_to_kafka_spool", "MQTT QoS 1 → Kafka, `spool` (fsync)", "mqtt", ("kafka",), gateway_only=True),
     Route(
         "mqtt_to_kafka_kafkadriver_aiokafka",
@@ -237,6 +253,7 @@ async def throughput(
             "lost": n - min(received.values()),
             "duplicates": max(c.duplicates for c in sinks.counters.values()),
             "steady_msgs_s": round(slow.steady_rate()),
+            "steady_window_s": round(slow.steady_window(), 2),
             "overall_msgs_s": round(slow.overall_rate()),
             "preload_msgs_s": round(preload) if preload else None,
             "idle_rss_mb": round(idle_rss / 2**20, 1),

@@ -76,9 +76,11 @@ def consumer_config(base: dict[str, Any], group: str, *, offset_reset: str, sess
         "enable.auto.offset.store": False,
         "auto.offset.reset": offset_reset,
         "session.timeout.ms": session_timeout_ms,
-        # Prefetch: enough for a fetch-sized batch per call, bounded in bytes (the default holds 64 MB).
+        # Prefetch: enough for a fetch-sized batch per call, bounded in bytes (the default holds 64 MB), and
+        # fetched again 5 ms after the queue fell below it (the default waits a whole second: 36 000 msgs/s).
         "queued.min.messages": 20_000,
         "queued.max.messages.kbytes": 16_384,
+        "fetch.queue.backoff.ms": 5,
     }
 
 
