@@ -243,8 +243,6 @@ def gateway_config(route: str, ep: Endpoints) -> tuple[str, int]:
             "type": "mqtt",
             "url": ep.mqtt_url,
             "client_id": ep.client_id,
-            "receive_maximum": 4096,
-            "max_inflight": 4096,
         },
         "nats": {"type": "nats", "servers": [ep.nats_url]},
         # Tansu: no producer ids (idempotent off), group joins after half the session timeout, and an
