@@ -283,7 +283,9 @@ class ConfluentGroupSource:
                 self._dispatch(batch)
 
     def _dispatch(self, batch: list[Message]) -> None:
-        dispatch = self.dispatcher.dispatch
+        """Envelopes of a taken batch, dispatched a partition's run at a time (one plan lookup, one admission
+        per route for the run: :meth:`Dispatcher.dispatch_run`)."""
+        dispatch_run = self.dispatcher.dispatch_run
         headers_of = _headers
         trackers = self.trackers
         now_ns = time.monotonic_ns()
@@ -292,16 +294,24 @@ class ConfluentGroupSource:
         partition = -1
         tracker: PartitionTracker | None = None
         append: Callable[[KafkaReceipt], None] | None = None
+        run: list[Envelope] = []
+        add = run.append
         skipped: set[Partition] | None = None
         """Partitions sought back by an unreadable batch: their later records in ``batch`` come again."""
         for msg in batch:
             if msg.error() is not None:
+                dispatch_run(run)
+                run = []
+                add = run.append
                 if (bad := self._consumer_error(msg)) is not None:
                     skipped = (skipped or set()) | {bad}
                     partition = -1
                 continue
             part = msg.partition()
             if part != partition or msg.topic() != topic:
+                dispatch_run(run)
+                run = []
+                add = run.append
                 topic = msg.topic()
                 assert topic is not None and part is not None
                 if skipped is not None and (topic, part) in skipped:
@@ -320,11 +330,14 @@ class ConfluentGroupSource:
             try:
                 hdrs = headers_of(msg)
             except SystemError as exc:  # a header name that is not UTF-8 (see headers_of)
+                dispatch_run(run)
+                run = []
+                add = run.append
                 self._fail_unreadable(receipt, topic, exc.__cause__ or exc)
                 continue
             value = msg.value()
             stamp = msg.timestamp()[1]
-            dispatch(
+            add(
                 Envelope(
                     topic,
                     value if value is not None else b"",
@@ -338,6 +351,7 @@ class ConfluentGroupSource:
                     (wall_ms - stamp) * 1_000_000 if stamp > 0 else -1,
                 )
             )
+        dispatch_run(run)
 
     def _consumer_error(self, msg: Message) -> Partition | None:
         """A record or partition error librdkafka delivered in the stream (off the per-record path).

@@ -134,6 +134,9 @@ class Route:
     def __repr__(self) -> str:
         return f"Route({self.name!r})"
 
+    admits_runs: ClassVar[bool] = True
+    """:meth:`admit_run` may admit a run at once; False for a route kind with its own :meth:`admit`."""
+
     always_staged: ClassVar[bool] = False
     """A route kind whose :meth:`stage` runs for every message, transform or not (request/reply)."""
 
@@ -203,6 +206,69 @@ class Route:
                 d.sink.submit(flight, d)  # type: ignore[union-attr]  # bound before any dispatch
             else:
                 flight.fail(d, d.error or PayloadTooLarge(nbytes, d.max_payload, f"{d.target.connector} max_payload"))
+
+    def admit_run(self, envs: list[Envelope], plan: RoutePlan) -> None:
+        """Messages of one topic that arrived together (one fetch, one socket read): :meth:`admit` each, with
+        what does not depend on the message done once for the run. The common case only (running, no content
+        stage, the blocking overflow policy, within the limits); anything else goes through :meth:`admit`."""
+        if self.state is not RouteState.RUNNING or self._staged or self._drop or not self.admits_runs:
+            for env in envs:
+                self.admit(env, plan)
+            return
+        flights: list[Flight] = []
+        append = flights.append
+        ages = self.ages
+        max_payload = self.max_payload
+        total = 0
+        for i, env in enumerate(envs):
+            nbytes = len(env.payload)
+            if nbytes > max_payload or (env.headers is not None and len(env.headers) > self.max_headers):
+                self._admit_flights(flights, total, plan)  # what came before, in order
+                self.admit(env, plan)  # refused there, alone
+                self.admit_run(envs[i + 1 :], plan)
+                return
+            if env.age_ns >= 0:
+                ages.observe_ns(env.age_ns)
+            total += nbytes
+            append(Flight(self, env, plan, nbytes))
+        self._admit_flights(flights, total, plan)
+
+    def _admit_flights(self, flights: list[Flight], total: int, plan: RoutePlan) -> None:
+        """The budget and the sinks for a run's flights (see :meth:`admit_run`); header bytes are checked here,
+        where a message carries headers at all."""
+        if not flights:
+            return
+        n = len(flights)
+        self.stats.received += n
+        self.in_flight += n
+        self.in_flight_bytes += total
+        if not self.saturated and (
+            self.in_flight >= self.max_in_flight or self.in_flight_bytes >= self.max_in_flight_bytes
+        ):
+            self.saturated = True
+            self.saturated_since = time.monotonic()
+            self.hold_gate()
+        self._flights.extend(flights)
+        refused: set[Flight] = set()
+        for f in flights:
+            headers = f.env.headers
+            if headers is not None and sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes:
+                size = sum(len(k) + len(v) for k, v in headers)
+                refused.add(f)
+                self._refuse(f, HeadersTooLarge(len(headers), size, self.max_headers, self.max_header_bytes))
+        if refused:
+            flights = [f for f in flights if f not in refused]
+        for d in plan.deliveries:
+            if d.error is None and all(f.nbytes <= d.max_payload for f in flights):
+                d.sink.submit_many(flights, d)  # type: ignore[union-attr]  # bound before any dispatch
+            else:
+                for f in flights:
+                    if d.error is None and f.nbytes <= d.max_payload:
+                        d.sink.submit(f, d)  # type: ignore[union-attr]
+                    else:
+                        f.fail(
+                            d, d.error or PayloadTooLarge(f.nbytes, d.max_payload, f"{d.target.connector} max_payload")
+                        )
 
     def stage(self, env: Envelope, plan: RoutePlan, nbytes: int) -> tuple[Envelope, RoutePlan] | None:
         """The content stage before admission: the message to admit and its plan, or None when the stage

@@ -16,6 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
+from itertools import repeat
 
 from gateway.core.flight import Delivery, Flight
 
@@ -45,6 +46,12 @@ class Sink(ABC):
     def submit(self, flight: Flight, delivery: Delivery) -> None:
         """Queue one message for delivery. Never blocks; the route's budget bounds the queue."""
         self._queue.append((flight, delivery))
+        if self._waiter is not None:
+            self._wake()
+
+    def submit_many(self, flights: list[Flight], delivery: Delivery) -> None:
+        """:meth:`submit` for a run of messages to the same target."""
+        self._queue.extend(zip(flights, repeat(delivery)))
         if self._waiter is not None:
             self._wake()
 

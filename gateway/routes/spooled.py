@@ -101,6 +101,8 @@ class SpooledRoute(Route):
         self._plans: Dispatcher | None = None
         self._task: asyncio.Task[None] | None = None
 
+    admits_runs = False  # every message goes to the spool through admit
+
     # -- in: the source side -------------------------------------------------------------------
     def admit(self, env: Envelope, plan: RoutePlan) -> None:
         if self.state is RouteState.STOPPED:

@@ -98,6 +98,9 @@ class RecordingSink(Sink):
     def submit(self, flight: Flight, delivery: Delivery) -> None:
         self.items.append((flight, delivery))
 
+    def submit_many(self, flights: list[Flight], delivery: Delivery) -> None:
+        self.items.extend((flight, delivery) for flight in flights)
+
     async def write_batch(self, batch: list[Item]) -> None:  # pragma: no cover - never run by these tests
         raise AssertionError("RecordingSink has no writer")
 

@@ -324,3 +324,71 @@ def test_dispatcher_room_is_the_smallest_route_budget_left() -> None:
 
     sinks["b"].confirm()
     assert dispatcher.room() == 3
+
+
+# ---------------------------------------------------------------- runs: messages of one topic that arrived together
+
+RUN_ROUTES = """\
+  - name: telemetry
+    from: {connector: a, topic: "devices/{device}/telemetry/#"}
+    to:
+      - {connector: b, topic: "iot/{device}/{#}"}
+      - {connector: c, topic: "archive/{topic}"}
+    overflow: block
+    max_in_flight: 3
+    max_payload: 100
+  - name: second
+    from: {connector: a, topic: "devices/+/telemetry/temp"}
+    to: {connector: b, topic: "second"}
+    overflow: drop_newest
+    max_in_flight: 2
+"""
+
+
+def test_a_run_is_admitted_as_its_messages_would_be_one_by_one() -> None:
+    """Fan-out, two routes (one blocking, one dropping), a payload over the route's limit in the middle:
+    the same sinks' contents per route, receipts, counters and budget as dispatching each message."""
+
+    def run(batch: bool) -> tuple[object, ...]:
+        dispatcher, routes, sinks = dispatcher_for(RUN_ROUTES)
+        pairs = [envelope("devices/d1/telemetry/temp", b"x" * (500 if i == 2 else 10)) for i in range(5)]
+        envs = [env for env, _ in pairs]
+        if batch:
+            dispatcher.dispatch_run(envs)
+        else:
+            for env in envs:
+                dispatcher.dispatch(env)
+        telemetry, second = routes["telemetry"], routes["second"]
+        submitted = {  # per route and sink: the order between two routes' messages is not kept, nor needed
+            (name, route): [(f.env.payload, d.address) for f, d in sink.items if f.route.name == route]
+            for name, sink in sinks.items()
+            for route in routes
+        }
+        state = (
+            submitted,
+            [r.pending for _, r in pairs],
+            (telemetry.in_flight, telemetry.saturated, telemetry.stats.received, telemetry.stats.failed),
+            (second.in_flight, second.stats.received, second.stats.dropped_overflow),
+            dispatcher.gate.is_open,
+        )
+        for sink in sinks.values():
+            sink.confirm()
+        return (*state, [(r.settled, r.released) for _, r in pairs], telemetry.in_flight, second.in_flight)
+
+    one_by_one, as_run = run(False), run(True)
+    assert as_run == one_by_one
+    submitted, _, (in_flight, saturated, received, failed), *_ = as_run
+    assert [p for p, _ in submitted["c", "telemetry"]] == [b"x" * 10] * 4  # the big one failed alone
+    assert (in_flight, saturated, received, failed) == (4, True, 5, 1)  # the budget counts what was on its way
+
+
+def test_an_unrouted_run_is_settled_and_counted() -> None:
+    dispatcher, _, sinks = dispatcher_for(RUN_ROUTES)
+    pairs = [envelope("nowhere/x") for _ in range(3)]
+
+    dispatcher.dispatch_run([env for env, _ in pairs])
+    dispatcher.dispatch_run([])
+
+    assert dispatcher.unrouted == 3
+    assert [r.settled for _, r in pairs] == [1, 1, 1]
+    assert all(sink.items == [] for sink in sinks.values())

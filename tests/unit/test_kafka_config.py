@@ -27,10 +27,10 @@ def kafka_config(extra: str = "") -> KafkaConfig:
     return kafka
 
 
-def test_default_is_none() -> None:
+def test_default_is_lz4() -> None:
     cfg = kafka_config()
-    assert cfg.compression == "none"
-    assert producer_config(cfg, "c")["compression.type"] == "none"
+    assert cfg.compression == "lz4"
+    assert producer_config(cfg, "c")["compression.type"] == "lz4"
 
 
 @pytest.mark.parametrize("codec", COMPRESSIONS)
