@@ -398,6 +398,10 @@ class Mqtt:
         self._pid = 0
 
     # PacketHandler
+    def on_publishes(self, packets: list[Any]) -> None:
+        for p in packets:
+            self.on_publish(p)
+
     def on_publish(self, p: Any) -> None:
         if self.on_message is not None:
             self.on_message(p.payload)

@@ -51,6 +51,9 @@ class PacketHandler(Protocol):
 
     def on_publish(self, packet: PublishPacket) -> None: ...
 
+    def on_publishes(self, packets: list[PublishPacket]) -> None:
+        """The PUBLISH packets of one read, in order (what :meth:`on_publish` does for each, at once)."""
+
     def on_ack(self, kind: int, packet_id: int, reason: int) -> None:
         """PUBACK, PUBREC or PUBCOMP (``kind`` is the packet's type byte) for one of our publishes."""
 
@@ -159,34 +162,51 @@ class MqttConnection(asyncio.Protocol):
         self._parse(memoryview(data))
 
     def _parse(self, view: memoryview) -> None:
+        """Decode what ``view`` holds; the PUBLISH packets of it go to the handler together, in order
+        (:meth:`PacketHandler.on_publishes`), before any other packet that follows them is handled."""
         n = len(view)
         pos = 0
         read = self.codec.read
         handler = self.handler
-        while pos < n:
-            try:
-                packet, used = read(view[pos:])
-            except IndexError:
-                self._keep(view, pos)  # the rest of a packet is still on its way
-                return
-            except BaseException as exc:  # the mqtt5 codec panics (BaseException) on strings that are not UTF-8
-                if not (isinstance(exc, ValueError) or is_codec_panic(exc)):
-                    raise
-                skipped = self._unreadable(view, pos, exc)
-                if skipped is None:
+        publishes: list[PublishPacket] = []
+        add = publishes.append
+        try:
+            while pos < n:
+                try:
+                    packet, used = read(view[pos:])
+                except IndexError:
+                    self._keep(view, pos)  # the rest of a packet is still on its way
                     return
-                pos += skipped
-                continue
-            pos += used
-            kind = type(packet)
-            if kind is PublishPacket:
-                handler.on_publish(packet)  # type: ignore[arg-type]
-            elif kind is PubAckPacket:
-                handler.on_ack(PUBACK, packet.packet_id, int(packet.reason_code))  # type: ignore[union-attr,arg-type]
-            else:
-                self._control(packet)
-                if self._aborted:  # the broker sent DISCONNECT: what follows is not ours to take
-                    return
+                except BaseException as exc:  # the mqtt5 codec panics (BaseException) on strings that are not UTF-8
+                    if not (isinstance(exc, ValueError) or is_codec_panic(exc)):
+                        raise
+                    if publishes:
+                        handler.on_publishes(publishes)
+                        publishes = []
+                        add = publishes.append
+                    skipped = self._unreadable(view, pos, exc)
+                    if skipped is None:
+                        return
+                    pos += skipped
+                    continue
+                pos += used
+                kind = type(packet)
+                if kind is PublishPacket:
+                    add(packet)  # type: ignore[arg-type]
+                else:
+                    if publishes:  # every packet in its order: what came before it is handed over first
+                        handler.on_publishes(publishes)
+                        publishes = []
+                        add = publishes.append
+                    if kind is PubAckPacket:
+                        handler.on_ack(PUBACK, packet.packet_id, int(packet.reason_code))  # type: ignore[union-attr,arg-type]
+                        continue
+                    self._control(packet)
+                    if self._aborted:  # the broker sent DISCONNECT: what follows is not ours to take
+                        return
+        finally:
+            if publishes:
+                handler.on_publishes(publishes)
 
     def _keep(self, view: memoryview, pos: int) -> None:
         """Hold the incomplete packet at ``pos`` until the rest arrives."""

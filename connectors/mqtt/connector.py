@@ -57,6 +57,9 @@ class _Publisher:
     def on_publish(self, packet: PublishPacket) -> None:
         pass  # the publisher subscribes to nothing
 
+    def on_publishes(self, packets: list[PublishPacket]) -> None:
+        pass
+
     def on_ack(self, kind: int, packet_id: int, reason: int) -> None:
         if self.sink is not None:
             self.sink.on_ack(kind, packet_id, reason)

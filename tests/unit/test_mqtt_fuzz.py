@@ -47,6 +47,10 @@ class Events:
     def on_publish(self, p: PublishPacket) -> None:
         self.seen.append(("publish", p.topic, p.payload, p.packet_id, p.user_properties))
 
+    def on_publishes(self, packets: list[PublishPacket]) -> None:
+        for p in packets:
+            self.on_publish(p)
+
     def on_ack(self, kind: int, packet_id: int, reason: int) -> None:
         self.seen.append(("ack", kind, packet_id, reason))
 
@@ -216,6 +220,9 @@ def test_a_publish_the_codec_cannot_decode_is_dead_lettered_and_acknowledged_in_
         class Session:
             def on_publish(self, p: PublishPacket) -> None:
                 subscriber[0].on_publish(p)
+
+            def on_publishes(self, packets: list[PublishPacket]) -> None:
+                subscriber[0].on_publishes(packets)
 
             def on_ack(self, kind: int, packet_id: int, reason: int) -> None:
                 pass

@@ -43,6 +43,9 @@ class NoHandler:
     def on_publish(self, p: PublishPacket) -> None:
         pass
 
+    def on_publishes(self, packets: list[PublishPacket]) -> None:
+        pass
+
     def on_ack(self, kind: int, packet_id: int, reason: int) -> None:
         pass
 

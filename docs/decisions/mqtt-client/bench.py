@@ -632,6 +632,10 @@ class GatewayAdapter(Adapter):
         adapter = self
 
         class Handler:
+            def on_publishes(self, packets):
+                for p in packets:
+                    self.on_publish(p)
+
             def on_publish(self, p):
                 if on_message is not None:
                     on_message(p.payload)
