@@ -315,6 +315,8 @@ class NatsSink(Sink):
         subjects = self._subjects
         now = time.monotonic()
         out = bytearray()
+        parts: list[bytes | bytearray] = []
+        large = wire.LARGE
         core: list[Item] = []
         for item in batch:
             flight, d = item
@@ -358,12 +360,17 @@ class NatsSink(Sink):
                 self._next += 1
             else:
                 core.append(item)
-            wire.append_pub(out, subject, payload, reply, block)
-        if not out:
+            if len(payload) < large:
+                wire.append_pub(out, subject, payload, reply, block)
+            else:
+                out = wire.append_large_pub(parts, out, subject, payload, reply, block)
+        if out:
+            parts.append(out)
+        if not parts:
             return
         self._writing = core  # from here on, a lost connection counts them as written (see detach)
         try:
-            await wire.send(nc, out)
+            await wire.send(nc, parts)
         except (NatsError, OSError, TimeoutError) as exc:
             # Nothing of `core` is confirmed; detach sends it again, JetStream ones too (still pending).
             raise ConnectorError(f"NATS publish failed: {type(exc).__name__}: {exc}") from exc

@@ -128,23 +128,53 @@ def append_pub(
     out: bytearray, subject: bytes, payload: bytes, reply: str = "", header_block: bytes | None = None
 ) -> int:
     """Append one PUB (or HPUB) command to ``out``; returns the bytes that count against max_payload."""
-    if header_block is None:
-        if reply:
-            out += b"PUB %s %s %d\r\n" % (subject, reply.encode(), len(payload))
-        else:
-            out += b"PUB %s %d\r\n" % (subject, len(payload))
+    if header_block is None and not reply:  # the common case, inline
+        out += b"PUB %s %d\r\n" % (subject, len(payload))
         out += payload
         out += b"\r\n"
         return len(payload)
-    total = len(header_block) + len(payload)
+    total = _command(out, subject, len(payload), reply, header_block)
+    out += payload
+    out += b"\r\n"
+    return total
+
+
+def _command(out: bytearray, subject: bytes, size: int, reply: str, header_block: bytes | None) -> int:
+    """The command line of a PUB or HPUB of a ``size``-byte payload, and its header block."""
+    if header_block is None:
+        if reply:
+            out += b"PUB %s %s %d\r\n" % (subject, reply.encode(), size)
+        else:
+            out += b"PUB %s %d\r\n" % (subject, size)
+        return size
+    total = len(header_block) + size
     if reply:
         out += b"HPUB %s %s %d %d\r\n" % (subject, reply.encode(), len(header_block), total)
     else:
         out += b"HPUB %s %d %d\r\n" % (subject, len(header_block), total)
     out += header_block
-    out += payload
-    out += b"\r\n"
     return total
+
+
+LARGE = 1024
+"""Payloads from this size on are not copied into the batch's buffer: they go to the socket as they are
+(:func:`append_large_pub`), beside the buffer's other commands."""
+
+
+def append_large_pub(
+    parts: list[bytes | bytearray],
+    out: bytearray,
+    subject: bytes,
+    payload: bytes,
+    reply: str = "",
+    header_block: bytes | None = None,
+) -> bytearray:
+    """:func:`append_pub` without copying ``payload``: the command line (and header block) end ``out``,
+    which goes to ``parts`` with the payload after it; returns the buffer to go on with (its ``\\r\\n``)."""
+    _command(out, subject, len(payload), reply, header_block)
+    parts.append(out)
+    parts.append(payload)
+    return bytearray(b"\r\n")
 
 
 def parse_headers(block: bytes) -> tuple[dict[str, str] | None, int]:
@@ -181,14 +211,20 @@ def parse_headers(block: bytes) -> tuple[dict[str, str] | None, int]:
     return out or None, dropped
 
 
-async def send(nc: Any, out: bytearray) -> None:
-    """Hand ``out`` to the client and wait until its flusher wrote it to the socket.
+async def send(nc: Any, parts: list[bytes | bytearray]) -> None:
+    """Hand ``parts`` (buffers no one changes any more) to the client and wait until its flusher wrote them to
+    the socket, in one ``writelines``: no copy of them is made here.
 
     Waiting matters: nats-py writes a PING straight to the socket while queued
     commands wait for the flusher, so without it the PONG that confirms a batch
     could come back before the batch was even sent.
     """
-    await nc._send_command(bytes(out))
+    pending = nc._pending
+    size = 0
+    for part in parts:
+        pending.append(part)
+        size += len(part)
+    nc._pending_data_size += size
     await nc._flush_pending(force_flush=True)
 
 

@@ -120,3 +120,21 @@ def test_check_names_the_missing_internal() -> None:
 
     with pytest.raises(RuntimeError, match="_send_command"):
         wire.check(Bare())
+
+
+@pytest.mark.parametrize("reply", ["", "_INBOX.r1"])
+@pytest.mark.parametrize("block", [None, b"NATS/1.0\r\nk: v\r\n\r\n"])
+def test_a_large_payload_goes_out_uncopied_and_byte_identical(reply: str, block: bytes | None) -> None:
+    payload = bytes(range(256)) * 8
+    expected = bytearray(b"PUB before 1\r\nx\r\n")
+    wire.append_pub(expected, b"subj", payload, reply, block)
+    wire.append_pub(expected, b"after", b"y")
+
+    out = bytearray(b"PUB before 1\r\nx\r\n")
+    parts: list[bytes | bytearray] = []
+    out = wire.append_large_pub(parts, out, b"subj", payload, reply, block)
+    wire.append_pub(out, b"after", b"y")
+    parts.append(out)
+
+    assert b"".join(parts) == expected
+    assert parts[1] is payload  # handed to the socket as it is
