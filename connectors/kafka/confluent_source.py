@@ -30,7 +30,16 @@ from typing import Any, Literal
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from connectors.kafka.offsets import KafkaReceipt, Partition, PartitionTracker, set_backlogs, settled_offsets
+from connectors.kafka.offsets import (
+    PROBE_TIMEOUT,
+    BrokerWatch,
+    KafkaReceipt,
+    Partition,
+    PartitionTracker,
+    rewound,
+    set_backlogs,
+    settled_offsets,
+)
 from gateway.core.contract import LAG_EVERY, Dispatcher, Envelope, Route, Source
 from gateway.errors import SinkError
 from gateway.routing.headers import from_bytes
@@ -42,9 +51,6 @@ _WAIT = 0.2
 """Seconds one ``poll`` on the consumer's thread waits for a first record (how soon intake stops)."""
 _PAUSE_AFTER = 1.0
 """Seconds a full route may keep its partitions unpaused."""
-_PROBE_EVERY = 2.0
-"""Seconds between two metadata requests that tell whether a broker still answers the consumer."""
-_PROBE_TIMEOUT = 3.0
 _CALLBACK_TIMEOUT = 10.0
 """Seconds the consumer's thread waits for the event loop in a rebalance callback."""
 _LOG_INTERVAL = 5.0
@@ -123,8 +129,7 @@ class ConfluentGroupSource:
         self.last_error: str | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"kafka-{group}")
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._report: Callable[[bool, str], None] | None = None
-        self._all_down = False
+        self._watch = BrokerWatch(group)
         self._flood = Flood(_LOG_INTERVAL)
 
     # -- librdkafka's callbacks: served inside poll/consume/close, on the consumer's thread -------------
@@ -172,10 +177,8 @@ class ConfluentGroupSource:
             code == KafkaError._TRANSPORT and "SSL" in err.str()
         ):
             self.refused = err
-        if code == KafkaError._ALL_BROKERS_DOWN and not self._all_down:
-            self._all_down = True
-            if self._report is not None:
-                self._report(False, f"consumer group {self.group}: no Kafka broker answers ({err.str()})")
+        if code == KafkaError._ALL_BROKERS_DOWN:
+            self._watch.lost(err.str())
 
     def _revoked(self, partitions: list[TopicPartition], commit: bool = True) -> list[TopicPartition]:
         trackers = self.trackers
@@ -444,10 +447,7 @@ class ConfluentGroupSource:
                 continue
             with contextlib.suppress(KafkaException):
                 consumer.seek(TopicPartition(tp.topic, tp.partition, tracker.rewind))
-            fresh = PartitionTracker(tp)
-            fresh.committable, fresh.committed = tracker.committable, tracker.committed
-            fresh.next_offset = tracker.rewind
-            self.trackers[tp] = fresh  # receipts of the old one settle into nothing
+            self.trackers[tp] = rewound(tracker)
             count += 1
         return count
 
@@ -491,7 +491,7 @@ class ConfluentGroupSource:
         while True:
             await asyncio.sleep(LAG_EVERY)
             try:
-                async with asyncio.timeout(_PROBE_TIMEOUT):
+                async with asyncio.timeout(PROBE_TIMEOUT):
                     await self.measure_lag()
             except (KafkaException, TimeoutError):
                 continue  # the broker probe says when no broker answers; the last figures stay
@@ -516,13 +516,13 @@ class ConfluentGroupSource:
         committed: dict[Partition, int] = {}
         if unknown:
             asked = [TopicPartition(tp.topic, tp.partition) for tp in unknown]
-            for tp in await asyncio.to_thread(consumer.committed, asked, _PROBE_TIMEOUT):
+            for tp in await asyncio.to_thread(consumer.committed, asked, PROBE_TIMEOUT):
                 if tp.offset >= 0:
                     committed[Partition(tp.topic, tp.partition)] = tp.offset
             for key in unknown:
                 if marks[key][1] < 0 or (self.offset_reset == "earliest" and marks[key][0] < 0):
                     got = await asyncio.to_thread(
-                        consumer.get_watermark_offsets, TopicPartition(key.topic, key.partition), _PROBE_TIMEOUT
+                        consumer.get_watermark_offsets, TopicPartition(key.topic, key.partition), PROBE_TIMEOUT
                     )
                     if got is not None:
                         marks[key] = got
@@ -538,27 +538,14 @@ class ConfluentGroupSource:
     # -- reachability -------------------------------------------------------------------------------------
     async def watch_brokers(self, report: Callable[[bool, str], None]) -> None:
         """Tell ``report`` when no broker answers this consumer any more (librdkafka's error callback, or two
-        failed metadata requests in a row), and when one does again (a metadata request every
-        :data:`_PROBE_EVERY` seconds, never per record)."""
-        self._report = report
-        failures = 0
-        while True:
-            await asyncio.sleep(_PROBE_EVERY)
-            consumer = self.consumer
-            if consumer is None:
-                continue
-            try:
-                await asyncio.to_thread(consumer.list_topics, timeout=_PROBE_TIMEOUT)
-            except KafkaException as exc:
-                failures += 1
-                if failures >= 2 and not self._all_down:
-                    self._all_down = True
-                    report(False, f"consumer group {self.group}: no Kafka broker answers ({exc.args[0]})")
-                continue
-            failures = 0
-            if self._all_down:
-                self._all_down = False
-                report(True, "")
+        failed metadata requests in a row), and when one does again (the next answered request):
+        :class:`~connectors.kafka.offsets.BrokerWatch`."""
+
+        async def probe() -> None:
+            if self.consumer is not None:
+                await asyncio.to_thread(self.consumer.list_topics, timeout=PROBE_TIMEOUT)
+
+        await self._watch.run(probe, (KafkaException,), report)
 
 
 def librdkafka_regex(pattern: str) -> str:

@@ -3,8 +3,10 @@ record, and each route's backlog from a partition table. Imports no Kafka client
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 from gateway.core.contract import Backlog, Dispatcher, Receipt
@@ -66,6 +68,61 @@ class KafkaReceipt(Receipt):
     def position(self) -> str:
         tp = self.tracker.tp
         return f"{tp.topic}/{tp.partition}/{self.offset}"
+
+
+def rewound(tracker: PartitionTracker) -> PartitionTracker:
+    """A fresh tracker for a partition sought back to its lowest released offset: the old one's receipts settle
+    into nothing, its commit position stays."""
+    fresh = PartitionTracker(tracker.tp)
+    fresh.committable, fresh.committed = tracker.committable, tracker.committed
+    fresh.next_offset = tracker.rewind
+    return fresh
+
+
+PROBE_EVERY = 2.0
+"""Seconds between two metadata requests that tell whether a broker still answers a consumer."""
+PROBE_TIMEOUT = 3.0
+
+
+class BrokerWatch:
+    """Whether any broker answers a consumer group, told to the connector (``report``): lost after two failed
+    probes in a row (or at once when the client says so, :meth:`lost`), back at the first answered one."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        self.down = False
+        self.report: Callable[[bool, str], None] | None = None
+
+    def lost(self, why: str) -> None:
+        if not self.down:
+            self.down = True
+            if self.report is not None:
+                self.report(False, f"consumer group {self.group}: no Kafka broker answers ({why})")
+
+    async def run(
+        self,
+        probe: Callable[[], Awaitable[object]],
+        errors: tuple[type[Exception], ...],
+        report: Callable[[bool, str], None],
+    ) -> None:
+        """Probe every :data:`PROBE_EVERY` seconds (never per record) until cancelled."""
+        self.report = report
+        failures = 0
+        expected: tuple[type[Exception], ...] = (*errors, TimeoutError)
+        while True:
+            await asyncio.sleep(PROBE_EVERY)
+            try:
+                async with asyncio.timeout(PROBE_TIMEOUT):
+                    await probe()
+            except expected as exc:
+                failures += 1
+                if failures >= 2:
+                    self.lost(type(exc).__name__)
+                continue
+            failures = 0
+            if self.down:
+                self.down = False
+                report(True, "")
 
 
 def settled_offsets(trackers: dict[Partition, PartitionTracker], chosen: list[Partition]) -> dict[Partition, int]:

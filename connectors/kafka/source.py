@@ -37,7 +37,15 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, CorruptRecordException, KafkaError, UnsupportedCodecError
 from aiokafka.structs import ConsumerRecord
 
-from connectors.kafka.offsets import KafkaReceipt, PartitionTracker, set_backlogs, settled_offsets
+from connectors.kafka.offsets import (
+    PROBE_TIMEOUT,
+    BrokerWatch,
+    KafkaReceipt,
+    PartitionTracker,
+    rewound,
+    set_backlogs,
+    settled_offsets,
+)
 from gateway.core.contract import LAG_EVERY, Dispatcher, Envelope, Route, Source
 from gateway.errors import SinkError
 from gateway.routing.headers import from_bytes
@@ -52,9 +60,6 @@ _PROBE_MS = 500
 """While looking for an unreadable record: how long to wait for one partition's records after a seek."""
 _FRUITLESS = 3
 """Rounds of reading partition by partition that found no record to blame before the error is the session's."""
-_PROBE_EVERY = 2.0
-"""Seconds between two metadata requests that tell whether a broker still answers the consumer."""
-_PROBE_TIMEOUT = 3.0
 _LOG_INTERVAL = 5.0
 """Seconds between two ``kafka.record_unreadable`` log lines (a whole unreadable batch fails record by record)."""
 
@@ -165,7 +170,7 @@ class GroupSource:
         while True:
             await asyncio.sleep(LAG_EVERY)
             try:
-                async with asyncio.timeout(_PROBE_TIMEOUT):
+                async with asyncio.timeout(PROBE_TIMEOUT):
                     await self.measure_lag()
             except (KafkaError, OSError, TimeoutError):
                 continue  # the broker probe says when no broker answers; the last figures stay
@@ -235,7 +240,7 @@ class GroupSource:
             self._dispatch(batches)
 
     def _dispatch(self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
-        dispatch = self.dispatcher.dispatch
+        dispatch_run = self.dispatcher.dispatch_run  # a partition's records are one run (one topic)
         trackers = self.trackers
         now_ns = time.monotonic_ns()
         wall_ms = time.time_ns() // 1_000_000  # freshness: each record's age from its timestamp, one clock read
@@ -244,12 +249,14 @@ class GroupSource:
             if tracker is None:
                 tracker = trackers[tp] = PartitionTracker(tp)
             append = tracker.pending.append
+            run: list[Envelope] = []
+            add = run.append
             for rec in records:
                 receipt = KafkaReceipt(tracker, rec.offset)
                 append(receipt)
                 hdrs = rec.headers
                 value = rec.value
-                dispatch(
+                add(
                     Envelope(
                         rec.topic,
                         value if value is not None else b"",
@@ -263,6 +270,7 @@ class GroupSource:
                         (wall_ms - rec.timestamp) * 1_000_000 if rec.timestamp > 0 else -1,
                     )
                 )
+            dispatch_run(run)
             if records:
                 tracker.next_offset = records[-1].offset + 1
 
@@ -367,36 +375,15 @@ class GroupSource:
             if tracker.rewind is None or tracker.revoked:
                 continue
             self.consumer.seek(tp, tracker.rewind)
-            fresh = PartitionTracker(tp)
-            fresh.committable, fresh.committed = tracker.committable, tracker.committed
-            fresh.next_offset = tracker.rewind
-            self.trackers[tp] = fresh  # receipts of the old one settle into nothing
+            self.trackers[tp] = rewound(tracker)
             count += 1
         return count
 
     async def watch_brokers(self, report: Callable[[bool, str], None]) -> None:
-        """Tell ``report`` when no broker answers this consumer any more, and when one does again.
-
-        aiokafka reconnects by itself and says nothing; a metadata request every :data:`_PROBE_EVERY`
-        seconds (not per message) shows an outage within about ten seconds: two failures in a row.
-        """
-        failures = 0
-        down = False
-        while True:
-            await asyncio.sleep(_PROBE_EVERY)
-            try:
-                async with asyncio.timeout(_PROBE_TIMEOUT):
-                    await self.consumer.topics()
-            except (KafkaError, OSError, TimeoutError) as exc:
-                failures += 1
-                if failures >= 2 and not down:
-                    down = True
-                    report(False, f"consumer group {self.group}: no Kafka broker answers ({type(exc).__name__})")
-                continue
-            failures = 0
-            if down:
-                down = False
-                report(True, "")
+        """Tell ``report`` when no broker answers this consumer any more, and when one does again: aiokafka
+        reconnects by itself and says nothing, so a metadata request every two seconds (never per message)
+        shows an outage within seconds (:class:`~connectors.kafka.offsets.BrokerWatch`)."""
+        await BrokerWatch(self.group).run(self.consumer.topics, (KafkaError, OSError), report)
 
     async def run_committer(self) -> None:
         """Commit the settled prefix every ``commit_interval`` until cancelled (also while paused or stopping)."""

@@ -62,6 +62,9 @@ class Capture:
     def dispatch(self, env: Envelope) -> None:
         self.envelopes.append(env)
 
+    def dispatch_run(self, envs: list[Envelope]) -> None:
+        self.envelopes.extend(envs)
+
 
 def record(topic: str, offset: int, key: bytes | None, value: bytes | None, headers: list[Any]) -> ConsumerRecord:
     return ConsumerRecord(
