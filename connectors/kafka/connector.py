@@ -159,8 +159,12 @@ class KafkaConnector(Connector):
             for group, routes in self._groups().items():
                 topics, pattern = self._subscription(routes)
                 source = self._source(group, routes, topics, pattern)
+                try:
+                    await self._open(source.start(), (*_consumer_errors(cfg), OSError), unreachable)
+                except BaseException:
+                    await source.close()  # never ran: nothing to quiesce, only its client to free
+                    raise
                 self._sources.append(source)
-                await self._open(source.start(), (*_consumer_errors(cfg), OSError), unreachable)
             self._down = {}
             self.mark_connected(bootstrap=",".join(cfg.bootstrap_servers), groups=len(self._sources))
             if sink is not None:

@@ -206,9 +206,16 @@ async def test_prometheus_sees_rates_lag_and_fires_the_shipped_alerts(
 
             await wait_until(lag_past_floor, 40, lambda: f"lag past {LAG_FLOOR} on both held routes: {lags[-3:]}")
 
-            rate_in = by_route(await query(prometheus, "rate(gateway_route_received_total[5s])"))
-            rate_out = by_route(await query(prometheus, "rate(gateway_route_acked_total[5s])"))
-            assert rate_in["flow"] > 0 and rate_out["flow"] > 0, (rate_in, rate_out)
+            rates: list[tuple[dict[str, float], dict[str, float]]] = []
+
+            async def flow_has_rates() -> bool:  # two scrapes of it within the window: the held routes may be first
+                rate_in = by_route(await query(prometheus, "rate(gateway_route_received_total[5s])"))
+                rate_out = by_route(await query(prometheus, "rate(gateway_route_acked_total[5s])"))
+                rates.append((rate_in, rate_out))
+                return rate_in.get("flow", 0) > 0 and rate_out.get("flow", 0) > 0
+
+            await wait_until(flow_has_rates, 20, lambda: f"rates of the flowing route: {rates[-2:]}")
+            rate_out = rates[-1][1]
             assert rate_out["orders"] == rate_out["events"] == 0, rate_out
             in_flight = by_route(await query(prometheus, "gateway_route_in_flight"))
             assert in_flight["orders"] == in_flight["events"] == BUDGET, in_flight
