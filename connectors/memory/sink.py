@@ -23,7 +23,9 @@ class MemorySink(Sink):
         while broker.hold:
             broker.changed.clear()
             await broker.changed.wait()
-        for flight, delivery in batch:
+        taken: list[Item] = []  # confirmed together, in order (Sink.confirmed), as a broker's batch ack would
+        for item in batch:
+            flight, delivery = item
             env = flight.env
             record = Record(delivery.address, env.payload, env.headers, delivery.key)
             if broker.swallow is not None and broker.swallow(record):
@@ -31,6 +33,9 @@ class MemorySink(Sink):
             error = broker.reject(record) if broker.reject is not None else None
             if error is None:
                 broker.received.append(record)
-                flight.done()
+                taken.append(item)
             else:
+                self.confirmed(taken)
+                taken = []
                 flight.fail(delivery, error)
+        self.confirmed(taken)

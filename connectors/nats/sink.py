@@ -217,8 +217,7 @@ class NatsSink(Sink):
                 raise ConnectorError(f"NATS flush failed: {type(exc).__name__}: {exc}") from exc
             if unconfirmed and unconfirmed[0][0] is flush:
                 unconfirmed.popleft()
-                for flight, _ in batch:
-                    flight.done()
+                self.confirmed(batch)
                 self._confirmed.set()
 
     async def write_batch(self, batch: list[Item]) -> None:

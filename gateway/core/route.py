@@ -367,6 +367,51 @@ class Route:
                 self.latency.observe_ns(monotonic_ns() - received)
         self._close(flight)
 
+    def finish_run(self, flights: list[Flight]) -> None:
+        """Flights of this route, in order, whose last target just confirmed them, none failed or released
+        (:meth:`Sink.confirmed`): :meth:`finish` and :meth:`_close` for each, with the counters, the budget
+        and the saturation check once for the run."""
+        n = len(flights)
+        stats = self.stats
+        stats.sent += n
+        stats.acked += n
+        observe = self.latency.observe_ns
+        now = monotonic_ns()
+        nbytes = 0
+        for flight in flights:
+            flight.pending = 0
+            flight.closed = True
+            nbytes += flight.nbytes
+            env = flight.env
+            if env.received_ns:
+                observe(now - env.received_ns)
+            receipt = env.receipt
+            if receipt is not None:
+                receipt.pending -= 1
+                if receipt.pending == 0:
+                    if receipt.released:
+                        receipt.release()
+                    else:
+                        receipt.settle()
+        tracked = self._flights
+        while tracked and tracked[0].closed:
+            tracked.popleft()
+        if self._watched:
+            for flight in flights:
+                self._watched.pop(flight, None)
+        self.in_flight -= n
+        self.in_flight_bytes -= nbytes
+        if (
+            self.saturated
+            and self.in_flight <= self.max_in_flight // 2
+            and self.in_flight_bytes <= self.max_in_flight_bytes // 2
+        ):
+            self.saturated = False
+            if self.state is RouteState.RUNNING:
+                self.free_gate()
+        if self._idle is not None and self.in_flight == 0 and not self._idle.done():
+            self._idle.set_result(None)
+
     def _close(self, flight: Flight) -> None:
         flight.closed = True
         flights = self._flights

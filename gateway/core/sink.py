@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from itertools import repeat
 
-from gateway.core.flight import Delivery, Flight
+from gateway.core.flight import Delivery, Flight, Owner
 
 Item = tuple[Flight, Delivery]
 
@@ -54,6 +54,35 @@ class Sink(ABC):
         self._queue.extend(zip(flights, repeat(delivery)))
         if self._waiter is not None:
             self._wake()
+
+    @staticmethod
+    def confirmed(items: list[Item]) -> None:
+        """The broker confirmed ``items``: ``flight.done()`` for each, in order. Runs of one route's flights
+        that this completes (their last target, nothing failed) finish together (``Route.finish_run``)."""
+        run: list[Flight] = []
+        owner: Owner | None = None
+        for flight, _ in items:
+            if (
+                type(flight) is Flight
+                and flight.pending == 1
+                and flight.error is None
+                and not flight.released
+                and not flight.closed
+            ):
+                if flight.route is not owner:
+                    if run:
+                        run[0].route.finish_run(run)
+                        run = []
+                    owner = flight.route
+                run.append(flight)
+                continue
+            if run:
+                run[0].route.finish_run(run)
+                run = []
+                owner = None
+            flight.done()
+        if run:
+            run[0].route.finish_run(run)
 
     def requeue(self, items: list[Item]) -> None:
         """Put items back at the head of the queue, in order (after a lost connection).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from connectors.memory.broker import MemoryBroker, Record
 from gateway.errors import SinkError, TemplateError
-from tests.support.harness import StartGateway, dispatcher_for, envelope, turns, until
+from tests.support.harness import RecordingSink, StartGateway, dispatcher_for, envelope, turns, until
 
 TELEMETRY = """\
   - name: telemetry
@@ -392,3 +392,34 @@ def test_an_unrouted_run_is_settled_and_counted() -> None:
     assert dispatcher.unrouted == 3
     assert [r.settled for _, r in pairs] == [1, 1, 1]
     assert all(sink.items == [] for sink in sinks.values())
+
+
+def test_confirming_a_batch_ends_as_confirming_each_item() -> None:
+    """Sink.confirmed: a fan-out's first target (not finished yet), single-target flights of two routes
+    finished as runs, one failed before: the same counters, receipts and budgets as ``done()`` one by one."""
+
+    def run(together: bool) -> tuple[object, ...]:
+        dispatcher, routes, sinks = dispatcher_for(RUN_ROUTES)
+        pairs = [envelope("devices/d1/telemetry/temp", b"x" * 10) for _ in range(4)]
+        dispatcher.dispatch_run([env for env, _ in pairs])
+        b = sinks["b"]
+        b.items[0][0].fail(b.items[0][1], SinkError("refused", retriable=False))
+        items, b.items = b.items[1:], []
+        if together:
+            RecordingSink.confirmed(items)
+        else:
+            for flight, _ in items:
+                flight.done()
+        telemetry, second = routes["telemetry"], routes["second"]
+        return (
+            [(r.pending, r.settled) for _, r in pairs],
+            [
+                (s.stats.sent, s.stats.acked, s.stats.failed, s.in_flight, s.in_flight_bytes)
+                for s in (telemetry, second)
+            ],
+            (telemetry.saturated, dispatcher.gate.is_open, telemetry.latency.count, second.latency.count),
+        )
+
+    one_by_one, together = run(False), run(True)
+    assert together == one_by_one
+    assert together[1][1][:3] == (2, 2, 0)  # the second route's two flights: done
