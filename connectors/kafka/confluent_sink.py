@@ -2,8 +2,9 @@
 
 librdkafka batches and sends from its own threads; ``produce()`` only enqueues
 (≈0.5 µs) and delivery reports are handed back when the event loop calls
-``poll(0)``, so the report callback runs on the loop and completes its flight
-directly: no thread hop, no future per message. librdkafka offers no file
+``poll(0)``, so the report callback runs on the loop: the records one poll reports
+delivered are confirmed together when it returns (``Sink.confirmed``), a failure at
+once in its order; no thread hop, no future per message. librdkafka offers no file
 descriptor to wait on, so while reports are outstanding the sink polls every
 millisecond, and not at all when nothing is in flight.
 
@@ -111,16 +112,21 @@ class ConfluentSink(ProducerSink):
         """The last error librdkafka reported, whatever it was (the reason a session could not open)."""
         self.unreachable = False
         """librdkafka reported every broker down; cleared by the next delivery or a metadata answer."""
+        self._acked: list[Item] = []
+        """Delivered records reported by the poll() being served, confirmed when it returns."""
 
     def _delivered(self, item: Item, err: KafkaError | None, msg: Any) -> None:
         self.outstanding -= 1
-        flight, d = item
         if err is None:
-            flight.done()
+            self._acked.append(item)  # confirmed together once poll() returns (see _poll)
             if self.unreachable:
                 self._reachable()
             self._stall = _STALL
-        elif err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+            return
+        if self._acked:  # in their order: what was delivered before this one first
+            self._confirm()
+        flight, d = item
+        if err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
             refused = refusal(err.code(), err.str(), topic_of(msg))
             flight.fail(d, SinkError(str(refused), retriable=False))
         elif err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
@@ -136,6 +142,17 @@ class ConfluentSink(ProducerSink):
             self._replace(err)
         else:
             flight.fail(d, SinkError(f"Kafka refused the record: {err.str()}", retriable=False))
+
+    def _poll(self, producer: Producer) -> None:
+        """Serve librdkafka's callbacks (delivery reports, errors, logs); the records they report delivered
+        are confirmed together (``Sink.confirmed``)."""
+        producer.poll(0)
+        if self._acked:
+            self._confirm()
+
+    def _confirm(self) -> None:
+        acked, self._acked = self._acked, []
+        self.confirmed(acked)
 
     def log(self, level: int, msg: str, *args: Any) -> None:
         """librdkafka's log lines (served by poll()): into the stdlib logging; a failure is kept as a reason."""
@@ -186,7 +203,7 @@ class ConfluentSink(ProducerSink):
                 progress = loop.time()
                 continue
             before = self.outstanding
-            producer.poll(0)
+            self._poll(producer)
             if self.outstanding != before:
                 progress = loop.time()
             elif loop.time() - progress > self._stall + self.config.linger_ms / 1000:
@@ -214,7 +231,7 @@ class ConfluentSink(ProducerSink):
             producer = self.producer
             if producer is None or self.outstanding > 0:
                 continue  # run_poller is polling
-            producer.poll(0)
+            self._poll(producer)
             if self.unreachable:
                 await self._probe(producer)
 
@@ -279,16 +296,15 @@ class ConfluentSink(ProducerSink):
         finally:
             self._reports.set()
 
-    @staticmethod
     async def _produce(
-        producer: Producer, topic: str, value: bytes | None, key: bytes | None, headers: Any, cb: Any
+        self, producer: Producer, topic: str, value: bytes | None, key: bytes | None, headers: Any, cb: Any
     ) -> None:
         while True:
             try:
                 producer.produce(topic, value, key, headers=headers, on_delivery=cb)
                 return
             except BufferError:  # librdkafka's queue is full: serve reports, then retry
-                producer.poll(0)
+                self._poll(producer)
                 await asyncio.sleep(_POLL_INTERVAL)
 
     async def open(self, client_id: str) -> None:
@@ -302,7 +318,7 @@ class ConfluentSink(ProducerSink):
                 await asyncio.to_thread(producer.list_topics, timeout=_IDLE_POLL)
                 break
             except KafkaException:
-                producer.poll(0)
+                self._poll(producer)
                 if self.refused is not None:
                     servers = ", ".join(self.config.bootstrap_servers)
                     raise refusal(self.refused_code, self.refused, servers) or ConnectorError(
@@ -323,7 +339,7 @@ class ConfluentSink(ProducerSink):
     async def flush(self) -> None:
         producer = self.producer
         while producer is not None and self.outstanding > 0:
-            producer.poll(0)
+            self._poll(producer)
             await asyncio.sleep(_POLL_INTERVAL)
 
     async def close(self) -> None:
@@ -331,12 +347,12 @@ class ConfluentSink(ProducerSink):
         producer, self.producer = self.producer, None
         if producer is not None:
             producer.purge()
-            producer.poll(0)  # purged records report _PURGE_QUEUE / _PURGE_INFLIGHT: requeued
+            self._poll(producer)  # purged records report _PURGE_QUEUE / _PURGE_INFLIGHT: requeued
             loop = asyncio.get_running_loop()
             deadline = loop.time() + _PURGE_WAIT
             while self.outstanding > 0 and loop.time() < deadline:  # reports of in-flight ones may lag
                 await asyncio.sleep(_POLL_INTERVAL * 10)
-                producer.poll(0)
+                self._poll(producer)
             if self.outstanding > 0:  # never reported: the routes' watchdog sends them again
                 _LOG.error("%d records of the old producer were not reported back after its purge", self.outstanding)
                 self.outstanding = 0
