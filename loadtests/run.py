@@ -164,9 +164,9 @@ def main() -> int:
         default=400_000,
         help="messages per 128-byte throughput run, times the route's scale (steady windows of seconds)",
     )
-    p.add_argument("--n-large", type=int, default=100_000, help="messages per 4 KiB run, times the scale (0 to skip)")
+    p.add_argument("--n-large", type=int, default=60_000, help="messages per 4 KiB run, times the scale (0 to skip)")
     p.add_argument(
-        "--n-huge", type=int, default=10_000, help="messages per 64 KiB run on the main routes, times the scale"
+        "--n-huge", type=int, default=3_000, help="messages per 64 KiB run on the main routes, times the scale"
     )
     p.add_argument("--fixed", action="store_true", help="the same counts on every route (no per-route scale)")
     p.add_argument("--repeats", type=int, default=3)
