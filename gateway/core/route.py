@@ -224,9 +224,15 @@ class Route:
             nbytes = len(env.payload)
             if nbytes > max_payload or (env.headers is not None and len(env.headers) > self.max_headers):
                 self._admit_flights(flights, total, plan)  # what came before, in order
+                flights = []
+                append = flights.append
+                total = 0
                 self.admit(env, plan)  # refused there, alone
-                self.admit_run(envs[i + 1 :], plan)
-                return
+                if self.state is not RouteState.RUNNING:  # its failure stopped the route (on_error: stop)
+                    for rest in envs[i + 1 :]:
+                        self.admit(rest, plan)
+                    return
+                continue
             if env.age_ns >= 0:
                 ages.observe_ns(env.age_ns)
             total += nbytes

@@ -423,3 +423,16 @@ def test_confirming_a_batch_ends_as_confirming_each_item() -> None:
     one_by_one, together = run(False), run(True)
     assert together == one_by_one
     assert together[1][1][:3] == (2, 2, 0)  # the second route's two flights: done
+
+
+def test_a_run_of_messages_all_over_the_limit_fails_each_alone() -> None:
+    """A poison run (every payload over the route's max_payload, longer than Python's recursion limit): each
+    fails alone, none is submitted, every receipt is settled."""
+    dispatcher, routes, sinks = dispatcher_for(RUN_ROUTES)
+    pairs = [envelope("devices/d1/telemetry/temp", b"x" * 500) for _ in range(3000)]
+
+    dispatcher.dispatch_run([env for env, _ in pairs])
+
+    telemetry = routes["telemetry"]
+    assert (telemetry.stats.received, telemetry.stats.failed, telemetry.in_flight) == (3000, 3000, 0)
+    assert all(f.route.name != "telemetry" for sink in sinks.values() for f, _ in sink.items)
