@@ -407,16 +407,8 @@ class Route:
                 self._watched.pop(flight, None)
         self.in_flight -= n
         self.in_flight_bytes -= nbytes
-        if (
-            self.saturated
-            and self.in_flight <= self.max_in_flight // 2
-            and self.in_flight_bytes <= self.max_in_flight_bytes // 2
-        ):
-            self.saturated = False
-            if self.state is RouteState.RUNNING:
-                self.free_gate()
-        if self._idle is not None and self.in_flight == 0 and not self._idle.done():
-            self._idle.set_result(None)
+        if self.saturated or self._idle is not None:  # two tests on the common path; the rest in _drained
+            self._drained()
 
     def _close(self, flight: Flight) -> None:
         flight.closed = True
@@ -429,6 +421,13 @@ class Route:
             self._watched.pop(flight, None)
         self.in_flight -= 1
         self.in_flight_bytes -= flight.nbytes
+        self._settle(flight.env.receipt, released=flight.released)
+        if self.saturated or self._idle is not None:  # two tests on the common path; the rest in _drained
+            self._drained()
+
+    def _drained(self) -> None:
+        """Flights left the route: below half of both budgets a saturated route lets its source read again
+        (while running), and with none left a waiting :meth:`drained` returns."""
         if (
             self.saturated
             and self.in_flight <= self.max_in_flight // 2
@@ -437,7 +436,6 @@ class Route:
             self.saturated = False
             if self.state is RouteState.RUNNING:
                 self.free_gate()
-        self._settle(flight.env.receipt, released=flight.released)
         if self._idle is not None and self.in_flight == 0 and not self._idle.done():
             self._idle.set_result(None)
 
