@@ -183,6 +183,22 @@ def pdeathsig_preexec() -> Callable[[], None] | None:
 # --------------------------------------------------------------------------
 
 
+def http_ok(url: str) -> bool:
+    """GET ``url``: True on 200, False on an HTTP error status (its response closed here).
+
+    An :class:`urllib.error.HTTPError` holds the open response: raised into a
+    probe loop that keeps the last error, it sits in a reference cycle and its
+    socket is finalised by the garbage collector -- a ResourceWarning that
+    fails whichever test is running at that moment.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT) as resp:
+            return int(resp.status) == 200
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return False
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytes:
     """Exactly ``n`` bytes from ``sock``; ConnectionError if the peer closes first."""
     buf = bytearray()
@@ -643,11 +659,7 @@ class NatsServer(ConfigFileBroker):
         return "\n".join(lines) + "\n"
 
     def _http_ok(self, path: str) -> bool:
-        try:
-            with urllib.request.urlopen(self.monitor_url + path, timeout=PROBE_TIMEOUT) as resp:
-                return int(resp.status) == 200
-        except urllib.error.HTTPError:
-            return False
+        return http_ok(self.monitor_url + path)
 
     def _probe(self) -> bool:
         with socket.create_connection((self.host, self.port), timeout=PROBE_TIMEOUT) as s:
@@ -713,8 +725,7 @@ class LocalS3(BrokerProcess):
         return cmd
 
     def _probe(self) -> bool:
-        with urllib.request.urlopen(self.url + "/", timeout=PROBE_TIMEOUT) as resp:
-            return int(resp.status) == 200
+        return http_ok(self.url + "/")
 
 
 # --------------------------------------------------------------------------
@@ -962,8 +973,7 @@ class Prometheus(BrokerProcess):
         ]
 
     def _probe(self) -> bool:
-        with urllib.request.urlopen(self.url + "/-/ready", timeout=PROBE_TIMEOUT) as resp:
-            return int(resp.status) == 200
+        return http_ok(self.url + "/-/ready")  # 503 while it replays its storage
 
     def scrape(self, *addresses: str) -> None:
         """Scrape these ``host:port`` targets (``/metrics``) from now on, instead of the previous ones."""
