@@ -30,6 +30,7 @@ from gateway.core.connector import Connector, ConnectorContext, connector_class
 from gateway.core.flight import Target
 from gateway.core.policies import Overflow, RoutePolicy, RouteState
 from gateway.core.route import Route
+from gateway.core.shard import Shard
 from gateway.core.sink import Sink
 from gateway.core.supervisor import Supervisor
 from gateway.errors import ConfigError, ConfigIssue
@@ -104,6 +105,8 @@ def build_routes(config: Config) -> dict[str, Route]:
             trace=config.gateway.trace,
         )
         route.request_leg = rc.request
+        if rc.shard_key is not None and config.worker is not None and config.worker[1] > 1:
+            route.shard = Shard(config.worker[0], config.worker[1], rc.shard_key)
         route.targets.extend(
             Target(
                 route, i, tc.spec.connector, tc.spec, tc.address, tc.key, _connector_limit(config, tc.spec.connector)

@@ -17,7 +17,7 @@ import signal
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ import msgspec
 
 from gateway import __version__
 from gateway.config import Config, load_config
+from gateway.config.workers import TOKEN_ENV, Split, for_worker, plan, worker_count
 from gateway.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -41,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the gateway until SIGTERM/SIGINT; SIGHUP reloads the config file")
     run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
     run.add_argument("--pid-file", metavar="FILE", help="write the process id here (for `gateway reload`)")
+    run.add_argument(
+        "--workers",
+        type=_workers_arg,
+        metavar="N",
+        help="worker processes under one supervisor (a number, or auto: one per core); default gateway.workers",
+    )
+    run.add_argument("--worker", type=_slot_arg, help=argparse.SUPPRESS)  # K/N: a worker started by the supervisor
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument(
         "--log-format",
@@ -52,12 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a config file; exit 2 and list every problem if invalid")
     val.add_argument("-c", "--config", required=True, metavar="FILE")
     val.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
+    val.add_argument(
+        "--workers", type=_workers_arg, metavar="N", help="show the split over N workers (default: the file's)"
+    )
 
     exp = sub.add_parser("explain", help="show which routes a topic matches and what their targets render to")
     exp.add_argument("-c", "--config", required=True, metavar="FILE")
     exp.add_argument("--from", dest="connector", required=True, metavar="CONNECTOR", help="source connector name")
     exp.add_argument("topic", help="topic or subject as the source broker spells it")
     exp.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
+    exp.add_argument(
+        "--workers", type=_workers_arg, metavar="N", help="show the split over N workers (default: the file's)"
+    )
 
     rel = sub.add_parser("reload", help="make a running gateway reload its config file")
     how = rel.add_mutually_exclusive_group(required=True)
@@ -73,6 +87,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _workers_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if text.isdigit() and 1 <= int(text) <= 256:
+        return int(text)
+    raise argparse.ArgumentTypeError("a number of processes from 1 to 256, or auto")
+
+
+def _slot_arg(text: str) -> tuple[int, int]:
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise argparse.ArgumentTypeError("K/N")
+    return int(k), int(n)
+
+
+def _print_problems(source: str, exc: ConfigError) -> None:
+    print(
+        f"{source}: invalid config ({len(exc.issues)} problem{'s' if len(exc.issues) != 1 else ''}):", file=sys.stderr
+    )
+    for issue in exc.issues:
+        print(f"  {issue}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
@@ -82,27 +119,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _json_report(args)
     if args.command == "reload":
         return _signal_reload(args.pid_file, args.url, args.token_file)
+    slot = getattr(args, "worker", None)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, worker=slot[0] if slot else None)
+        count = worker_count(args.workers or config.gateway.workers) if slot is None else slot[1]
+        splits = plan(config, count)
+        if slot is not None:
+            config = for_worker(config, slot[0], slot[1], http_token=os.environ.get(TOKEN_ENV, ""))
     except ConfigError as exc:
-        print(
-            f"{args.config}: invalid config ({len(exc.issues)} problem{'s' if len(exc.issues) != 1 else ''}):",
-            file=sys.stderr,
-        )
-        for issue in exc.issues:
-            print(f"  {issue}", file=sys.stderr)
+        _print_problems(args.config, exc)
         return EXIT_CONFIG
     if args.command == "validate":
         companions = sum(1 for rc in config.routes if rc.request is not None and rc.request.replies_for)
         routes = f"{len(config.routes) - companions} routes" + (f" + {companions} for replies" if companions else "")
         print(f"{args.config}: ok ({len(config.connectors)} connectors, {routes})")
+        if count > 1:
+            print(f"split over {count} workers:")
+            for s in splits:
+                print(f"  route {s.route}: {s.how}; order kept: {s.order}")
         return EXIT_OK
     if args.command == "explain":
-        return _explain(config, args.connector, args.topic)
-    return _run(config, args.log_level, args.log_format, args.config, args.pid_file)
+        return _explain(config, args.connector, args.topic, {s.route: s for s in splits}, count)
+    if slot is None and count > 1:
+        return _supervise(config, count, args.log_level, args.log_format, args.config, args.pid_file)
+    return _run(config, args.log_level, args.log_format, args.config, args.pid_file, worker=slot)
 
 
-def _explain(config: Config, connector: str, topic: str) -> int:
+def _explain(config: Config, connector: str, topic: str, splits: dict[str, Split], count: int) -> int:
     if connector not in config.connectors:
         print(_unknown_connector(config, connector), file=sys.stderr)
         return EXIT_CONFIG
@@ -111,6 +154,9 @@ def _explain(config: Config, connector: str, topic: str) -> int:
     print(f"{topic!r} from {connector} ({report.kind}): {n} route{'s' if n != 1 else ''}")
     for route in report.routes:
         print(f"  route {route.name} (from {', '.join(route.patterns)})")
+        split = splits.get(route.name)
+        if split is not None and count > 1:
+            print(f"    over {count} workers: {split.how}; order kept: {split.order}")
         for d in (*route.targets, *((route.dead_letter,) if route.dead_letter is not None else ())):
             if d.error is not None:
                 print(f"    -> {d.connector} ({d.kind}): cannot render: {d.error}")
@@ -141,11 +187,19 @@ class _ConnectorInfo(msgspec.Struct, frozen=True):
     kind: str
 
 
+class _Split(msgspec.Struct, frozen=True, kw_only=True):
+    mode: str
+    """``partitions``, ``broker``, ``sharded``, ``one`` (worker 0 only) or ``each`` (see docs/scaling.md)."""
+    how: str
+    order: str
+
+
 class _RouteInfo(msgspec.Struct, frozen=True, kw_only=True, rename={"from_": "from"}):
     name: str
     from_: str
     to: list[str]
     dead_letter: str | None
+    split: _Split
 
 
 class _Valid(msgspec.Struct, frozen=True, kw_only=True):
@@ -154,6 +208,7 @@ class _Valid(msgspec.Struct, frozen=True, kw_only=True):
     sha256: str
     connectors: list[_ConnectorInfo]
     routes: list[_RouteInfo]
+    workers: int
 
 
 class _Rendered(msgspec.Struct, frozen=True, kw_only=True):
@@ -171,6 +226,7 @@ class _RouteMatch(msgspec.Struct, frozen=True, kw_only=True):
     patterns: list[str]
     targets: list[_Rendered]
     dead_letter: _Rendered | None
+    split: _Split | None = None
 
 
 class _Explanation(msgspec.Struct, frozen=True, kw_only=True):
@@ -187,7 +243,9 @@ def _unknown_connector(config: Config, connector: str) -> str:
     return f"unknown connector {connector!r} (connectors: {', '.join(sorted(config.connectors))})"
 
 
-def _explanation(config: Config, source: str, connector: str, topic: str) -> _Explanation:
+def _explanation(
+    config: Config, source: str, connector: str, topic: str, splits: dict[str, Split] | None = None
+) -> _Explanation:
     from gateway.app import build_routes
     from gateway.config.registry import plugins
     from gateway.core.dispatch import Dispatcher
@@ -226,10 +284,15 @@ def _explanation(config: Config, source: str, connector: str, topic: str) -> _Ex
                 patterns=[p.text for p in rp.route.patterns],
                 targets=[rendered(d) for d in rp.deliveries],
                 dead_letter=rendered(rp.dead_letter) if rp.dead_letter is not None else None,
+                split=_split_info(splits[rp.route.name]) if splits and rp.route.name in splits else None,
             )
             for rp in plan
         ],
     )
+
+
+def _split_info(s: Split) -> _Split:
+    return _Split(mode=s.mode, how=s.how, order=s.order)
 
 
 def _json_report(args: argparse.Namespace) -> int:
@@ -237,6 +300,8 @@ def _json_report(args: argparse.Namespace) -> int:
     report: _Valid | _Invalid | _Explanation
     try:
         config = load_config(args.config)
+        count = worker_count(args.workers or config.gateway.workers)
+        splits = {s.route: s for s in plan(config, count)}
     except ConfigError as exc:
         report = _Invalid(config=args.config, errors=[_Issue(i.path, i.message) for i in exc.issues])
     except UnicodeDecodeError as exc:
@@ -256,14 +321,16 @@ def _json_report(args: argparse.Namespace) -> int:
                         from_=r.source.connector,
                         to=[t.spec.connector for t in r.targets],
                         dead_letter=r.dead_letter.spec.connector if r.dead_letter is not None else None,
+                        split=_split_info(splits[r.name]),
                     )
                     for r in config.routes
                 ],
+                workers=count,
             )
         elif args.connector not in config.connectors:
             report = _Invalid(config=args.config, errors=[_Issue("", _unknown_connector(config, args.connector))])
         else:
-            report = _explanation(config, args.config, args.connector, args.topic)
+            report = _explanation(config, args.config, args.connector, args.topic, splits)
     print(json.dumps(msgspec.to_builtins(report), indent=2))  # ASCII: safe on any stdout encoding
     return EXIT_CONFIG if isinstance(report, _Invalid) else EXIT_OK
 
@@ -302,25 +369,55 @@ def _signal_reload(pid_file: str | None, url: str | None, token_file: str | None
     return EXIT_OK
 
 
-def _run(config: Config, level: str, fmt: str, path: str, pid_file: str | None) -> int:
+def _loop_run(main: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pure-Python installs run on the default loop
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def _run(
+    config: Config, level: str, fmt: str, path: str, pid_file: str | None, worker: tuple[int, int] | None = None
+) -> int:
     from gateway.ops.logs import configure
 
     configure(level, fmt)  # type: ignore[arg-type]
+    if worker is not None:
+        import structlog
+
+        structlog.contextvars.bind_contextvars(worker=worker[0])
     if pid_file is not None:
         Path(pid_file).write_text(f"{os.getpid()}\n")
     try:
-        try:
-            import uvloop
-        except ImportError:  # pure-Python installs run on the default loop
-            return asyncio.run(_serve(config, path))
-        return uvloop.run(_serve(config, path))
+        return _loop_run(_serve(config, path, worker))
     finally:
         if pid_file is not None:
             with contextlib.suppress(OSError):
                 Path(pid_file).unlink()
 
 
-async def reload_from(gw: Gateway, path: str) -> tuple[bool, dict[str, Any]]:
+def _supervise(config: Config, count: int, level: str, fmt: str, path: str, pid_file: str | None) -> int:
+    """``gateway run`` with several workers: this process supervises them (:mod:`gateway.workers`)."""
+    from gateway.ops.logs import configure, resolved_format
+    from gateway.workers import Pool
+
+    configure(level, fmt)  # type: ignore[arg-type]
+    if pid_file is not None:
+        Path(pid_file).write_text(f"{os.getpid()}\n")
+
+    async def main() -> int:
+        return await Pool(config, path, count, level=level, fmt=resolved_format(fmt)).run()
+
+    try:
+        return _loop_run(main())
+    finally:
+        if pid_file is not None:
+            with contextlib.suppress(OSError):
+                Path(pid_file).unlink()
+
+
+async def reload_from(gw: Gateway, path: str, worker: tuple[int, int] | None = None) -> tuple[bool, dict[str, Any]]:
     """Read and check ``path``, then apply it; an invalid file changes nothing (each problem is logged)."""
     import structlog
 
@@ -329,7 +426,7 @@ async def reload_from(gw: Gateway, path: str) -> tuple[bool, dict[str, Any]]:
     log = structlog.get_logger("gateway")
     try:
         # Off the event loop: a large file is read and checked while the routes keep moving messages.
-        config = await asyncio.to_thread(load_config, path)
+        config = await asyncio.to_thread(_load_for, path, worker)
         if gw.state is not GatewayState.RUNNING:
             why = f"the gateway is {gw.state.value}: nothing to reload"
             log.warning("gateway.reload_refused", config=path, reason=why)
@@ -342,7 +439,15 @@ async def reload_from(gw: Gateway, path: str) -> tuple[bool, dict[str, Any]]:
     return True, {"ok": True, "config": path, "sha256": config.digest, **summary}
 
 
-async def _serve(config: Config, path: str) -> int:
+def _load_for(path: str, worker: tuple[int, int] | None) -> Config:
+    """The config at ``path``, as worker ``worker`` (index, count) runs it when given."""
+    if worker is None:
+        return load_config(path)
+    config = load_config(path, worker=worker[0])
+    return for_worker(config, worker[0], worker[1], http_token=os.environ.get(TOKEN_ENV, ""))
+
+
+async def _serve(config: Config, path: str, worker: tuple[int, int] | None = None) -> int:
     import structlog
 
     from gateway.app import Gateway
@@ -372,7 +477,7 @@ async def _serve(config: Config, path: str) -> int:
 
     def on_hangup() -> None:
         log.info("gateway.signal", signal="SIGHUP", action="reload", config=path)
-        task = asyncio.ensure_future(reload_from(gw, path))
+        task = asyncio.ensure_future(reload_from(gw, path, worker))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -388,19 +493,29 @@ async def _serve(config: Config, path: str) -> int:
         monitor = Monitor(
             gw,
             http.listen,
-            reload=lambda: reload_from(gw, path),
+            reload=lambda: reload_from(gw, path, worker),
             token=token,
             max_connections=http.max_connections,
             header_timeout=http.header_timeout,
+            internal=worker is not None,
         )
         try:
             await monitor.start()
         except MonitorError as exc:
             log.error("gateway.failed", error=str(exc))
             return EXIT_FAILURE
+    orphan: asyncio.Task[None] | None = None
+    if worker is not None:
+        from gateway.workers import report_port, watch_parent
+
+        if monitor is not None:
+            report_port(monitor.port)
+        orphan = asyncio.ensure_future(watch_parent(stop))
     try:
         return await _until_stopped(gw, stop)
     finally:
+        if orphan is not None:
+            orphan.cancel()
         if monitor is not None:
             await monitor.stop()
 

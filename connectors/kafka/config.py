@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
@@ -160,6 +160,11 @@ class KafkaSource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=T
     def at_least_once(self) -> bool:
         return True
 
+    split: ClassVar[Literal["partitions", "round_robin", "none"]] = "partitions"
+
+    def broker_split(self, route: str) -> str | None:
+        return f"partitions of consumer group {self.group or f'gateway.{route}'}"
+
 
 class KafkaTarget(TargetSpec, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``to`` a Kafka connector."""
@@ -188,4 +193,5 @@ PLUGIN = ConnectorPlugin(
     target=KafkaTarget,
     syntax=KAFKA,
     factory="connectors.kafka.connector:KafkaConnector",
+    identity=("client_id",),
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 from urllib.parse import unquote, urlsplit
 
 import msgspec
@@ -130,6 +130,21 @@ class MqttSource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     def at_least_once(self) -> bool:
         return self.qos > 0
 
+    split: ClassVar[Literal["partitions", "round_robin", "none"]] = "round_robin"
+
+    def broker_split(self, route: str) -> str | None:
+        return f"MQTT shared subscription $share/{self.share_group}/{self.topic}" if self.share_group else None
+
+    def shared(self, route: str, group: str) -> MqttSource | None:
+        if self.retained_only:  # a shared subscription is sent no retained messages
+            return None
+        return msgspec.structs.replace(self, share_group=self.share_group or _share_name(group))
+
+
+def _share_name(group: str) -> str:
+    """A share name MQTT accepts (no ``/``, ``+``, ``#``)."""
+    return "".join("_" if c in "/+#" else c for c in group)
+
 
 class MqttTarget(TargetSpec, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``to`` an MQTT connector."""
@@ -153,4 +168,5 @@ PLUGIN = ConnectorPlugin(
     syntax=MQTT,
     factory="connectors.mqtt.connector:MqttConnector",
     replies=MqttReplies(),
+    identity=("client_id",),
 )

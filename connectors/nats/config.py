@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 from urllib.parse import unquote, urlsplit
 
 import msgspec
@@ -186,6 +186,27 @@ class NatsSource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             return self.deliver_policy
         return "last_per_subject" if self.kv is not None else "all"
 
+    def durable_name(self, route: str) -> str:
+        """The JetStream durable consumer's name: ``durable``, or ``gateway-<route name>``."""
+        return self.durable or f"gateway-{route}".replace(".", "_").replace(" ", "_")
+
+    split: ClassVar[Literal["partitions", "round_robin", "none"]] = "round_robin"
+
+    def broker_split(self, route: str) -> str | None:
+        if self.stream_name is not None:
+            return f"JetStream durable {self.durable_name(route)} shared by the workers"
+        return f"NATS queue group {self.queue}" if self.queue is not None else None
+
+    def shared(self, route: str, group: str) -> NatsSource:
+        if self.stream_name is not None:  # workers on one durable split the stream
+            return self
+        return msgspec.structs.replace(self, queue=self.queue or group)
+
+    def whole(self, route: str, worker: int) -> NatsSource:
+        if self.stream_name is None:
+            return self
+        return msgspec.structs.replace(self, durable=f"{self.durable_name(route)}-w{worker}")
+
 
 class NatsTarget(TargetSpec, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``to`` a NATS connector."""
@@ -224,4 +245,5 @@ PLUGIN = ConnectorPlugin(
     syntax=NATS,
     factory="connectors.nats.connector:NatsConnector",
     replies=NatsReplies(),
+    identity=("name",),
 )

@@ -377,7 +377,7 @@ class JetStreamSource:
 
 def durable_name(route: Route) -> str:
     spec: NatsSource = route.spec
-    return spec.durable or f"gateway-{route.name}".replace(".", "_").replace(" ", "_")
+    return spec.durable_name(route.name)
 
 
 _core: type[Source] = CoreSource

@@ -61,6 +61,7 @@ def _type_name(t: Any) -> str:
     text = re.sub(r"\b(?:[a-z_][a-z0-9_]*\.)+(?=[A-Z])", "", text)  # gateway.util.tls.TlsConfig -> TlsConfig
     text = re.sub(r"Annotated\[([\w ]+), Meta\(([^)]*)\)\]", lambda m: f"{m.group(1)} ({m.group(2)})", text)
     text = re.sub(r"^Optional\[(.*)\]$", r"\1 | None", text)
+    text = re.sub(r"^Union\[(.*), (Literal\[.*\])\]$", r"\1, or \2", text)  # workers: a number or 'auto'
     text = re.sub(r"\bNone(Type)?\b", "null", text).replace("Literal", "one of ")
     return text
 

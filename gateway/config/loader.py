@@ -28,7 +28,7 @@ from gateway.config.registry import plugins
 from gateway.errors import ConfigError, ConfigIssue, TemplateError
 from gateway.routing.loops import echo
 from gateway.routing.patterns import SourcePattern
-from gateway.routing.templates import compile_header, compile_template
+from gateway.routing.templates import Template, compile_header, compile_template
 from gateway.routing.where import WhereError, compile_where
 from gateway.util.bounds import Unit, duration_unit, read_duration
 from gateway.util.redact import MASK, MIN_SECRET_LENGTH
@@ -127,7 +127,7 @@ def _shape_error(source: str, event: yaml.Event, problem: str) -> ConfigError:
     return ConfigError([ConfigIssue("", f"{source}: {where}{problem}")])
 
 
-def load_config(path: str | Path, *, environ: dict[str, str] | None = None) -> Config:
+def load_config(path: str | Path, *, environ: dict[str, str] | None = None, worker: int | None = None) -> Config:
     """Load and fully validate ``path``; raise :class:`ConfigError` listing every problem."""
     p = Path(path)
     try:
@@ -141,7 +141,7 @@ def load_config(path: str | Path, *, environ: dict[str, str] | None = None) -> C
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read {p}: not UTF-8 text (byte {exc.start})")]) from None
-    return parse_config(text, source=str(p), environ=environ, base_dir=p.parent)
+    return parse_config(text, source=str(p), environ=environ, base_dir=p.parent, worker=worker)
 
 
 def parse_config(
@@ -150,17 +150,23 @@ def parse_config(
     source: str = "<string>",
     environ: dict[str, str] | None = None,
     base_dir: Path | None = None,
+    worker: int | None = None,
 ) -> Config:
+    """Validate a config's text. ``worker``: the index of the worker process reading it (its gateway id, and
+    what derives from it, gets ``-w<index>``; see :mod:`gateway.config.workers`)."""
     masks: list[tuple[str, str]] = []
     try:
-        return _parse(text, source, os.environ if environ is None else environ, base_dir or Path.cwd(), masks)
+        env = os.environ if environ is None else environ
+        return _parse(text, source, env, base_dir or Path.cwd(), masks, worker)
     except ConfigError as exc:
         raise ConfigError([ConfigIssue(i.path, _masked(i.message, masks)) for i in exc.issues]) from None
     except RecursionError:  # the shape check bounds nesting; this is the net under it
         raise ConfigError([ConfigIssue("", f"{source}: nested too deeply")]) from None
 
 
-def _parse(text: str, source: str, env: Any, base_dir: Path, masks: list[tuple[str, str]]) -> Config:
+def _parse(
+    text: str, source: str, env: Any, base_dir: Path, masks: list[tuple[str, str]], worker: int | None = None
+) -> Config:
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError([ConfigIssue("", f"{source}: larger than {MAX_CONFIG_BYTES >> 20} MiB")])
     try:
@@ -186,6 +192,10 @@ def _parse(text: str, source: str, env: Any, base_dir: Path, masks: list[tuple[s
         top = _convert({k: v for k, v in raw.items() if k != "gateway"}, FileSection, "", [])
     if top is None:
         raise ConfigError(issues)
+    if worker is not None:
+        top = msgspec.structs.replace(
+            top, gateway=msgspec.structs.replace(top.gateway, id=f"{top.gateway.id}-w{worker}")
+        )
     connectors = _connectors(top.connectors, issues)
     broken = set(top.connectors) - set(connectors)
     routes = _routes(top.routes, connectors, broken, issues, top.gateway.id)
@@ -500,8 +510,11 @@ def _routes(
                 issues.append(ConfigIssue(f"{path}.headers.{hname}", str(exc)))
         if source is not None and not section.allow_loop:
             _check_loops(source, patterns, targets, dead_letter, section, path, issues)
+        shard_key = None
+        if source is not None and section.shard_by is not None:
+            shard_key = _shard_key(section.shard_by, section.name, source, patterns, f"{path}.shard_by", issues)
         if source is not None and len(targets) == len(to) and (dead_letter is not None or section.dead_letter is None):
-            rc = RouteConfig(section, source, tuple(patterns), tuple(targets), dead_letter)
+            rc = RouteConfig(section, source, tuple(patterns), tuple(targets), dead_letter, shard_key=shard_key)
             if section.request is None:
                 routes.append(rc)
                 continue
@@ -519,6 +532,45 @@ def _routes(
                 names.setdefault(companion, i)
                 routes.extend(replies)
     return routes
+
+
+def _shard_key(
+    text: str, route: str, source: SourceSpec, patterns: list[SourcePattern], path: str, issues: list[ConfigIssue]
+) -> tuple[Template, ...] | None:
+    """``shard_by`` compiled against each source pattern, or None with the problem in ``issues``."""
+    if source.split == "partitions":
+        issues.append(
+            ConfigIssue(path, "this source is split among workers by partition, each partition's order kept: remove it")
+        )
+        return None
+    if source.split == "none":
+        issues.append(ConfigIssue(path, "this source cannot be read by several workers: shard_by does not apply"))
+        return None
+    explicit = source.broker_split(route)
+    if explicit is not None:
+        issues.append(
+            ConfigIssue(
+                path,
+                f"every worker reads the whole stream to shard it by key, which the broker's split ({explicit}) "
+                "would undo: remove one of the two",
+            )
+        )
+        return None
+    keys: list[Template] = []
+    for pattern in patterns:
+        try:
+            key = compile_template(text, pattern, None)
+        except ValueError as exc:
+            issues.append(ConfigIssue(path, str(exc)))
+            return None
+        if key.reads_payload:
+            issues.append(ConfigIssue(path, "the key comes from the topic: {payload.FIELD} is not available here"))
+            return None
+        if key.is_constant:
+            issues.append(ConfigIssue(path, "a constant key sends every message to one worker: name a capture"))
+            return None
+        keys.append(key)
+    return tuple(keys)
 
 
 def _reply_kinds() -> str:

@@ -78,6 +78,10 @@ class GatewaySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     trace: bool = False
     """Every route gives messages without a W3C ``traceparent`` a new one (a route's own ``trace`` wins).
     Off by default: it costs ~2 µs and a header per message (see loadtests/RESULTS.md)."""
+    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] | Literal["auto"] = 1
+    """Worker processes on this config under one supervisor (``auto``: one per CPU core the process may use);
+    ``gateway run --workers`` overrides it. Each route is split across them as ``gateway validate`` shows:
+    see docs/scaling.md. Changing it takes a restart."""
 
 
 class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, rename={"from_": "from"}):
@@ -138,6 +142,16 @@ class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     trace: bool | None = None
     """Give every message without a W3C ``traceparent`` header a new one, so that it can be followed MQTT →
     Kafka → NATS (a message that has one keeps it: headers always travel). Default: ``gateway.trace``."""
+    order: Literal["key", "none"] = "key"
+    """With several workers (``gateway.workers``): ``key`` keeps per-key order (a Kafka source per partition;
+    a source the broker splits round-robin keeps it only with ``shard_by``, and runs on one worker without
+    it); ``none`` lets the broker split the source across the workers (MQTT shared subscription, NATS queue
+    group, shared JetStream durable), order across keys and within a key not kept. See docs/scaling.md."""
+    shard_by: str | None = None
+    """With several workers, key-affine sharding for MQTT and NATS sources: a template of the source topic
+    (``{device}``, ``{site}/{device}``, ``{topic}``) naming the key. Every worker reads the whole stream and
+    forwards only the keys that hash to it, acknowledging the others (counted as ``sharded``): per-key order
+    kept across workers, at the cost of every worker reading every message."""
     allow_loop: bool = False
     """Let a target publish to topics the route's own source reads (same connector). Off: such a route is
     rejected, since an echo loop republishes every message forever."""
@@ -147,6 +161,8 @@ class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     def __post_init__(self) -> None:
         if self.spool is not None and self.overflow == "disconnect":
             raise ValueError("overflow: disconnect does not apply to a spooled route (use block or drop_*)")
+        if self.shard_by is not None and self.order == "none":
+            raise ValueError("shard_by keeps per-key order: it does not go with order: none")
 
 
 class FileSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -177,6 +193,8 @@ class RouteConfig:
     dead_letter: TargetConfig | None = None
     request: RequestLeg | None = None
     """A ``request:`` route, or the companion route that carries its answers back (``replies_for``)."""
+    shard_key: tuple[Template, ...] | None = None
+    """``shard_by`` compiled against each source pattern (key-affine sharding across workers)."""
 
     @property
     def name(self) -> str:
@@ -195,6 +213,8 @@ class Config:
     """Where it was read from."""
     digest: str = field(default="")
     """sha256 of the file's text, to tell versions apart."""
+    worker: tuple[int, int] | None = None
+    """(index, count) in a worker process of a gateway running several (see gateway.config.workers)."""
 
     def kind(self, connector: str) -> str:
         """The ``type`` of a connector (``mqtt``, ``nats``, ...)."""

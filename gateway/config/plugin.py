@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import msgspec
 
@@ -43,6 +43,27 @@ class SourceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     def at_least_once(self) -> bool:
         """Whether the source redelivers what the gateway did not acknowledge (at-least-once)."""
         return False
+
+    # -- several workers on one config (``gateway.workers``; see gateway.config.workers) ------------------
+    split: ClassVar[Literal["partitions", "round_robin", "none"]] = "none"
+    """How the broker shares this source among workers reading it together: ``partitions`` (each worker gets
+    its own partitions, each partition's order kept: Kafka groups), ``round_robin`` (each message goes to one
+    of them, whatever its key: MQTT shared subscriptions, NATS queue groups, a shared JetStream durable),
+    ``none`` (no sharing: one worker runs it)."""
+
+    def broker_split(self, route: str) -> str | None:
+        """What in this ``from`` as written makes the broker split it among workers (for messages), else None."""
+        return None
+
+    def shared(self, route: str, group: str) -> SourceSpec | None:
+        """This ``from`` with the broker's round-robin split on (``group`` names it where the protocol needs a
+        name); None when the source cannot be shared."""
+        return None
+
+    def whole(self, route: str, worker: int) -> SourceSpec:
+        """This ``from`` for worker ``worker`` when every worker reads the whole stream (key-affine sharding):
+        its own subscription or durable."""
+        return self
 
 
 class TargetSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -136,6 +157,10 @@ class ConnectorPlugin:
     """``module:Class`` of the :class:`Connector`, imported only when the gateway runs."""
     replies: Replies | None = None
     """How the kind carries request/reply; None: it does not (``request:`` routes refuse it)."""
+    identity: tuple[str, ...] = ()
+    """Fields of the connector config that name the client to its broker (client id, connection name): each
+    worker of a gateway running several gets its own, ``<value>-w<k>`` (a default derived from the gateway
+    id gets the worker's id anyway)."""
 
     def load(self) -> Any:
         """The object named by :attr:`factory` (checked to be a connector class by the runtime:

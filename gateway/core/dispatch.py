@@ -13,11 +13,12 @@ ack, commit) or released (redelivery).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gateway.core.envelope import Envelope, Receipt
 from gateway.core.flight import Delivery, Flight, RoutePlan, Target
 from gateway.core.flow import FlowGate
+from gateway.core.policies import RouteState
 from gateway.core.route import Route
 from gateway.core.stats import RouteStats
 from gateway.errors import SinkError
@@ -55,6 +56,8 @@ class Dispatcher:
                     route.dead_letter.render(match) if route.dead_letter is not None else None,
                     match,
                 )
+                if route.shard is None or route.shard.takes(match)
+                else RoutePlan(Elsewhere(route), (), None, match)  # another worker's key (shard_by)
                 for route, match in self.router.match(topic)
             )
             if len(self._plans) >= self.cache_size:
@@ -137,3 +140,51 @@ class Dispatcher:
     def room(self) -> int:
         """Messages every route here can still admit: what a pull source may fetch next."""
         return min((r.room() for r in self.routes), default=0)
+
+
+class Elsewhere:
+    """A route in the plan of a topic whose key another worker takes: each message is acknowledged and counted
+    as ``sharded``; no flight is made. Stands where the dispatcher would call the route (admit, admit_run,
+    reject); the rest of the route's contract is never reached without a flight."""
+
+    __slots__ = ("name", "patterns", "route", "settle", "state", "stats")
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.name = route.name
+        self.stats: RouteStats = route.stats
+        self.patterns = route.patterns
+        self.state: RouteState = route.state
+        self.settle: Callable[..., None] = route._settle
+
+    def admit(self, env: Envelope, plan: RoutePlan) -> None:
+        self.route.stats.sharded += 1
+        self.settle(env.receipt, released=False)
+
+    def admit_run(self, envs: list[Envelope], plan: RoutePlan) -> None:
+        self.route.stats.sharded += len(envs)
+        settle = self.settle
+        for env in envs:
+            settle(env.receipt, released=False)
+
+    def reject(self, env: Envelope, plan: RoutePlan, error: SinkError) -> None:
+        self.admit(env, plan)  # another worker's message: what is wrong with it is that worker's to report
+
+    def _no_flight(self) -> None:
+        raise RuntimeError(f"route {self.name!r}: no flight is made for another worker's share")
+
+    def finish(self, flight: Flight) -> None:
+        self._no_flight()
+
+    def finish_run(self, flights: list[Flight]) -> None:
+        self._no_flight()
+
+    def schedule_retry(self, flight: Flight, delivery: Delivery, error: SinkError, *, forever: bool = False) -> bool:
+        self._no_flight()
+        return False
+
+    def dead_letter_done(self, flight: Flight, error: BaseException | None) -> None:
+        self._no_flight()
+
+    def handed_over(self, flight: Flight, now: float) -> None:
+        self._no_flight()

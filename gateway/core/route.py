@@ -43,6 +43,7 @@ from gateway.core.flight import (
 )
 from gateway.core.flow import FlowGate
 from gateway.core.policies import NO_LIMIT, Overflow, RoutePolicy, RouteState
+from gateway.core.shard import Shard
 from gateway.core.sink import Sink
 from gateway.core.stats import Ages, Backlog, Latency, RouteStats
 from gateway.errors import (
@@ -96,6 +97,9 @@ class Route:
         self._staged = self.always_staged
         self.payload_templates = False
         """Some target's subject, topic or key reads the payload (``{payload.FIELD}``): rendered per message."""
+        self.shard: Shard | None = None
+        """This worker's share of the route's keys (``shard_by`` with several workers): the dispatcher's plan
+        sends the other workers' topics to an :class:`Elsewhere` instead of this route."""
         self.request_leg: RequestLeg | None = None
         """``request:`` settings (of a request route or of its companion ``.replies`` route)."""
         self.targets: list[Target] = []

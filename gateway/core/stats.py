@@ -19,6 +19,7 @@ class RouteStats:
         "resubmitted",
         "retried",
         "sent",
+        "sharded",
         "slow_consumer_disconnects",
     )
 
@@ -37,6 +38,9 @@ class RouteStats:
         self.filtered = 0
         """Messages the route's ``where`` left out (acknowledged, not delivered)."""
         self.slow_consumer_disconnects = 0
+        self.sharded = 0
+        """Messages this worker acknowledged without forwarding: their key is another worker's (``shard_by``).
+        Not counted as received: summed over the workers, ``received`` counts each message once."""
         self.resubmitted = 0
         """Messages the watchdog submitted again: in flight past ``stuck_after`` with no confirmation."""
 

@@ -33,12 +33,19 @@ def _log() -> Any:
     return structlog.get_logger("gateway.process")
 
 
+def resolved_format(fmt: str) -> str:
+    """``json`` or ``console``: what ``auto`` means for this process's stderr (handed down to worker processes)."""
+    if fmt != "auto":
+        return fmt
+    return "json" if not sys.stderr.isatty() else "console"
+
+
 def configure(level: str = "info", fmt: Format = "auto") -> None:
     """Configure structlog and the stdlib loggers of the broker libraries to write to stderr, one renderer for both."""
     numeric = logging.getLevelNamesMapping().get(level.upper())
     if numeric is None:
         raise ValueError(f"unknown log level {level!r}")
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    use_json = resolved_format(fmt) == "json"
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

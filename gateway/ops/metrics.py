@@ -47,6 +47,7 @@ _COUNTERS = {
     "filtered": "Messages the route's where condition left out (acknowledged, not delivered)",
     "slow_consumer_disconnects": "Times the route was cut off as a slow consumer",
     "resubmitted": "Messages the watchdog submitted again after stuck_after without a confirmation",
+    "sharded": "Messages acknowledged without forwarding: their shard_by key is another worker's (not received)",
 }
 
 _ROUTE_FAMILIES: tuple[tuple[str, str, str], ...] = (

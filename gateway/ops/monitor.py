@@ -279,8 +279,11 @@ class Monitor:
         *,
         max_connections: int = MAX_CONNECTIONS,
         header_timeout: float = HEADER_TIMEOUT,
+        internal: bool = False,
     ) -> None:
         self.gw = gw
+        self.internal = internal
+        """A worker's endpoint, asked by its supervisor only (logged as ``worker.listening``)."""
         self.listen = listen
         self._reload = reload
         self._token = token.encode() if token else None
@@ -349,13 +352,13 @@ class Monitor:
         self._runner = runner
         self.port = int(runner.addresses[0][1]) if runner.addresses else int(port)
         log.info(
-            "http.listening",
+            "worker.listening" if self.internal else "http.listening",
             url=f"http://{_hostport(host, self.port)}/",
             token=self._token is not None,
             max_connections=self.guard.limit,
             header_timeout=self.guard.header_timeout,
         )
-        if self._token is None and not _loopback(host):
+        if self._token is None and not _loopback(host) and not self.internal:
             log.warning(
                 "http.unauthenticated",
                 listen=self.listen,

@@ -203,6 +203,7 @@ async def test_snapshot_reports_route_counters(start_gateway: StartGateway) -> N
         "filtered": 0,
         "slow_consumer_disconnects": 0,
         "resubmitted": 0,
+        "sharded": 0,
         "in_flight": 0,
         "in_flight_bytes": 0,
         "state": "running",

@@ -1,0 +1,39 @@
+"""Key-affine sharding of a route across worker processes (``shard_by``).
+
+Every worker reads the whole stream; the key of a message (rendered from its topic, once per distinct
+topic by the dispatcher's plan cache) hashes to one worker, which forwards it. The others acknowledge it
+at once and count it as ``sharded``, never as received: summed over the workers, ``received`` is what the
+source delivered once. Topics whose key is another worker's get an :class:`Elsewhere` in their plan
+(:mod:`gateway.core.dispatch`) instead of the route, so the common path pays nothing per message for sharding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from gateway.routing.templates import Match, Template
+
+
+def shard_of(key: str, count: int) -> int:
+    """The worker (of ``count``) that takes ``key``: a 64-bit BLAKE2b of its UTF-8 bytes, the same in every
+    process (Python's own string ``hash`` differs between processes) and well mixed (CRC-32 sends ``d0``..``d3``
+    all to one of two workers). Computed once per distinct topic, off the per-message path."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % count
+
+
+class Shard:
+    """This worker's share of a route's keys."""
+
+    __slots__ = ("count", "index", "keys")
+
+    def __init__(self, index: int, count: int, keys: Sequence[Template]) -> None:
+        self.index = index
+        self.count = count
+        self.keys = tuple(keys)
+        """The key template for each of the route's source patterns."""
+
+    def takes(self, match: Match) -> bool:
+        """Whether this worker takes the messages of the topic ``match`` matched (MQTT and NATS sources have
+        one pattern, so one key template)."""
+        return shard_of(self.keys[0].render(match), self.count) == self.index

@@ -1,0 +1,334 @@
+"""The monitoring endpoint of a gateway running several worker processes: one address for all of them.
+
+The supervisor serves the paths a single gateway serves, built from its workers' own endpoints (each on
+loopback, a free port, a token only the supervisor knows), asked at the moment a request arrives:
+
+==========  ==================================================================================================
+``/metrics`` every worker's series with a ``worker`` label (``worker="0"``...), families kept together, plus the
+             supervisor's ``gateway_workers``, ``gateway_worker_up`` and ``gateway_worker_restarts_total``:
+             ``sum without (worker) (...)`` is the gateway's figure and the accounting invariant holds for it
+``/readyz``  200 when every worker runs and answers ready, else 503 with each worker's reasons
+``/varz``    the gateway's totals summed, and each worker's pid, restarts and totals under ``workers``
+``/routez``  per route, counters summed over the workers that run it, each worker's view under ``workers``
+``/connz``   per connector, the worst state any worker has it in, each worker's view under ``workers``
+``/reload``  POST: every worker re-reads the config file (what SIGHUP to the supervisor does)
+``/``        the status page, as a single gateway's, with the workers shown
+==========  ==================================================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+
+from gateway import __version__
+from gateway.ops.httpguard import HEADER_TIMEOUT, MAX_CONNECTIONS
+from gateway.ops.metrics import escape
+from gateway.ops.monitor import Monitor, _json
+
+ASK_TIMEOUT = 5.0
+"""Seconds the supervisor waits for a worker's answer before it counts the worker as not answering."""
+
+_SUMMED = frozenset(
+    {
+        "received",
+        "sent",
+        "acked",
+        "failed",
+        "dead_lettered",
+        "retried",
+        "dropped_overflow",
+        "dropped_released",
+        "dropped",
+        "filtered",
+        "slow_consumer_disconnects",
+        "resubmitted",
+        "sharded",
+        "in_flight",
+        "in_flight_bytes",
+    }
+)
+"""Fields of a route view (and of ``/varz`` totals) that add up over the workers."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What the endpoint knows of one worker process."""
+
+    index: int
+    pid: int | None
+    port: int | None
+    """Its monitoring endpoint's port once it reported it; None while it starts or after it exited."""
+    state: str
+    """``starting``, ``running``, ``restarting``, ``stopping`` or ``stopped``."""
+    restarts: int
+    started_at: float | None
+    last_exit: int | None
+
+
+class Workers(Protocol):
+    """The supervisor, as the endpoint sees it."""
+
+    gateway_id: str
+    count: int
+    started_at: float
+
+    def workers(self) -> Sequence[WorkerInfo]: ...
+
+    def partitions(self, route: str) -> bool:
+        """Whether the route's workers read disjoint parts of its source (its lag adds up)."""
+        ...
+
+
+class FleetMonitor(Monitor):
+    """The supervisor's HTTP endpoint (``gateway.http``): the same guard, token and paths as a single gateway's."""
+
+    def __init__(
+        self,
+        pool: Workers,
+        listen: str,
+        worker_token: str,
+        reload: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]] | None = None,
+        token: str | None = None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        header_timeout: float = HEADER_TIMEOUT,
+    ) -> None:
+        super().__init__(
+            None,  # type: ignore[arg-type]  # no gateway in this process: every view asks the workers
+            listen,
+            reload,
+            token,
+            max_connections=max_connections,
+            header_timeout=header_timeout,
+        )
+        self.pool = pool
+        self._auth = {"Authorization": f"Bearer {worker_token}"}
+        self._session: aiohttp.ClientSession | None = None
+        self.own = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.own)
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self._session is not None:
+            await self._session.close()
+
+    # -- asking the workers --------------------------------------------------------------------
+    async def ask(self, path: str, method: str = "GET") -> list[tuple[WorkerInfo, int, Any]]:
+        """Every worker's answer to ``path``: (worker, HTTP status or 0 when it did not answer, body)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT))
+        session = self._session
+
+        async def one(w: WorkerInfo) -> tuple[WorkerInfo, int, Any]:
+            if w.port is None:
+                return w, 0, None
+            try:
+                async with session.request(method, f"http://127.0.0.1:{w.port}{path}", headers=self._auth) as resp:
+                    body: Any = await (resp.text() if path == "/metrics" else resp.json(content_type=None))
+                    return w, resp.status, body
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                return w, 0, None
+
+        return list(await asyncio.gather(*(one(w) for w in self.pool.workers())))
+
+    # -- the paths -------------------------------------------------------------------------------
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return _json(
+            {
+                "status": "ok",
+                "uptime_seconds": time.time() - self.pool.started_at,
+                "workers": {str(w.index): w.state for w in self.pool.workers()},
+            }
+        )
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        reasons: dict[str, Any] = {}
+        for w, status, body in await self.ask("/readyz"):
+            if status == 0:
+                reasons[f"worker {w.index}"] = w.state if w.state != "running" else "not answering"
+            elif status != 200:
+                reasons[f"worker {w.index}"] = (body or {}).get("not_ready", body)
+        ready = not reasons
+        return _json({"ready": ready, "not_ready": reasons, "workers": self.pool.count}, 200 if ready else 503)
+
+    async def exposition(self) -> list[bytes]:
+        answers = await self.ask("/metrics")
+        texts = [(str(w.index), body) for w, status, body in answers if status == 200 and isinstance(body, str)]
+        # The supervisor's own process and endpoint series, merged with the workers' families of the same names.
+        texts.append(("supervisor", generate_latest(self.own).decode() + self.guard.metrics()))
+        return [merge_expositions(texts).encode(), self._own_metrics().encode()]
+
+    def _own_metrics(self) -> str:
+        workers = self.pool.workers()
+        return "".join(
+            [
+                "# HELP gateway_workers Worker processes the supervisor keeps running\n",
+                "# TYPE gateway_workers gauge\n",
+                f"gateway_workers {self.pool.count}\n",
+                "# HELP gateway_worker_up 1 while the worker process runs and reported its endpoint\n",
+                "# TYPE gateway_worker_up gauge\n",
+                *(f'gateway_worker_up{{worker="{w.index}"}} {int(w.port is not None)}\n' for w in workers),
+                "# HELP gateway_worker_restarts_total Times the supervisor started a worker again after it exited\n",
+                "# TYPE gateway_worker_restarts_total counter\n",
+                *(f'gateway_worker_restarts_total{{worker="{w.index}"}} {w.restarts}\n' for w in workers),
+            ]
+        )
+
+    async def _varz(self, request: web.Request) -> web.Response:
+        answers = await self.ask("/varz")
+        views = [(w, body) for w, status, body in answers if status == 200 and isinstance(body, dict)]
+        totals: dict[str, int] = {}
+        for _, body in views:
+            for key, value in body.get("totals", {}).items():
+                totals[key] = totals.get(key, 0) + int(value)
+        first = views[0][1] if views else {}
+        return _json(
+            {
+                "id": self.pool.gateway_id,
+                "version": __version__,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "state": "running" if len(views) == self.pool.count else "degraded",
+                "ready": all(body.get("ready") for _, body in views) and len(views) == self.pool.count,
+                "started_at": self.pool.started_at,
+                "uptime_seconds": time.time() - self.pool.started_at,
+                "now": time.time(),
+                "config": first.get("config", {}),
+                "connectors": first.get("connectors", 0),
+                "routes": max((body.get("routes", 0) for _, body in views), default=0),
+                "totals": totals,
+                "workers": [
+                    {
+                        "worker": w.index,
+                        "pid": w.pid,
+                        "state": w.state,
+                        "restarts": w.restarts,
+                        "last_exit": w.last_exit,
+                        "ready": next((b.get("ready") for v, b in views if v.index == w.index), False),
+                        "routes": next((b.get("routes") for v, b in views if v.index == w.index), None),
+                        "totals": next((b.get("totals") for v, b in views if v.index == w.index), None),
+                    }
+                    for w in self.pool.workers()
+                ],
+            }
+        )
+
+    async def _routez(self, request: web.Request) -> web.Response:
+        merged: dict[str, dict[str, Any]] = {}
+        for w, status, body in await self.ask("/routez"):
+            if status != 200 or not isinstance(body, dict):
+                continue
+            for view in body.get("routes", []):
+                name = view["name"]
+                route = merged.get(name)
+                if route is None:
+                    route = merged[name] = {**view, "workers": []}
+                    for key in _SUMMED:
+                        if key in route:
+                            route[key] = 0
+                    route["lag"] = None
+                    route["oldest_in_flight_seconds"] = 0.0
+                for key in _SUMMED:
+                    if isinstance(view.get(key), int):
+                        route[key] += view[key]
+                lag = view.get("lag")
+                if lag is not None:
+                    add = self.pool.partitions(name)
+                    route["lag"] = (route["lag"] or 0) + lag if add else max(route["lag"] or 0, lag)
+                route["oldest_in_flight_seconds"] = max(
+                    route["oldest_in_flight_seconds"], view["oldest_in_flight_seconds"]
+                )
+                if view["state"] != "running":
+                    route["state"] = view["state"]
+                route["saturated"] = route["saturated"] or view["saturated"]
+                route["workers"].append({"worker": w.index, **{k: view.get(k) for k in _WORKER_ROUTE_KEYS}})
+        return _json({"routes": list(merged.values())})
+
+    async def _connz(self, request: web.Request) -> web.Response:
+        merged: dict[str, dict[str, Any]] = {}
+        for w, status, body in await self.ask("/connz"):
+            if status != 200 or not isinstance(body, dict):
+                continue
+            for view in body.get("connectors", []):
+                name = view["name"]
+                conn = merged.get(name)
+                if conn is None or (conn["state"] == "connected" and view["state"] != "connected"):
+                    workers = conn["workers"] if conn is not None else []
+                    conn = merged[name] = {**view, "workers": workers}
+                conn["workers"].append(
+                    {"worker": w.index, "state": view["state"], "reconnects": view.get("reconnects")}
+                )
+        return _json({"connectors": list(merged.values())})
+
+    async def _reload_config(self, request: web.Request) -> web.Response:
+        if self._reload is None:
+            return _json({"ok": False, "errors": ["reload is not available here"]}, 404)
+        ok, body = await self._reload()
+        return _json(body, 200 if ok else 400)
+
+    async def reload_workers(self) -> tuple[bool, dict[str, Any]]:
+        """POST /reload to every worker: ok when every one applied it."""
+        answers = await self.ask("/reload", method="POST")
+        ok = bool(answers) and all(status == 200 for _, status, _ in answers)
+        return ok, {
+            "ok": ok,
+            "workers": {str(w.index): body if status else "not answering" for w, status, body in answers},
+        }
+
+
+_WORKER_ROUTE_KEYS = ("state", "in_flight", "received", "acked", "sharded", "lag", "oldest_in_flight_seconds")
+
+
+def merge_expositions(texts: Sequence[tuple[str, str]]) -> str:
+    """Prometheus text expositions of several processes as one: a ``worker`` label on every sample (the first
+    label), each family's HELP and TYPE once, its samples from every process together (the format wants a
+    family's lines in one block)."""
+    heads: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for worker, text in texts:
+        label = f'worker="{escape(worker)}"'
+        family = ""
+        for line in text.splitlines():
+            if not line:
+                continue
+            if line.startswith("#"):
+                parts = line.split(" ", 3)
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    family = parts[2]
+                    head = heads.setdefault(family, [])
+                    samples.setdefault(family, [])
+                    if len(head) < 2 and not any(h.split(" ", 3)[1] == parts[1] for h in head):
+                        head.append(line)
+                continue
+            brace, space = line.find("{"), line.find(" ")
+            if 0 <= brace < space:
+                line = (
+                    f"{line[: brace + 1]}{label},{line[brace + 1 :]}"
+                    if line[brace + 1] != "}"
+                    else (f"{line[: brace + 1]}{label}{line[brace + 1 :]}")
+                )
+                name = line[:brace]
+            else:
+                name = line[:space]
+                line = f"{name}{{{label}}}{line[space:]}"
+            if not family or not name.startswith(family):
+                family = name
+                heads.setdefault(family, [])
+                samples.setdefault(family, [])
+            samples[family].append(line)
+    out: list[str] = []
+    for family, head in heads.items():
+        if head or samples[family]:
+            out.extend(head)
+            out.extend(samples[family])
+    return "\n".join(out) + "\n" if out else ""
