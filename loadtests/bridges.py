@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -82,18 +83,36 @@ class Sampler:
         self.peak_rss = 0
         self._task: asyncio.Task[None] | None = None
 
+    def _tree(self) -> list[psutil.Process]:
+        """The process and its children (a gateway with several workers: the supervisor and the workers)."""
+        try:
+            return [self.proc, *self.proc.children(recursive=True)]
+        except psutil.Error:
+            return [self.proc]
+
     def rss(self) -> int:
+        """Resident memory of the whole process tree."""
+        total = 0
+        for p in self._tree():
+            with contextlib.suppress(psutil.Error):
+                total += int(p.memory_info().rss)
+        return total
+
+    def own_rss(self) -> int:
+        """Resident memory of the process itself (a supervisor without its workers)."""
         try:
             return int(self.proc.memory_info().rss)
         except psutil.Error:
             return 0
 
     def cpu(self) -> float:
-        try:
-            t = self.proc.cpu_times()
-            return float(t.user + t.system)
-        except psutil.Error:
-            return 0.0
+        """CPU seconds of the whole process tree (children that exited are not counted)."""
+        total = 0.0
+        for p in self._tree():
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += float(t.user + t.system)
+        return total
 
     def start(self) -> None:
         async def loop() -> None:
@@ -176,7 +195,7 @@ def gateway_process(route: str, ep: Endpoints, workdir: Path) -> BridgeProcess:
     path = workdir / "gateway.yaml"
     path.write_text(config)
     argv = [sys.executable, "-m", "gateway", "run", "-c", str(path), "--log-format", "json"]
-    return BridgeProcess("gateway", argv, workdir, ready_events=connectors)
+    return BridgeProcess("gateway", argv, workdir, ready_events=connectors * workers_of(route))
 
 
 def peer_process(route: str, ep: Endpoints, workdir: Path) -> BridgeProcess:
@@ -226,15 +245,26 @@ def peer_names(route: str, ep: Endpoints) -> tuple[str, str, str]:
 
 
 def base_route(name: str) -> str:
-    """The route a variant runs: ``mqtt_to_kafka_kafkadriver_aiokafka`` and ``mqtt_to_kafka_spool`` are
-    ``mqtt_to_kafka`` with other gateway settings."""
+    """The route a variant runs: ``mqtt_to_kafka_kafkadriver_aiokafka``, ``mqtt_to_kafka_spool``,
+    ``mqtt_to_kafka_keyed_workers_2`` are ``mqtt_to_kafka`` with other gateway settings."""
+    name = name.partition("_workers_")[0].removesuffix("_keyed")
     return name.partition("_kafkadriver_")[0].partition("_compression_")[0].removesuffix("_spool")
+
+
+def workers_of(route: str) -> int:
+    """``*_workers_N``: N gateway worker processes."""
+    _, _, n = route.partition("_workers_")
+    return int(n) if n else 1
 
 
 def gateway_config(route: str, ep: Endpoints) -> tuple[str, int]:
     """YAML for one harness route, and how many connectors it uses (``*_kafkadriver_aiokafka``: that Kafka
     driver; ``*_compression_none``: that producer codec; ``*_spool``: the route stores and forwards through a
     spool, fsync on)."""
+    workers = workers_of(route)
+    route = route.partition("_workers_")[0]
+    keyed = route.endswith("_keyed")
+    route = route.removesuffix("_keyed")
     spooled = route.endswith("_spool")
     route, _, codec = route.removesuffix("_spool").partition("_compression_")
     route, _, driver = route.partition("_kafkadriver_")
@@ -274,11 +304,18 @@ def gateway_config(route: str, ep: Endpoints) -> tuple[str, int]:
         source, _, sink = route.partition("_to_")
         frm, to = sources[source], [sinks[sink]]
     used = {frm["connector"], *(t["connector"] for t in to)}
-    doc = {
+    doc: dict[str, Any] = {
         "gateway": {"id": f"lt-{ep.u}", "shutdown_timeout": 10, "http": {"listen": "127.0.0.1:0"}},
         "connectors": {k: v for k, v in connectors.items() if k in used},
         "routes": [{"name": route, "from": frm, "to": to}],
     }
+    if keyed:  # one key per device topic; with several workers each forwards its keys (per-key order kept)
+        frm["topic"] = f"{ep.mqtt_src}/{{device}}"
+        doc["routes"][0]["shard_by"] = "{device}"
+    if workers > 1:
+        doc["gateway"]["workers"] = workers
+        if frm["connector"] == "nats":  # the shared durable splits the stream; order across workers not kept
+            doc["routes"][0]["order"] = "none"
     if spooled:
         spool_dir = tempfile.mkdtemp(prefix="lt-spool-")
         doc["routes"][0]["spool"] = {"path": spool_dir, "max_bytes": 4 * 1024 * 1024 * 1024}

@@ -439,8 +439,12 @@ class Mqtt:
         self.conn.write(self.codec.subscribe(65000, [(topic, qos)]))
         await asyncio.wait_for(fut, 10)
 
-    async def publish(self, topic: str, n: int, size: int, *, qos: int = 1, rate: float | None = None) -> float:
+    async def publish(
+        self, topic: str, n: int, size: int, *, qos: int = 1, rate: float | None = None, keys: int = 0
+    ) -> float:
+        """``n`` PUBLISHes to ``topic``, or with ``keys`` round-robin to ``topic/d0`` .. ``topic/d<keys-1>``."""
         conn, codec, filler = self.conn, self.codec, filler_for(size)
+        topics = [f"{topic}/d{k}" for k in range(keys)] if keys else [topic]
         assert conn is not None
         t0 = time.monotonic()
         out = bytearray()
@@ -456,7 +460,9 @@ class Mqtt:
                 self._pid = self._pid % 64000 + 1
                 pid = self._pid
                 self.inflight += 1
-            out += codec.publish(topic, payload(seq, size, filler), qos, False, pid, False, None, None, None)
+            out += codec.publish(
+                topics[seq % len(topics)], payload(seq, size, filler), qos, False, pid, False, None, None, None
+            )
             if seq % 100 == 99:
                 conn.write(out)
                 out = bytearray()

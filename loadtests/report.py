@@ -23,7 +23,17 @@ REQUIRED: dict[str, tuple[str, float]] = {
     "kafka_to_nats_kafkadriver_aiokafka": ("(driver comparison)", 0),
     "mqtt_to_kafka_compression_none": ("(codec comparison)", 0),
     "mqtt_to_kafka_spool": ("(store-and-forward cost)", 0),
+    "kafka_to_nats_workers_2": ("(2 workers)", 0),
+    "jetstream_to_kafka_workers_2": ("(2 workers)", 0),
+    "mqtt_to_kafka_keyed": ("(16 keys, 1 worker)", 0),
+    "mqtt_to_kafka_keyed_workers_2": ("(16 keys, 2 workers)", 0),
 }
+WORKER_ROWS = (
+    # (one worker, two workers, the peer's route), measured in the same run
+    ("kafka_to_nats", "kafka_to_nats_workers_2", "kafka_to_nats"),
+    ("jetstream_to_kafka", "jetstream_to_kafka_workers_2", "jetstream_to_kafka"),
+    ("mqtt_to_kafka_keyed", "mqtt_to_kafka_keyed_workers_2", "mqtt_to_kafka"),
+)
 SINK_OF = {r.name: r.sinks[0] if len(r.sinks) == 1 else "kafka" for r in ROUTES}
 
 
@@ -251,6 +261,56 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def workers_table(rows: list[dict[str, Any]]) -> str:
+    """One worker against two, beside the peer, at 128 B (medians); CPU of the brokers during the 2-worker runs."""
+    out = [
+        "| route | 1 worker msgs/s | 2 workers msgs/s | 2 / 1 | peer msgs/s | 2 workers / peer | "
+        "CPU s/100k 1 w / 2 w / peer | msgs per CPU second, 1 worker | CPU % in the 2-worker runs | "
+        "supervisor idle RSS MB | lost |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for one_name, two_name, peer_name in WORKER_ROWS:
+        one, two = _runs(rows, "gateway", one_name), _runs(rows, "gateway", two_name)
+        peer = _runs(rows, "peer", peer_name)
+        if not two:
+            continue
+        g1, g2, p = (_median(x, "steady_msgs_s") for x in (one, two, peer))
+        c1, c2, cp = (_median(x, "cpu_s_per_100k") for x in (one, two, peer))
+        per_core = 100_000 / c1 if c1 else 0.0
+        shares: dict[str, list[float]] = {}
+        for r in two:
+            for who, pct in (r.get("cpu_percent") or {}).items():
+                shares.setdefault(who, []).append(pct)
+        cpu = ", ".join(f"{who} {statistics.median(v):.0f}" for who, v in sorted(shares.items()))
+        sup = _median(two, "supervisor_idle_rss_mb")
+        lost = max((r["lost"] for r in (*one, *two)), default=0)
+        out.append(
+            f"| {BY_NAME[two_name].label} | {_fmt(g1)} | {_fmt(g2)} | {g2 / g1 if g1 else 0:.2f}× | {_fmt(p)} | "
+            f"{g2 / p if p else 0:.2f}× | {c1:.2f} / {c2:.2f} / {cp:.2f} | {_fmt(per_core)} | {cpu} | {sup:.1f} | "
+            f"{lost} |"
+        )
+    return "\n".join(out)
+
+
+def _workers_section(rows: list[dict[str, Any]]) -> str:
+    table_text = workers_table(rows)
+    if table_text.count("\n") < 2:
+        return ""
+    return f"""
+## Several workers (`gateway.workers: 2`)
+
+The same routes with one worker process and with two under a supervisor, beside the peer, 128 B, in this
+run. Kafka → NATS splits by partition (4 partitions); JetStream → Kafka takes the shared durable
+(`order: none`); the MQTT rows publish round-robin to 16 device topics and shard by `{{device}}` (every
+worker reads every message, forwards its keys; the one-worker row is the same config). *CPU %* is each
+process's CPU over the run's wall time (100 = one core): the brokers, the harness's own clients and the
+gateway (supervisor and workers) share the machine's 2 cores (200 %). *Msgs per CPU second* is the
+per-core figure docs/scaling.md works from.
+
+{table_text}
+"""
+
+
 def _hotpath() -> str:
     """The hand-kept before/after measurements of changes to the per-message path."""
     path = Path(__file__).with_name("HOTPATH.md")
@@ -313,7 +373,7 @@ use `fetch_max_wait_ms: 2` here because Tansu holds every empty fetch for the wh
 ## Router micro-benchmark
 
 {_router(rows)}
-{_profile(rows)}
+{_workers_section(rows)}{_profile(rows)}
 {_hotpath()}"""
     (out / "RESULTS.md").write_text(text)
     (out / "meta.json").write_text(json.dumps(meta, indent=1))

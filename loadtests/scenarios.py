@@ -56,6 +56,10 @@ class Route:
     bridge lasts seconds on this route (fast routes move more per run, slow ones less)."""
     huge: bool = False
     """Also measured at 64 KiB."""
+    workers: int = 1
+    """Gateway worker processes (``gateway.workers``)."""
+    keys: int = 0
+    """MQTT sources: publish round-robin to this many topics ``<src>/d<k>`` (the key of ``shard_by``)."""
 
 
 ROUTES = [
@@ -81,6 +85,42 @@ ROUTES = [
         huge=True,
     ),
     Route("mqtt_to_kafka_spool", "MQTT QoS 1 → Kafka, `spool` (fsync)", "mqtt", ("kafka",), gateway_only=True),
+    # Several workers (issue 17): beside the one-worker rows and the peer rows of the same routes above.
+    Route(
+        "kafka_to_nats_workers_2",
+        "Kafka → NATS, 2 workers",
+        "kafka",
+        ("nats",),
+        gateway_only=True,
+        scale=2.0,
+        workers=2,
+    ),
+    Route(
+        "jetstream_to_kafka_workers_2",
+        "JetStream → Kafka, 2 workers (`order: none`)",
+        "jetstream",
+        ("kafka",),
+        gateway_only=True,
+        scale=0.75,
+        workers=2,
+    ),
+    Route(
+        "mqtt_to_kafka_keyed",
+        "MQTT QoS 1 → Kafka, 16 keys, 1 worker",
+        "mqtt",
+        ("kafka",),
+        gateway_only=True,
+        keys=16,
+    ),
+    Route(
+        "mqtt_to_kafka_keyed_workers_2",
+        "MQTT QoS 1 → Kafka, 16 keys, 2 workers (`shard_by`)",
+        "mqtt",
+        ("kafka",),
+        gateway_only=True,
+        keys=16,
+        workers=2,
+    ),
     Route(
         "mqtt_to_kafka_kafkadriver_aiokafka",
         "MQTT QoS 1 → Kafka, `driver: aiokafka`",
@@ -166,9 +206,16 @@ async def _prepare_source(route: Route, ep: Endpoints, kind: str = "gateway") ->
         await nc.add_stream(ep.js_stream, [ep.js_subject])
         await nc.close()
     elif route.source == "mqtt":
-        # The gateway reads each MQTT source route through its own session, <client_id>-<route>.
-        client_id = f"{ep.client_id}-{base_route(route.name)}" if kind == "gateway" else ep.client_id
-        await mqtt_session(ep.mqtt_port, client_id, ep.mqtt_src)
+        # The gateway reads each MQTT source route through its own session, <client_id>-<route>; worker k of
+        # several through <client_id>-w<k>-<route>, each reading every key (shard_by).
+        topic = f"{ep.mqtt_src}/+" if route.keys else ep.mqtt_src
+        if kind != "gateway":
+            await mqtt_session(ep.mqtt_port, ep.client_id, topic)
+        elif route.workers == 1:
+            await mqtt_session(ep.mqtt_port, f"{ep.client_id}-{base_route(route.name)}", topic)
+        else:
+            for k in range(route.workers):
+                await mqtt_session(ep.mqtt_port, f"{ep.client_id}-w{k}-{base_route(route.name)}", topic)
 
 
 async def _publish(route: Route, ep: Endpoints, n: int, size: int, rate: float | None) -> float:
@@ -177,7 +224,7 @@ async def _publish(route: Route, ep: Endpoints, n: int, size: int, rate: float |
     if route.source == "mqtt":
         pub = await Mqtt(ep.mqtt_port, f"lt-pub-{ep.u}").connect()
         try:
-            return await pub.publish(ep.mqtt_src, n, size, rate=rate)
+            return await pub.publish(ep.mqtt_src, n, size, rate=rate, keys=route.keys)
         finally:
             await pub.close()
     nc = await Nats(ep.nats_url).connect()
@@ -218,6 +265,7 @@ async def throughput(
         assert bridge.sampler is not None and bridge.proc is not None
         spy = start_profiler(bridge.proc.pid, profile) if profile is not None else None
         idle_rss = bridge.sampler.rss()
+        own_idle_rss = bridge.sampler.own_rss()
         cpu0 = bridge.sampler.cpu()
         others0, wall0 = brokers.cpu(), time.monotonic()
         publisher = None
@@ -261,6 +309,8 @@ async def throughput(
             "idle_rss_mb": round(idle_rss / 2**20, 1),
             "peak_rss_mb": round(bridge.sampler.peak_rss / 2**20, 1),
             "cpu_s_per_100k": round(cpu / max(1, slow.count) * 100_000, 2),
+            "workers": route.workers,
+            "supervisor_idle_rss_mb": round(own_idle_rss / 2**20, 1) if route.workers > 1 else None,
             "cpu_percent": others,
         }
     finally:

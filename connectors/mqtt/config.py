@@ -135,10 +135,11 @@ class MqttSource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     def broker_split(self, route: str) -> str | None:
         return f"MQTT shared subscription $share/{self.share_group}/{self.topic}" if self.share_group else None
 
-    def shared(self, route: str, group: str) -> MqttSource | None:
+    def shared(self, route: str, group: str) -> tuple[MqttSource, str] | None:
         if self.retained_only:  # a shared subscription is sent no retained messages
             return None
-        return msgspec.structs.replace(self, share_group=self.share_group or _share_name(group))
+        spec = msgspec.structs.replace(self, share_group=self.share_group or _share_name(group))
+        return spec, f"MQTT shared subscription $share/{spec.share_group}/{self.topic}"
 
 
 def _share_name(group: str) -> str:

@@ -193,14 +193,13 @@ class NatsSource(SourceSpec, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     split: ClassVar[Literal["partitions", "round_robin", "none"]] = "round_robin"
 
     def broker_split(self, route: str) -> str | None:
-        if self.stream_name is not None:
-            return f"JetStream durable {self.durable_name(route)} shared by the workers"
         return f"NATS queue group {self.queue}" if self.queue is not None else None
 
-    def shared(self, route: str, group: str) -> NatsSource:
-        if self.stream_name is not None:  # workers on one durable split the stream
-            return self
-        return msgspec.structs.replace(self, queue=self.queue or group)
+    def shared(self, route: str, group: str) -> tuple[NatsSource, str]:
+        if self.stream_name is not None:  # workers pulling from one durable split the stream
+            return self, f"JetStream durable {self.durable_name(route)} shared by the workers"
+        spec = msgspec.structs.replace(self, queue=self.queue or group)
+        return spec, f"NATS queue group {spec.queue}"
 
     def whole(self, route: str, worker: int) -> NatsSource:
         if self.stream_name is None:

@@ -52,12 +52,13 @@ class SourceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     ``none`` (no sharing: one worker runs it)."""
 
     def broker_split(self, route: str) -> str | None:
-        """What in this ``from`` as written makes the broker split it among workers (for messages), else None."""
+        """What the user wrote in this ``from`` to have the broker split it among processes (``share_group``,
+        ``queue``), in words; None when nothing."""
         return None
 
-    def shared(self, route: str, group: str) -> SourceSpec | None:
+    def shared(self, route: str, group: str) -> tuple[SourceSpec, str] | None:
         """This ``from`` with the broker's round-robin split on (``group`` names it where the protocol needs a
-        name); None when the source cannot be shared."""
+        name), and that split in words; None when the source cannot be shared."""
         return None
 
     def whole(self, route: str, worker: int) -> SourceSpec:

@@ -132,9 +132,7 @@ def _split(rc: RouteConfig, workers: int, path: str, issues: list[ConfigIssue]) 
                 ConfigIssue(f"{path}.order", "this source cannot be split by its broker (retained_only): remove it")
             )
             return None
-        return Split(
-            name, "broker", shared.broker_split(name) or "split by the broker", "none across workers (order: none)"
-        )
+        return Split(name, "broker", shared[1], "none across workers (order: none)")
     explicit = spec.broker_split(name)
     if explicit is not None:
         issues.append(
@@ -179,7 +177,7 @@ def for_worker(config: Config, index: int, count: int, *, http_token: str) -> Co
         if split.mode == "broker":
             shared = source.shared(rc.name, group_name(rc.name))
             assert shared is not None  # plan() refused the routes whose source cannot be shared
-            source = shared
+            source = shared[0]
         elif split.mode == "sharded" and rc.shard_key is not None:
             source = source.whole(rc.name, index)
         routes.append(RouteConfig(section, source, rc.patterns, rc.targets, rc.dead_letter, rc.request, rc.shard_key))
