@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from gateway import __version__
-from gateway.config import Config, load_config
-from gateway.config.workers import TOKEN_ENV, Split, for_worker, plan, worker_count
-from gateway.errors import ConfigError
+from gateway.config import Config, load_config, parse_config
+from gateway.config.workers import SNAPSHOT_ENV, TOKEN_ENV, Split, for_worker, plan, worker_count
+from gateway.errors import ConfigError, ConfigIssue
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _signal_reload(args.pid_file, args.url, args.token_file)
     slot = getattr(args, "worker", None)
     try:
-        config = load_config(args.config, worker=slot[0] if slot else None)
+        config = load_config(args.config) if slot is None else _worker_base(args.config, slot[0])
         count = worker_count(args.workers or config.gateway.workers) if slot is None else slot[1]
         splits = plan(config, count)
         if slot is not None:
@@ -400,14 +400,21 @@ def _run(
 def _supervise(config: Config, count: int, level: str, fmt: str, path: str, pid_file: str | None) -> int:
     """``gateway run`` with several workers: this process supervises them (:mod:`gateway.workers`)."""
     from gateway.ops.logs import configure, resolved_format
-    from gateway.workers import Pool
+    from gateway.workers import Pool, read_config
 
     configure(level, fmt)  # type: ignore[arg-type]
     if pid_file is not None:
         Path(pid_file).write_text(f"{os.getpid()}\n")
 
     async def main() -> int:
-        return await Pool(config, path, count, level=level, fmt=resolved_format(fmt)).run()
+        return await Pool(config, text, path, count, level=level, fmt=resolved_format(fmt)).run()
+
+    try:
+        text, config = read_config(path)  # the text the workers will read: checked once more, as it is now
+        plan(config, count)
+    except ConfigError as exc:
+        _print_problems(path, exc)
+        return EXIT_CONFIG
 
     try:
         return _loop_run(main())
@@ -439,11 +446,24 @@ async def reload_from(gw: Gateway, path: str, worker: tuple[int, int] | None = N
     return True, {"ok": True, "config": path, "sha256": config.digest, **summary}
 
 
+def _worker_base(path: str, index: int) -> Config:
+    """What worker ``index`` reads: the supervisor's copy of the text it checked last (the file at ``path``
+    when run by hand), with relative paths from ``path``'s directory; its gateway id ends in ``-w<index>``."""
+    snapshot = os.environ.get(SNAPSHOT_ENV)
+    if not snapshot:
+        return load_config(path, worker=index)
+    try:
+        text = Path(snapshot).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read the supervisor's copy {snapshot}: {exc}")]) from None
+    return parse_config(text, source=path, base_dir=Path(path).parent, worker=index)
+
+
 def _load_for(path: str, worker: tuple[int, int] | None) -> Config:
     """The config at ``path``, as worker ``worker`` (index, count) runs it when given."""
     if worker is None:
         return load_config(path)
-    config = load_config(path, worker=worker[0])
+    config = _worker_base(path, worker[0])
     return for_worker(config, worker[0], worker[1], http_token=os.environ.get(TOKEN_ENV, ""))
 
 
@@ -467,6 +487,10 @@ async def _serve(config: Config, path: str, worker: tuple[int, int] | None = Non
         if signals == 1:
             log.info("gateway.signal", signal=signal.Signals(signum).name, action="drain and stop")
             stop.set()
+        elif worker is not None:
+            # A worker may get the stop twice (its supervisor's SIGTERM and the service manager's, sent to every
+            # process of the unit): it keeps draining; the supervisor kills it when that has to end now.
+            log.info("gateway.signal", signal=signal.Signals(signum).name, action="already draining")
         else:
             log.warning("gateway.signal", signal=signal.Signals(signum).name, action="exit now")
             raise SystemExit(EXIT_FAILURE)

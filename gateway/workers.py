@@ -30,9 +30,9 @@ from typing import Any
 
 import structlog
 
-from gateway.config import Config, load_config
-from gateway.config.workers import TOKEN_ENV, Split, plan
-from gateway.errors import ConfigError
+from gateway.config import Config, parse_config
+from gateway.config.workers import SNAPSHOT_ENV, TOKEN_ENV, Split, plan
+from gateway.errors import ConfigError, ConfigIssue
 from gateway.ops.fleet import FleetMonitor, WorkerInfo
 from gateway.ops.monitor import MonitorError
 
@@ -40,10 +40,15 @@ log = structlog.get_logger("gateway.workers")
 
 PORT_FILE_ENV = "GATEWAY_WORKER_PORT_FILE"
 """Where a worker writes the port its endpoint bound."""
+SUPERVISOR_ENV = "GATEWAY_SUPERVISOR_PID"
+"""The supervisor's pid: a worker whose parent is another process drains and stops."""
 FIRST_DELAY, MAX_DELAY, HEALTHY_AFTER = 0.5, 30.0, 60.0
 """Restart backoff: the first delay, the longest, and how long a worker runs before the delay starts over."""
-KILL_GRACE = 5.0
-"""Seconds past ``shutdown_timeout`` the supervisor waits for a worker to stop before it kills it."""
+KILL_GRACE = 20.0
+"""Seconds past ``shutdown_timeout`` the supervisor waits for a worker to stop before it kills it: after its
+drain a worker closes its sources and sinks (up to 5 s each) and its endpoint (up to 5 s)."""
+RELOAD_GRACE = 30.0
+"""Seconds past ``shutdown_timeout`` the supervisor waits for a worker's reload (it may drain replaced routes)."""
 
 
 class Worker:
@@ -72,7 +77,7 @@ class Worker:
 class Pool:
     """The supervisor: its workers, their restarts, the signals and the endpoint."""
 
-    def __init__(self, config: Config, path: str, count: int, *, level: str, fmt: str) -> None:
+    def __init__(self, config: Config, text: str, path: str, count: int, *, level: str, fmt: str) -> None:
         self.config = config
         self.path = path
         self.count = count
@@ -86,7 +91,26 @@ class Pool:
         self._splits: dict[str, Split] = {s.route: s for s in plan(config, count)}
         self._stopping = asyncio.Event()
         self._signals = 0
-        self.monitor: FleetMonitor | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.snapshot = Path(self._dir.name) / "config.yaml"
+        """What the workers read: the text of the file as last checked (at start, at each good reload), so that
+        a worker restarted after the file was edited runs what the others run."""
+        self._write_snapshot(text)
+        http = config.gateway.http
+        self.monitor = FleetMonitor(
+            self,
+            http.listen,
+            self.token,
+            reload=self.reload,
+            max_connections=http.max_connections,
+            header_timeout=http.header_timeout,
+        )
+        """The endpoint; it asks the workers for reloads even when ``gateway.http.listen`` is empty."""
+
+    def _write_snapshot(self, text: str) -> None:
+        tmp = self.snapshot.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(self.snapshot)
 
     # -- what the endpoint reads ---------------------------------------------------------------
     def workers(self) -> Sequence[WorkerInfo]:
@@ -101,7 +125,7 @@ class Pool:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         http = self.config.gateway.http
         if http.listen:
             try:
@@ -109,15 +133,7 @@ class Pool:
             except OSError as exc:
                 log.error("gateway.failed", error=f"cannot read gateway.http.token_file: {exc.strerror or exc}")
                 return 1
-            self.monitor = FleetMonitor(
-                self,
-                http.listen,
-                self.token,
-                reload=self.reload,
-                token=token,
-                max_connections=http.max_connections,
-                header_timeout=http.header_timeout,
-            )
+            self.monitor.set_token(token)
             try:
                 await self.monitor.start()
             except MonitorError as exc:
@@ -128,8 +144,7 @@ class Pool:
             keepers = [asyncio.create_task(self._keep(w), name=f"worker-{w.index}") for w in self._workers]
             await asyncio.gather(*keepers)
         finally:
-            if self.monitor is not None:
-                await self.monitor.stop()
+            await self.monitor.stop()
             self._dir.cleanup()
         failed = [w.index for w in self._workers if w.last_exit not in (0, None)]
         log.info("workers.stopped", failed=failed)
@@ -157,22 +172,26 @@ class Pool:
                 log.warning("worker.killed", worker=w.index, reason="still running after shutdown_timeout")
                 w.signal(signal.SIGKILL)
 
+    def _on_hangup(self) -> None:
+        log.info("gateway.signal", signal="SIGHUP", action="reload every worker", config=self.path)
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def reload(self) -> tuple[bool, dict[str, Any]]:
         """Check the file as the workers will read it, then have each worker reload it."""
-        log.info("gateway.signal", signal="SIGHUP", action="reload every worker", config=self.path)
         try:
-            config = await asyncio.to_thread(load_config, self.path)
-            await asyncio.to_thread(plan, config, self.count)
+            text, config = await asyncio.to_thread(read_config, self.path)
+            splits = await asyncio.to_thread(plan, config, self.count)
+            same_keys(self.config, config)
         except ConfigError as exc:
             for issue in exc.issues:
                 log.error("gateway.reload_invalid", config=self.path, problem=str(issue))
             return False, {"ok": False, "config": self.path, "errors": [str(i) for i in exc.issues]}
-        self._splits = {s.route: s for s in plan(config, self.count)}
-        if self.monitor is not None:
-            return await self.monitor.reload_workers()
-        for w in self._workers:
-            w.signal(signal.SIGHUP)
-        return True, {"ok": True, "config": self.path}
+        self._write_snapshot(text)
+        self.config = config
+        self._splits = {s.route: s for s in splits}
+        return await self.monitor.reload_workers(config.gateway.shutdown_timeout + RELOAD_GRACE)
 
     def _command(self, w: Worker) -> list[str]:
         return [
@@ -193,16 +212,25 @@ class Pool:
     async def _keep(self, w: Worker) -> None:
         """Run worker ``w`` until the supervisor stops, starting it again whenever it exits on its own."""
         delay = FIRST_DELAY
-        env = {**os.environ, TOKEN_ENV: self.token, PORT_FILE_ENV: str(w.port_file)}
+        env = {
+            **os.environ,
+            TOKEN_ENV: self.token,
+            PORT_FILE_ENV: str(w.port_file),
+            SNAPSHOT_ENV: str(self.snapshot),
+            SUPERVISOR_ENV: str(os.getpid()),
+        }
         while not self._stopping.is_set():
             with contextlib.suppress(FileNotFoundError):
                 w.port_file.unlink()
             w.port = None
             w.state = "starting"
             w.started_at = time.time()
+            # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which stops the workers.
             w.process = await asyncio.create_subprocess_exec(
-                *self._command(w), env=env, stdin=asyncio.subprocess.DEVNULL
+                *self._command(w), env=env, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
             )
+            if self._stopping.is_set():  # the stop signal came while it was being started
+                w.signal(signal.SIGTERM)
             log.info("worker.started", worker=w.index, pid=w.process.pid, restarts=w.restarts)
             reported = asyncio.create_task(self._await_port(w))
             rc = await w.process.wait()
@@ -249,12 +277,34 @@ def report_port(port: int) -> None:
     tmp.replace(target)
 
 
+def read_config(path: str) -> tuple[str, Config]:
+    """The text of the config file and what it says (ConfigError when it is not valid)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read {path}: {exc}")]) from None
+    return text, parse_config(text, source=path, base_dir=Path(path).parent)
+
+
+def same_keys(old: Config, new: Config) -> None:
+    """A reload may not change how a route's keys map to workers: the workers apply it one after another, and
+    meanwhile a key could be nobody's (acknowledged by every worker, forwarded by none)."""
+    before = {rc.name: rc.section.shard_by for rc in old.routes}
+    issues = [
+        ConfigIssue(f"route {rc.name!r}", "shard_by changed: restart the gateway to apply it (a reload cannot)")
+        for rc in new.routes
+        if rc.name in before and before[rc.name] != rc.section.shard_by
+    ]
+    if issues:
+        raise ConfigError(issues)
+
+
 async def watch_parent(stop: asyncio.Event, every: float = 1.0) -> None:
     """In a worker: set ``stop`` once the supervisor that started it is gone (the worker drains and exits)."""
-    parent = os.getppid()
+    parent = int(os.environ.get(SUPERVISOR_ENV) or os.getppid())
     while not stop.is_set():
-        await asyncio.sleep(every)
         if os.getppid() != parent:
             log.warning("worker.orphaned", supervisor_pid=parent, action="drain and stop")
             stop.set()
             return
+        await asyncio.sleep(every)

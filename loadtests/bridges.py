@@ -314,7 +314,7 @@ def gateway_config(route: str, ep: Endpoints) -> tuple[str, int]:
         doc["routes"][0]["shard_by"] = "{device}"
     if workers > 1:
         doc["gateway"]["workers"] = workers
-        if frm["connector"] == "nats":  # the shared durable splits the stream; order across workers not kept
+        if not keyed and frm["connector"] != "kafka":  # the broker splits it round-robin: no order kept
             doc["routes"][0]["order"] = "none"
     if spooled:
         spool_dir = tempfile.mkdtemp(prefix="lt-spool-")

@@ -26,12 +26,14 @@ REQUIRED: dict[str, tuple[str, float]] = {
     "kafka_to_nats_workers_2": ("(2 workers)", 0),
     "jetstream_to_kafka_workers_2": ("(2 workers)", 0),
     "mqtt_to_kafka_keyed": ("(16 keys, 1 worker)", 0),
+    "mqtt_to_kafka_workers_2": ("(2 workers)", 0),
     "mqtt_to_kafka_keyed_workers_2": ("(16 keys, 2 workers)", 0),
 }
 WORKER_ROWS = (
     # (one worker, two workers, the peer's route), measured in the same run
     ("kafka_to_nats", "kafka_to_nats_workers_2", "kafka_to_nats"),
     ("jetstream_to_kafka", "jetstream_to_kafka_workers_2", "jetstream_to_kafka"),
+    ("mqtt_to_kafka", "mqtt_to_kafka_workers_2", "mqtt_to_kafka"),
     ("mqtt_to_kafka_keyed", "mqtt_to_kafka_keyed_workers_2", "mqtt_to_kafka"),
 )
 SINK_OF = {r.name: r.sinks[0] if len(r.sinks) == 1 else "kafka" for r in ROUTES}

@@ -105,6 +105,14 @@ ROUTES = [
         workers=2,
     ),
     Route(
+        "mqtt_to_kafka_workers_2",
+        "MQTT QoS 1 → Kafka, 2 workers (`order: none`: shared subscription)",
+        "mqtt",
+        ("kafka",),
+        gateway_only=True,
+        workers=2,
+    ),
+    Route(
         "mqtt_to_kafka_keyed",
         "MQTT QoS 1 → Kafka, 16 keys, 1 worker",
         "mqtt",
@@ -208,14 +216,17 @@ async def _prepare_source(route: Route, ep: Endpoints, kind: str = "gateway") ->
     elif route.source == "mqtt":
         # The gateway reads each MQTT source route through its own session, <client_id>-<route>; worker k of
         # several through <client_id>-w<k>-<route>, each reading every key (shard_by).
+        # Without keys, several workers share one subscription (order: none): the broker splits the backlog.
         topic = f"{ep.mqtt_src}/+" if route.keys else ep.mqtt_src
         if kind != "gateway":
             await mqtt_session(ep.mqtt_port, ep.client_id, topic)
         elif route.workers == 1:
             await mqtt_session(ep.mqtt_port, f"{ep.client_id}-{base_route(route.name)}", topic)
         else:
+            name = base_route(route.name)
+            shared = topic if route.keys else f"$share/gateway.{name}/{topic}"
             for k in range(route.workers):
-                await mqtt_session(ep.mqtt_port, f"{ep.client_id}-w{k}-{base_route(route.name)}", topic)
+                await mqtt_session(ep.mqtt_port, f"{ep.client_id}-w{k}-{name}", shared)
 
 
 async def _publish(route: Route, ep: Endpoints, n: int, size: int, rate: float | None) -> float:

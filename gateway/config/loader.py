@@ -546,6 +546,11 @@ def _shard_key(
     if source.split == "none":
         issues.append(ConfigIssue(path, "this source cannot be read by several workers: shard_by does not apply"))
         return None
+    if getattr(source, "retained_only", False):
+        issues.append(
+            ConfigIssue(path, "a retained_only route mirrors every retained message: shard_by does not apply")
+        )
+        return None
     explicit = source.broker_split(route)
     if explicit is not None:
         issues.append(

@@ -35,6 +35,9 @@ from gateway.errors import ConfigError, ConfigIssue
 
 TOKEN_ENV = "GATEWAY_WORKER_TOKEN"  # noqa: S105 - the variable's name, not a secret
 """Environment variable with the token of a worker's endpoint, handed down by its supervisor."""
+SNAPSHOT_ENV = "GATEWAY_WORKER_CONFIG"
+"""Environment variable naming the copy of the config text the supervisor checked last: what a worker reads
+(relative paths in it stay relative to the config file's own directory)."""
 
 Mode = Literal["partitions", "broker", "sharded", "one", "each"]
 
@@ -115,8 +118,20 @@ def _split(rc: RouteConfig, workers: int, path: str, issues: list[ConfigIssue]) 
         return Split(name, "partitions", how, "per partition (per key, for producers that partition by key)")
     if workers <= 1:
         return Split(name, "one", "one worker", "as the source delivers")
-    if spec.split == "none":
-        return Split(name, "one", "worker 0 only: this source cannot be shared", "as the source delivers")
+    if spec.split == "none":  # an in-process source: each worker has its own
+        return Split(
+            name, "each", "every worker runs its own copy (the source is inside each process)", "as it delivers"
+        )
+    leg = section.request
+    if leg is not None and leg.reply_to is not None and (rc.shard_key is not None or section.order == "none"):
+        issues.append(
+            ConfigIssue(
+                f"{path}.request.reply_to",
+                f"the {workers} workers would share one reply address and read each other's answers: leave "
+                "reply_to out (each worker gets its own) or let one worker run the route (no shard_by / order: none)",
+            )
+        )
+        return None
     if rc.shard_key is not None:
         key = section.shard_by
         return Split(

@@ -33,8 +33,12 @@ Plan = tuple[RoutePlan, ...]
 class Dispatcher:
     """Routes the messages of one source channel (a connection, consumer or subscription)."""
 
-    def __init__(self, syntax: TopicSyntax, routes: Sequence[Route], *, cache_size: int = 10_000) -> None:
+    def __init__(
+        self, syntax: TopicSyntax, routes: Sequence[Route], *, cache_size: int = 10_000, shards: bool = True
+    ) -> None:
+        """``shards``: apply the routes' ``shard_by`` (False for what a route already took: its spool's replay)."""
         self.routes = tuple(routes)
+        self.shards = shards
         self.gate = FlowGate()
         self.router: Router[Route] = Router(syntax)
         for route in self.routes:
@@ -56,7 +60,7 @@ class Dispatcher:
                     route.dead_letter.render(match) if route.dead_letter is not None else None,
                     match,
                 )
-                if route.shard is None or route.shard.takes(match)
+                if route.shard is None or not self.shards or route.shard.takes(match)
                 else RoutePlan(Elsewhere(route), (), None, match)  # another worker's key (shard_by)
                 for route, match in self.router.match(topic)
             )

@@ -37,6 +37,8 @@ from gateway.ops.monitor import Monitor, _json
 
 ASK_TIMEOUT = 5.0
 """Seconds the supervisor waits for a worker's answer before it counts the worker as not answering."""
+READY_TIMEOUT = 2.0
+"""The same for ``/readyz``, which probes ask with short timeouts of their own."""
 
 _SUMMED = frozenset(
     {
@@ -117,23 +119,33 @@ class FleetMonitor(Monitor):
         self.own = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.own)
 
+    def set_token(self, token: str | None) -> None:
+        """The bearer token of ``gateway.http`` (read once the supervisor runs)."""
+        self._token = token.encode() if token else None
+
     async def stop(self) -> None:
         await super().stop()
         if self._session is not None:
             await self._session.close()
 
     # -- asking the workers --------------------------------------------------------------------
-    async def ask(self, path: str, method: str = "GET") -> list[tuple[WorkerInfo, int, Any]]:
+    async def ask(
+        self, path: str, method: str = "GET", timeout: float = ASK_TIMEOUT
+    ) -> list[tuple[WorkerInfo, int, Any]]:
         """Every worker's answer to ``path``: (worker, HTTP status or 0 when it did not answer, body)."""
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT))
+            self._session = aiohttp.ClientSession()
         session = self._session
+        # Uncompressed: the workers are on loopback, and zipping costs them more than the bytes do.
+        headers = {**self._auth, "Accept-Encoding": "identity"}
+        limit = aiohttp.ClientTimeout(total=timeout)
 
         async def one(w: WorkerInfo) -> tuple[WorkerInfo, int, Any]:
             if w.port is None:
                 return w, 0, None
+            url = f"http://127.0.0.1:{w.port}{path}"
             try:
-                async with session.request(method, f"http://127.0.0.1:{w.port}{path}", headers=self._auth) as resp:
+                async with session.request(method, url, headers=headers, timeout=limit) as resp:
                     body: Any = await (resp.text() if path == "/metrics" else resp.json(content_type=None))
                     return w, resp.status, body
             except (aiohttp.ClientError, TimeoutError, ValueError):
@@ -153,7 +165,7 @@ class FleetMonitor(Monitor):
 
     async def _readyz(self, request: web.Request) -> web.Response:
         reasons: dict[str, Any] = {}
-        for w, status, body in await self.ask("/readyz"):
+        for w, status, body in await self.ask("/readyz", timeout=READY_TIMEOUT):
             if status == 0:
                 reasons[f"worker {w.index}"] = w.state if w.state != "running" else "not answering"
             elif status != 200:
@@ -161,12 +173,14 @@ class FleetMonitor(Monitor):
         ready = not reasons
         return _json({"ready": ready, "not_ready": reasons, "workers": self.pool.count}, 200 if ready else 503)
 
-    async def exposition(self) -> list[bytes]:
+    async def _render(self) -> list[bytes]:
+        """The merged exposition (scrapes that arrive meanwhile share it: :meth:`Monitor.exposition`)."""
         answers = await self.ask("/metrics")
         texts = [(str(w.index), body) for w, status, body in answers if status == 200 and isinstance(body, str)]
         # The supervisor's own process and endpoint series, merged with the workers' families of the same names.
         texts.append(("supervisor", generate_latest(self.own).decode() + self.guard.metrics()))
-        return [merge_expositions(texts).encode(), self._own_metrics().encode()]
+        merged = await asyncio.to_thread(merge_expositions, texts)  # large configs: seconds of work, off the loop
+        return [merged.encode(), self._own_metrics().encode()]
 
     def _own_metrics(self) -> str:
         workers = self.pool.workers()
@@ -203,7 +217,7 @@ class FleetMonitor(Monitor):
                 "started_at": self.pool.started_at,
                 "uptime_seconds": time.time() - self.pool.started_at,
                 "now": time.time(),
-                "config": first.get("config", {}),
+                "config": first.get("config", {"source": "", "sha256": "", "reloads": 0}),
                 "connectors": first.get("connectors", 0),
                 "routes": max((body.get("routes", 0) for _, body in views), default=0),
                 "totals": totals,
@@ -270,20 +284,16 @@ class FleetMonitor(Monitor):
                 )
         return _json({"connectors": list(merged.values())})
 
-    async def _reload_config(self, request: web.Request) -> web.Response:
-        if self._reload is None:
-            return _json({"ok": False, "errors": ["reload is not available here"]}, 404)
-        ok, body = await self._reload()
-        return _json(body, 200 if ok else 400)
-
-    async def reload_workers(self) -> tuple[bool, dict[str, Any]]:
-        """POST /reload to every worker: ok when every one applied it."""
-        answers = await self.ask("/reload", method="POST")
-        ok = bool(answers) and all(status == 200 for _, status, _ in answers)
-        return ok, {
-            "ok": ok,
-            "workers": {str(w.index): body if status else "not answering" for w, status, body in answers},
+    async def reload_workers(self, timeout: float) -> tuple[bool, dict[str, Any]]:
+        """POST /reload to every running worker: ok when every one applied it (a worker still starting reads the
+        new file as it starts)."""
+        answers = await self.ask("/reload", method="POST", timeout=timeout)
+        ok = all(status == 200 for w, status, _ in answers if w.port is not None)
+        by_worker = {
+            str(w.index): body if status else ("starting: reads the new file" if w.port is None else "not answering")
+            for w, status, body in answers
         }
+        return ok, {"ok": ok, "workers": by_worker}
 
 
 _WORKER_ROUTE_KEYS = ("state", "in_flight", "received", "acked", "sharded", "lag", "oldest_in_flight_seconds")

@@ -150,7 +150,8 @@ class SpooledRoute(Route):
             return
         cfg = self.spool_config
         saved_gate = self.gate
-        self._plans = Dispatcher(self.patterns[0].syntax, [self])  # plans for replayed topics
+        # Plans for replayed topics; whatever the key, what the spool holds is this worker's to deliver.
+        self._plans = Dispatcher(self.patterns[0].syntax, [self], shards=False)
         self.gate = saved_gate  # a Dispatcher claims its routes' gate: this one only plans
         log.info("spool.opened", route=self.name, path=cfg.path, backlog=self.spool.records)
         async with asyncio.TaskGroup() as tg:

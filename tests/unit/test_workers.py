@@ -15,6 +15,7 @@ from gateway.errors import ConfigError
 from gateway.ops.fleet import merge_expositions
 from gateway.routing.patterns import MQTT, compile_pattern
 from gateway.routing.templates import compile_template
+from gateway.workers import same_keys
 from tests.support.harness import dispatcher_for, envelope
 
 CONNECTORS = """\
@@ -194,3 +195,39 @@ def test_the_expositions_of_the_workers_merge_into_one_valid_text() -> None:
     assert {s.labels["worker"]: s.value for s in buckets} == {"0": 3, "1": 5}
     assert merged.count("# HELP gateway_route_received_total") == 1
     assert merged.count("# TYPE gateway_route_latency_seconds histogram") == 1
+
+
+def test_in_process_sources_run_on_every_worker() -> None:
+    config = parse_config(
+        "connectors:\n  a: {type: memory}\n  b: {type: memory}\nroutes:\n"
+        "  - {name: r, from: {connector: a, topic: x}, to: {connector: b, topic: y}}\n",
+        environ={},
+    )
+    [split] = plan(config, 3)
+    assert split.mode == "each" and all(split.runs_on(k) for k in range(3))
+
+
+def test_a_shared_reply_address_is_refused_when_the_workers_split_the_requests() -> None:
+    route = (
+        "  - name: ask\n    from: {connector: bus, subject: 'req.>'}\n    to: {connector: mq, topic: 'dev/cmd'}\n"
+        "    order: none\n    request: {reply_to: 'dev/answers'}\n"
+    )
+    config = parse_config(CONNECTORS + route, environ={})
+    with pytest.raises(ConfigError) as err:
+        plan(config, 2)
+    assert "routes[0].request.reply_to: the 2 workers would share one reply address" in str(err.value)
+    assert {s.mode for s in plan(parse_config(CONNECTORS + route.replace("    order: none\n", ""), environ={}), 2)} == {
+        "one"
+    }  # the route and its answers on worker 0
+
+
+def test_a_reload_may_not_change_how_keys_map_to_workers() -> None:
+    before = parse_config(CONNECTORS + ROUTES, environ={})
+    after = parse_config(
+        CONNECTORS + ROUTES.replace('shard_by: "{device}"\n  - name: n', 'shard_by: "d-{device}"\n  - name: n'),
+        environ={},
+    )
+    same_keys(before, before)
+    with pytest.raises(ConfigError) as err:
+        same_keys(before, after)
+    assert "route 'm': shard_by changed: restart the gateway" in str(err.value)
