@@ -3,6 +3,7 @@ sink that confirms at once (no broker, no event loop).
 
     .venv/bin/python -m loadtests.admit_bench        # prints ns per message (median and min of 7 x 200 000)
     .venv/bin/python -m loadtests.admit_bench --route "trace: true"     # with route options (YAML mapping)
+    .venv/bin/python -m loadtests.admit_bench --run 1     # through admit_run, runs of 1 (many topics interleaved)
 
 Compare two commits by running it with ``PYTHONPATH`` pointing at a worktree of each.
 """
@@ -26,6 +27,10 @@ class NullSink(Sink):
     def submit(self, flight: Any, delivery: Any) -> None:
         flight.done()
 
+    def submit_many(self, flights: Any, delivery: Any) -> None:
+        for flight in flights:
+            flight.done()
+
     async def write_batch(self, batch: Any) -> None:
         pass
 
@@ -40,6 +45,7 @@ class R(Receipt):
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m loadtests.admit_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--route", default="", help="extra route options, as a YAML flow mapping body: 'trace: true'")
+    p.add_argument("--run", type=int, default=0, help="admit through admit_run, in runs of this many (0: admit)")
     args = p.parse_args()
     extra = f"\n        {args.route}" if args.route else ""
     cfg = parse_config(
@@ -66,6 +72,15 @@ def main() -> None:
 
     def run(n: int) -> float:
         t0 = time.perf_counter()
+        if args.run:
+            for _ in range(n // args.run):
+                envs = []
+                for _ in range(args.run):
+                    rc = R()
+                    rc.pending = 1
+                    envs.append(Envelope("in/d1", payload, None, None, 1, None, None, 0, rc))
+                r.admit_run(envs, plan)
+            return (time.perf_counter() - t0) / n * 1e9
         for _ in range(n):
             rc = R()
             rc.pending = 1

@@ -223,14 +223,14 @@ class Route:
         append = flights.append
         ages = self.ages
         max_payload = self.max_payload
-        total = 0
+        total = largest = 0
         for i, env in enumerate(envs):
             nbytes = len(env.payload)
             if nbytes > max_payload or (env.headers is not None and len(env.headers) > self.max_headers):
-                self._admit_flights(flights, total, plan)  # what came before, in order
+                self._admit_flights(flights, total, largest, plan)  # what came before, in order
                 flights = []
                 append = flights.append
-                total = 0
+                total = largest = 0
                 self.admit(env, plan)  # refused there, alone
                 if self.state is not RouteState.RUNNING:  # its failure stopped the route (on_error: stop)
                     for rest in envs[i + 1 :]:
@@ -240,12 +240,14 @@ class Route:
             if env.age_ns >= 0:
                 ages.observe_ns(env.age_ns)
             total += nbytes
+            if nbytes > largest:
+                largest = nbytes
             append(Flight(self, env, plan, nbytes))
-        self._admit_flights(flights, total, plan)
+        self._admit_flights(flights, total, largest, plan)
 
-    def _admit_flights(self, flights: list[Flight], total: int, plan: RoutePlan) -> None:
-        """The budget and the sinks for a run's flights (see :meth:`admit_run`); header bytes are checked here,
-        where a message carries headers at all."""
+    def _admit_flights(self, flights: list[Flight], total: int, largest: int, plan: RoutePlan) -> None:
+        """The budget and the sinks for a run's flights (see :meth:`admit_run`; ``largest``: the largest payload
+        among them); header bytes are checked here, where a message carries headers at all."""
         if not flights:
             return
         n = len(flights)
@@ -269,7 +271,7 @@ class Route:
         if refused:
             flights = [f for f in flights if f not in refused]
         for d in plan.deliveries:
-            if d.error is None and all(f.nbytes <= d.max_payload for f in flights):
+            if d.error is None and largest <= d.max_payload:
                 d.sink.submit_many(flights, d)  # type: ignore[union-attr]  # bound before any dispatch
             else:
                 for f in flights:
