@@ -26,6 +26,7 @@ import msgspec
 from gateway import __version__
 from gateway.config import Config, load_config, parse_config
 from gateway.config.workers import SNAPSHOT_ENV, TOKEN_ENV, Split, for_worker, plan, worker_count
+from gateway.core.shard import shard_of
 from gateway.errors import ConfigError, ConfigIssue
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ def _explain(config: Config, connector: str, topic: str, splits: dict[str, Split
     if connector not in config.connectors:
         print(_unknown_connector(config, connector), file=sys.stderr)
         return EXIT_CONFIG
-    report = _explanation(config, config.source, connector, topic)
+    report = _explanation(config, config.source, connector, topic, splits, count)
     n = len(report.routes)
     print(f"{topic!r} from {connector} ({report.kind}): {n} route{'s' if n != 1 else ''}")
     for route in report.routes:
@@ -157,6 +158,8 @@ def _explain(config: Config, connector: str, topic: str, splits: dict[str, Split
         split = splits.get(route.name)
         if split is not None and count > 1:
             print(f"    over {count} workers: {split.how}; order kept: {split.order}")
+            if route.shard_key is not None:
+                print(f"    key {route.shard_key!r}: forwarded by worker {route.worker}")
         for d in (*route.targets, *((route.dead_letter,) if route.dead_letter is not None else ())):
             if d.error is not None:
                 print(f"    -> {d.connector} ({d.kind}): cannot render: {d.error}")
@@ -227,6 +230,9 @@ class _RouteMatch(msgspec.Struct, frozen=True, kw_only=True):
     targets: list[_Rendered]
     dead_letter: _Rendered | None
     split: _Split | None = None
+    shard_key: str | None = None
+    """A sharded route (``shard_by``): this topic's key; ``worker`` is the worker that forwards it."""
+    worker: int | None = None
 
 
 class _Explanation(msgspec.Struct, frozen=True, kw_only=True):
@@ -244,12 +250,13 @@ def _unknown_connector(config: Config, connector: str) -> str:
 
 
 def _explanation(
-    config: Config, source: str, connector: str, topic: str, splits: dict[str, Split] | None = None
+    config: Config, source: str, connector: str, topic: str, splits: dict[str, Split] | None = None, count: int = 1
 ) -> _Explanation:
     from gateway.app import build_routes
     from gateway.config.registry import plugins
     from gateway.core.dispatch import Dispatcher
-    from gateway.core.flight import Delivery
+    from gateway.core.flight import Delivery, RoutePlan
+    from gateway.errors import TemplateError
 
     def rendered(d: Delivery) -> _Rendered:
         t = d.target
@@ -269,6 +276,17 @@ def _explanation(
             error=str(d.error) if d.error is not None else None,
         )
 
+    def key_of(rp: RoutePlan) -> str | None:
+        """The shard key of ``topic`` on a sharded route (with several workers), else None."""
+        keys = shard_keys.get(rp.route.name)
+        if keys is None or rp.match is None or count < 2:
+            return None
+        try:
+            return keys[0].render(rp.match)
+        except TemplateError:
+            return None
+
+    shard_keys = {rc.name: rc.shard_key for rc in config.routes if rc.shard_key is not None}
     kind = config.kind(connector)
     routes = [r for r in build_routes(config).values() if r.source == connector]
     plan = Dispatcher(plugins()[kind].syntax, routes).plan(topic)
@@ -285,6 +303,8 @@ def _explanation(
                 targets=[rendered(d) for d in rp.deliveries],
                 dead_letter=rendered(rp.dead_letter) if rp.dead_letter is not None else None,
                 split=_split_info(splits[rp.route.name]) if splits and rp.route.name in splits else None,
+                shard_key=(key := key_of(rp)),
+                worker=shard_of(key, count) if key is not None else None,
             )
             for rp in plan
         ],
@@ -330,7 +350,7 @@ def _json_report(args: argparse.Namespace) -> int:
         elif args.connector not in config.connectors:
             report = _Invalid(config=args.config, errors=[_Issue("", _unknown_connector(config, args.connector))])
         else:
-            report = _explanation(config, args.config, args.connector, args.topic, splits)
+            report = _explanation(config, args.config, args.connector, args.topic, splits, count)
     print(json.dumps(msgspec.to_builtins(report), indent=2))  # ASCII: safe on any stdout encoding
     return EXIT_CONFIG if isinstance(report, _Invalid) else EXIT_OK
 
@@ -417,7 +437,7 @@ def _supervise(config: Config, count: int, level: str, fmt: str, path: str, pid_
         return EXIT_CONFIG
 
     try:
-        return _loop_run(main())
+        return asyncio.run(main())  # the default loop: the supervisor moves no messages, uvloop would cost ~2 MB
     finally:
         if pid_file is not None:
             with contextlib.suppress(OSError):

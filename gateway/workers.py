@@ -33,8 +33,8 @@ import structlog
 from gateway.config import Config, parse_config
 from gateway.config.workers import SNAPSHOT_ENV, TOKEN_ENV, Split, plan
 from gateway.errors import ConfigError, ConfigIssue
+from gateway.ops.endpoint import MonitorError
 from gateway.ops.fleet import FleetMonitor, WorkerInfo
-from gateway.ops.monitor import MonitorError
 
 log = structlog.get_logger("gateway.workers")
 

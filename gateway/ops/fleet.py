@@ -28,12 +28,11 @@ from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from gateway import __version__
+from gateway.ops.endpoint import Endpoint, _json
 from gateway.ops.httpguard import HEADER_TIMEOUT, MAX_CONNECTIONS
-from gateway.ops.metrics import escape
-from gateway.ops.monitor import Monitor, _json
+from gateway.ops.text import escape
 
 ASK_TIMEOUT = 5.0
 """Seconds the supervisor waits for a worker's answer before it counts the worker as not answering."""
@@ -91,7 +90,7 @@ class Workers(Protocol):
         ...
 
 
-class FleetMonitor(Monitor):
+class FleetMonitor(Endpoint):
     """The supervisor's HTTP endpoint (``gateway.http``): the same guard, token and paths as a single gateway's."""
 
     def __init__(
@@ -106,7 +105,6 @@ class FleetMonitor(Monitor):
         header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
         super().__init__(
-            None,  # type: ignore[arg-type]  # no gateway in this process: every view asks the workers
             listen,
             reload,
             token,
@@ -116,8 +114,6 @@ class FleetMonitor(Monitor):
         self.pool = pool
         self._auth = {"Authorization": f"Bearer {worker_token}"}
         self._session: aiohttp.ClientSession | None = None
-        self.own = CollectorRegistry(auto_describe=False)
-        ProcessCollector(registry=self.own)
 
     def set_token(self, token: str | None) -> None:
         """The bearer token of ``gateway.http`` (read once the supervisor runs)."""
@@ -178,7 +174,7 @@ class FleetMonitor(Monitor):
         answers = await self.ask("/metrics")
         texts = [(str(w.index), body) for w, status, body in answers if status == 200 and isinstance(body, str)]
         # The supervisor's own process and endpoint series, merged with the workers' families of the same names.
-        texts.append(("supervisor", generate_latest(self.own).decode() + self.guard.metrics()))
+        texts.append(("supervisor", process_metrics() + self.guard.metrics()))
         merged = await asyncio.to_thread(merge_expositions, texts)  # large configs: seconds of work, off the loop
         return [merged.encode(), self._own_metrics().encode()]
 
@@ -294,6 +290,35 @@ class FleetMonitor(Monitor):
             for w, status, body in answers
         }
         return ok, {"ok": ok, "workers": by_worker}
+
+
+def process_metrics() -> str:
+    """The supervisor's own ``process_*`` series (as prometheus_client's process collector writes them), read
+    from ``/proc`` here: that library alone would add ~2 MB to a process meant to stay small."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        cpu = (int(fields[11]) + int(fields[12])) / ticks
+        rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/stat", "rb") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith(b"btime"))
+        start = boot + int(fields[19]) / ticks
+        fds = len(os.listdir("/proc/self/fd"))
+    except (OSError, ValueError, IndexError, StopIteration):  # not Linux: no process series
+        return ""
+    return "".join(
+        (
+            "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n",
+            f"# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu}\n",
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n",
+            f"# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}\n",
+            "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.\n",
+            f"# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {start}\n",
+            "# HELP process_open_fds Number of open file descriptors.\n",
+            f"# TYPE process_open_fds gauge\nprocess_open_fds {fds}\n",
+        )
+    )
 
 
 _WORKER_ROUTE_KEYS = ("state", "in_flight", "received", "acked", "sharded", "lag", "oldest_in_flight_seconds")

@@ -17,7 +17,7 @@ from typing import Any, cast
 import structlog
 from aiohttp import web
 
-from gateway.ops.metrics import family
+from gateway.ops.text import family
 from gateway.util.flood import Flood
 
 log = structlog.get_logger("gateway.http")

@@ -27,12 +27,11 @@ from gateway.core.channel import ConnectorState
 from gateway.core.policies import RouteState
 from gateway.core.route import Route
 from gateway.core.stats import Ages, Backlog, Latency
+from gateway.ops.text import escape, family
 from gateway.routes.requests import RequestRoute
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 ROUTES_PER_CHUNK = 100
 """Routes read and written between two pauses of the caller (about 1 ms of work)."""
@@ -124,18 +123,6 @@ def exposition(gw: Gateway) -> Iterator[str]:
         yield f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
         yield from parts
     yield _connectors(gw)
-
-
-def escape(value: str) -> str:
-    """A label value as the text format quotes it."""
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def family(name: str, kind: str, doc: str, samples: Sequence[tuple[str, float | int]]) -> str:
-    """One metric family: ``samples`` are (``{labels}`` text or "", value)."""
-    lines = [f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"]
-    lines.extend(f"{name}{labels} {value}\n" for labels, value in samples)
-    return "".join(lines)
 
 
 def _process(gw: Gateway) -> str:

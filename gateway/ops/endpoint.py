@@ -1,0 +1,275 @@
+"""The HTTP server under the monitoring endpoints: the connection guard, the bearer token, the paths every
+endpoint has, responses streamed a chunk at a time. :class:`gateway.ops.monitor.Monitor` serves one gateway
+from its own routes and connectors; :class:`gateway.ops.fleet.FleetMonitor` serves a supervisor of several
+worker processes from their endpoints (it imports nothing of the per-message path: a supervisor stays small).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from importlib import resources
+from typing import Any, TypeVar
+
+import msgspec
+import structlog
+from aiohttp import web
+from aiohttp.payload import AsyncIterablePayload
+from aiohttp.typedefs import Handler
+
+from gateway.errors import GatewayError
+from gateway.ops.httpguard import (
+    HANDLER_ARGS,
+    HEADER_TIMEOUT,
+    MAX_CONNECTIONS,
+    ConnectionGuard,
+    GuardedHandler,
+    GuardedSite,
+)
+from gateway.ops.text import CONTENT_TYPE
+from gateway.util.redact import scrub
+
+log = structlog.get_logger("gateway.http")
+
+
+class MonitorError(GatewayError):
+    """The endpoint could not be served (the address is taken, say)."""
+
+
+# ------------------------------------------------------------------------------ pacing
+
+PAUSE = 0.002
+"""Seconds of work between two turns of the event loop while a large view is built."""
+SHUTDOWN_TIMEOUT = 5.0
+"""Seconds ``stop()`` waits for requests in progress."""
+
+
+T = TypeVar("T")
+
+
+async def _paced(items: Iterable[T]) -> AsyncIterator[T]:
+    """``items``, letting the event loop run at least every :data:`PAUSE` seconds."""
+    deadline = time.perf_counter() + PAUSE
+    for item in items:
+        yield item
+        if time.perf_counter() >= deadline:
+            await asyncio.sleep(0)
+            deadline = time.perf_counter() + PAUSE
+
+
+def _accepts_gzip(request: web.Request) -> bool:
+    for coding in request.headers.get("Accept-Encoding", "").split(","):
+        name, _, params = coding.partition(";")
+        if name.strip().lower() == "gzip":
+            return params.replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
+
+
+# ------------------------------------------------------------------------------ the server
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=_dumps)
+
+
+def _dumps(data: Any) -> str:
+    """JSON, with any registered secret that reached a field (a library's error text, say) masked."""
+    return scrub(msgspec.json.encode(data).decode())
+
+
+class Endpoint:
+    """An HTTP endpoint; ``start()`` binds, ``stop()`` closes. Subclasses answer the paths."""
+
+    def __init__(
+        self,
+        listen: str,
+        reload: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]] | None = None,
+        token: str | None = None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        header_timeout: float = HEADER_TIMEOUT,
+        internal: bool = False,
+    ) -> None:
+        self.internal = internal
+        """A worker's endpoint, asked by its supervisor only (logged as ``worker.listening``)."""
+        self.listen = listen
+        self._reload = reload
+        self._token = token.encode() if token else None
+        self.guard = ConnectionGuard(max_connections, header_timeout)
+        self._runner: web.AppRunner | None = None
+        self._rendering: asyncio.Task[list[bytes]] | None = None
+        self.port = 0
+        """The port actually bound (useful with port 0)."""
+
+    @web.middleware
+    async def _track(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Tell the guard a handler runs for the connection (it is not idle meanwhile)."""
+        conn = request.protocol
+        if not isinstance(conn, GuardedHandler):
+            return await handler(request)
+        self.guard.busy(conn)
+        try:
+            return await handler(request)
+        finally:
+            self.guard.idle(conn)
+
+    @web.middleware
+    async def _authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """With a token: every path but the probes and the (data-free) page needs ``Authorization: Bearer``."""
+        if self._token is None or request.path in _OPEN_PATHS:
+            return await handler(request)
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token):
+            return await handler(request)
+        return web.json_response(
+            {"ok": False, "errors": ["this endpoint needs Authorization: Bearer <gateway.http.token>"]},
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="gateway"'},
+        )
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._track, self._authorize])
+        app.router.add_get("/", self._index)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/varz", self._varz)
+        app.router.add_get("/routez", self._routez)
+        app.router.add_get("/connz", self._connz)
+        app.router.add_post("/reload", self._reload_config)
+        return app
+
+    async def start(self) -> None:
+        host, _, port = self.listen.rpartition(":")
+        host = host.strip("[]")
+        runner = web.AppRunner(self.app(), handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT, **HANDLER_ARGS)
+        await runner.setup()
+        assert runner.server is not None
+        self.guard.bind(runner.server)
+        site = GuardedSite(runner, host, int(port), self.guard)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise MonitorError(
+                f"cannot serve HTTP on {self.listen}: {exc.strerror or exc} "
+                '(set gateway.http.listen to another host:port, or to "" to disable it)'
+            ) from exc
+        self._runner = runner
+        self.port = int(runner.addresses[0][1]) if runner.addresses else int(port)
+        log.info(
+            "worker.listening" if self.internal else "http.listening",
+            url=f"http://{_hostport(host, self.port)}/",
+            token=self._token is not None,
+            max_connections=self.guard.limit,
+            header_timeout=self.guard.header_timeout,
+        )
+        if self._token is None and not _loopback(host) and not self.internal:
+            log.warning(
+                "http.unauthenticated",
+                listen=self.listen,
+                hint="anyone who reaches this address can read the status and POST /reload: "
+                "set gateway.http.token_file or listen on 127.0.0.1",
+            )
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+        self.guard.close()
+        if self._rendering is not None:
+            self._rendering.cancel()
+
+    async def _index(self, request: web.Request) -> web.Response:
+        page = resources.files("gateway.ops").joinpath("status.html").read_text(encoding="utf-8")
+        return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+    async def _reload_config(self, request: web.Request) -> web.Response:
+        """Re-read the config file and apply it: 200 with what changed, 400 with the problems."""
+        if self._reload is None:
+            return _json({"ok": False, "errors": ["reload is not available here"]}, 404)
+        try:
+            ok, body = await self._reload()
+        except Exception as exc:  # a bug, not the file: answered in words, the traceback goes to the log
+            log.exception("gateway.reload_failed")
+            return _json({"ok": False, "errors": [f"reload failed: {type(exc).__name__}: {scrub(str(exc))}"]}, 500)
+        return _json(body, 200 if ok else 400)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return self._stream(request, await self.exposition(), CONTENT_TYPE, gzip=_accepts_gzip(request))
+
+    async def exposition(self) -> list[bytes]:
+        """The current Prometheus exposition, in chunks. Scrapes that arrive while one is written share it."""
+        task = self._rendering
+        if task is None:
+            task = self._rendering = asyncio.get_running_loop().create_task(self._render(), name="http:metrics")
+            task.add_done_callback(self._rendered)
+        return await asyncio.shield(task)
+
+    def _rendered(self, task: asyncio.Task[list[bytes]]) -> None:
+        if self._rendering is task:
+            self._rendering = None
+
+    def _stream(
+        self, request: web.Request, chunks: list[bytes], content_type: str, gzip: bool | None = None
+    ) -> web.Response:
+        """A response aiohttp writes a chunk at a time once the handler returned, the event loop running in
+        between; each chunk the client takes restarts its connection's timeout (a stalled reader is cut off).
+        ``gzip``: whether the client accepts it; None where the encoding is not negotiated."""
+        conn = request.protocol
+        guard = self.guard
+
+        async def body() -> AsyncIterator[bytes]:
+            z = zlib.compressobj(1, zlib.DEFLATED, 31) if gzip else None  # level 1: 10 to 20 times smaller
+            async for chunk in _paced(chunks):
+                data = z.compress(chunk) if z is not None else chunk
+                if data:
+                    yield data
+                    if isinstance(conn, GuardedHandler):
+                        guard.touch(conn)
+            if z is not None:
+                yield z.flush()
+
+        headers = {} if gzip is None else {"Vary": "Accept-Encoding"}
+        if gzip:
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=AsyncIterablePayload(body(), content_type=content_type), headers=headers)
+
+    # -- the paths a subclass answers ------------------------------------------------------------
+    async def _healthz(self, request: web.Request) -> web.Response:
+        raise NotImplementedError
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        raise NotImplementedError
+
+    async def _render(self) -> list[bytes]:
+        raise NotImplementedError
+
+    async def _varz(self, request: web.Request) -> web.Response:
+        raise NotImplementedError
+
+    async def _routez(self, request: web.Request) -> web.Response:
+        raise NotImplementedError
+
+    async def _connz(self, request: web.Request) -> web.Response:
+        raise NotImplementedError
+
+
+_OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
