@@ -61,7 +61,9 @@ def configure(level: str = "info", fmt: Format = "auto") -> None:
     structlog.configure(
         processors=[*shared, *tracebacks, _scrubbed(renderer)],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line (PrintLogger writes the line and its newline apart): worker processes share the
+        # supervisor's stderr, and two writes from two processes would interleave their lines.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     # Broker libraries and asyncio log through the stdlib: keep their warnings, in the same stream and format.

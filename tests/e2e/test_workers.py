@@ -218,6 +218,9 @@ async def test_two_workers_split_every_source_kind_and_one_endpoint_sums_them(
         assert gw.proc is not None
         gw.proc.send_signal(signal.SIGHUP)
         await gw.await_event("gateway.reloaded", 30, count=2)
+        # The workers write to the supervisor's stderr: every line is one whole JSON document.
+        glued = [line for line in gw.log_text().splitlines() if line.startswith("{") and "}{" in line]
+        assert not glued, glued[:3]
     finally:
         await nc.close()
     await gw.astop(timeout=60)
