@@ -83,6 +83,10 @@ def human(*args: str) -> subprocess.CompletedProcess[str]:
 # ------------------------------------------------------------------ validate
 
 
+ONE = {"mode": "one", "how": "one worker", "order": "as the source delivers"}
+"""How a route runs with one worker (the default): see docs/scaling.md for several."""
+
+
 def test_validate_json_valid_config(tmp_path: Path) -> None:
     path = write(tmp_path, config())
 
@@ -100,10 +104,11 @@ def test_validate_json_valid_config(tmp_path: Path) -> None:
             {"name": "local", "kind": "memory"},
         ],
         "routes": [
-            {"name": "telemetry", "from": "devices", "to": ["platform", "bus"], "dead_letter": "local"},
-            {"name": "status", "from": "devices", "to": ["bus"], "dead_letter": None},
-            {"name": "commands", "from": "bus", "to": ["devices"], "dead_letter": None},
+            {"name": "telemetry", "from": "devices", "to": ["platform", "bus"], "dead_letter": "local", "split": ONE},
+            {"name": "status", "from": "devices", "to": ["bus"], "dead_letter": None, "split": ONE},
+            {"name": "commands", "from": "bus", "to": ["devices"], "dead_letter": None, "split": ONE},
         ],
+        "workers": 1,
     }
 
 
@@ -235,6 +240,9 @@ def test_explain_json_fan_out_with_key_and_dead_letter(tmp_path: Path) -> None:
                     "key": None,
                     "error": None,
                 },
+                "split": ONE,
+                "shard_key": None,
+                "worker": None,
             }
         ],
     }
