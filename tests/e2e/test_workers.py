@@ -20,12 +20,13 @@ supervisor starts it again (counted), and nothing is lost on the durable routes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -142,14 +143,13 @@ async def send_all(mosquitto: Mosquitto, nats_server: NatsServer, kafka_broker: 
         pub.close()
 
 
-async def test_two_workers_split_every_source_kind_and_one_endpoint_sums_them(
-    gateways: Callable[..., GatewayProcess],
-    mosquitto: Mosquitto,
-    nats_server: NatsServer,
-    kafka_broker: Tansu,
-    unique: str,
-) -> None:
-    u = unique
+@contextlib.asynccontextmanager
+async def two_workers(
+    gateways: Callable[..., GatewayProcess], mosquitto: Mosquitto, nats_server: NatsServer, kafka_broker: Tansu, u: str
+) -> AsyncIterator[tuple[GatewayProcess, str, NatsCollector]]:
+    """The sources prepared, a collector on every output subject, and a gateway with 2 workers whose Kafka
+    consumers both hold a partition: (gateway, its endpoint's base URL, collector). Stopped with SIGTERM after
+    (exit code 0)."""
     await create_topics(kafka_broker.bootstrap, [f"wk-{u}"], 2)
     await add_stream(nats_server.url, f"WK_{u}", [f"js.{u}.>"])
     nc = await nats_connect(nats_server.url)
@@ -160,6 +160,21 @@ async def test_two_workers_split_every_source_kind_and_one_endpoint_sums_them(
         base = gw.http_url
         assert base is not None
         await gw.await_event("kafka.partitions_assigned", 60, count=2)  # both workers hold a partition
+        yield gw, base, out
+    finally:
+        await nc.close()
+    await gw.astop(timeout=60)
+
+
+async def test_two_workers_split_every_source_kind_and_one_endpoint_sums_them(
+    gateways: Callable[..., GatewayProcess],
+    mosquitto: Mosquitto,
+    nats_server: NatsServer,
+    kafka_broker: Tansu,
+    unique: str,
+) -> None:
+    u = unique
+    async with two_workers(gateways, mosquitto, nats_server, kafka_broker, u) as (gw, base, out):
 
         async def ready() -> bool:
             async with aiohttp.ClientSession() as http, http.get(base + "/readyz") as resp:
@@ -221,9 +236,6 @@ async def test_two_workers_split_every_source_kind_and_one_endpoint_sums_them(
         # The workers write to the supervisor's stderr: every line is one whole JSON document.
         glued = [line for line in gw.log_text().splitlines() if line.startswith("{") and "}{" in line]
         assert not glued, glued[:3]
-    finally:
-        await nc.close()
-    await gw.astop(timeout=60)
 
 
 async def test_a_killed_worker_is_restarted_and_its_share_taken_over_without_loss(
@@ -234,16 +246,7 @@ async def test_a_killed_worker_is_restarted_and_its_share_taken_over_without_los
     unique: str,
 ) -> None:
     u = unique
-    await create_topics(kafka_broker.bootstrap, [f"wk-{u}"], 2)
-    await add_stream(nats_server.url, f"WK_{u}", [f"js.{u}.>"])
-    nc = await nats_connect(nats_server.url)
-    out = await NatsCollector().subscribe(nc, f"out.{u}.>")
-    gw = gateways(config(mosquitto, nats_server, kafka_broker, u), args=["--workers", "2"])
-    try:
-        await gw.astart(wait_for=["mq", "bus", "kafka"], timeout=60)
-        base = gw.http_url
-        assert base is not None
-        await gw.await_event("kafka.partitions_assigned", 60, count=2)
+    async with two_workers(gateways, mosquitto, nats_server, kafka_broker, u) as (gw, base, out):
         async with aiohttp.ClientSession() as http, http.get(base + "/varz") as resp:
             victim = (await resp.json())["workers"][1]["pid"]
         sending = asyncio.create_task(send_all(mosquitto, nats_server, kafka_broker, u, 0))
@@ -269,9 +272,6 @@ async def test_a_killed_worker_is_restarted_and_its_share_taken_over_without_los
         assert 'gateway_worker_restarts_total{worker="1"} 1' in text
         assert 'gateway_worker_up{worker="1"} 1' in text or 'gateway_worker_up{worker="1"} 0' in text
         print(f"unique deliveries per source after the kill: {durable_unique()} of {N} each")
-    finally:
-        await nc.close()
-    await gw.astop(timeout=60)
 
 
 def test_validate_says_how_each_route_splits_and_refuses_a_broker_split_that_loses_order(tmp_path: Any) -> None:
