@@ -105,8 +105,8 @@ def build_routes(config: Config) -> dict[str, Route]:
             trace=config.gateway.trace,
         )
         route.request_leg = rc.request
-        if rc.shard_key is not None and config.worker is not None and config.worker[1] > 1:
-            route.shard = Shard(config.worker[0], config.worker[1], rc.shard_key)
+        if rc.sharded and config.worker is not None and config.worker[1] > 1:
+            route.shard = Shard(config.worker[0], config.worker[1], rc.shard_key or (), header=rc.shard_header)
         route.targets.extend(
             Target(
                 route, i, tc.spec.connector, tc.spec, tc.address, tc.key, _connector_limit(config, tc.spec.connector)

@@ -510,11 +510,23 @@ def _routes(
                 issues.append(ConfigIssue(f"{path}.headers.{hname}", str(exc)))
         if source is not None and not section.allow_loop:
             _check_loops(source, patterns, targets, dead_letter, section, path, issues)
-        shard_key = None
-        if source is not None and section.shard_by is not None:
-            shard_key = _shard_key(section.shard_by, section.name, source, patterns, f"{path}.shard_by", issues)
+        shard_key = shard_header = None
+        by = section.shard_by
+        if source is not None and by is not None and _shardable(section.name, source, f"{path}.shard_by", issues):
+            if by.startswith("header."):
+                shard_header = _shard_header(by, f"{path}.shard_by", issues)
+            else:
+                shard_key = _shard_key(by, patterns, f"{path}.shard_by", issues)
         if source is not None and len(targets) == len(to) and (dead_letter is not None or section.dead_letter is None):
-            rc = RouteConfig(section, source, tuple(patterns), tuple(targets), dead_letter, shard_key=shard_key)
+            rc = RouteConfig(
+                section,
+                source,
+                tuple(patterns),
+                tuple(targets),
+                dead_letter,
+                shard_key=shard_key,
+                shard_header=shard_header,
+            )
             if section.request is None:
                 routes.append(rc)
                 continue
@@ -534,23 +546,21 @@ def _routes(
     return routes
 
 
-def _shard_key(
-    text: str, route: str, source: SourceSpec, patterns: list[SourcePattern], path: str, issues: list[ConfigIssue]
-) -> tuple[Template, ...] | None:
-    """``shard_by`` compiled against each source pattern, or None with the problem in ``issues``."""
+def _shardable(route: str, source: SourceSpec, path: str, issues: list[ConfigIssue]) -> bool:
+    """Whether ``shard_by`` applies to this source; False with the problem in ``issues``."""
     if source.split == "partitions":
         issues.append(
             ConfigIssue(path, "this source is split among workers by partition, each partition's order kept: remove it")
         )
-        return None
+        return False
     if source.split == "none":
         issues.append(ConfigIssue(path, "this source cannot be read by several workers: shard_by does not apply"))
-        return None
+        return False
     if getattr(source, "retained_only", False):
         issues.append(
             ConfigIssue(path, "a retained_only route mirrors every retained message: shard_by does not apply")
         )
-        return None
+        return False
     explicit = source.broker_split(route)
     if explicit is not None:
         issues.append(
@@ -560,7 +570,28 @@ def _shard_key(
                 "would undo: remove one of the two",
             )
         )
+        return False
+    return True
+
+
+_HEADER_NAME = re.compile(r"[!-9;-~]+")
+"""A header name as MQTT user properties and NATS headers carry it: printable ASCII without ':' or spaces."""
+
+
+def _shard_header(text: str, path: str, issues: list[ConfigIssue]) -> str | None:
+    """The header name of ``shard_by: header.NAME``, or None with the problem in ``issues``."""
+    name = text.removeprefix("header.")
+    if not _HEADER_NAME.fullmatch(name):
+        issues.append(ConfigIssue(path, "header.NAME: a header name (printable ASCII, no ':' or spaces)"))
         return None
+    return name
+
+
+def _shard_key(
+    text: str, patterns: list[SourcePattern], path: str, issues: list[ConfigIssue]
+) -> tuple[Template, ...] | None:
+    """``shard_by`` (a template of the topic) compiled against each source pattern, or None with the problem in
+    ``issues``."""
     keys: list[Template] = []
     for pattern in patterns:
         try:

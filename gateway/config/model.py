@@ -149,7 +149,8 @@ class RouteSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     group, shared JetStream durable), order across keys and within a key not kept. See docs/scaling.md."""
     shard_by: str | None = None
     """With several workers, key-affine sharding for MQTT and NATS sources: a template of the source topic
-    (``{device}``, ``{site}/{device}``, ``{topic}``) naming the key. Every worker reads the whole stream and
+    (``{device}``, ``{site}/{device}``, ``{topic}``), or ``header.NAME`` (the value of that header; a message
+    without it has the empty key) naming the key. Every worker reads the whole stream and
     forwards only the keys that hash to it, acknowledging the others (counted as ``sharded``): per-key order
     kept across workers, at the cost of every worker reading every message."""
     allow_loop: bool = False
@@ -195,6 +196,13 @@ class RouteConfig:
     """A ``request:`` route, or the companion route that carries its answers back (``replies_for``)."""
     shard_key: tuple[Template, ...] | None = None
     """``shard_by`` compiled against each source pattern (key-affine sharding across workers)."""
+    shard_header: str | None = None
+    """``shard_by: header.NAME``: the header whose value is the key."""
+
+    @property
+    def sharded(self) -> bool:
+        """The route has a ``shard_by`` (by a template of the topic or by a header)."""
+        return self.shard_key is not None or self.shard_header is not None
 
     @property
     def name(self) -> str:

@@ -123,7 +123,7 @@ def _split(rc: RouteConfig, workers: int, path: str, issues: list[ConfigIssue]) 
             name, "each", "every worker runs its own copy (the source is inside each process)", "as it delivers"
         )
     leg = section.request
-    if leg is not None and leg.reply_to is not None and (rc.shard_key is not None or section.order == "none"):
+    if leg is not None and leg.reply_to is not None and (rc.sharded or section.order == "none"):
         issues.append(
             ConfigIssue(
                 f"{path}.request.reply_to",
@@ -132,7 +132,7 @@ def _split(rc: RouteConfig, workers: int, path: str, issues: list[ConfigIssue]) 
             )
         )
         return None
-    if rc.shard_key is not None:
+    if rc.sharded:
         key = section.shard_by
         return Split(
             name,
@@ -193,9 +193,13 @@ def for_worker(config: Config, index: int, count: int, *, http_token: str) -> Co
             shared = source.shared(rc.name, group_name(rc.name))
             assert shared is not None  # plan() refused the routes whose source cannot be shared
             source = shared[0]
-        elif split.mode == "sharded" and rc.shard_key is not None:
+        elif split.mode == "sharded" and rc.sharded:
             source = source.whole(rc.name, index)
-        routes.append(RouteConfig(section, source, rc.patterns, rc.targets, rc.dead_letter, rc.request, rc.shard_key))
+        routes.append(
+            RouteConfig(
+                section, source, rc.patterns, rc.targets, rc.dead_letter, rc.request, rc.shard_key, rc.shard_header
+            )
+        )
     http = msgspec.structs.replace(config.gateway.http, listen="127.0.0.1:0", token=http_token, token_file=None)
     gateway = msgspec.structs.replace(config.gateway, http=http)
     return Config(

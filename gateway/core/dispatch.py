@@ -24,6 +24,7 @@ from gateway.core.stats import RouteStats
 from gateway.errors import SinkError
 from gateway.routing.patterns import TopicSyntax
 from gateway.routing.router import Router
+from gateway.routing.templates import Match
 
 __all__ = ["Delivery", "Dispatcher", "Flight", "Plan", "Route", "RoutePlan", "RouteStats", "Target"]
 
@@ -53,21 +54,28 @@ class Dispatcher:
         """Which routes take ``topic`` and what each of their targets renders to (cached)."""
         plan = self._plans.get(topic)
         if plan is None:
-            plan = tuple(
-                RoutePlan(
-                    route,
-                    tuple(t.render(match) for t in route.targets),
-                    route.dead_letter.render(match) if route.dead_letter is not None else None,
-                    match,
-                )
-                if route.shard is None or not self.shards or route.shard.takes(match)
-                else RoutePlan(Elsewhere(route), (), None, match)  # another worker's key (shard_by)
-                for route, match in self.router.match(topic)
-            )
+            plan = tuple(self._route_plan(route, match) for route, match in self.router.match(topic))
             if len(self._plans) >= self.cache_size:
                 del self._plans[next(iter(self._plans))]
             self._plans[topic] = plan
         return plan
+
+    def _route_plan(self, route: Route, match: Match) -> RoutePlan:
+        """What ``route`` does with the topic ``match`` matched: its targets rendered; with ``shard_by``, an
+        :class:`Elsewhere` when the topic's key is another worker's, a :class:`ByHeader` when the key is a
+        header (decided per message)."""
+        own = RoutePlan(
+            route,
+            tuple(t.render(match) for t in route.targets),
+            route.dead_letter.render(match) if route.dead_letter is not None else None,
+            match,
+        )
+        shard = route.shard
+        if shard is None or not self.shards:
+            return own
+        if shard.header is not None:
+            return RoutePlan(ByHeader(route, own), (), None, match)
+        return own if shard.takes(match) else RoutePlan(Elsewhere(route), (), None, match)
 
     def dispatch(self, env: Envelope) -> None:
         plan = self._plans.get(env.topic)
@@ -192,3 +200,48 @@ class Elsewhere:
 
     def handed_over(self, flight: Flight, now: float) -> None:
         self._no_flight()
+
+
+class ByHeader(Elsewhere):
+    """A route sharded by a header (``shard_by: header.NAME``): per message, the route admits what this worker
+    takes (in order, with its own plan) and the rest is acknowledged and counted as ``sharded``."""
+
+    __slots__ = ("header", "own", "shard")
+
+    def __init__(self, route: Route, own: RoutePlan) -> None:
+        super().__init__(route)
+        self.own = own
+        assert route.shard is not None and route.shard.header is not None
+        self.shard = route.shard
+        self.header = route.shard.header.lower()
+
+    def _mine(self, env: Envelope) -> bool:
+        key = ""
+        name = self.header
+        for k, v in env.headers or ():
+            if k.lower() == name:
+                key = v
+                break
+        return self.shard.takes_key(key)
+
+    def admit(self, env: Envelope, plan: RoutePlan) -> None:
+        if self._mine(env):
+            self.route.admit(env, self.own)
+        else:
+            super().admit(env, plan)
+
+    def admit_run(self, envs: list[Envelope], plan: RoutePlan) -> None:
+        mine: list[Envelope] = []
+        for env in envs:
+            if self._mine(env):
+                mine.append(env)
+            else:
+                super().admit(env, plan)
+        if mine:
+            self.route.admit_run(mine, self.own)
+
+    def reject(self, env: Envelope, plan: RoutePlan, error: SinkError) -> None:
+        if self._mine(env):
+            self.route.reject(env, self.own, error)
+        else:
+            super().admit(env, plan)

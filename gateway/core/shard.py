@@ -23,15 +23,28 @@ def shard_of(key: str, count: int) -> int:
 
 
 class Shard:
-    """This worker's share of a route's keys."""
+    """This worker's share of a route's keys: rendered from the topic (``keys``), or read from a header
+    (``header``: then per message, by :class:`gateway.core.dispatch.ByHeader`)."""
 
-    __slots__ = ("count", "index", "keys")
+    __slots__ = ("_mine", "count", "header", "index", "keys")
 
-    def __init__(self, index: int, count: int, keys: Sequence[Template]) -> None:
+    def __init__(self, index: int, count: int, keys: Sequence[Template] = (), header: str | None = None) -> None:
         self.index = index
         self.count = count
         self.keys = tuple(keys)
         """The key template for each of the route's source patterns."""
+        self.header = header
+        """The header whose value is the key (``shard_by: header.NAME``), matched without regard to case."""
+        self._mine: dict[str, bool] = {}
+
+    def takes_key(self, key: str) -> bool:
+        """Whether this worker takes ``key`` (remembered for the 10 000 most recent distinct keys)."""
+        mine = self._mine.get(key)
+        if mine is None:
+            if len(self._mine) >= 10_000:
+                self._mine.clear()
+            mine = self._mine[key] = shard_of(key, self.count) == self.index
+        return mine
 
     def takes(self, match: Match) -> bool:
         """Whether this worker takes the messages of the topic ``match`` matched (MQTT and NATS sources have

@@ -4,12 +4,14 @@ and the merged Prometheus exposition of the supervisor (the processes themselves
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import parse_config
 from gateway.config.workers import for_worker, plan
+from gateway.core.envelope import Envelope
 from gateway.core.shard import Shard, shard_of
 from gateway.errors import ConfigError
 from gateway.ops.fleet import merge_expositions
@@ -231,3 +233,37 @@ def test_a_reload_may_not_change_how_keys_map_to_workers() -> None:
     with pytest.raises(ConfigError) as err:
         same_keys(before, after)
     assert "route 'm': shard_by changed: restart the gateway" in str(err.value)
+
+
+def test_a_header_key_is_read_per_message_and_each_worker_forwards_its_own() -> None:
+    dispatcher, routes, sinks = dispatcher_for(TWO_ROUTES)
+    routes["telemetry"].shard = Shard(0, 2, header="Device-Id")
+    mine = next(f"k{i}" for i in range(100) if shard_of(f"k{i}", 2) == 0)
+    theirs = next(f"k{i}" for i in range(100) if shard_of(f"k{i}", 2) == 1)
+
+    def env(key: str | None) -> tuple[Envelope, Any]:
+        e, receipt = envelope("devices/d1/telemetry/x")
+        return Envelope(e.topic, e.payload, [("device-id", key)] if key else None, receipt=receipt), receipt
+
+    run = [env(mine), env(theirs), env(mine), env(None)]
+    dispatcher.dispatch_run([e for e, _ in run])
+    t = routes["telemetry"].stats
+    nobody_key_mine = shard_of("", 2) == 0
+    assert t.received == 2 + nobody_key_mine and t.sharded == 2 - nobody_key_mine
+    assert [r.settled for _, r in run] == [0, 1, 0, 0 if nobody_key_mine else 1]
+    sinks["b"].confirm()
+    assert all(r.settled == 1 for _, r in run)
+    single, receipt = env(theirs)
+    dispatcher.dispatch(single)
+    assert receipt.settled == 1 and t.sharded == 3 - nobody_key_mine
+
+
+def test_a_header_key_needs_a_header_name() -> None:
+    route = (
+        "  - {name: s, from: {connector: mq, topic: 'd/#'}, to: {connector: bus, subject: a}, shard_by: 'header.'}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        parse_config(CONNECTORS + route, environ={})
+    assert "routes[0].shard_by: header.NAME: a header name" in str(err.value)
+    ok = parse_config(CONNECTORS + route.replace("header.'", "header.device-id'"), environ={})
+    assert ok.routes[0].shard_header == "device-id" and {s.mode for s in plan(ok, 2)} == {"sharded"}
