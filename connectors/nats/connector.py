@@ -332,6 +332,7 @@ class NatsConnector(Connector):
         for i, (reply, verdict) in enumerate(acks):
             try:
                 await nc.publish(reply, verdict)
+                wire.unswallow()
             except BaseException:
                 self._acks[:0] = acks[i:]  # keep them for the next connection
                 raise

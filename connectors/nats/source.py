@@ -23,6 +23,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from connectors.nats import wire
 from connectors.nats.config import NatsConfig, NatsSource
 from gateway.core.contract import LAG_EVERY, Backlog, Dispatcher, Envelope, Receipt, Route, Source, first, measure_until
 from gateway.errors import ConnectorError
@@ -342,6 +343,7 @@ class JetStreamSource:
                 done.clear()
                 body = msgspec.json.encode({"batch": n, "expires": int(expires * 1e9)})
                 await self.nc.publish(request_subject, body, reply=inbox)
+                wire.unswallow()
                 # Wait for this pull to end even when intake stops meanwhile (see on_msg).
                 with contextlib.suppress(TimeoutError):  # no status came back (lost): ask again
                     async with asyncio.timeout(expires + 2.0):

@@ -21,6 +21,7 @@ without a valid name.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -226,9 +227,21 @@ async def send(nc: Any, parts: list[bytes | bytearray]) -> None:
         size += len(part)
     nc._pending_data_size += size
     await nc._flush_pending(force_flush=True)
+    unswallow()
 
 
 async def barrier(nc: Any, timeout: float) -> None:
     """Until the server processed everything sent so far (queued commands first, then PING/PONG)."""
     await nc._flush_pending(force_flush=True)
+    unswallow()
     await nc.flush(timeout)
+
+
+def unswallow() -> None:
+    """Raise the cancellation nats-py swallowed: its ``_flush_pending`` (under ``publish`` too) catches
+    ``CancelledError`` and returns. A session's writer cancelled in there went on writing, then waited for a
+    confirmation that its cancelled confirmer would never give: the session never ended and the sink never
+    wrote again (seen in connection storms). Call after every await into the client that may flush."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -3,6 +3,8 @@ would close the connection over; received header blocks never break the reader."
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from nats.protocol.command import hpub_cmd, pub_cmd
 
@@ -138,3 +140,30 @@ def test_a_large_payload_goes_out_uncopied_and_byte_identical(reply: str, block:
 
     assert b"".join(parts) == expected
     assert parts[1] is payload  # handed to the socket as it is
+
+
+async def test_a_cancellation_the_client_swallowed_is_raised_again() -> None:
+    """nats-py's ``_flush_pending`` catches ``CancelledError`` and returns: a task cancelled in there must
+    stop all the same (a sink writer that went on wedged its session: tests/e2e/test_json_logs.py)."""
+    entered = asyncio.Event()
+    after: list[str] = []
+
+    async def swallowing() -> None:  # what nats-py's _flush_pending does
+        try:
+            entered.set()
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass
+
+    async def writer() -> None:
+        await swallowing()
+        wire.unswallow()
+        after.append("went on")
+
+    task = asyncio.ensure_future(writer())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert after == []
+    wire.unswallow()  # not cancelled: nothing happens
