@@ -233,51 +233,50 @@ class FleetMonitor(Endpoint):
             }
         )
 
+    async def _views(self, path: str, key: str) -> list[tuple[WorkerInfo, dict[str, Any]]]:
+        """Every (worker, view) of the list ``key`` in the workers' answers to ``path``, worker by worker."""
+        return [
+            (w, view)
+            for w, status, body in await self.ask(path)
+            if status == 200 and isinstance(body, dict)
+            for view in body.get(key, [])
+        ]
+
     async def _routez(self, request: web.Request) -> web.Response:
         merged: dict[str, dict[str, Any]] = {}
-        for w, status, body in await self.ask("/routez"):
-            if status != 200 or not isinstance(body, dict):
-                continue
-            for view in body.get("routes", []):
-                name = view["name"]
-                route = merged.get(name)
-                if route is None:
-                    route = merged[name] = {**view, "workers": []}
-                    for key in _SUMMED:
-                        if key in route:
-                            route[key] = 0
-                    route["lag"] = None
-                    route["oldest_in_flight_seconds"] = 0.0
+        for w, view in await self._views("/routez", "routes"):
+            name = view["name"]
+            route = merged.get(name)
+            if route is None:
+                route = merged[name] = {**view, "workers": []}
                 for key in _SUMMED:
-                    if isinstance(view.get(key), int):
-                        route[key] += view[key]
-                lag = view.get("lag")
-                if lag is not None:
-                    add = self.pool.partitions(name)
-                    route["lag"] = (route["lag"] or 0) + lag if add else max(route["lag"] or 0, lag)
-                route["oldest_in_flight_seconds"] = max(
-                    route["oldest_in_flight_seconds"], view["oldest_in_flight_seconds"]
-                )
-                if view["state"] != "running":
-                    route["state"] = view["state"]
-                route["saturated"] = route["saturated"] or view["saturated"]
-                route["workers"].append({"worker": w.index, **{k: view.get(k) for k in _WORKER_ROUTE_KEYS}})
+                    if key in route:
+                        route[key] = 0
+                route["lag"] = None
+                route["oldest_in_flight_seconds"] = 0.0
+            for key in _SUMMED:
+                if isinstance(view.get(key), int):
+                    route[key] += view[key]
+            lag = view.get("lag")
+            if lag is not None:
+                add = self.pool.partitions(name)
+                route["lag"] = (route["lag"] or 0) + lag if add else max(route["lag"] or 0, lag)
+            route["oldest_in_flight_seconds"] = max(route["oldest_in_flight_seconds"], view["oldest_in_flight_seconds"])
+            if view["state"] != "running":
+                route["state"] = view["state"]
+            route["saturated"] = route["saturated"] or view["saturated"]
+            route["workers"].append({"worker": w.index, **{k: view.get(k) for k in _WORKER_ROUTE_KEYS}})
         return _json({"routes": list(merged.values())})
 
     async def _connz(self, request: web.Request) -> web.Response:
         merged: dict[str, dict[str, Any]] = {}
-        for w, status, body in await self.ask("/connz"):
-            if status != 200 or not isinstance(body, dict):
-                continue
-            for view in body.get("connectors", []):
-                name = view["name"]
-                conn = merged.get(name)
-                if conn is None or (conn["state"] == "connected" and view["state"] != "connected"):
-                    workers = conn["workers"] if conn is not None else []
-                    conn = merged[name] = {**view, "workers": workers}
-                conn["workers"].append(
-                    {"worker": w.index, "state": view["state"], "reconnects": view.get("reconnects")}
-                )
+        for w, view in await self._views("/connz", "connectors"):
+            name = view["name"]
+            conn = merged.get(name)
+            if conn is None or (conn["state"] == "connected" and view["state"] != "connected"):
+                workers = conn["workers"] if conn is not None else []
+                conn = merged[name] = {**view, "workers": workers}
+            conn["workers"].append({"worker": w.index, "state": view["state"], "reconnects": view.get("reconnects")})
         return _json({"connectors": list(merged.values())})
 
     async def reload_workers(self, timeout: float) -> tuple[bool, dict[str, Any]]:
