@@ -189,7 +189,11 @@ routes:
         mem.publish("in/3", b"3", [("k:v", "x")])
         mem.publish("in/4", b"4")
         await wait_until(lambda: len(mem.acked) == 4, 20, "all four acknowledged")
-        await wait_until(lambda: len(got) == 2, 10, "the two good ones")
+        await wait_until(
+            lambda: len(got) == 2,
+            10,
+            lambda: f"the two good ones; got {[m.data for m in got]}, route {gw.routes['h'].stats.as_dict()}",
+        )
         await asyncio.sleep(0.2)
     finally:
         await nc.close()
