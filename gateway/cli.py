@@ -25,9 +25,10 @@ import msgspec
 
 from gateway import __version__
 from gateway.config import Config, load_config, parse_config
-from gateway.config.workers import SNAPSHOT_ENV, TOKEN_ENV, Split, for_worker, plan, worker_count
+from gateway.config.workers import Split, for_worker, plan, worker_count
 from gateway.core.shard import shard_of
 from gateway.errors import ConfigError, ConfigIssue
+from gateway.util.workerenv import SNAPSHOT_ENV, TOKEN_ENV
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -418,30 +419,21 @@ def _run(
 
 
 def _supervise(config: Config, count: int, level: str, fmt: str, path: str, pid_file: str | None) -> int:
-    """``gateway run`` with several workers: this process supervises them (:mod:`gateway.workers`)."""
+    """``gateway run`` with several workers: the file checked once more (as the workers will read it), then this
+    process becomes their supervisor (:mod:`gateway.workers`, :mod:`gateway.pool`)."""
     from gateway.ops.logs import configure, resolved_format
-    from gateway.workers import Pool, read_config
+    from gateway.workers import read_config, supervise
 
     configure(level, fmt)  # type: ignore[arg-type]
-    if pid_file is not None:
-        Path(pid_file).write_text(f"{os.getpid()}\n")
-
-    async def main() -> int:
-        return await Pool(config, text, path, count, level=level, fmt=resolved_format(fmt)).run()
-
     try:
         text, config = read_config(path)  # the text the workers will read: checked once more, as it is now
         plan(config, count)
     except ConfigError as exc:
         _print_problems(path, exc)
         return EXIT_CONFIG
-
-    try:
-        return asyncio.run(main())  # the default loop: the supervisor moves no messages, uvloop would cost ~2 MB
-    finally:
-        if pid_file is not None:
-            with contextlib.suppress(OSError):
-                Path(pid_file).unlink()
+    if pid_file is not None:
+        Path(pid_file).write_text(f"{os.getpid()}\n")  # the same pid once this process is the supervisor
+    return supervise(config, text, path, count, level=level, fmt=resolved_format(fmt), pid_file=pid_file)
 
 
 async def reload_from(gw: Gateway, path: str, worker: tuple[int, int] | None = None) -> tuple[bool, dict[str, Any]]:

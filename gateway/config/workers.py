@@ -33,12 +33,6 @@ from gateway.config.model import Config, RouteConfig
 from gateway.config.registry import plugins
 from gateway.errors import ConfigError, ConfigIssue
 
-TOKEN_ENV = "GATEWAY_WORKER_TOKEN"  # noqa: S105 - the variable's name, not a secret
-"""Environment variable with the token of a worker's endpoint, handed down by its supervisor."""
-SNAPSHOT_ENV = "GATEWAY_WORKER_CONFIG"
-"""Environment variable naming the copy of the config text the supervisor checked last: what a worker reads
-(relative paths in it stay relative to the config file's own directory)."""
-
 Mode = Literal["partitions", "broker", "sharded", "one", "each"]
 
 

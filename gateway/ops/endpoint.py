@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -21,7 +20,6 @@ from aiohttp import web
 from aiohttp.payload import AsyncIterablePayload
 from aiohttp.typedefs import Handler
 
-from gateway.errors import GatewayError
 from gateway.ops.httpguard import (
     HANDLER_ARGS,
     HEADER_TIMEOUT,
@@ -30,14 +28,13 @@ from gateway.ops.httpguard import (
     GuardedHandler,
     GuardedSite,
 )
+from gateway.ops.lighthttp import OPEN_PATHS, MonitorError, accepts_gzip, hostport, is_loopback
 from gateway.ops.text import CONTENT_TYPE
 from gateway.util.redact import scrub
 
 log = structlog.get_logger("gateway.http")
 
-
-class MonitorError(GatewayError):
-    """The endpoint could not be served (the address is taken, say)."""
+__all__ = ["Endpoint", "MonitorError"]
 
 
 # ------------------------------------------------------------------------------ pacing
@@ -59,14 +56,6 @@ async def _paced(items: Iterable[T]) -> AsyncIterator[T]:
         if time.perf_counter() >= deadline:
             await asyncio.sleep(0)
             deadline = time.perf_counter() + PAUSE
-
-
-def _accepts_gzip(request: web.Request) -> bool:
-    for coding in request.headers.get("Accept-Encoding", "").split(","):
-        name, _, params = coding.partition(";")
-        if name.strip().lower() == "gzip":
-            return params.replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
-    return False
 
 
 # ------------------------------------------------------------------------------ the server
@@ -120,7 +109,7 @@ class Endpoint:
     @web.middleware
     async def _authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """With a token: every path but the probes and the (data-free) page needs ``Authorization: Bearer``."""
-        if self._token is None or request.path in _OPEN_PATHS:
+        if self._token is None or request.path in OPEN_PATHS:
             return await handler(request)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token):
@@ -148,8 +137,10 @@ class Endpoint:
         host = host.strip("[]")
         runner = web.AppRunner(self.app(), handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT, **HANDLER_ARGS)
         await runner.setup()
-        assert runner.server is not None
-        self.guard.bind(runner.server)
+        server = runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        self.guard.bind(lambda: GuardedHandler(self.guard, server, loop=loop, **HANDLER_ARGS))
         site = GuardedSite(runner, host, int(port), self.guard)
         try:
             await site.start()
@@ -163,12 +154,12 @@ class Endpoint:
         self.port = int(runner.addresses[0][1]) if runner.addresses else int(port)
         log.info(
             "worker.listening" if self.internal else "http.listening",
-            url=f"http://{_hostport(host, self.port)}/",
+            url=f"http://{hostport(host, self.port)}/",
             token=self._token is not None,
             max_connections=self.guard.limit,
             header_timeout=self.guard.header_timeout,
         )
-        if self._token is None and not _loopback(host) and not self.internal:
+        if self._token is None and not is_loopback(host) and not self.internal:
             log.warning(
                 "http.unauthenticated",
                 listen=self.listen,
@@ -200,7 +191,8 @@ class Endpoint:
         return _json(body, 200 if ok else 400)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return self._stream(request, await self.exposition(), CONTENT_TYPE, gzip=_accepts_gzip(request))
+        gzip = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+        return self._stream(request, await self.exposition(), CONTENT_TYPE, gzip=gzip)
 
     async def exposition(self) -> list[bytes]:
         """The current Prometheus exposition, in chunks. Scrapes that arrive while one is written share it."""
@@ -257,19 +249,3 @@ class Endpoint:
 
     async def _connz(self, request: web.Request) -> web.Response:
         raise NotImplementedError
-
-
-_OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

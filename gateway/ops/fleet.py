@@ -19,20 +19,35 @@ loopback, a free port, a token only the supervisor knows), asked at the moment a
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Protocol
 
-import aiohttp
-from aiohttp import web
+import h11
+import structlog
 
-from gateway import __version__
-from gateway.ops.endpoint import Endpoint, _json
-from gateway.ops.httpguard import HEADER_TIMEOUT, MAX_CONNECTIONS
-from gateway.ops.text import escape
+from gateway.ops.guard import HEADER_TIMEOUT, MAX_CONNECTIONS, ConnectionGuard
+from gateway.ops.lighthttp import (
+    OPEN_PATHS,
+    MonitorError,
+    Request,
+    Response,
+    Server,
+    accepts_gzip,
+    fetch,
+    gzipped,
+    hostport,
+    is_loopback,
+)
+from gateway.ops.text import CONTENT_TYPE, escape
+
+log = structlog.get_logger("gateway.http")
 
 ASK_TIMEOUT = 5.0
 """Seconds the supervisor waits for a worker's answer before it counts the worker as not answering."""
@@ -80,6 +95,7 @@ class Workers(Protocol):
     """The supervisor, as the endpoint sees it."""
 
     gateway_id: str
+    version: str
     count: int
     started_at: float
 
@@ -90,8 +106,9 @@ class Workers(Protocol):
         ...
 
 
-class FleetMonitor(Endpoint):
-    """The supervisor's HTTP endpoint (``gateway.http``): the same guard, token and paths as a single gateway's."""
+class FleetMonitor:
+    """The supervisor's HTTP endpoint (``gateway.http``): the same guard, token and paths as a single gateway's,
+    served by :mod:`gateway.ops.lighthttp` (no aiohttp in a supervisor)."""
 
     def __init__(
         self,
@@ -104,53 +121,112 @@ class FleetMonitor(Endpoint):
         max_connections: int = MAX_CONNECTIONS,
         header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
-        super().__init__(
-            listen,
-            reload,
-            token,
-            max_connections=max_connections,
-            header_timeout=header_timeout,
-        )
         self.pool = pool
-        self._auth = {"Authorization": f"Bearer {worker_token}"}
-        self._session: aiohttp.ClientSession | None = None
-
-    def set_token(self, token: str | None) -> None:
-        """The bearer token of ``gateway.http`` (read once the supervisor runs)."""
+        self.listen = listen
+        self._reload = reload
         self._token = token.encode() if token else None
+        self.guard = ConnectionGuard(max_connections, header_timeout)
+        self._server = Server(self._handle, self.guard)
+        self._auth = ("Authorization", f"Bearer {worker_token}")
+        self._rendering: asyncio.Task[list[bytes]] | None = None
+        self._paths: dict[str, tuple[str, Callable[[Request], Awaitable[Response]]]] = {
+            "/": ("GET", self._index),
+            "/healthz": ("GET", self._healthz),
+            "/readyz": ("GET", self._readyz),
+            "/metrics": ("GET", self._metrics),
+            "/varz": ("GET", self._varz),
+            "/routez": ("GET", self._routez),
+            "/connz": ("GET", self._connz),
+            "/reload": ("POST", self._reload_config),
+        }
+        self.port = 0
+        """The port actually bound (useful with port 0)."""
+
+    async def start(self) -> None:
+        host, _, port = self.listen.rpartition(":")
+        host = host.strip("[]")
+        try:
+            await self._server.start(host, int(port))
+        except OSError as exc:
+            raise MonitorError(
+                f"cannot serve HTTP on {self.listen}: {exc.strerror or exc} "
+                '(set gateway.http.listen to another host:port, or to "" to disable it)'
+            ) from exc
+        self.port = self._server.port
+        log.info(
+            "http.listening",
+            url=f"http://{hostport(host, self.port)}/",
+            token=self._token is not None,
+            max_connections=self.guard.limit,
+            header_timeout=self.guard.header_timeout,
+        )
+        if self._token is None and not is_loopback(host):
+            log.warning(
+                "http.unauthenticated",
+                listen=self.listen,
+                hint="anyone who reaches this address can read the status and POST /reload: "
+                "set gateway.http.token_file or listen on 127.0.0.1",
+            )
 
     async def stop(self) -> None:
-        await super().stop()
-        if self._session is not None:
-            await self._session.close()
+        await self._server.stop()
+        if self._rendering is not None:
+            self._rendering.cancel()
+
+    async def _handle(self, request: Request) -> Response:
+        """Token, path and method checked as the gateway's endpoint checks them, then the path's answer."""
+        if self._token is not None and request.path not in OPEN_PATHS:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token)):
+                return _json(
+                    {"ok": False, "errors": ["this endpoint needs Authorization: Bearer <gateway.http.token>"]},
+                    401,
+                    [("WWW-Authenticate", 'Bearer realm="gateway"')],
+                )
+        entry = self._paths.get(request.path)
+        if entry is None:
+            return _json({"ok": False, "errors": [f"no such path: {request.path[:200]}"]}, 404)
+        method, answer = entry
+        allowed = (method, "HEAD") if method == "GET" else (method,)
+        if request.method not in allowed:
+            return _json(
+                {"ok": False, "errors": [f"{request.method} is not allowed here"]}, 405, [("Allow", ", ".join(allowed))]
+            )
+        return await answer(request)
 
     # -- asking the workers --------------------------------------------------------------------
     async def ask(
         self, path: str, method: str = "GET", timeout: float = ASK_TIMEOUT
     ) -> list[tuple[WorkerInfo, int, Any]]:
         """Every worker's answer to ``path``: (worker, HTTP status or 0 when it did not answer, body)."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        session = self._session
         # Uncompressed: the workers are on loopback, and zipping costs them more than the bytes do.
-        headers = {**self._auth, "Accept-Encoding": "identity"}
-        limit = aiohttp.ClientTimeout(total=timeout)
+        headers = (self._auth, ("Accept-Encoding", "identity"))
 
         async def one(w: WorkerInfo) -> tuple[WorkerInfo, int, Any]:
             if w.port is None:
                 return w, 0, None
-            url = f"http://127.0.0.1:{w.port}{path}"
             try:
-                async with session.request(method, url, headers=headers, timeout=limit) as resp:
-                    body: Any = await (resp.text() if path == "/metrics" else resp.json(content_type=None))
-                    return w, resp.status, body
-            except (aiohttp.ClientError, TimeoutError, ValueError):
+                status, data = await fetch(w.port, path, method=method, headers=headers, timeout=timeout)
+                text = data.decode()
+                return w, status, text if path == "/metrics" else json.loads(text)
+            except (OSError, TimeoutError, h11.ProtocolError, ValueError):
                 return w, 0, None
 
         return list(await asyncio.gather(*(one(w) for w in self.pool.workers())))
 
     # -- the paths -------------------------------------------------------------------------------
-    async def _healthz(self, request: web.Request) -> web.Response:
+    async def _index(self, request: Request) -> Response:
+        page = resources.files("gateway.ops").joinpath("status.html").read_bytes()
+        return Response(200, [page], [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")])
+
+    async def _reload_config(self, request: Request) -> Response:
+        """Every worker re-reads the config file: 200 with what each applied, 400 with the problems."""
+        if self._reload is None:
+            return _json({"ok": False, "errors": ["reload is not available here"]}, 404)
+        ok, body = await self._reload()
+        return _json(body, 200 if ok else 400)
+
+    async def _healthz(self, request: Request) -> Response:
         return _json(
             {
                 "status": "ok",
@@ -159,7 +235,7 @@ class FleetMonitor(Endpoint):
             }
         )
 
-    async def _readyz(self, request: web.Request) -> web.Response:
+    async def _readyz(self, request: Request) -> Response:
         reasons: dict[str, Any] = {}
         for w, status, body in await self.ask("/readyz", timeout=READY_TIMEOUT):
             if status == 0:
@@ -169,8 +245,27 @@ class FleetMonitor(Endpoint):
         ready = not reasons
         return _json({"ready": ready, "not_ready": reasons, "workers": self.pool.count}, 200 if ready else 503)
 
+    async def _metrics(self, request: Request) -> Response:
+        chunks = await self.exposition()
+        headers = [("Content-Type", CONTENT_TYPE), ("Vary", "Accept-Encoding")]
+        if accepts_gzip(request.headers.get("accept-encoding", "")):
+            chunks = await asyncio.to_thread(gzipped, chunks)
+            headers.append(("Content-Encoding", "gzip"))
+        return Response(200, chunks, headers)
+
+    async def exposition(self) -> list[bytes]:
+        """The merged exposition, in chunks. Scrapes that arrive while one is built share it."""
+        task = self._rendering
+        if task is None:
+            task = self._rendering = asyncio.get_running_loop().create_task(self._render(), name="http:metrics")
+            task.add_done_callback(self._rendered)
+        return await asyncio.shield(task)
+
+    def _rendered(self, task: asyncio.Task[list[bytes]]) -> None:
+        if self._rendering is task:
+            self._rendering = None
+
     async def _render(self) -> list[bytes]:
-        """The merged exposition (scrapes that arrive meanwhile share it: :meth:`Monitor.exposition`)."""
         answers = await self.ask("/metrics")
         texts = [(str(w.index), body) for w, status, body in answers if status == 200 and isinstance(body, str)]
         # The supervisor's own process and endpoint series, merged with the workers' families of the same names.
@@ -194,7 +289,7 @@ class FleetMonitor(Endpoint):
             ]
         )
 
-    async def _varz(self, request: web.Request) -> web.Response:
+    async def _varz(self, request: Request) -> Response:
         answers = await self.ask("/varz")
         views = [(w, body) for w, status, body in answers if status == 200 and isinstance(body, dict)]
         totals: dict[str, int] = {}
@@ -205,7 +300,7 @@ class FleetMonitor(Endpoint):
         return _json(
             {
                 "id": self.pool.gateway_id,
-                "version": __version__,
+                "version": self.pool.version,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "state": "running" if len(views) == self.pool.count else "degraded",
@@ -242,7 +337,7 @@ class FleetMonitor(Endpoint):
             for view in body.get(key, [])
         ]
 
-    async def _routez(self, request: web.Request) -> web.Response:
+    async def _routez(self, request: Request) -> Response:
         merged: dict[str, dict[str, Any]] = {}
         for w, view in await self._views("/routez", "routes"):
             name = view["name"]
@@ -268,7 +363,7 @@ class FleetMonitor(Endpoint):
             route["workers"].append({"worker": w.index, **{k: view.get(k) for k in _WORKER_ROUTE_KEYS}})
         return _json({"routes": list(merged.values())})
 
-    async def _connz(self, request: web.Request) -> web.Response:
+    async def _connz(self, request: Request) -> Response:
         merged: dict[str, dict[str, Any]] = {}
         for w, view in await self._views("/connz", "connectors"):
             name = view["name"]
@@ -289,6 +384,11 @@ class FleetMonitor(Endpoint):
             for w, status, body in answers
         }
         return ok, {"ok": ok, "workers": by_worker}
+
+
+def _json(data: Any, status: int = 200, headers: Sequence[tuple[str, str]] = ()) -> Response:
+    body = json.dumps(data, separators=(",", ":")).encode()
+    return Response(status, [body], [("Content-Type", "application/json; charset=utf-8"), *headers])
 
 
 def process_metrics() -> str:

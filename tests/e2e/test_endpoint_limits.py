@@ -18,7 +18,7 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
-from gateway.ops.httpguard import HEADER_TIMEOUT, MAX_CONNECTIONS
+from gateway.ops.guard import HEADER_TIMEOUT, MAX_CONNECTIONS
 from tests.support.brokers import Mosquitto, NatsServer
 from tests.support.clients.mqtt import MqttClient
 from tests.support.clients.nats import NatsCollector, nats_connect
@@ -49,13 +49,16 @@ async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
         return False
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "supervisor"])
 async def test_half_sent_requests_cannot_hold_the_process_descriptors(
-    gateways: Callable[..., GatewayProcess], mosquitto: Mosquitto, nats_server: NatsServer, unique: str
+    gateways: Callable[..., GatewayProcess], mosquitto: Mosquitto, nats_server: NatsServer, unique: str, workers: int
 ) -> None:
+    """With ``--workers 2`` the endpoint is the supervisor's (gateway/ops/lighthttp.py, not aiohttp): the same
+    guard, the same limits."""
     config = mqtt_to_nats(
         f"limits-{unique}", mosquitto.url, nats_server.url, f"lim/{unique}/{{dev}}", f"lim.{unique}.{{dev}}"
     )
-    gw = gateways(config)
+    gw = gateways(config, args=["--workers", str(workers)] if workers > 1 else [])
     await gw.astart()
     await gw.await_event("http.listening")
     base, pid = gw.http_url, gw.pid
@@ -120,11 +123,12 @@ async def test_half_sent_requests_cannot_hold_the_process_descriptors(
     assert delivered == N_MESSAGES
     assert after <= baseline, "half-sent requests still open after the header timeout"
     assert at_eof == N_HALF_SENT
+    own = '{worker="supervisor",' if workers > 1 else "{"  # a supervisor's series beside its workers'
     closed = {
         reason: float(line.split()[-1])
         for line in metrics.splitlines()
         for reason in ("timeout", "evicted", "refused")
-        if line.startswith(f'gateway_http_connections_closed_total{{reason="{reason}"}}')
+        if line.startswith(f'gateway_http_connections_closed_total{own}reason="{reason}"}}')
     }
     assert closed["evicted"] >= N_HALF_SENT - MAX_CONNECTIONS and closed["timeout"] >= 1, closed
     assert not gw.problems(), gw.problems()[:5]

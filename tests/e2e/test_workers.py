@@ -207,6 +207,9 @@ async def test_two_workers_split_every_source_kind_and_one_endpoint_sums_them(
                 assert in_order(msgs, lambda m: m.payload.split(b":")[0].decode()), f"{k}: per-key order broken"
 
         text = await scrape(base)
+        rss = float(re.search(r'^process_resident_memory_bytes\{worker="supervisor"\} (\S+)$', text, re.M)[1])  # type: ignore[index]
+        print(f"supervisor RSS after the run and this scrape: {rss / 1e6:.1f} MB")
+        assert rss <= 30e6, "the supervisor imports more than it needs (aiohttp? the config model?)"
         received = series(text, "gateway_route_received_total")
         sharded = series(text, "gateway_route_sharded_total")
         assert {w for w, _ in received} == {"0", "1"}, text[:2000]
@@ -233,6 +236,13 @@ async def test_two_workers_split_every_source_kind_and_one_endpoint_sums_them(
         assert gw.proc is not None
         gw.proc.send_signal(signal.SIGHUP)
         await gw.await_event("gateway.reloaded", 30, count=2)
+        # A broken file: refused by the supervisor's check, the workers keep running what they run.
+        good = gw.config_path.read_text()
+        gw.config_path.write_text(good + "routes: [\n")
+        async with aiohttp.ClientSession() as http, http.post(base + "/reload") as resp:
+            refused = await resp.json()
+        assert resp.status == 400 and "YAML syntax error" in str(refused["errors"]), refused
+        gw.config_path.write_text(good)
         # The workers write to the supervisor's stderr: every line is one whole JSON document.
         glued = [line for line in gw.log_text().splitlines() if line.startswith("{") and "}{" in line]
         assert not glued, glued[:3]

@@ -4,6 +4,7 @@ and the merged Prometheus exposition of the supervisor (the processes themselves
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from gateway.errors import ConfigError
 from gateway.ops.fleet import merge_expositions
 from gateway.routing.patterns import MQTT, compile_pattern
 from gateway.routing.templates import compile_template
-from gateway.workers import same_keys
+from gateway.workers import check
 from tests.support.harness import dispatcher_for, envelope
 
 CONNECTORS = """\
@@ -223,16 +224,28 @@ def test_a_shared_reply_address_is_refused_when_the_workers_split_the_requests()
     }  # the route and its answers on worker 0
 
 
-def test_a_reload_may_not_change_how_keys_map_to_workers() -> None:
+def test_a_reload_may_not_change_how_keys_map_to_workers(tmp_path: Path) -> None:
+    """The supervisor's check of a reloaded file (``python -m gateway.workers check``, called here in-process):
+    a changed ``shard_by`` is refused and the workers' copy is left as it was; a good file replaces the copy
+    and the verdict carries what the supervisor keeps."""
     before = parse_config(CONNECTORS + ROUTES, environ={})
-    after = parse_config(
-        CONNECTORS + ROUTES.replace('shard_by: "{device}"\n  - name: n', 'shard_by: "d-{device}"\n  - name: n'),
-        environ={},
+    keys = {rc.name: rc.section.shard_by for rc in before.routes}
+    path, snapshot = tmp_path / "gateway.yaml", tmp_path / "copy.yaml"
+    snapshot.write_text("the copy as it was")
+    path.write_text(
+        CONNECTORS + ROUTES.replace('shard_by: "{device}"\n  - name: n', 'shard_by: "d-{device}"\n  - name: n')
     )
-    same_keys(before, before)
-    with pytest.raises(ConfigError) as err:
-        same_keys(before, after)
-    assert "route 'm': shard_by changed: restart the gateway" in str(err.value)
+    verdict = check(str(path), 2, snapshot, keys)
+    assert verdict["ok"] is False
+    assert any("route 'm': shard_by changed: restart the gateway" in e for e in verdict["errors"])  # type: ignore[attr-defined]
+    assert snapshot.read_text() == "the copy as it was"
+    path.write_text(CONNECTORS + ROUTES + "  # edited\n")
+    verdict = check(str(path), 2, snapshot, keys)
+    assert verdict["ok"] is True and verdict["shard_keys"] == keys
+    assert snapshot.read_text() == path.read_text()
+    path.write_text("routes: [")
+    verdict = check(str(path), 2, snapshot, keys)
+    assert verdict["ok"] is False and snapshot.read_text() == CONNECTORS + ROUTES + "  # edited\n"
 
 
 def test_a_header_key_is_read_per_message_and_each_worker_forwards_its_own() -> None:

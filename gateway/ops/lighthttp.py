@@ -1,0 +1,281 @@
+"""A small HTTP/1.1 server and client on asyncio streams, with h11 doing all of HTTP: the supervisor's endpoint.
+
+The supervisor of worker processes must stay small (idle RSS ≤ 30 MB); aiohttp alone costs it ~10 MB and
+h11 ~0.3 MB (docs/decisions/supervisor-http.md). h11 parses and writes every request and response (heads,
+bodies, chunked encoding, keep-alive, pipelining); this module only moves bytes between it and the socket,
+and puts each connection under the same :class:`~gateway.ops.guard.ConnectionGuard` as the gateway's
+aiohttp endpoint (a cap on open connections, a timeout for request heads).
+
+Also here, the small pieces both endpoints share (they import no HTTP library).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import cast
+
+import h11
+import structlog
+
+from gateway.errors import GatewayError
+from gateway.ops.guard import ConnectionGuard
+
+log = structlog.get_logger("gateway.http")
+
+MAX_HEAD = 16 * 1024
+"""Bytes of a request's line and headers (aiohttp's default limit is 8 190 per line)."""
+MAX_BODY = 64 * 1024
+"""Bytes of a request's body: the endpoint's one POST (``/reload``) takes none."""
+READ_SIZE = 64 * 1024
+OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
+"""Paths an endpoint serves without its token: the probes and the (data-free) page."""
+CLOSE_TIMEOUT = 5.0
+"""Seconds ``stop()`` waits for requests in progress."""
+
+
+class MonitorError(GatewayError):
+    """The endpoint could not be served (the address is taken, say)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    """Without the query string."""
+    headers: dict[str, str]
+    """Lower-case names; a repeated header's values joined with ``, ``."""
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: Sequence[bytes] = ()
+    """Written a chunk at a time (the loop runs between chunks; each chunk the client takes restarts its
+    connection's timeout)."""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+_REASONS = {200: b"OK"}
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an ``Accept-Encoding`` value accepts gzip."""
+    for coding in accept_encoding.split(","):
+        name, _, params = coding.partition(";")
+        if name.strip().lower() == "gzip":
+            return params.replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def gzipped(chunks: Sequence[bytes]) -> list[bytes]:
+    """``chunks`` as one gzip stream (level 1: 10 to 20 times smaller for an exposition)."""
+    z = zlib.compressobj(1, zlib.DEFLATED, 31)
+    out = [data for chunk in chunks if (data := z.compress(chunk))]
+    out.append(z.flush())
+    return out
+
+
+class _Connection(asyncio.StreamReaderProtocol):
+    """One accepted connection: a stream protocol the guard counts (the :class:`~gateway.ops.guard.Guarded`
+    shape), served by its own task."""
+
+    def __init__(self, server: Server) -> None:
+        self._reader = asyncio.StreamReader(limit=READ_SIZE)
+        super().__init__(self._reader)
+        self.server = server
+        self.counted = True
+        self._sock: asyncio.Transport | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._sock
+
+    def force_close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._sock = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self.server.guard.idle(self)
+        loop = asyncio.get_running_loop()
+        writer = asyncio.StreamWriter(self._sock, self, self._reader, loop)
+        self._task = loop.create_task(self.server.serve(self, self._reader, writer))
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.guard.lost(self)
+        self.server.connections.discard(self)
+        self._sock = None
+        super().connection_lost(exc)
+
+
+class Server:
+    """Serves ``handler`` on a TCP address under ``guard``; ``start()`` binds, ``stop()`` closes."""
+
+    def __init__(self, handler: Handler, guard: ConnectionGuard) -> None:
+        self.handler = handler
+        self.guard = guard
+        self.connections: set[_Connection] = set()
+        self._busy: set[asyncio.Task[None]] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> None:
+        self.guard.bind(lambda: _Connection(self))
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self.guard.protocol, host or None, port, reuse_address=True)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._busy:  # requests in progress get their answers
+            await asyncio.wait(self._busy, timeout=CLOSE_TIMEOUT)
+        for conn in list(self.connections):
+            conn.force_close()
+            if conn._task is not None:
+                conn._task.cancel()
+        self.guard.close()
+
+    async def serve(self, conn: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Requests of one connection, one after another, until either side closes it."""
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        try:
+            while True:
+                request = await self._read(h, reader)
+                if request is None:
+                    return
+                task = asyncio.current_task()
+                assert task is not None
+                self.guard.busy(conn)
+                self._busy.add(task)
+                try:
+                    response = await self._answer(request)
+                finally:
+                    self._busy.discard(task)
+                    self.guard.idle(conn)
+                await self._write(h, writer, conn, request, response)
+                if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+                    return
+                h.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                status = exc.error_status_hint
+                with contextlib.suppress(h11.LocalProtocolError, OSError, ConnectionError):
+                    await self._write(h, writer, conn, None, Response(status, [f"{status} bad request\n".encode()]))
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _read(self, h: h11.Connection, reader: asyncio.StreamReader) -> Request | None:
+        """The next request, its body read and dropped (None: the client closed the connection)."""
+        request: Request | None = None
+        size = 0
+        while True:
+            event = h.next_event()
+            if event is h11.NEED_DATA:
+                h.receive_data(await reader.read(READ_SIZE))
+            elif isinstance(event, h11.Request):
+                # h11 bounds a head that is still arriving; one that came whole in a read is bounded here.
+                if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) > MAX_HEAD:
+                    raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+                headers: dict[str, str] = {}
+                for name, value in event.headers:
+                    key = name.decode("latin-1")
+                    text = value.decode("latin-1")
+                    headers[key] = f"{headers[key]}, {text}" if key in headers else text
+                target = event.target.decode("latin-1")
+                request = Request(event.method.decode("ascii"), target.partition("?")[0], headers)
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_BODY:
+                    raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
+            elif isinstance(event, h11.EndOfMessage):
+                return request
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return None
+
+    async def _answer(self, request: Request) -> Response:
+        try:
+            return await self.handler(request)
+        except Exception:  # a bug: answered in words, the traceback goes to the log
+            log.exception("http.handler_failed", path=request.path)
+            return Response(500, [b'{"ok": false, "errors": ["internal error: see the gateway\'s log"]}'])
+
+    async def _write(
+        self,
+        h: h11.Connection,
+        writer: asyncio.StreamWriter,
+        conn: _Connection,
+        request: Request | None,
+        response: Response,
+    ) -> None:
+        body = response.body
+        length = sum(len(chunk) for chunk in body)
+        headers = [*response.headers, ("Content-Length", str(length))]
+        reason = _REASONS.get(response.status) or HTTPStatus(response.status).phrase.encode()
+        writer.write(h.send(h11.Response(status_code=response.status, headers=headers, reason=reason)))
+        if request is None or request.method != "HEAD":
+            for chunk in body:
+                writer.write(h.send(h11.Data(data=chunk)))
+                await writer.drain()
+                self.guard.touch(conn)
+        writer.write(h.send(h11.EndOfMessage()))
+        await writer.drain()
+
+
+async def fetch(
+    port: int, path: str, *, method: str = "GET", headers: Sequence[tuple[str, str]] = (), timeout: float = 5.0
+) -> tuple[int, bytes]:
+    """``method path`` on ``127.0.0.1:port``: (status, body). One connection per request (loopback: a connect
+    costs less than keeping connections). Raises OSError, TimeoutError or h11.ProtocolError."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            h = h11.Connection(h11.CLIENT)
+            head = [("Host", f"127.0.0.1:{port}"), ("Connection", "close"), *headers]
+            if method == "POST":
+                head.append(("Content-Length", "0"))
+            writer.write(h.send(h11.Request(method=method, target=path, headers=head)))
+            writer.write(h.send(h11.EndOfMessage()))
+            await writer.drain()
+            status = 0
+            body: list[bytes] = []
+            while True:
+                event = h.next_event()
+                if event is h11.NEED_DATA:
+                    h.receive_data(await reader.read(READ_SIZE))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    body.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    return status, b"".join(body)
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise ConnectionError("the server closed the connection before its answer")
+        finally:
+            writer.close()
