@@ -114,7 +114,7 @@ class MqttReceipt(Receipt):
 class Subscriber:
     """Turns one connection's PUBLISH packets into dispatched envelopes."""
 
-    __slots__ = ("acks", "counters", "dispatch", "dispatch_run", "dispatcher", "fail", "stopped")
+    __slots__ = ("acks", "counters", "dispatch", "dispatch_mixed", "dispatcher", "fail", "stopped")
 
     def __init__(self, conn: MqttConnection, dispatcher: Dispatcher, counters: SourceCounters | None = None) -> None:
         self.acks = InboundAcks(conn)
@@ -127,7 +127,7 @@ class Subscriber:
         """Hand what arrives from now on to ``dispatcher`` (a reload changed the shared session's routes)."""
         self.dispatcher = dispatcher
         self.dispatch = dispatcher.dispatch
-        self.dispatch_run = dispatcher.dispatch_run
+        self.dispatch_mixed = dispatcher.dispatch_mixed
         self.fail = dispatcher.fail
 
     def on_publish(self, p: PublishPacket) -> None:
@@ -160,16 +160,15 @@ class Subscriber:
             self._dispatch_failed(env, exc)
 
     def on_publishes(self, packets: list[PublishPacket]) -> None:
-        """The packets of one read: :meth:`on_publish` for each, dispatched a run of equal topics at a time
-        (:meth:`Dispatcher.dispatch_run`), one clock read for all."""
+        """The packets of one read: :meth:`on_publish` for each, one clock read for all, dispatched together
+        (:meth:`Dispatcher.dispatch_mixed`: a run per plan, so one device topic after another is one run)."""
         if self.stopped:
             return
         acks = self.acks
         pending = acks.pending.append
         now = time.monotonic_ns()
-        run: list[Envelope] = []
-        add = run.append
-        topic = None
+        envs: list[Envelope] = []
+        add = envs.append
         for p in packets:
             qos = p.qos.value
             receipt = None
@@ -181,22 +180,12 @@ class Subscriber:
             expiry = p.message_expiry_interval
             if content_type is not None or expiry is not None:
                 headers = with_properties(headers, content_type, expiry)
-            if p.topic != topic:
-                if run:
-                    self._dispatch_run(run)
-                    run = []
-                    add = run.append
-                topic = p.topic
-            add(Envelope(topic, p.payload, headers, None, qos, p.response_topic, p.correlation_data, now, receipt))
-        if run:
-            self._dispatch_run(run)
+            add(Envelope(p.topic, p.payload, headers, None, qos, p.response_topic, p.correlation_data, now, receipt))
+        self.dispatch_mixed(envs, self._run_failed)
 
-    def _dispatch_run(self, run: list[Envelope]) -> None:
-        try:
-            self.dispatch_run(run)
-        except Exception as exc:  # a bug below; it must not end the session (the broker would resend them)
-            for env in run:
-                self._dispatch_failed(env, exc)
+    def _run_failed(self, run: list[Envelope], exc: Exception) -> None:
+        for env in run:
+            self._dispatch_failed(env, exc)
 
     def _dispatch_failed(self, env: Envelope, exc: Exception) -> None:
         """Dispatching raised (a bug below): counted on the connector (``dispatch_errors``) and acknowledged in

@@ -13,7 +13,7 @@ ack, commit) or released (redelivery).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 from gateway.core.envelope import Envelope, Receipt
 from gateway.core.flight import Delivery, Flight, RoutePlan, Target
@@ -48,13 +48,31 @@ class Dispatcher:
                 self.router.add(pattern, route)
         self.cache_size = cache_size
         self._plans: dict[str, Plan] = {}
+        self._shared: dict[Hashable, Plan] = {}
+        """Plans that do the same for every topic that has them, one object each (see :meth:`dispatch_mixed`)."""
+        self._away: set[int] = set()
+        """The shared plans (by id) in which every route is an :class:`Elsewhere`: this worker forwards nothing."""
+        self._elsewhere: dict[int, RoutePlan] = {}
         self.unrouted = 0
 
     def plan(self, topic: str) -> Plan:
-        """Which routes take ``topic`` and what each of their targets renders to (cached)."""
+        """Which routes take ``topic`` and what each of their targets renders to (cached). Topics whose plans
+        do the same (same routes, same rendered targets, nothing read per message from the topic's captures)
+        get the one same plan object."""
         plan = self._plans.get(topic)
         if plan is None:
             plan = tuple(self._route_plan(route, match) for route, match in self.router.match(topic))
+            key = _sameness(plan)
+            if key is not None:
+                shared = self._shared.get(key)
+                if shared is None:
+                    if len(self._shared) >= self.cache_size:
+                        self._shared.clear()
+                        self._away.clear()
+                    shared = self._shared[key] = plan
+                    if plan and all(type(rp.route) is Elsewhere for rp in plan):
+                        self._away.add(id(plan))
+                plan = shared
             if len(self._plans) >= self.cache_size:
                 del self._plans[next(iter(self._plans))]
             self._plans[topic] = plan
@@ -75,7 +93,12 @@ class Dispatcher:
             return own
         if shard.header is not None:
             return RoutePlan(ByHeader(route, own), (), None, match)
-        return own if shard.takes(match) else RoutePlan(Elsewhere(route), (), None, match)
+        if shard.takes(match):
+            return own
+        away = self._elsewhere.get(id(route))
+        if away is None:
+            away = self._elsewhere[id(route)] = RoutePlan(Elsewhere(route), (), None, None)
+        return away
 
     def dispatch(self, env: Envelope) -> None:
         plan = self._plans.get(env.topic)
@@ -101,6 +124,56 @@ class Dispatcher:
         plan = self._plans.get(topic)
         if plan is None:
             plan = self.plan(topic)
+        self._admit(envs, plan)
+
+    def dispatch_mixed(self, envs: list[Envelope], failed: Callable[[list[Envelope], Exception], None]) -> None:
+        """:meth:`dispatch_run` for the messages of one socket read, whatever their topics, in arrival order.
+        Consecutive messages whose topics share a plan (:meth:`plan`: one device topic after another, say) are
+        admitted as one run; messages that no route here forwards (the keys of another worker) are set aside
+        and acknowledged after the others (per topic, arrival order is kept; acknowledgements go out in
+        arrival order whatever the order they are settled in). ``failed(run, exc)``: a run whose dispatch
+        raised (a bug below), for the source to settle."""
+        plans = self._plans
+        away = self._away
+        run: list[Envelope] = []
+        current: Plan | None = None
+        aside: list[tuple[Plan, Envelope]] = []
+        for env in envs:
+            plan = plans.get(env.topic)
+            if plan is None:
+                plan = self.plan(env.topic)
+            if plan is current:
+                run.append(env)
+            elif id(plan) in away:
+                aside.append((plan, env))
+            else:
+                if run:
+                    self._admit_guarded(run, current, failed)  # type: ignore[arg-type]  # set with run
+                run = [env]
+                current = plan
+        if run:
+            self._admit_guarded(run, current, failed)  # type: ignore[arg-type]
+        if aside:
+            current = aside[0][0]
+            run = []
+            for plan, env in aside:
+                if plan is not current:
+                    self._admit_guarded(run, current, failed)
+                    run = []
+                    current = plan
+                run.append(env)
+            self._admit_guarded(run, current, failed)
+
+    def _admit_guarded(
+        self, envs: list[Envelope], plan: Plan, failed: Callable[[list[Envelope], Exception], None]
+    ) -> None:
+        try:
+            self._admit(envs, plan)
+        except Exception as exc:  # a bug below: the source settles what it can, the rest of the read goes on
+            failed(envs, exc)
+
+    def _admit(self, envs: list[Envelope], plan: Plan) -> None:
+        """Each route of ``plan`` admits the run ``envs`` (or, without a route, it is settled as unrouted)."""
         if not plan:
             self.unrouted += len(envs)
             for env in envs:
@@ -152,6 +225,32 @@ class Dispatcher:
     def room(self) -> int:
         """Messages every route here can still admit: what a pull source may fetch next."""
         return min((r.room() for r in self.routes), default=0)
+
+
+def _sameness(plan: Plan) -> Hashable | None:
+    """What ``plan`` does, as a key equal for every topic's plan that does the same; None when a route of it
+    reads the topic's captures per message (a content stage, templates that read the payload, a route kind of
+    its own) or a target cannot take the topic (its error names the topic)."""
+    key: list[Hashable] = []
+    for rp in plan:
+        owner = rp.route
+        if type(owner) is Elsewhere:
+            key.append(id(owner))
+            continue
+        if type(owner) is not Route or owner._staged or owner.payload_templates:
+            return None
+        targets: list[Hashable] = [id(owner)]
+        for d in rp.deliveries:
+            if d.error is not None or d.match is not None:
+                return None
+            targets.append((id(d.target), d.address, d.key))
+        dl = rp.dead_letter
+        if dl is not None:
+            if dl.error is not None or dl.match is not None:
+                return None
+            targets.append((id(dl.target), dl.address, dl.key))
+        key.append(tuple(targets))
+    return tuple(key)
 
 
 class Elsewhere:

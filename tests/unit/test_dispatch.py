@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from connectors.memory.broker import MemoryBroker, Record
+from gateway.core.shard import Shard, shard_of
 from gateway.errors import SinkError, TemplateError
+from gateway.routing.patterns import MQTT, compile_pattern
+from gateway.routing.templates import compile_template
 from tests.support.harness import RecordingSink, StartGateway, dispatcher_for, envelope, turns, until
 
 TELEMETRY = """\
@@ -437,3 +442,100 @@ def test_a_run_of_messages_all_over_the_limit_fails_each_alone() -> None:
     telemetry = routes["telemetry"]
     assert (telemetry.stats.received, telemetry.stats.failed, telemetry.in_flight) == (3000, 3000, 0)
     assert all(f.route.name != "telemetry" for sink in sinks.values() for f, _ in sink.items)
+
+
+# ---------------------------------------------------------------- a socket read of many topics (dispatch_mixed)
+
+DEVICES = """\
+  - name: plain
+    from: {connector: a, topic: "dev/{device}/t"}
+    to: {connector: b, topic: "all"}
+  - name: per-device
+    from: {connector: a, topic: "per/{device}"}
+    to: {connector: b, topic: "out-{device}"}
+  - name: staged
+    from: {connector: a, topic: "st/{device}"}
+    to: {connector: b, topic: "st-all"}
+    headers: {device: "{device}"}
+"""
+
+
+class RunSink(RecordingSink):
+    """Records each ``submit_many`` call (a run) besides the items."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: list[list[str]] = []
+
+    def submit_many(self, flights: list[Any], delivery: Any) -> None:
+        self.runs.append([f.env.topic for f in flights])
+        super().submit_many(flights, delivery)
+
+
+def _mixed(routes_yaml: str) -> tuple[Any, dict[str, Any], RunSink]:
+    dispatcher, routes, _ = dispatcher_for(routes_yaml)
+    sink = RunSink()
+    for route in routes.values():
+        for target in route.targets:
+            target.sink = sink
+    return dispatcher, routes, sink
+
+
+def _fail_test(run: list[Any], exc: Exception) -> None:
+    raise AssertionError(f"dispatch raised: {exc!r}")
+
+
+def test_one_read_of_many_topics_with_the_same_plan_is_one_run_in_arrival_order() -> None:
+    dispatcher, routes, sink = _mixed(DEVICES)
+    topics = [f"dev/d{i % 5}/t" for i in range(20)]
+    pairs = [envelope(t, str(i).encode()) for i, t in enumerate(topics)]
+    dispatcher.dispatch_mixed([e for e, _ in pairs], _fail_test)
+    assert sink.runs == [topics], "five device topics, one plan: one run, in arrival order"
+    assert len({id(dispatcher.plan(t)) for t in set(topics)}) == 1
+    sink.confirm()
+    assert [r.settled for _, r in pairs] == [1] * 20
+    assert routes["plain"].stats.acked == 20
+
+
+def test_topics_whose_targets_differ_or_whose_route_reads_the_captures_keep_their_own_plans() -> None:
+    dispatcher, _, sink = _mixed(DEVICES)
+    per = [f"per/d{i % 2}" for i in range(4)]
+    dispatcher.dispatch_mixed([envelope(t)[0] for t in per], _fail_test)
+    assert sink.runs == [[t] for t in per]
+    assert [d.address for _, d in sink.items] == ["out-d0", "out-d1", "out-d0", "out-d1"]
+    sink.items.clear()
+    staged = ["st/d0", "st/d1", "st/d0"]
+    dispatcher.dispatch_mixed([envelope(t)[0] for t in staged], _fail_test)
+    assert [dict(f.env.headers or ())["device"] for f, _ in sink.items] == ["d0", "d1", "d0"], "each its own capture"
+
+
+def test_another_workers_keys_are_set_aside_and_this_workers_keys_stay_one_run() -> None:
+    dispatcher, routes, sink = _mixed(DEVICES)
+    key = compile_template("{device}", compile_pattern("dev/{device}/t", MQTT), None)
+    routes["plain"].shard = Shard(0, 2, (key,))
+    devices = [f"d{i}" for i in range(8)]
+    mine = {d for d in devices if shard_of(d, 2) == 0}
+    assert mine and len(mine) < len(devices)
+    topics = [f"dev/{devices[i % 8]}/t" for i in range(32)]
+    pairs = [envelope(t) for t in topics]
+    dispatcher.dispatch_mixed([e for e, _ in pairs], _fail_test)
+    assert sink.runs == [[t for t in topics if t.split("/")[1] in mine]], "one run, in arrival order"
+    theirs = [r for (e, r) in pairs if e.topic.split("/")[1] not in mine]
+    assert all(r.settled == 1 for r in theirs), "another worker's: acknowledged at once"
+    stats = routes["plain"].stats
+    assert (stats.received, stats.sharded) == (32 - len(theirs), len(theirs))
+
+
+def test_a_run_whose_dispatch_raises_goes_to_the_source_and_the_rest_of_the_read_goes_on() -> None:
+    dispatcher, routes, sink = _mixed(DEVICES)
+    broken = routes["per-device"]
+
+    def boom(envs: list[Any], plan: Any) -> None:
+        raise RuntimeError("a bug")
+
+    broken.admit_run = boom  # type: ignore[method-assign]
+    failed: list[tuple[list[str], str]] = []
+    envs = [envelope(t)[0] for t in ("dev/d1/t", "per/d1", "dev/d2/t")]
+    dispatcher.dispatch_mixed(envs, lambda run, exc: failed.append(([e.topic for e in run], str(exc))))
+    assert failed == [(["per/d1"], "a bug")]
+    assert sink.runs == [["dev/d1/t"], ["dev/d2/t"]]
