@@ -431,8 +431,6 @@ def _supervise(config: Config, count: int, level: str, fmt: str, path: str, pid_
     except ConfigError as exc:
         _print_problems(path, exc)
         return EXIT_CONFIG
-    if pid_file is not None:
-        Path(pid_file).write_text(f"{os.getpid()}\n")  # the same pid once this process is the supervisor
     return supervise(config, text, path, count, level=level, fmt=resolved_format(fmt), pid_file=pid_file)
 
 

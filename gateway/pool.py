@@ -49,6 +49,8 @@ KILL_GRACE = 20.0
 drain a worker closes its sources and sinks (up to 5 s each) and its endpoint (up to 5 s)."""
 RELOAD_GRACE = 30.0
 """Seconds past ``shutdown_timeout`` the supervisor waits for a worker's reload (it may drain replaced routes)."""
+HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+"""The signals the supervisor handles: blocked across the exec into this module until its handlers are set."""
 CHECK_TIMEOUT = 120.0
 """Seconds the check of a reloaded file may take (a large file, a slow disk)."""
 
@@ -126,6 +128,8 @@ class Pool:
         self._workers = [Worker(k, directory / f"w{k}.port") for k in range(plan.count)]
         self._partitions = set(plan.partitions)
         self._stopping = asyncio.Event()
+        self._reloading = asyncio.Lock()
+        """One reload at a time (SIGHUP and POST /reload may come together): each checks and rewrites the copy."""
         self._signals = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self.monitor = FleetMonitor(
@@ -152,6 +156,8 @@ class Pool:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+        # Blocked since before the exec (gateway.workers.supervise): what came meanwhile is handled now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
         if self.plan.listen:
             try:
                 await self.monitor.start()
@@ -194,21 +200,27 @@ class Pool:
         log.info("gateway.signal", signal="SIGHUP", action="reload every worker", config=self.path)
         task = asyncio.get_running_loop().create_task(self.reload())
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._reloaded)
+
+    def _reloaded(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:  # a bug: said, never silent
+            log.error("gateway.reload_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def reload(self) -> tuple[bool, dict[str, Any]]:
         """Have the file checked as the workers will read it (the check writes their copy), then have each
-        worker reload it."""
-        checked = await self._check()
-        if not checked.get("ok"):
-            errors = [str(e) for e in checked.get("errors", ["the check of the file failed"])]
-            for problem in errors:
-                log.error("gateway.reload_invalid", config=self.path, problem=problem)
-            return False, {"ok": False, "config": self.path, "errors": errors}
-        self.plan.shutdown_timeout = float(checked["shutdown_timeout"])
-        self.plan.shard_keys = checked["shard_keys"]
-        self._partitions = set(checked["partitions"])
-        return await self.monitor.reload_workers(self.plan.shutdown_timeout + RELOAD_GRACE)
+        worker reload it. One reload at a time."""
+        async with self._reloading:
+            checked = await self._check()
+            if checked.get("ok") is not True:
+                errors = [str(e) for e in checked.get("errors") or ["the check of the file failed"]]
+                for problem in errors:
+                    log.error("gateway.reload_invalid", config=self.path, problem=problem)
+                return False, {"ok": False, "config": self.path, "errors": errors}
+            self.plan.shutdown_timeout = float(checked["shutdown_timeout"])
+            self.plan.shard_keys = checked["shard_keys"]
+            self._partitions = set(checked["partitions"])
+            return await self.monitor.reload_workers(self.plan.shutdown_timeout + RELOAD_GRACE)
 
     async def _check(self) -> dict[str, Any]:
         """``python -m gateway.workers check``: its JSON verdict (its log lines go to this process's stderr)."""
@@ -219,10 +231,23 @@ class Pool:
             proc = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE
             )
+        except OSError as exc:
+            return {"ok": False, "errors": [f"cannot start the check of the file: {exc}"]}
+        try:
             out, _ = await asyncio.wait_for(proc.communicate(), CHECK_TIMEOUT)
-            verdict: dict[str, Any] = json.loads(out)
-        except (OSError, TimeoutError, ValueError) as exc:
-            return {"ok": False, "errors": [f"the check of the file failed: {type(exc).__name__}: {exc}"]}
+        except BaseException:  # timed out or cancelled: it must not rewrite the copy after the verdict
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            return {"ok": False, "errors": [f"the check of the file took over {CHECK_TIMEOUT:.0f} s"]}
+        if proc.returncode != 0:
+            return {"ok": False, "errors": [f"the check of the file exited with {proc.returncode} (see the log)"]}
+        try:
+            verdict = json.loads(out)
+        except ValueError:
+            verdict = None
+        if not isinstance(verdict, dict) or not ("errors" in verdict or {"shard_keys", "partitions"} <= set(verdict)):
+            return {"ok": False, "errors": ["the check of the file answered what the supervisor cannot read"]}
         return verdict
 
     def _command(self, w: Worker) -> list[str]:
@@ -305,20 +330,24 @@ def _python() -> list[str]:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m gateway.pool RUNFILE`` (what ``gateway run --workers N`` becomes once the file is checked)."""
+    """``python -m gateway.pool RUNFILE`` (what ``gateway run --workers N`` becomes once the file is checked;
+    the signals it handles are blocked until its handlers are in place)."""
     from gateway.ops.logs import configure
 
-    plan = Plan.read(argv[0])
-    os.unlink(argv[0])  # it holds the endpoint's token
-    configure(plan.level, plan.fmt)  # type: ignore[arg-type]
+    directory = os.path.dirname(argv[0])
+    pid_file: str | None = None
     try:
+        plan = Plan.read(argv[0])
+        os.unlink(argv[0])  # it holds the endpoint's token
+        pid_file = plan.pid_file
+        configure(plan.level, plan.fmt)  # type: ignore[arg-type]
         # The default loop: the supervisor moves no messages, and uvloop would cost it ~2 MB.
         return asyncio.run(Pool(plan).run())
     finally:
-        shutil.rmtree(plan.directory, ignore_errors=True)
-        if plan.pid_file is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+        if pid_file is not None:
             with contextlib.suppress(OSError):
-                os.unlink(plan.pid_file)
+                os.unlink(pid_file)
 
 
 if __name__ == "__main__":

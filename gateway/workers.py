@@ -11,9 +11,12 @@ for a short while. Also here, what a worker does for its supervisor (:func:`repo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -25,7 +28,7 @@ from gateway import __version__
 from gateway.config import Config, parse_config
 from gateway.config.workers import plan
 from gateway.errors import ConfigError, ConfigIssue
-from gateway.pool import Plan
+from gateway.pool import HANDLED, Plan
 from gateway.util.workerenv import PORT_FILE_ENV, SUPERVISOR_ENV
 
 log = structlog.get_logger("gateway.workers")
@@ -58,21 +61,40 @@ def supervise(config: Config, text: str, path: str, count: int, *, level: str, f
         shard_keys=_shard_keys(config),
         pid_file=pid_file,
     )
-    write_snapshot(run.snapshot, text)
     runfile = Path(directory) / "run.json"
-    fd = os.open(runfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(run), f)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "gateway.pool", str(runfile)])  # noqa: S606 - this interpreter, no shell
+    try:
+        write_snapshot(run.snapshot, text)
+        fd = os.open(runfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(run), f)
+        if pid_file is not None:
+            Path(pid_file).write_text(f"{os.getpid()}\n")  # the same pid once this process is the supervisor
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # A signal between here and the supervisor's handlers waits (the mask survives the exec).
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        os.execv(sys.executable, [sys.executable, "-m", "gateway.pool", str(runfile)])  # noqa: S606 - no shell
+    except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        shutil.rmtree(directory, ignore_errors=True)
+        if pid_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(pid_file)
+        log.error("gateway.failed", error=f"cannot start the supervisor: {exc}")
+        return 1
 
 
 def write_snapshot(snapshot: Path, text: str) -> None:
-    """The copy of the config text the workers read (written whole, then renamed)."""
-    tmp = snapshot.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(snapshot)
+    """The copy of the config text the workers read (written whole to a file of its own, then renamed)."""
+    fd, tmp = tempfile.mkstemp(dir=snapshot.parent, prefix=snapshot.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, snapshot)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _partitions(config: Config, count: int) -> list[str]:

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import cast
+from urllib.parse import unquote, urlsplit
 
 import h11
 import structlog
@@ -105,7 +106,9 @@ class _Connection(asyncio.StreamReaderProtocol):
         self.server = server
         self.counted = True
         self._sock: asyncio.Transport | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.serving: asyncio.Task[None] | None = None
+        self.busy = False
+        """A handler runs for this connection."""
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -121,7 +124,7 @@ class _Connection(asyncio.StreamReaderProtocol):
         self.server.guard.idle(self)
         loop = asyncio.get_running_loop()
         writer = asyncio.StreamWriter(self._sock, self, self._reader, loop)
-        self._task = loop.create_task(self.server.serve(self, self._reader, writer))
+        self.serving = loop.create_task(self.server.serve(self, self._reader, writer))
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -138,7 +141,11 @@ class Server:
         self.handler = handler
         self.guard = guard
         self.connections: set[_Connection] = set()
-        self._busy: set[asyncio.Task[None]] = set()
+        self._answering = 0
+        self._quiet = asyncio.Event()
+        """Set while no handler runs."""
+        self._quiet.set()
+        self._closing = False
         self._server: asyncio.base_events.Server | None = None
         self.port = 0
 
@@ -149,15 +156,21 @@ class Server:
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        """Stop listening, close idle connections, give requests in progress up to :data:`CLOSE_TIMEOUT` to be
+        answered (with ``Connection: close``), then close the rest."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
             self._server = None
-        if self._busy:  # requests in progress get their answers
-            await asyncio.wait(self._busy, timeout=CLOSE_TIMEOUT)
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.force_close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._quiet.wait(), CLOSE_TIMEOUT)
         for conn in list(self.connections):
             conn.force_close()
-            if conn._task is not None:
-                conn._task.cancel()
+            if conn.serving is not None:
+                conn.serving.cancel()
         self.guard.close()
 
     async def serve(self, conn: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -165,33 +178,44 @@ class Server:
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
             while True:
-                request = await self._read(h, reader)
-                if request is None:
+                request = await self._read(h, reader, writer)
+                if request is None or self._closing:
                     return
-                task = asyncio.current_task()
-                assert task is not None
                 self.guard.busy(conn)
-                self._busy.add(task)
+                conn.busy = True
+                self._answering += 1
+                self._quiet.clear()
                 try:
                     response = await self._answer(request)
                 finally:
-                    self._busy.discard(task)
+                    conn.busy = False
+                    self._answering -= 1
+                    if not self._answering:
+                        self._quiet.set()
                     self.guard.idle(conn)
+                if self._closing:
+                    response.headers.append(("Connection", "close"))
                 await self._write(h, writer, conn, request, response)
                 if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
                     return
                 h.start_next_cycle()
         except h11.RemoteProtocolError as exc:
-            if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            if h.our_state in (h11.IDLE, h11.SEND_RESPONSE) and not writer.is_closing():
                 status = exc.error_status_hint
+                text = f"{status} {HTTPStatus(status).phrase}: {exc}\n".encode()
+                refusal = Response(status, [text], [("Content-Type", "text/plain"), ("Connection", "close")])
                 with contextlib.suppress(h11.LocalProtocolError, OSError, ConnectionError):
-                    await self._write(h, writer, conn, None, Response(status, [f"{status} bad request\n".encode()]))
+                    await self._write(h, writer, conn, None, refusal)
+        except h11.LocalProtocolError:  # an answer HTTP does not allow here: nothing more can be said
+            log.warning("http.protocol_error", error="an answer the request does not allow; connection closed")
         except (OSError, ConnectionError):
             pass
         finally:
             writer.close()
 
-    async def _read(self, h: h11.Connection, reader: asyncio.StreamReader) -> Request | None:
+    async def _read(
+        self, h: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Request | None:
         """The next request, its body read and dropped (None: the client closed the connection)."""
         request: Request | None = None
         size = 0
@@ -208,8 +232,13 @@ class Server:
                     key = name.decode("latin-1")
                     text = value.decode("latin-1")
                     headers[key] = f"{headers[key]}, {text}" if key in headers else text
-                target = event.target.decode("latin-1")
-                request = Request(event.method.decode("ascii"), target.partition("?")[0], headers)
+                method = event.method.decode("ascii")
+                if method == "CONNECT":  # a tunnel: never a request of this endpoint
+                    raise h11.RemoteProtocolError("CONNECT is not served here", error_status_hint=405)
+                path = urlsplit(event.target.decode("latin-1")).path  # origin or absolute form
+                request = Request(method, unquote(path) or "/", headers)
+                if h.they_are_waiting_for_100_continue:
+                    writer.write(h.send(h11.InformationalResponse(status_code=100, headers=[])))
             elif isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > MAX_BODY:
@@ -224,7 +253,8 @@ class Server:
             return await self.handler(request)
         except Exception:  # a bug: answered in words, the traceback goes to the log
             log.exception("http.handler_failed", path=request.path)
-            return Response(500, [b'{"ok": false, "errors": ["internal error: see the gateway\'s log"]}'])
+            body = b'{"ok": false, "errors": ["internal error: see the gateway\'s log"]}'
+            return Response(500, [body], [("Content-Type", "application/json; charset=utf-8")])
 
     async def _write(
         self,

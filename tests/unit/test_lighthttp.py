@@ -195,3 +195,46 @@ async def test_the_supervisor_endpoint_checks_token_path_and_method_and_gzips_me
         assert (await fetch(port, "/nope", headers=auth))[0] == 404
     finally:
         await monitor.stop()
+
+
+async def test_odd_but_valid_requests_and_connect() -> None:
+    echo = Echo()
+    srv = Server(echo, ConnectionGuard())
+    await srv.start("127.0.0.1", 0)
+    try:
+        absolute = await _exchange(
+            srv.port, b"GET http://gw:8080/met%72ics?x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+        )
+        assert absolute.endswith(b"GET /metrics"), absolute
+        head = b"POST /reload HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(head)
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 100 ")
+        writer.write(b"{}")
+        assert (await asyncio.wait_for(reader.readuntil(b"POST /reload"), 5)).startswith(b"HTTP/1.1 200 OK")
+        writer.close()
+        connect = await _exchange(srv.port, b"CONNECT gw:443 HTTP/1.1\r\nHost: gw:443\r\n\r\n")
+        assert connect.startswith(b"HTTP/1.1 405 ") and b"connection: close" in connect.lower()
+        assert [r.path for r in echo.asked] == ["/metrics", "/reload"]
+    finally:
+        await srv.stop()
+
+
+async def test_stop_closes_idle_connections_and_answers_the_request_in_progress() -> None:
+    echo = Echo()
+    echo.hold = asyncio.Event()
+    srv = Server(echo, ConnectionGuard())
+    await srv.start("127.0.0.1", 0)
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    busy_writer.write(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+    await wait_until(lambda: len(echo.asked) == 1, 10, "the request in its handler")
+    stopping = asyncio.ensure_future(srv.stop())
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b"", "an idle connection is closed at once"
+    assert not stopping.done()
+    echo.hold.set()
+    answer = await asyncio.wait_for(busy_reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in answer.lower(), answer
+    await asyncio.wait_for(stopping, 5)
+    idle_writer.close()
+    busy_writer.close()
