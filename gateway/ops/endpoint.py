@@ -28,7 +28,7 @@ from gateway.ops.httpguard import (
     GuardedHandler,
     GuardedSite,
 )
-from gateway.ops.lighthttp import OPEN_PATHS, MonitorError, accepts_gzip, hostport, is_loopback
+from gateway.ops.lighthttp import OPEN_PATHS, MonitorError, Shared, accepts_gzip, hostport, is_loopback
 from gateway.ops.text import CONTENT_TYPE
 from gateway.util.redact import scrub
 
@@ -90,7 +90,7 @@ class Endpoint:
         self._token = token.encode() if token else None
         self.guard = ConnectionGuard(max_connections, header_timeout)
         self._runner: web.AppRunner | None = None
-        self._rendering: asyncio.Task[list[bytes]] | None = None
+        self._exposition = Shared(self._render)
         self.port = 0
         """The port actually bound (useful with port 0)."""
 
@@ -172,8 +172,7 @@ class Endpoint:
             runner, self._runner = self._runner, None
             await runner.cleanup()
         self.guard.close()
-        if self._rendering is not None:
-            self._rendering.cancel()
+        self._exposition.cancel()
 
     async def _index(self, request: web.Request) -> web.Response:
         page = resources.files("gateway.ops").joinpath("status.html").read_text(encoding="utf-8")
@@ -196,15 +195,7 @@ class Endpoint:
 
     async def exposition(self) -> list[bytes]:
         """The current Prometheus exposition, in chunks. Scrapes that arrive while one is written share it."""
-        task = self._rendering
-        if task is None:
-            task = self._rendering = asyncio.get_running_loop().create_task(self._render(), name="http:metrics")
-            task.add_done_callback(self._rendered)
-        return await asyncio.shield(task)
-
-    def _rendered(self, task: asyncio.Task[list[bytes]]) -> None:
-        if self._rendering is task:
-            self._rendering = None
+        return await self._exposition.get()
 
     def _stream(
         self, request: web.Request, chunks: list[bytes], content_type: str, gzip: bool | None = None

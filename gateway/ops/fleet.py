@@ -39,6 +39,7 @@ from gateway.ops.lighthttp import (
     Request,
     Response,
     Server,
+    Shared,
     accepts_gzip,
     fetch,
     gzipped,
@@ -128,7 +129,7 @@ class FleetMonitor:
         self.guard = ConnectionGuard(max_connections, header_timeout)
         self._server = Server(self._handle, self.guard)
         self._auth = ("Authorization", f"Bearer {worker_token}")
-        self._rendering: asyncio.Task[list[bytes]] | None = None
+        self._exposition = Shared(self._render)
         self._paths: dict[str, tuple[str, Callable[[Request], Awaitable[Response]]]] = {
             "/": ("GET", self._index),
             "/healthz": ("GET", self._healthz),
@@ -170,8 +171,7 @@ class FleetMonitor:
 
     async def stop(self) -> None:
         await self._server.stop()
-        if self._rendering is not None:
-            self._rendering.cancel()
+        self._exposition.cancel()
 
     async def _handle(self, request: Request) -> Response:
         """Token, path and method checked as the gateway's endpoint checks them, then the path's answer."""
@@ -255,15 +255,7 @@ class FleetMonitor:
 
     async def exposition(self) -> list[bytes]:
         """The merged exposition, in chunks. Scrapes that arrive while one is built share it."""
-        task = self._rendering
-        if task is None:
-            task = self._rendering = asyncio.get_running_loop().create_task(self._render(), name="http:metrics")
-            task.add_done_callback(self._rendered)
-        return await asyncio.shield(task)
-
-    def _rendered(self, task: asyncio.Task[list[bytes]]) -> None:
-        if self._rendering is task:
-            self._rendering = None
+        return await self._exposition.get()
 
     async def _render(self) -> list[bytes]:
         answers = await self.ask("/metrics")

@@ -15,10 +15,10 @@ import asyncio
 import contextlib
 import ipaddress
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import h11
@@ -86,6 +86,29 @@ def is_loopback(host: str) -> bool:
 
 def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Shared:
+    """An exposition being rendered, shared by every scrape that arrives meanwhile (one render for many)."""
+
+    def __init__(self, render: Callable[[], Coroutine[Any, Any, list[bytes]]]) -> None:
+        self._render = render
+        self._task: asyncio.Task[list[bytes]] | None = None
+
+    async def get(self) -> list[bytes]:
+        task = self._task
+        if task is None:
+            task = self._task = asyncio.get_running_loop().create_task(self._render(), name="http:metrics")
+            task.add_done_callback(self._done)
+        return await asyncio.shield(task)
+
+    def _done(self, task: asyncio.Task[list[bytes]]) -> None:
+        if self._task is task:
+            self._task = None
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 def gzipped(chunks: Sequence[bytes]) -> list[bytes]:
