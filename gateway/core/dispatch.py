@@ -141,7 +141,11 @@ class Dispatcher:
         for env in envs:
             plan = plans.get(env.topic)
             if plan is None:
-                plan = self.plan(env.topic)
+                try:
+                    plan = self.plan(env.topic)
+                except Exception as exc:  # a bug below, for this topic: its message fails alone
+                    failed([env], exc)
+                    continue
             if plan is current:
                 run.append(env)
             elif id(plan) in away:

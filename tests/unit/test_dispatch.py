@@ -539,3 +539,15 @@ def test_a_run_whose_dispatch_raises_goes_to_the_source_and_the_rest_of_the_read
     dispatcher.dispatch_mixed(envs, lambda run, exc: failed.append(([e.topic for e in run], str(exc))))
     assert failed == [(["per/d1"], "a bug")]
     assert sink.runs == [["dev/d1/t"], ["dev/d2/t"]]
+
+    def no_plan(topic: str) -> Any:
+        raise RuntimeError("no plan")
+
+    dispatcher.plan = no_plan  # type: ignore[method-assign]
+    failed.clear()
+    dispatcher.dispatch_mixed(
+        [envelope("dev/new/t")[0], envelope("dev/d1/t")[0]],
+        lambda run, exc: failed.append(([e.topic for e in run], str(exc))),
+    )
+    assert failed == [(["dev/new/t"], "no plan")], "a topic whose plan cannot be made fails alone"
+    assert sink.runs[-1] == ["dev/d1/t"]
