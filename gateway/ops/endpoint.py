@@ -7,10 +7,9 @@ worker processes from their endpoints (it imports nothing of the per-message pat
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -22,13 +21,10 @@ from aiohttp.typedefs import Handler
 
 from gateway.ops.httpguard import (
     HANDLER_ARGS,
-    HEADER_TIMEOUT,
-    MAX_CONNECTIONS,
-    ConnectionGuard,
     GuardedHandler,
     GuardedSite,
 )
-from gateway.ops.lighthttp import OPEN_PATHS, MonitorError, Shared, accepts_gzip, hostport, is_loopback
+from gateway.ops.lighthttp import NEEDS_TOKEN, EndpointCore, MonitorError, accepts_gzip
 from gateway.ops.text import CONTENT_TYPE
 from gateway.util.redact import scrub
 
@@ -70,29 +66,10 @@ def _dumps(data: Any) -> str:
     return scrub(msgspec.json.encode(data).decode())
 
 
-class Endpoint:
-    """An HTTP endpoint; ``start()`` binds, ``stop()`` closes. Subclasses answer the paths."""
+class Endpoint(EndpointCore):
+    """An HTTP endpoint on aiohttp; ``start()`` binds, ``stop()`` closes. Subclasses answer the paths."""
 
-    def __init__(
-        self,
-        listen: str,
-        reload: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]] | None = None,
-        token: str | None = None,
-        *,
-        max_connections: int = MAX_CONNECTIONS,
-        header_timeout: float = HEADER_TIMEOUT,
-        internal: bool = False,
-    ) -> None:
-        self.internal = internal
-        """A worker's endpoint, asked by its supervisor only (logged as ``worker.listening``)."""
-        self.listen = listen
-        self._reload = reload
-        self._token = token.encode() if token else None
-        self.guard = ConnectionGuard(max_connections, header_timeout)
-        self._runner: web.AppRunner | None = None
-        self._exposition = Shared(self._render)
-        self.port = 0
-        """The port actually bound (useful with port 0)."""
+    _runner: web.AppRunner | None = None
 
     @web.middleware
     async def _track(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -109,16 +86,9 @@ class Endpoint:
     @web.middleware
     async def _authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """With a token: every path but the probes and the (data-free) page needs ``Authorization: Bearer``."""
-        if self._token is None or request.path in OPEN_PATHS:
+        if self.authorized(request.path, request.headers.get("Authorization", "")):
             return await handler(request)
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token):
-            return await handler(request)
-        return web.json_response(
-            {"ok": False, "errors": ["this endpoint needs Authorization: Bearer <gateway.http.token>"]},
-            status=401,
-            headers={"WWW-Authenticate": 'Bearer realm="gateway"'},
-        )
+        return web.json_response(NEEDS_TOKEN, status=401, headers={"WWW-Authenticate": 'Bearer realm="gateway"'})
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._track, self._authorize])
@@ -146,26 +116,10 @@ class Endpoint:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            raise MonitorError(
-                f"cannot serve HTTP on {self.listen}: {exc.strerror or exc} "
-                '(set gateway.http.listen to another host:port, or to "" to disable it)'
-            ) from exc
+            raise self.bind_error(exc) from exc
         self._runner = runner
         self.port = int(runner.addresses[0][1]) if runner.addresses else int(port)
-        log.info(
-            "worker.listening" if self.internal else "http.listening",
-            url=f"http://{hostport(host, self.port)}/",
-            token=self._token is not None,
-            max_connections=self.guard.limit,
-            header_timeout=self.guard.header_timeout,
-        )
-        if self._token is None and not is_loopback(host) and not self.internal:
-            log.warning(
-                "http.unauthenticated",
-                listen=self.listen,
-                hint="anyone who reaches this address can read the status and POST /reload: "
-                "set gateway.http.token_file or listen on 127.0.0.1",
-            )
+        self.announce(host)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -192,10 +146,6 @@ class Endpoint:
     async def _metrics(self, request: web.Request) -> web.Response:
         gzip = accepts_gzip(request.headers.get("Accept-Encoding", ""))
         return self._stream(request, await self.exposition(), CONTENT_TYPE, gzip=gzip)
-
-    async def exposition(self) -> list[bytes]:
-        """The current Prometheus exposition, in chunks. Scrapes that arrive while one is written share it."""
-        return await self._exposition.get()
 
     def _stream(
         self, request: web.Request, chunks: list[bytes], content_type: str, gzip: bool | None = None
@@ -227,9 +177,6 @@ class Endpoint:
         raise NotImplementedError
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        raise NotImplementedError
-
-    async def _render(self) -> list[bytes]:
         raise NotImplementedError
 
     async def _varz(self, request: web.Request) -> web.Response:

@@ -19,7 +19,6 @@ loopback, a free port, a token only the supervisor knows), asked at the moment a
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import os
 import socket
@@ -30,25 +29,20 @@ from importlib import resources
 from typing import Any, Protocol
 
 import h11
-import structlog
 
-from gateway.ops.guard import HEADER_TIMEOUT, MAX_CONNECTIONS, ConnectionGuard
+from gateway.ops.guard import HEADER_TIMEOUT, MAX_CONNECTIONS
 from gateway.ops.lighthttp import (
-    OPEN_PATHS,
-    MonitorError,
+    NEEDS_TOKEN,
+    EndpointCore,
+    Reload,
     Request,
     Response,
     Server,
-    Shared,
     accepts_gzip,
     fetch,
     gzipped,
-    hostport,
-    is_loopback,
 )
 from gateway.ops.text import CONTENT_TYPE, escape
-
-log = structlog.get_logger("gateway.http")
 
 ASK_TIMEOUT = 5.0
 """Seconds the supervisor waits for a worker's answer before it counts the worker as not answering."""
@@ -107,7 +101,7 @@ class Workers(Protocol):
         ...
 
 
-class FleetMonitor:
+class FleetMonitor(EndpointCore):
     """The supervisor's HTTP endpoint (``gateway.http``): the same guard, token and paths as a single gateway's,
     served by :mod:`gateway.ops.lighthttp` (no aiohttp in a supervisor)."""
 
@@ -116,20 +110,16 @@ class FleetMonitor:
         pool: Workers,
         listen: str,
         worker_token: str,
-        reload: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]] | None = None,
+        reload: Reload | None = None,
         token: str | None = None,
         *,
         max_connections: int = MAX_CONNECTIONS,
         header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
+        super().__init__(listen, reload, token, max_connections=max_connections, header_timeout=header_timeout)
         self.pool = pool
-        self.listen = listen
-        self._reload = reload
-        self._token = token.encode() if token else None
-        self.guard = ConnectionGuard(max_connections, header_timeout)
         self._server = Server(self._handle, self.guard)
         self._auth = ("Authorization", f"Bearer {worker_token}")
-        self._exposition = Shared(self._render)
         self._paths: dict[str, tuple[str, Callable[[Request], Awaitable[Response]]]] = {
             "/": ("GET", self._index),
             "/healthz": ("GET", self._healthz),
@@ -140,8 +130,6 @@ class FleetMonitor:
             "/connz": ("GET", self._connz),
             "/reload": ("POST", self._reload_config),
         }
-        self.port = 0
-        """The port actually bound (useful with port 0)."""
 
     async def start(self) -> None:
         host, _, port = self.listen.rpartition(":")
@@ -149,25 +137,9 @@ class FleetMonitor:
         try:
             await self._server.start(host, int(port))
         except OSError as exc:
-            raise MonitorError(
-                f"cannot serve HTTP on {self.listen}: {exc.strerror or exc} "
-                '(set gateway.http.listen to another host:port, or to "" to disable it)'
-            ) from exc
+            raise self.bind_error(exc) from exc
         self.port = self._server.port
-        log.info(
-            "http.listening",
-            url=f"http://{hostport(host, self.port)}/",
-            token=self._token is not None,
-            max_connections=self.guard.limit,
-            header_timeout=self.guard.header_timeout,
-        )
-        if self._token is None and not is_loopback(host):
-            log.warning(
-                "http.unauthenticated",
-                listen=self.listen,
-                hint="anyone who reaches this address can read the status and POST /reload: "
-                "set gateway.http.token_file or listen on 127.0.0.1",
-            )
+        self.announce(host)
 
     async def stop(self) -> None:
         await self._server.stop()
@@ -175,14 +147,8 @@ class FleetMonitor:
 
     async def _handle(self, request: Request) -> Response:
         """Token, path and method checked as the gateway's endpoint checks them, then the path's answer."""
-        if self._token is not None and request.path not in OPEN_PATHS:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token)):
-                return _json(
-                    {"ok": False, "errors": ["this endpoint needs Authorization: Bearer <gateway.http.token>"]},
-                    401,
-                    [("WWW-Authenticate", 'Bearer realm="gateway"')],
-                )
+        if not self.authorized(request.path, request.headers.get("authorization", "")):
+            return _json(NEEDS_TOKEN, 401, [("WWW-Authenticate", 'Bearer realm="gateway"')])
         entry = self._paths.get(request.path)
         if entry is None:
             return _json({"ok": False, "errors": [f"no such path: {request.path[:200]}"]}, 404)
@@ -252,10 +218,6 @@ class FleetMonitor:
             chunks = await asyncio.to_thread(gzipped, chunks)
             headers.append(("Content-Encoding", "gzip"))
         return Response(200, chunks, headers)
-
-    async def exposition(self) -> list[bytes]:
-        """The merged exposition, in chunks. Scrapes that arrive while one is built share it."""
-        return await self._exposition.get()
 
     async def _render(self) -> list[bytes]:
         answers = await self.ask("/metrics")

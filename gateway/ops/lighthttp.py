@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import ipaddress
 import zlib
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -25,7 +26,7 @@ import h11
 import structlog
 
 from gateway.errors import GatewayError
-from gateway.ops.guard import ConnectionGuard
+from gateway.ops.guard import HEADER_TIMEOUT, MAX_CONNECTIONS, ConnectionGuard
 
 log = structlog.get_logger("gateway.http")
 
@@ -63,6 +64,10 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+Reload = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+"""What ``/reload`` calls: (applied, the answer's body)."""
+NEEDS_TOKEN = {"ok": False, "errors": ["this endpoint needs Authorization: Bearer <gateway.http.token>"]}
+"""The body of a 401 (with ``WWW-Authenticate: Bearer realm="gateway"``)."""
 _REASONS = {200: b"OK"}
 
 
@@ -109,6 +114,70 @@ class Shared:
     def cancel(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+
+class EndpointCore:
+    """What every monitoring endpoint keeps, whatever serves its HTTP (aiohttp for a gateway,
+    :class:`Server` for a supervisor): its address, ``/reload``'s callback, the bearer token, the connection
+    guard and the shared exposition. Subclasses render the exposition (:meth:`_render`)."""
+
+    def __init__(
+        self,
+        listen: str,
+        reload: Reload | None = None,
+        token: str | None = None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        header_timeout: float = HEADER_TIMEOUT,
+        internal: bool = False,
+    ) -> None:
+        self.internal = internal
+        """A worker's endpoint, asked by its supervisor only (logged as ``worker.listening``)."""
+        self.listen = listen
+        self._reload = reload
+        self._token = token.encode() if token else None
+        self.guard = ConnectionGuard(max_connections, header_timeout)
+        self._exposition = Shared(self._render)
+        self.port = 0
+        """The port actually bound (useful with port 0)."""
+
+    def authorized(self, path: str, authorization: str) -> bool:
+        """Whether a request for ``path`` with this ``Authorization`` value may be answered: without a token
+        every path, with one the open paths and a matching ``Bearer``."""
+        if self._token is None or path in OPEN_PATHS:
+            return True
+        scheme, _, given = authorization.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token)
+
+    def bind_error(self, exc: OSError) -> MonitorError:
+        return MonitorError(
+            f"cannot serve HTTP on {self.listen}: {exc.strerror or exc} "
+            '(set gateway.http.listen to another host:port, or to "" to disable it)'
+        )
+
+    def announce(self, host: str) -> None:
+        """Log where the endpoint listens, and warn when it is open beyond loopback without a token."""
+        log.info(
+            "worker.listening" if self.internal else "http.listening",
+            url=f"http://{hostport(host, self.port)}/",
+            token=self._token is not None,
+            max_connections=self.guard.limit,
+            header_timeout=self.guard.header_timeout,
+        )
+        if self._token is None and not is_loopback(host) and not self.internal:
+            log.warning(
+                "http.unauthenticated",
+                listen=self.listen,
+                hint="anyone who reaches this address can read the status and POST /reload: "
+                "set gateway.http.token_file or listen on 127.0.0.1",
+            )
+
+    async def exposition(self) -> list[bytes]:
+        """The current Prometheus exposition, in chunks. Scrapes that arrive while one is built share it."""
+        return await self._exposition.get()
+
+    async def _render(self) -> list[bytes]:
+        raise NotImplementedError
 
 
 def gzipped(chunks: Sequence[bytes]) -> list[bytes]:

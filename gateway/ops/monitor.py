@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -40,6 +39,7 @@ from gateway.core.route import Route
 from gateway.core.stats import Ages, Backlog, Latency
 from gateway.ops.endpoint import Endpoint, MonitorError, _dumps, _json, _paced
 from gateway.ops.httpguard import HEADER_TIMEOUT, MAX_CONNECTIONS
+from gateway.ops.lighthttp import Reload
 from gateway.ops.metrics import exposition
 from gateway.routes.requests import RequestRoute
 from gateway.routes.spooled import SpooledRoute
@@ -215,7 +215,7 @@ class Monitor(Endpoint):
         self,
         gw: Gateway,
         listen: str,
-        reload: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]] | None = None,
+        reload: Reload | None = None,
         token: str | None = None,
         *,
         max_connections: int = MAX_CONNECTIONS,
